@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: fmt-free, lint-free, just the whole test suite against real
+# Postgres and Redis (started temporarily from local binaries when none answer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-test.XXXXXX")
+chmod 755 "$tmp"
+trap 'stop_started_servers; rm -rf "$tmp"' EXIT
+ensure_postgres "$tmp/pg" 55432
+ensure_redis "$tmp/redis" 56379 no
+log "testing against Postgres ${DATABASE_URL%%\?*} and Redis $REDIS_URL"
+
+cargo test --workspace --locked "$@"

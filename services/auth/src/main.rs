@@ -1,0 +1,15 @@
+use clap::Parser;
+use keel_auth::Config;
+
+#[tokio::main]
+async fn main() {
+    keel_shared::server::healthcheck_command("127.0.0.1:50051").await;
+    let config = Config::parse();
+    keel_shared::telemetry::init(config.runtime.log_format);
+    let result = async {
+        let listener = keel_shared::server::bind(config.listen_addr).await?;
+        keel_auth::run(config, listener, keel_shared::shutdown::on_signal()).await
+    }
+    .await;
+    keel_shared::error::exit_on_error("keel-auth", result);
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the auth service: real Postgres, real gRPC.
+
+mod startup;

@@ -1,0 +1,3 @@
+//! Integration tests of the jobs service: real Postgres, Redis and gRPC.
+
+mod startup;

@@ -1,0 +1,52 @@
+//! Keel memory service: per-user keyed memories, search and a workspace aggregate.
+
+pub mod config;
+pub mod grpc;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::memory::v1::memory_service_server::MemoryServiceServer;
+use keel_shared::auth::Authenticator;
+use keel_shared::{StartupError, server};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+
+pub use config::Config;
+
+/// Connects, migrates, and serves on `listener` until `shutdown`.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartupError> {
+    let verifier = Arc::new(config.tokens.load()?);
+    let pool = keel_shared::db::connect(&config.database).await?;
+    keel_shared::migrate::run(&pool).await?;
+
+    const SERVICES: &[&str] = &["keel.memory.v1.MemoryService"];
+    let (health, health_service) = server::health(SERVICES).await;
+    let (reflection_v1, reflection_v1alpha) = server::reflection(SERVICES);
+    let readiness_pool = pool.clone();
+    health.watch(Duration::from_secs(2), shutdown.clone(), move || {
+        let pool = readiness_pool.clone();
+        async move { server::postgres_ready(&pool).await }
+    });
+
+    let authenticator = Authenticator::new(verifier, None);
+    let service = InterceptedService::new(
+        MemoryServiceServer::new(grpc::MemoryApi::new(pool))
+            .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+        authenticator,
+    );
+    let router = server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service);
+    tracing::info!(addr = ?listener.local_addr().ok(), "keel-memory serving");
+    server::serve(router, listener, shutdown, config.runtime.shutdown_grace())
+        .await
+        .map_err(|e| StartupError::Other(e.to_string()))
+}

@@ -1,0 +1,3 @@
+//! Integration tests of the memory service: real Postgres, real gRPC.
+
+mod startup;

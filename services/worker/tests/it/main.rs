@@ -1,0 +1,3 @@
+//! Integration tests of the worker: real Redis, Postgres and gRPC.
+
+mod startup;

@@ -1,0 +1,115 @@
+//! Config pieces shared by the binaries, parsed by clap from flags or env vars.
+//! Each binary flattens the pieces it needs into its own one typed `Config`.
+
+use std::time::Duration;
+
+use crate::StartupError;
+
+/// Postgres settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DatabaseConfig {
+    /// Postgres URL, e.g. postgres://postgres@127.0.0.1:5432/keel (required).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Most Postgres connections this process holds.
+    #[arg(long, env = "KEEL_DB_POOL_SIZE", default_value_t = 16)]
+    pub db_pool_size: usize,
+    /// How long start-up keeps retrying an unreachable Postgres before giving up.
+    #[arg(long, env = "KEEL_DB_CONNECT_TIMEOUT_SECS", default_value_t = 10)]
+    pub db_connect_timeout_secs: u64,
+}
+
+impl DatabaseConfig {
+    /// The URL, or the start-up error that names the missing variable.
+    pub fn url(&self) -> Result<&str, StartupError> {
+        match self.database_url.as_deref().map(str::trim) {
+            Some(url) if !url.is_empty() => Ok(url),
+            _ => Err(StartupError::MissingVar("DATABASE_URL")),
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.db_connect_timeout_secs)
+    }
+
+    /// For tests and tools that build a config in code.
+    pub fn from_url(url: impl Into<String>) -> Self {
+        Self {
+            database_url: Some(url.into()),
+            db_pool_size: 16,
+            db_connect_timeout_secs: 10,
+        }
+    }
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RedisConfig {
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+    /// Prefix of every Redis key this deployment uses (lets deployments and
+    /// tests share one Redis).
+    #[arg(long, env = "KEEL_REDIS_PREFIX", default_value = "keel")]
+    pub redis_prefix: String,
+    /// Most Redis connections this process holds.
+    #[arg(long, env = "KEEL_REDIS_POOL_SIZE", default_value_t = 16)]
+    pub redis_pool_size: usize,
+}
+
+impl RedisConfig {
+    /// For tests and tools that build a config in code.
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
+        Self {
+            redis_url: url.into(),
+            redis_prefix: prefix.into(),
+            redis_pool_size: 16,
+        }
+    }
+
+    /// `"{prefix}:{name}"`: every Redis key goes through here.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.redis_prefix)
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging and shutdown settings every binary has.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeConfig {
+    /// Log format: human or json. Levels come from RUST_LOG (default info).
+    #[arg(long, env = "KEEL_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// On SIGINT/SIGTERM, how long in-flight calls get to finish.
+    #[arg(long, env = "KEEL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl RuntimeConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Human,
+            shutdown_grace_secs: 10,
+        }
+    }
+}

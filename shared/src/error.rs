@@ -1,0 +1,183 @@
+//! Errors: `ApiError` is what every service's own error converts into, and the
+//! one place it becomes a `tonic::Status`; `StartupError` is what stops a binary.
+
+use std::time::Duration;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The gRPC-facing error. Messages are for clients: never SQL, never secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or out-of-range input; `field` names the request field.
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Absent, or another user's: the message never says which.
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected backend error: logged in full, sent as "internal error".
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::NotFound(_) => Code::NotFound,
+            Self::AlreadyExists(_) => Code::AlreadyExists,
+            Self::FailedPrecondition(_) => Code::FailedPrecondition,
+            Self::Aborted(_) => Code::Aborted,
+            Self::ResourceExhausted(_) => Code::ResourceExhausted,
+            Self::Unavailable(_) => Code::Unavailable,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(err: ApiError) -> Status {
+        match &err {
+            ApiError::InvalidArgument { field, reason } => Status::with_error_details(
+                Code::InvalidArgument,
+                err.to_string(),
+                ErrorDetails::with_bad_request_violation(field.clone(), reason.clone()),
+            ),
+            ApiError::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                Status::internal("internal error")
+            }
+            ApiError::Unavailable(detail) => {
+                tracing::warn!(error = %detail, "backend unavailable");
+                Status::unavailable(detail.clone())
+            }
+            _ => Status::new(err.code(), err.to_string()),
+        }
+    }
+}
+
+/// Postgres errors that no service-specific rule claimed: connection trouble
+/// is UNAVAILABLE, serialization conflicts ABORTED, anything else INTERNAL.
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        use tokio_postgres::error::SqlState;
+        let Some(db) = err.as_db_error() else {
+            // No server error attached: I/O, closed connection, timeout.
+            return Self::Unavailable("database unavailable".into());
+        };
+        let code = db.code();
+        if code.code().starts_with("08")
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+        {
+            Self::Unavailable("database unavailable".into())
+        } else if *code == SqlState::T_R_SERIALIZATION_FAILURE
+            || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
+            Self::Aborted("conflicting concurrent update, retry".into())
+        } else {
+            Self::Internal(format!("postgres: {}", source_chain(&err)))
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => Self::Unavailable(format!("database unavailable: {other}")),
+        }
+    }
+}
+
+impl From<redis::RedisError> for ApiError {
+    fn from(err: redis::RedisError) -> Self {
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+        {
+            Self::Unavailable("redis unavailable".into())
+        } else {
+            Self::Internal(format!("redis: {err}"))
+        }
+    }
+}
+
+impl From<deadpool_redis::PoolError> for ApiError {
+    fn from(err: deadpool_redis::PoolError) -> Self {
+        match err {
+            deadpool_redis::PoolError::Backend(e) => e.into(),
+            _ => Self::Unavailable("redis unavailable".into()),
+        }
+    }
+}
+
+/// Why a binary could not start. Printed as one line, then exit non-zero.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("{0} is not set")]
+    MissingVar(&'static str),
+    #[error("{var} is invalid: {reason}")]
+    InvalidVar { var: &'static str, reason: String },
+    #[error("cannot reach Postgres at {target} (gave up after {waited:?}): {cause}")]
+    PostgresUnreachable {
+        target: String,
+        waited: Duration,
+        cause: String,
+    },
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen { addr: String, cause: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// An error and its causes on one line: "a: b: c".
+pub fn source_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
+}
+
+/// Ends a binary's `main`: on error, one line on stderr and exit code 1.
+pub fn exit_on_error<E: std::fmt::Display>(binary: &str, result: Result<(), E>) {
+    if let Err(e) = result {
+        eprintln!("{binary}: {e}");
+        std::process::exit(1);
+    }
+}

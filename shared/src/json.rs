@@ -1,0 +1,104 @@
+//! Conversions between `google.protobuf.Struct`/`Value` and `serde_json::Value`
+//! (jsonb in Postgres), with the depth bound that keeps hostile payloads out.
+
+use prost_types::value::Kind;
+use prost_types::{ListValue, Struct, Value};
+use serde_json::{Map, Number};
+
+/// Nesting deeper than this is rejected (and never recursed into further).
+pub const MAX_DEPTH: usize = 64;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum JsonError {
+    #[error("nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+    #[error("contains a number that is not finite")]
+    NonFinite,
+}
+
+/// A Struct as a JSON object.
+pub fn struct_to_json(s: &Struct) -> Result<serde_json::Value, JsonError> {
+    fields_to_json(s, 1)
+}
+
+fn fields_to_json(s: &Struct, depth: usize) -> Result<serde_json::Value, JsonError> {
+    if depth > MAX_DEPTH {
+        return Err(JsonError::TooDeep);
+    }
+    let mut map = Map::with_capacity(s.fields.len());
+    for (k, v) in &s.fields {
+        map.insert(k.clone(), value_to_json(v, depth + 1)?);
+    }
+    Ok(serde_json::Value::Object(map))
+}
+
+fn value_to_json(v: &Value, depth: usize) -> Result<serde_json::Value, JsonError> {
+    if depth > MAX_DEPTH {
+        return Err(JsonError::TooDeep);
+    }
+    Ok(match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::NumberValue(n)) => {
+            serde_json::Value::Number(Number::from_f64(*n).ok_or(JsonError::NonFinite)?)
+        }
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::StructValue(s)) => fields_to_json(s, depth + 1)?,
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(
+            l.values
+                .iter()
+                .map(|v| value_to_json(v, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// A JSON value as a Struct; a non-object becomes `{"value": ...}`.
+pub fn json_to_struct(v: &serde_json::Value) -> Struct {
+    match v {
+        serde_json::Value::Object(map) => Struct {
+            fields: map
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_value(v)))
+                .collect(),
+        },
+        other => Struct {
+            fields: [("value".to_string(), json_to_value(other))].into(),
+        },
+    }
+}
+
+pub fn json_to_value(v: &serde_json::Value) -> Value {
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(ListValue {
+            values: a.iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(_) => Kind::StructValue(json_to_struct(v)),
+    };
+    Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_nested_values() {
+        let json = serde_json::json!({"n": 1.5, "s": "x'; DROP TABLE jobs;--", "l": [true, null, {"a": []}]});
+        let back = struct_to_json(&json_to_struct(&json)).unwrap();
+        assert_eq!(back, json);
+    }
+
+    #[test]
+    fn rejects_deep_nesting() {
+        let mut v = serde_json::json!(1);
+        for _ in 0..(MAX_DEPTH + 1) {
+            v = serde_json::json!({ "a": v });
+        }
+        assert_eq!(struct_to_json(&json_to_struct(&v)), Err(JsonError::TooDeep));
+    }
+}

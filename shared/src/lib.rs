@@ -1,0 +1,18 @@
+//! Keel's common crate: what every service binary needs and nothing service-specific.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod json;
+pub mod migrate;
+pub mod redis;
+pub mod server;
+pub mod shutdown;
+pub mod telemetry;
+pub mod time;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::{ApiError, StartupError};

@@ -1,0 +1,57 @@
+//! Schema migrations from `migrations/`, embedded in every binary and applied at
+//! start-up under a Postgres advisory lock, so services starting together do not race.
+
+use deadpool_postgres::Pool;
+
+use crate::StartupError;
+
+mod embedded {
+    refinery::embed_migrations!("../migrations");
+}
+
+/// Arbitrary constant: the advisory lock key that serialises migrations.
+const MIGRATION_LOCK_KEY: i64 = 0x6b65_656c_6d69_6772; // "keelmigr"
+
+/// Applies every pending migration. Idempotent; refuses to start when an
+/// applied migration differs from the embedded one.
+pub async fn run(pool: &Pool) -> Result<(), StartupError> {
+    let mut client = pool
+        .get()
+        .await
+        .map_err(|e| StartupError::Migration(e.to_string()))?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await
+        .map_err(|e| StartupError::Migration(e.to_string()))?;
+    let result = embedded::migrations::runner()
+        .set_abort_divergent(true)
+        .set_abort_missing(true)
+        .run_async(&mut **client)
+        .await;
+    // Unlock even when migrating failed; a dropped connection would release it too.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    let report = result.map_err(|e| StartupError::Migration(e.to_string()))?;
+    for m in report.applied_migrations() {
+        tracing::info!(version = m.version(), name = m.name(), "applied migration");
+    }
+    Ok(())
+}
+
+/// A fingerprint of the embedded migrations (names and checksums), used by the
+/// test harness to name its template database.
+pub fn fingerprint() -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for m in embedded::migrations::runner().get_migrations() {
+        hasher.update(m.name().as_bytes());
+        hasher.update(m.checksum().to_le_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

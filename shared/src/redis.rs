@@ -1,0 +1,37 @@
+//! The Redis pool. Redis is not needed to start: it may be down at start-up and
+//! callers treat its errors as UNAVAILABLE, so building the pool never waits.
+
+use deadpool_redis::{Config, Pool, Runtime};
+
+use crate::StartupError;
+use crate::config::RedisConfig;
+
+pub fn pool(cfg: &RedisConfig) -> Result<Pool, StartupError> {
+    let mut config = Config::from_url(cfg.redis_url.clone());
+    config.pool = Some(deadpool_redis::PoolConfig {
+        max_size: cfg.redis_pool_size.max(1),
+        timeouts: deadpool_redis::Timeouts {
+            wait: Some(std::time::Duration::from_secs(5)),
+            create: Some(std::time::Duration::from_secs(2)),
+            recycle: Some(std::time::Duration::from_secs(2)),
+        },
+        ..Default::default()
+    });
+    config
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| StartupError::InvalidVar {
+            var: "REDIS_URL",
+            reason: e.to_string(),
+        })
+}
+
+/// True when Redis answers PING.
+pub async fn ping(pool: &Pool) -> bool {
+    let Ok(mut conn) = pool.get().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut *conn)
+        .await
+        .is_ok()
+}

@@ -1,0 +1,227 @@
+//! gRPC server plumbing every service shares: transport limits, health
+//! (NOT_SERVING until ready, and again while a backend is down), reflection
+//! v1 and v1alpha, and serving with a bounded drain on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::{Router, TcpIncoming};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::StartupError;
+
+/// Largest request message a server decodes (bigger ones are refused with
+/// RESOURCE_EXHAUSTED before any handler runs).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The transport with Keel's limits: bounded streams per connection,
+/// HTTP/2 keepalive so dead peers are noticed, and a per-call timeout.
+pub fn builder() -> Server {
+    Server::builder()
+        .max_concurrent_streams(Some(256))
+        .concurrency_limit_per_connection(256)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_max_pending_accept_reset_streams(Some(64))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .tcp_nodelay(true)
+}
+
+/// Binds the listener, naming the address when it cannot.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| StartupError::Listen {
+            addr: addr.to_string(),
+            cause: e.to_string(),
+        })
+}
+
+/// Health service with every listed service name (and "") NOT_SERVING.
+pub async fn health(
+    names: &[&str],
+) -> (
+    Health,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let health = Health {
+        reporter,
+        names: std::iter::once("")
+            .chain(names.iter().copied())
+            .map(String::from)
+            .collect(),
+    };
+    health.set(false).await;
+    (health, service)
+}
+
+/// The health entries of one server, switched together.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    names: Vec<String>,
+}
+
+impl Health {
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in &self.names {
+            self.reporter.set_service_status(name, status).await;
+        }
+    }
+
+    /// Re-checks readiness every `every` until shutdown, flipping health when
+    /// a backend (Postgres, Redis, ...) goes away or comes back.
+    pub fn watch<F, Fut>(self, every: Duration, shutdown: CancellationToken, check: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: Future<Output = bool> + Send,
+    {
+        tokio::spawn(async move {
+            let mut was = true;
+            loop {
+                let ok = check().await;
+                if ok != was {
+                    if ok {
+                        tracing::info!("backends reachable again: SERVING");
+                    } else {
+                        tracing::warn!("a backend is unreachable: NOT_SERVING");
+                    }
+                    was = ok;
+                }
+                self.set(ok).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => {
+                        self.set(false).await;
+                        return;
+                    }
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+    }
+}
+
+/// True when the pool can hand out a connection that answers `SELECT 1`.
+pub async fn postgres_ready(pool: &deadpool_postgres::Pool) -> bool {
+    match tokio::time::timeout(Duration::from_secs(2), pool.get()).await {
+        Ok(Ok(client)) => client.simple_query("SELECT 1").await.is_ok(),
+        _ => false,
+    }
+}
+
+/// Reflection v1 and v1alpha listing `services` (plus health and reflection
+/// themselves), described from Keel's descriptors and grpc.health.v1.
+pub fn reflection(
+    services: &[&str],
+) -> (
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+) {
+    let configure = || {
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(keel_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health")
+            .with_service_name("grpc.reflection.v1.ServerReflection")
+            .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+        for name in services {
+            builder = builder.with_service_name(*name);
+        }
+        builder
+    };
+    (
+        configure()
+            .build_v1()
+            .expect("embedded descriptor sets are valid"),
+        configure()
+            .build_v1alpha()
+            .expect("embedded descriptor sets are valid"),
+    )
+}
+
+/// Serves until `shutdown`, then stops accepting and gives in-flight calls
+/// (including streams) `grace` to finish before returning anyway.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let signal = shutdown.clone();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        signal.cancelled().await;
+    });
+    tokio::pin!(server);
+    tokio::select! {
+        res = &mut server => return res,
+        _ = shutdown.cancelled() => {}
+    }
+    match tokio::time::timeout(grace, server).await {
+        Ok(res) => res,
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                "in-flight calls still running after the grace period; stopping"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Asks the health service at `addr` whether "" is SERVING.
+pub async fn probe(addr: &str) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    let endpoint = endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2));
+    let Ok(channel) = endpoint.connect().await else {
+        return false;
+    };
+    matches!(
+        HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .map(|r| r.into_inner().status()),
+        Ok(ServingStatus::Serving)
+    )
+}
+
+/// `BINARY healthcheck [ADDR]`: exits 0 when the server at ADDR (default
+/// `default_addr`, the binary's own port on loopback) is SERVING, 1 otherwise.
+/// Lets container health checks use the binary itself. Returns when the
+/// arguments are not a health check.
+pub async fn healthcheck_command(default_addr: &str) {
+    let mut args = std::env::args().skip(1);
+    if args.next().as_deref() != Some("healthcheck") {
+        return;
+    }
+    let addr = args.next().unwrap_or_else(|| default_addr.to_string());
+    if probe(&addr).await {
+        println!("SERVING");
+        std::process::exit(0);
+    }
+    println!("NOT SERVING");
+    std::process::exit(1);
+}

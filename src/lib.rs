@@ -1,0 +1,29 @@
+//! Keel's wire contract: the Rust code generated from `proto/`, plus the encoded
+//! descriptor set that every server registers for gRPC reflection.
+
+/// `keel.auth.v1`
+pub mod auth {
+    pub mod v1 {
+        tonic::include_proto!("keel.auth.v1");
+    }
+}
+
+/// `keel.jobs.v1`
+pub mod jobs {
+    pub mod v1 {
+        tonic::include_proto!("keel.jobs.v1");
+    }
+}
+
+/// `keel.memory.v1`
+pub mod memory {
+    pub mod v1 {
+        tonic::include_proto!("keel.memory.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every Keel proto and its imports, for
+/// `tonic_reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");
+
+pub use prost_types;

@@ -6,6 +6,8 @@ pub mod db;
 pub mod error;
 pub mod json;
 pub mod migrate;
+pub mod paging;
+pub mod queue;
 pub mod redis;
 pub mod server;
 pub mod shutdown;

@@ -13,3 +13,7 @@ ensure_redis "$tmp/redis" 56379 no
 log "testing against Postgres ${DATABASE_URL%%\?*} and Redis $REDIS_URL"
 
 cargo test --workspace --locked "$@"
+
+# The contract from outside Rust: Python stubs generated from proto/, and a
+# client that knows nothing but server reflection.
+[ -n "${KEEL_SKIP_E2E:-}" ] || scripts/e2e.sh

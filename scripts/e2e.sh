@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# End-to-end check of the real binaries from outside Rust: starts auth, jobs,
+# memory and a worker on free ports against a fresh database and Redis prefix,
+# then runs the Python client session and the reflection-only check.
+# Expects DATABASE_URL and REDIS_URL (scripts/test.sh sets them).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+: "${DATABASE_URL:?DATABASE_URL must point at a Postgres server}" "${REDIS_URL:?REDIS_URL must be set}"
+
+py=clients/python
+if [ ! -x "$py/.venv/bin/python" ]; then
+  python3 -m venv "$py/.venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+fi
+"$py/.venv/bin/pip" install -q --disable-pip-version-check -r "$py/requirements.txt"
+
+cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker
+bin=target/debug
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-e2e.XXXXXX")
+db="keel_e2e_$(date +%s)_$$"
+admin_url="${DATABASE_URL%/*}/postgres"
+psql_bin=$(command -v psql || echo "$(pg_bindir)/psql")
+pids=()
+cleanup() {
+  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null
+  wait 2>/dev/null || true
+  "$psql_bin" "$admin_url" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+"$psql_bin" "$admin_url" -qc "CREATE DATABASE \"$db\""
+
+free_port() { "$py/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+export DATABASE_URL="${DATABASE_URL%/*}/$db"
+export KEEL_REDIS_PREFIX="keel-e2e-$$"
+export KEEL_WORKER_TOKEN="e2e-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export KEEL_JWT_PRIVATE_KEY_FILE="$tmp/jwt/signing.pem" KEEL_JWT_GENERATE_KEY=true
+export KEEL_JWT_PUBLIC_KEY_FILES="$tmp/jwt/signing.pem.pub"
+export KEEL_AUTH_ADDR="127.0.0.1:$(free_port)" KEEL_JOBS_ADDR="127.0.0.1:$(free_port)"
+export KEEL_MEMORY_ADDR="127.0.0.1:$(free_port)" KEEL_WORKER_HEALTH_ADDR="127.0.0.1:$(free_port)"
+export KEEL_JOBS_URL="http://$KEEL_JOBS_ADDR"
+
+start() { # name addr
+  "$bin/keel-$1" >"$tmp/$1.log" 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 300); do
+    "$bin/keel-$1" healthcheck "$2" >/dev/null 2>&1 && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$tmp/$1.log" >&2; die "keel-$1 exited"; }
+    sleep 0.1
+  done
+  cat "$tmp/$1.log" >&2
+  die "keel-$1 did not become healthy"
+}
+start auth "$KEEL_AUTH_ADDR"
+start jobs "$KEEL_JOBS_ADDR"
+start memory "$KEEL_MEMORY_ADDR"
+start worker "$KEEL_WORKER_HEALTH_ADDR"
+
+gen="$tmp/gen"
+mkdir -p "$gen"
+"$py/.venv/bin/python" -m grpc_tools.protoc -I proto --python_out="$gen" --grpc_python_out="$gen" \
+  proto/keel/auth/v1/auth.proto proto/keel/jobs/v1/jobs.proto proto/keel/memory/v1/memory.proto
+
+status=0
+PYTHONPATH="$gen" "$py/.venv/bin/python" "$py/session.py" "$KEEL_AUTH_ADDR" "$KEEL_JOBS_ADDR" "$KEEL_MEMORY_ADDR" || status=$?
+"$py/.venv/bin/python" "$py/reflection_check.py" "$KEEL_AUTH_ADDR" "$KEEL_JOBS_ADDR" "$KEEL_MEMORY_ADDR" "$KEEL_WORKER_HEALTH_ADDR" || status=$?
+
+# No secret may reach a log line: passwords, tokens, the worker credential.
+for f in "$tmp"/*.log; do
+  if grep -qE "correct horse battery|$KEEL_WORKER_TOKEN|eyJ[A-Za-z0-9_-]{10,}\." "$f"; then
+    log "a secret appears in $(basename "$f")"; status=1
+  fi
+done
+if [ $status -ne 0 ]; then
+  for f in "$tmp"/*.log; do echo "--- $(basename "$f")" >&2; tail -n 40 "$f" >&2; done
+fi
+exit $status

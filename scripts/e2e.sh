@@ -13,6 +13,7 @@ if [ ! -x "$py/.venv/bin/python" ]; then
   python3 -m venv "$py/.venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
 fi
 "$py/.venv/bin/pip" install -q --disable-pip-version-check -r "$py/requirements.txt"
+"$py/.venv/bin/python" "$py/check_compose.py" compose.yaml Dockerfile
 
 cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker
 bin=target/debug

@@ -1,9 +1,19 @@
 //! The jobs service's one typed config, from flags or env.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use keel_shared::auth::VerifierConfig;
 use keel_shared::config::{DatabaseConfig, RedisConfig, RuntimeConfig};
+
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
+pub const DEFAULT_RETRY_BASE_MS: u64 = 1_000;
+pub const DEFAULT_RETRY_MAX_MS: u64 = 300_000;
+pub const DEFAULT_RELAY_INTERVAL_MS: u64 = 200;
+pub const DEFAULT_RELAY_BATCH: i64 = 500;
+pub const DEFAULT_REAPER_INTERVAL_MS: u64 = 1_000;
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_WATCH_POLL_MS: u64 = 2_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-jobs", about = "Keel jobs service", version)]
@@ -22,4 +32,74 @@ pub struct Config {
     pub tokens: VerifierConfig,
     #[command(flatten)]
     pub runtime: RuntimeConfig,
+    /// Lease granted by StartJob and each Heartbeat; a running job whose lease
+    /// runs out (its worker died) is reaped back to queued, or failed.
+    #[arg(long, env = "KEEL_JOBS_LEASE_MS", default_value_t = DEFAULT_LEASE_MS)]
+    pub lease_ms: u64,
+    /// First retry delay after a retryable failure; doubles per attempt (with jitter).
+    #[arg(long, env = "KEEL_JOBS_RETRY_BASE_MS", default_value_t = DEFAULT_RETRY_BASE_MS)]
+    pub retry_base_ms: u64,
+    /// Longest retry delay.
+    #[arg(long, env = "KEEL_JOBS_RETRY_MAX_MS", default_value_t = DEFAULT_RETRY_MAX_MS)]
+    pub retry_max_ms: u64,
+    /// How often the outbox relay publishes due, undelivered jobs to the Redis stream.
+    #[arg(long, env = "KEEL_JOBS_RELAY_INTERVAL_MS", default_value_t = DEFAULT_RELAY_INTERVAL_MS)]
+    pub relay_interval_ms: u64,
+    /// Most outbox rows the relay claims per round.
+    #[arg(long, env = "KEEL_JOBS_RELAY_BATCH", default_value_t = DEFAULT_RELAY_BATCH)]
+    pub relay_batch: i64,
+    /// How often expired leases are looked for.
+    #[arg(long, env = "KEEL_JOBS_REAPER_INTERVAL_MS", default_value_t = DEFAULT_REAPER_INTERVAL_MS)]
+    pub reaper_interval_ms: u64,
+    /// Largest accepted payload (and output), in bytes of encoded JSON.
+    #[arg(long, env = "KEEL_JOBS_MAX_PAYLOAD_BYTES", default_value_t = DEFAULT_MAX_PAYLOAD_BYTES)]
+    pub max_payload_bytes: usize,
+    /// WatchJob re-reads the job this often even without a Redis announcement
+    /// (announcements can be lost), and polls at this pace when Redis is down.
+    #[arg(long, env = "KEEL_JOBS_WATCH_POLL_MS", default_value_t = DEFAULT_WATCH_POLL_MS)]
+    pub watch_poll_ms: u64,
+}
+
+impl Config {
+    /// A config built in code (tests, embedding): every other field at its default.
+    pub fn new(
+        listen_addr: SocketAddr,
+        database: DatabaseConfig,
+        redis: RedisConfig,
+        tokens: VerifierConfig,
+        worker_token: impl Into<String>,
+    ) -> Self {
+        Self {
+            listen_addr,
+            worker_token: Some(worker_token.into()),
+            database,
+            redis,
+            tokens,
+            runtime: RuntimeConfig::default(),
+            lease_ms: DEFAULT_LEASE_MS,
+            retry_base_ms: DEFAULT_RETRY_BASE_MS,
+            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            relay_interval_ms: DEFAULT_RELAY_INTERVAL_MS,
+            relay_batch: DEFAULT_RELAY_BATCH,
+            reaper_interval_ms: DEFAULT_REAPER_INTERVAL_MS,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            watch_poll_ms: DEFAULT_WATCH_POLL_MS,
+        }
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.max(1))
+    }
+
+    pub fn relay_interval(&self) -> Duration {
+        Duration::from_millis(self.relay_interval_ms.max(1))
+    }
+
+    pub fn reaper_interval(&self) -> Duration {
+        Duration::from_millis(self.reaper_interval_ms.max(1))
+    }
+
+    pub fn watch_poll(&self) -> Duration {
+        Duration::from_millis(self.watch_poll_ms.max(10))
+    }
 }

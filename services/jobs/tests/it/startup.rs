@@ -1,6 +1,5 @@
 //! Start-up: serve health and reflection when ready.
 
-use keel_shared::config::RuntimeConfig;
 use keel_shared::testing::{self, TestDb, TestRedis};
 use tokio_util::sync::CancellationToken;
 
@@ -10,14 +9,13 @@ async fn serves_health_and_reflection_once_ready() {
     let redis = TestRedis::new();
     let (listener, addr) = testing::listener().await;
     let shutdown = CancellationToken::new();
-    let config = keel_jobs::Config {
-        listen_addr: addr,
-        worker_token: Some("test-worker-token".into()),
-        database: db.config(),
-        redis: redis.config.clone(),
-        tokens: testing::verifier_config(),
-        runtime: RuntimeConfig::default(),
-    };
+    let config = keel_jobs::Config::new(
+        addr,
+        db.config(),
+        redis.config.clone(),
+        testing::verifier_config(),
+        "test-worker-token",
+    );
     let server = tokio::spawn(keel_jobs::run(config, listener, shutdown.clone()));
     testing::assert_serving_with_reflection(
         addr,

@@ -15,7 +15,7 @@ fi
 "$py/.venv/bin/pip" install -q --disable-pip-version-check -r "$py/requirements.txt"
 "$py/.venv/bin/python" "$py/check_compose.py" compose.yaml Dockerfile
 
-cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker
+cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker -p keel-cli
 bin=target/debug
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keel-e2e.XXXXXX")
@@ -66,6 +66,35 @@ mkdir -p "$gen"
 status=0
 PYTHONPATH="$gen" "$py/.venv/bin/python" "$py/session.py" "$KEEL_AUTH_ADDR" "$KEEL_JOBS_ADDR" "$KEEL_MEMORY_ADDR" || status=$?
 "$py/.venv/bin/python" "$py/reflection_check.py" "$KEEL_AUTH_ADDR" "$KEEL_JOBS_ADDR" "$KEEL_MEMORY_ADDR" "$KEEL_WORKER_HEALTH_ADDR" || status=$?
+
+# The `keel` CLI's main paths.
+cli_checks=0
+cli_check() { # description, then a command that must succeed
+  local what=$1; shift
+  if "$@" >/dev/null 2>&1; then cli_checks=$((cli_checks + 1)); else log "CLI check failed: $what"; status=1; fi
+}
+json() { "$py/.venv/bin/python" -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
+export KEEL_CONFIG_DIR="$tmp/cli" KEEL_AUTH_URL="http://$KEEL_AUTH_ADDR" KEEL_MEMORY_URL="http://$KEEL_MEMORY_ADDR"
+keel=$bin/keel
+cli_email="cli-$$@example.com"
+cli_check "register" env KEEL_PASSWORD="correct horse battery" "$keel" register "$cli_email" --name CLI
+cli_check "session file is 0600" test "$(stat -c %a "$KEEL_CONFIG_DIR/session.json")" = 600
+cli_check "whoami" test "$("$keel" whoami | json 'd["email"]')" = "$cli_email"
+cli_check "login" env KEEL_PASSWORD="correct horse battery" "$keel" login "$cli_email"
+cli_check "memories put" "$keel" memories put notes/cli --content "the command line client" --tag cli
+cli_check "memories get" test "$("$keel" memories get notes/cli | json 'd["version"]')" = 1
+cli_check "memories list" test "$("$keel" memories list --prefix notes/ | json 'len(d["memories"])')" = 1
+cli_check "memories search" test "$("$keel" memories search "command line" | json 'd[0]["memory"]["key"]')" = notes/cli
+cli_check "workspace" test "$("$keel" workspace | json 'd["memory_count"]')" = 1
+job_id=$("$keel" jobs create echo --payload '{"x": 1}' | json 'd["id"]') || job_id=
+cli_check "jobs watch to SUCCEEDED" test "$("$keel" jobs watch "$job_id" | tail -n 1 | json 'd["status"]')" = SUCCEEDED
+cli_check "jobs get" test "$("$keel" jobs get "$job_id" | json 'd["output"]["x"]')" = 1.0
+cli_check "jobs list" test "$("$keel" jobs list --kind echo | json 'd["jobs"][0]["id"]')" = "$job_id"
+cli_check "cancel of a finished job is refused" bash -c "! '$keel' jobs cancel '$job_id'"
+cli_check "health" "$keel" health
+cli_check "logout" "$keel" logout
+cli_check "signed out" bash -c "! '$keel' whoami"
+echo "keel CLI: $cli_checks passed, $((17 - cli_checks)) failed"
 
 # No secret may reach a log line: passwords, tokens, the worker credential.
 for f in "$tmp"/*.log; do

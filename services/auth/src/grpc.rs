@@ -1,53 +1,276 @@
-//! gRPC handlers for `keel.auth.v1.AuthService`.
+//! gRPC handlers for `keel.auth.v1.AuthService`: decode, validate, call the
+//! store, encode. Register, Login, Refresh, Logout and VerifyToken need no
+//! bearer token; GetCurrentUser authenticates inside its handler.
 
-use deadpool_postgres::Pool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
 use keel_proto::auth::v1::auth_service_server::AuthService;
 use keel_proto::auth::v1::*;
+use keel_shared::auth::{Authenticator, TokenSigner, TokenVerifier};
+use keel_shared::time::to_timestamp;
 use tonic::{Request, Response, Status};
+use uuid::Uuid;
 
+use crate::domain::{self, Passwords, RefreshDecision};
+use crate::error::AuthError;
+use crate::store::{LogoutOutcome, NewRefreshToken, NewUser, RefreshOutcome, Store, UserRow};
+
+/// Everything the handlers need, built once by `run`.
 pub struct AuthApi {
-    #[allow(dead_code)]
-    pool: Pool,
+    pub(crate) store: Store,
+    pub(crate) signer: TokenSigner,
+    pub(crate) verifier: Arc<TokenVerifier>,
+    pub(crate) authenticator: Authenticator,
+    pub(crate) passwords: Arc<Passwords>,
+    pub(crate) refresh_token_ttl: Duration,
+    pub(crate) login_max_failures: u32,
+    pub(crate) login_failure_window: Duration,
+}
+
+/// A freshly minted refresh token: the plaintext goes to the client once,
+/// only the hash is stored.
+struct MintedRefresh {
+    token: String,
+    stored: NewRefreshToken,
 }
 
 impl AuthApi {
-    pub fn new(pool: Pool) -> Self {
-        Self { pool }
+    fn mint_refresh(&self, now: DateTime<Utc>) -> MintedRefresh {
+        let token = domain::new_refresh_token();
+        let stored = NewRefreshToken {
+            hash: domain::refresh_token_digest(&token),
+            expires_at: now + self.refresh_token_ttl,
+        };
+        MintedRefresh { token, stored }
     }
+
+    fn token_pair(
+        &self,
+        user: &UserRow,
+        session_id: Uuid,
+        refresh: MintedRefresh,
+        now: DateTime<Utc>,
+    ) -> TokenPair {
+        let (access_token, access_expires) =
+            self.signer
+                .sign(user.id, &user.email, Some(session_id), now);
+        TokenPair {
+            access_token,
+            access_token_expires_at: Some(to_timestamp(access_expires)),
+            refresh_token: refresh.token,
+            refresh_token_expires_at: Some(to_timestamp(refresh.stored.expires_at)),
+        }
+    }
+
+    async fn hash_password(&self, password: String) -> Result<String, AuthError> {
+        let passwords = self.passwords.clone();
+        tokio::task::spawn_blocking(move || passwords.hash(&password))
+            .await
+            .map_err(|e| AuthError::Internal(format!("password hashing task: {e}")))?
+            .map_err(AuthError::Internal)
+    }
+
+    async fn verify_password(
+        &self,
+        password: String,
+        hash: Option<String>,
+    ) -> Result<bool, AuthError> {
+        let passwords = self.passwords.clone();
+        tokio::task::spawn_blocking(move || passwords.verify(&password, hash.as_deref()))
+            .await
+            .map_err(|e| AuthError::Internal(format!("password verification task: {e}")))
+    }
+}
+
+fn user_proto(user: &UserRow) -> User {
+    User {
+        id: user.id.to_string(),
+        email: user.email.clone(),
+        display_name: user.display_name.clone(),
+        created_at: Some(to_timestamp(user.created_at)),
+    }
+}
+
+/// Short prefix of the email digest: enough to correlate audit lines, not the address.
+fn email_tag(email_hash: &[u8; 32]) -> String {
+    domain::hex(&email_hash[..8])
 }
 
 #[tonic::async_trait]
 impl AuthService for AuthApi {
     async fn register(
         &self,
-        _: Request<RegisterRequest>,
+        request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
-        Err(Status::unimplemented("Register is not implemented yet"))
+        let req = request.into_inner();
+        let email = domain::normalize_email(&req.email)?;
+        domain::validate_new_password(&req.password)?;
+        let display_name = domain::normalize_display_name(&req.display_name)?;
+
+        let password_hash = self.hash_password(req.password).await?;
+        let now = Utc::now();
+        let refresh = self.mint_refresh(now);
+        let session_id = Uuid::now_v7();
+        let new_user = NewUser {
+            id: Uuid::now_v7(),
+            email: &email,
+            display_name: &display_name,
+            password_hash: &password_hash,
+        };
+        let user = self
+            .store
+            .create_user_with_session(new_user, session_id, &refresh.stored)
+            .await?;
+        tracing::info!(target: "audit", event = "user_registered", user_id = %user.id, session_id = %session_id);
+        let tokens = self.token_pair(&user, session_id, refresh, now);
+        Ok(Response::new(RegisterResponse {
+            user: Some(user_proto(&user)),
+            tokens: Some(tokens),
+        }))
     }
-    async fn login(&self, _: Request<LoginRequest>) -> Result<Response<LoginResponse>, Status> {
-        Err(Status::unimplemented("Login is not implemented yet"))
+
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let req = request.into_inner();
+        let email = domain::normalize_email(&req.email)?;
+        domain::validate_login_password(&req.password)?;
+        let email_hash = domain::email_digest(&email);
+
+        // Before any hashing: a limited email costs the server nothing more.
+        let allowed = self
+            .store
+            .reserve_login_attempt(
+                &email_hash,
+                self.login_max_failures,
+                self.login_failure_window,
+            )
+            .await?;
+        if !allowed {
+            tracing::info!(target: "audit", event = "login_rate_limited", email_hash = %email_tag(&email_hash));
+            return Err(AuthError::RateLimited.into());
+        }
+
+        let found = self.store.find_user_by_email(&email).await?;
+        let (user, hash) = match found {
+            Some((user, hash)) => (Some(user), Some(hash)),
+            None => (None, None),
+        };
+        let verified = self.verify_password(req.password, hash).await?;
+        let user = match user {
+            Some(user) if verified => user,
+            _ => {
+                tracing::info!(target: "audit", event = "login_failed", email_hash = %email_tag(&email_hash));
+                return Err(AuthError::InvalidCredentials.into());
+            }
+        };
+
+        self.store.clear_login_failures(&email_hash).await?;
+        let now = Utc::now();
+        let refresh = self.mint_refresh(now);
+        let session_id = Uuid::now_v7();
+        self.store
+            .create_session(session_id, user.id, &refresh.stored)
+            .await?;
+        tracing::info!(target: "audit", event = "login_succeeded", user_id = %user.id, session_id = %session_id);
+        let tokens = self.token_pair(&user, session_id, refresh, now);
+        Ok(Response::new(LoginResponse {
+            user: Some(user_proto(&user)),
+            tokens: Some(tokens),
+        }))
     }
+
     async fn refresh(
         &self,
-        _: Request<RefreshRequest>,
+        request: Request<RefreshRequest>,
     ) -> Result<Response<RefreshResponse>, Status> {
-        Err(Status::unimplemented("Refresh is not implemented yet"))
+        let req = request.into_inner();
+        domain::validate_refresh_token(&req.refresh_token)?;
+        let presented = domain::refresh_token_digest(&req.refresh_token);
+        let now = Utc::now();
+        let next = self.mint_refresh(now);
+        match self.store.refresh(&presented, &next.stored, now).await? {
+            RefreshOutcome::Rotated { user, session_id } => {
+                tracing::info!(target: "audit", event = "token_refreshed", user_id = %user.id, session_id = %session_id);
+                let tokens = self.token_pair(&user, session_id, next, now);
+                Ok(Response::new(RefreshResponse {
+                    tokens: Some(tokens),
+                }))
+            }
+            RefreshOutcome::Refused {
+                decision: RefreshDecision::RevokeForReuse,
+                user_id,
+                session_id,
+            } => {
+                tracing::warn!(target: "audit", event = "refresh_token_reuse_detected", user_id = %user_id, session_id = %session_id, "session revoked");
+                Err(AuthError::InvalidRefreshToken.into())
+            }
+            RefreshOutcome::Refused {
+                decision,
+                user_id,
+                session_id,
+            } => {
+                tracing::info!(target: "audit", event = "refresh_refused", reason = ?decision, user_id = %user_id, session_id = %session_id);
+                Err(AuthError::InvalidRefreshToken.into())
+            }
+            RefreshOutcome::Unknown => Err(AuthError::InvalidRefreshToken.into()),
+        }
     }
-    async fn logout(&self, _: Request<LogoutRequest>) -> Result<Response<LogoutResponse>, Status> {
-        Err(Status::unimplemented("Logout is not implemented yet"))
+
+    /// Revokes the token's session. Idempotent for a token of an already
+    /// revoked session (OK again); an unknown token is UNAUTHENTICATED.
+    async fn logout(
+        &self,
+        request: Request<LogoutRequest>,
+    ) -> Result<Response<LogoutResponse>, Status> {
+        let req = request.into_inner();
+        domain::validate_refresh_token(&req.refresh_token)?;
+        let presented = domain::refresh_token_digest(&req.refresh_token);
+        match self.store.logout(&presented).await? {
+            LogoutOutcome::Revoked {
+                user_id,
+                session_id,
+            } => {
+                tracing::info!(target: "audit", event = "logout", user_id = %user_id, session_id = %session_id);
+            }
+            LogoutOutcome::AlreadyRevoked { .. } => {}
+            LogoutOutcome::Unknown => return Err(AuthError::InvalidRefreshToken.into()),
+        }
+        Ok(Response::new(LogoutResponse {}))
     }
+
     async fn get_current_user(
         &self,
-        _: Request<GetCurrentUserRequest>,
+        request: Request<GetCurrentUserRequest>,
     ) -> Result<Response<GetCurrentUserResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetCurrentUser is not implemented yet",
-        ))
+        let caller = self.authenticator.authenticate(request.metadata())?;
+        let user_id = caller.user_id()?;
+        let user = self
+            .store
+            .get_user(user_id)
+            .await?
+            .ok_or(AuthError::UserGone)?;
+        Ok(Response::new(GetCurrentUserResponse {
+            user: Some(user_proto(&user)),
+        }))
     }
+
+    /// The same checks the other services make locally (signature, `exp`,
+    /// `iss`, `aud`, EdDSA only); it does not consult sessions.
     async fn verify_token(
         &self,
-        _: Request<VerifyTokenRequest>,
+        request: Request<VerifyTokenRequest>,
     ) -> Result<Response<VerifyTokenResponse>, Status> {
-        Err(Status::unimplemented("VerifyToken is not implemented yet"))
+        let req = request.into_inner();
+        domain::validate_access_token(&req.access_token)?;
+        let token = self.verifier.verify(&req.access_token)?;
+        Ok(Response::new(VerifyTokenResponse {
+            user_id: token.user_id.to_string(),
+            email: token.email,
+            expires_at: Some(to_timestamp(token.expires_at)),
+        }))
     }
 }

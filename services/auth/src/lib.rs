@@ -1,23 +1,70 @@
 //! Keel auth service: users, sessions, access and refresh tokens.
 
 pub mod config;
+pub mod domain;
+pub mod error;
 pub mod grpc;
+pub mod keys;
+pub mod store;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_proto::auth::v1::auth_service_server::AuthServiceServer;
+use keel_shared::auth::{Authenticator, SigningKeyPem, TokenSigner, TokenVerifier};
 use keel_shared::{StartupError, server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-/// Connects, migrates, and serves on `listener` until `shutdown`.
+use crate::domain::Passwords;
+use crate::store::Store;
+
+/// How often expired refresh tokens and login counters are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
+/// Loads the signing key, connects, migrates, and serves on `listener` until `shutdown`.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
+    // Cheap checks first, in the order an operator fixes them.
+    config.database.url()?;
+    let private_pem = keys::load_or_generate(&config.tokens)?;
+    let tokens = &config.tokens;
+    let key_error = |e: keel_shared::auth::KeyError| StartupError::InvalidVar {
+        var: "KEEL_JWT_PRIVATE_KEY_FILE",
+        reason: e.to_string(),
+    };
+    let signer = TokenSigner::from_private_pem(
+        &private_pem,
+        &tokens.jwt_issuer,
+        &tokens.jwt_audience,
+        tokens.access_token_ttl(),
+    )
+    .map_err(key_error)?;
+    let public_pem = SigningKeyPem::public_from_private(&private_pem).map_err(key_error)?;
+    let verifier = Arc::new(
+        TokenVerifier::from_public_pems(&[public_pem], &tokens.jwt_issuer, &tokens.jwt_audience)
+            .map_err(key_error)?,
+    );
+    let login = config.login.clone();
+    let passwords = tokio::task::spawn_blocking(move || {
+        Passwords::new(
+            login.argon2_memory_kib,
+            login.argon2_iterations,
+            login.argon2_parallelism,
+        )
+    })
+    .await
+    .map_err(|e| StartupError::Other(e.to_string()))?
+    .map_err(|reason| StartupError::InvalidVar {
+        var: "KEEL_ARGON2_MEMORY_KIB / KEEL_ARGON2_ITERATIONS / KEEL_ARGON2_PARALLELISM",
+        reason,
+    })?;
+
     let pool = keel_shared::db::connect(&config.database).await?;
     keel_shared::migrate::run(&pool).await?;
 
@@ -30,7 +77,24 @@ pub async fn run(
         async move { server::postgres_ready(&pool).await }
     });
 
-    let service = grpc::AuthApi::new(pool);
+    let store = Store::new(pool);
+    spawn_sweeper(
+        store.clone(),
+        config.login.failure_window(),
+        shutdown.clone(),
+    );
+
+    tracing::info!(kid = signer.key_id(), "access tokens signed with key");
+    let service = grpc::AuthApi {
+        store,
+        authenticator: Authenticator::new(verifier.clone(), None),
+        verifier,
+        signer,
+        passwords: Arc::new(passwords),
+        refresh_token_ttl: config.tokens.refresh_token_ttl(),
+        login_max_failures: config.login.login_max_failures,
+        login_failure_window: config.login.failure_window(),
+    };
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -42,4 +106,25 @@ pub async fn run(
     server::serve(router, listener, shutdown, config.runtime.shutdown_grace())
         .await
         .map_err(|e| StartupError::Other(e.to_string()))
+}
+
+fn spawn_sweeper(store: Store, login_window: Duration, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
+            }
+            match store.sweep(login_window).await {
+                Ok((failures, tokens)) => {
+                    tracing::debug!(
+                        failures,
+                        tokens,
+                        "swept expired login counters and refresh tokens"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "sweep failed"),
+            }
+        }
+    });
 }

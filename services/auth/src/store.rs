@@ -1,0 +1,362 @@
+//! Every SQL statement of the auth service: users, sessions, refresh tokens
+//! and the login-failure counters.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Pool, Transaction};
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use uuid::Uuid;
+
+use crate::domain::{self, RefreshDecision, RefreshTokenState};
+use crate::error::AuthError;
+
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub id: Uuid,
+    pub email: String,
+    pub display_name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl UserRow {
+    fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get("id"),
+            email: row.get("email"),
+            display_name: row.get("display_name"),
+            created_at: row.get("created_at"),
+        }
+    }
+}
+
+pub struct NewUser<'a> {
+    pub id: Uuid,
+    pub email: &'a str,
+    pub display_name: &'a str,
+    pub password_hash: &'a str,
+}
+
+/// A session's first (or next) refresh token, by hash.
+pub struct NewRefreshToken {
+    pub hash: [u8; 32],
+    pub expires_at: DateTime<Utc>,
+}
+
+pub enum RefreshOutcome {
+    Rotated {
+        user: UserRow,
+        session_id: Uuid,
+    },
+    /// Known token, refused for `decision`'s reason (reuse has revoked the session).
+    Refused {
+        decision: RefreshDecision,
+        user_id: Uuid,
+        session_id: Uuid,
+    },
+    Unknown,
+}
+
+pub enum LogoutOutcome {
+    Revoked { user_id: Uuid, session_id: Uuid },
+    AlreadyRevoked { user_id: Uuid, session_id: Uuid },
+    Unknown,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+const USER_COLUMNS: &str = "id, email, display_name, created_at";
+
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64()
+}
+
+impl Store {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    /// Inserts the user and their first session in one transaction. A second
+    /// user with the same email (in any case) is `EmailTaken`, also when two
+    /// registrations race: the unique index decides.
+    pub async fn create_user_with_session(
+        &self,
+        user: NewUser<'_>,
+        session_id: Uuid,
+        token: &NewRefreshToken,
+    ) -> Result<UserRow, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx
+            .prepare_cached(&format!(
+                "INSERT INTO users (id, email, display_name, password_hash) \
+                 VALUES ($1, $2, $3, $4) RETURNING {USER_COLUMNS}"
+            ))
+            .await?;
+        let row = tx
+            .query_one(
+                &stmt,
+                &[
+                    &user.id,
+                    &user.email,
+                    &user.display_name,
+                    &user.password_hash,
+                ],
+            )
+            .await
+            .map_err(|e| match e.code() {
+                Some(code) if *code == SqlState::UNIQUE_VIOLATION => AuthError::EmailTaken,
+                _ => e.into(),
+            })?;
+        insert_session(&tx, session_id, user.id, token).await?;
+        tx.commit().await?;
+        Ok(UserRow::from_row(&row))
+    }
+
+    /// The user with this (normalised) email and their password hash.
+    pub async fn find_user_by_email(
+        &self,
+        email: &str,
+    ) -> Result<Option<(UserRow, String)>, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(email) = lower($1)"
+            ))
+            .await?;
+        let row = client.query_opt(&stmt, &[&email]).await?;
+        Ok(row.map(|r| (UserRow::from_row(&r), r.get("password_hash"))))
+    }
+
+    pub async fn get_user(&self, id: Uuid) -> Result<Option<UserRow>, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = $1"))
+            .await?;
+        Ok(client
+            .query_opt(&stmt, &[&id])
+            .await?
+            .map(|r| UserRow::from_row(&r)))
+    }
+
+    /// Counts a login attempt for this email before its password is checked
+    /// (a success clears it again). False when `limit` attempts already
+    /// failed in the current window: the window starts at its first failure
+    /// and a new one starts once it has passed. One statement, so concurrent
+    /// attempts on any replica cannot slip past the limit.
+    pub async fn reserve_login_attempt(
+        &self,
+        email_hash: &[u8; 32],
+        limit: u32,
+        window: Duration,
+    ) -> Result<bool, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO login_failures AS f (email_hash, failures, window_started_at) \
+                 VALUES ($1, 1, now()) \
+                 ON CONFLICT (email_hash) DO UPDATE SET \
+                   failures = CASE WHEN f.window_started_at <= now() - make_interval(secs => $3) \
+                                   THEN 1 ELSE f.failures + 1 END, \
+                   window_started_at = CASE WHEN f.window_started_at <= now() - make_interval(secs => $3) \
+                                   THEN now() ELSE f.window_started_at END \
+                 WHERE f.window_started_at <= now() - make_interval(secs => $3) OR f.failures < $2 \
+                 RETURNING failures",
+            )
+            .await?;
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let row = client
+            .query_opt(&stmt, &[&email_hash.as_slice(), &limit, &secs(window)])
+            .await?;
+        Ok(row.is_some())
+    }
+
+    /// A successful login forgets this email's failures.
+    pub async fn clear_login_failures(&self, email_hash: &[u8; 32]) -> Result<(), AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("DELETE FROM login_failures WHERE email_hash = $1")
+            .await?;
+        client.execute(&stmt, &[&email_hash.as_slice()]).await?;
+        Ok(())
+    }
+
+    /// A new session (one sign-in) with its first refresh token.
+    pub async fn create_session(
+        &self,
+        session_id: Uuid,
+        user_id: Uuid,
+        token: &NewRefreshToken,
+    ) -> Result<(), AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        insert_session(&tx, session_id, user_id, token).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Rotates a refresh token in one transaction. The token and its session
+    /// are locked (`FOR UPDATE`), so of two concurrent refreshes with one
+    /// token the second sees it used: that is reuse, and revokes the session.
+    pub async fn refresh(
+        &self,
+        presented_hash: &[u8; 32],
+        next: &NewRefreshToken,
+        now: DateTime<Utc>,
+    ) -> Result<RefreshOutcome, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx
+            .prepare_cached(
+                "SELECT t.session_id, t.expires_at, t.used_at IS NOT NULL AS used, \
+                        s.revoked_at IS NOT NULL AS revoked, \
+                        u.id, u.email, u.display_name, u.created_at \
+                 FROM refresh_tokens t \
+                 JOIN sessions s ON s.id = t.session_id \
+                 JOIN users u ON u.id = s.user_id \
+                 WHERE t.token_hash = $1 \
+                 FOR UPDATE OF t, s",
+            )
+            .await?;
+        let Some(row) = tx.query_opt(&stmt, &[&presented_hash.as_slice()]).await? else {
+            return Ok(RefreshOutcome::Unknown);
+        };
+        let session_id: Uuid = row.get("session_id");
+        let user = UserRow::from_row(&row);
+        let state = RefreshTokenState {
+            used: row.get("used"),
+            session_revoked: row.get("revoked"),
+            expires_at: row.get("expires_at"),
+        };
+        let decision = domain::decide_refresh(state, now);
+        match decision {
+            RefreshDecision::Rotate => {
+                let mark = tx
+                    .prepare_cached(
+                        "UPDATE refresh_tokens SET used_at = now() WHERE token_hash = $1",
+                    )
+                    .await?;
+                tx.execute(&mark, &[&presented_hash.as_slice()]).await?;
+                insert_refresh_token(&tx, session_id, next).await?;
+                tx.commit().await?;
+                Ok(RefreshOutcome::Rotated { user, session_id })
+            }
+            RefreshDecision::RevokeForReuse => {
+                revoke_session(&tx, session_id, "reuse").await?;
+                tx.commit().await?;
+                Ok(RefreshOutcome::Refused {
+                    decision,
+                    user_id: user.id,
+                    session_id,
+                })
+            }
+            RefreshDecision::SessionRevoked | RefreshDecision::Expired => {
+                tx.rollback().await?;
+                Ok(RefreshOutcome::Refused {
+                    decision,
+                    user_id: user.id,
+                    session_id,
+                })
+            }
+        }
+    }
+
+    /// Revokes the session that this refresh token (current or already
+    /// rotated) belongs to.
+    pub async fn logout(&self, presented_hash: &[u8; 32]) -> Result<LogoutOutcome, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx
+            .prepare_cached(
+                "SELECT s.id, s.user_id, s.revoked_at IS NOT NULL AS revoked \
+                 FROM refresh_tokens t JOIN sessions s ON s.id = t.session_id \
+                 WHERE t.token_hash = $1 \
+                 FOR UPDATE OF s",
+            )
+            .await?;
+        let Some(row) = tx.query_opt(&stmt, &[&presented_hash.as_slice()]).await? else {
+            return Ok(LogoutOutcome::Unknown);
+        };
+        let (session_id, user_id): (Uuid, Uuid) = (row.get("id"), row.get("user_id"));
+        if row.get::<_, bool>("revoked") {
+            tx.rollback().await?;
+            return Ok(LogoutOutcome::AlreadyRevoked {
+                user_id,
+                session_id,
+            });
+        }
+        revoke_session(&tx, session_id, "logout").await?;
+        tx.commit().await?;
+        Ok(LogoutOutcome::Revoked {
+            user_id,
+            session_id,
+        })
+    }
+
+    /// Deletes login counters whose window has passed and refresh tokens that
+    /// have expired (an expired token is refused whether or not it is kept).
+    pub async fn sweep(&self, login_window: Duration) -> Result<(u64, u64), AuthError> {
+        let client = self.pool.get().await?;
+        let failures = client
+            .execute(
+                "DELETE FROM login_failures \
+                 WHERE window_started_at <= now() - make_interval(secs => $1)",
+                &[&secs(login_window)],
+            )
+            .await?;
+        let tokens = client
+            .execute("DELETE FROM refresh_tokens WHERE expires_at <= now()", &[])
+            .await?;
+        Ok((failures, tokens))
+    }
+}
+
+async fn insert_session(
+    tx: &Transaction<'_>,
+    session_id: Uuid,
+    user_id: Uuid,
+    token: &NewRefreshToken,
+) -> Result<(), AuthError> {
+    let stmt = tx
+        .prepare_cached("INSERT INTO sessions (id, user_id) VALUES ($1, $2)")
+        .await?;
+    tx.execute(&stmt, &[&session_id, &user_id]).await?;
+    insert_refresh_token(tx, session_id, token).await
+}
+
+async fn insert_refresh_token(
+    tx: &Transaction<'_>,
+    session_id: Uuid,
+    token: &NewRefreshToken,
+) -> Result<(), AuthError> {
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO refresh_tokens (token_hash, session_id, expires_at) VALUES ($1, $2, $3)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[&token.hash.as_slice(), &session_id, &token.expires_at],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn revoke_session(
+    tx: &Transaction<'_>,
+    session_id: Uuid,
+    reason: &str,
+) -> Result<(), AuthError> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2 \
+             WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .await?;
+    tx.execute(&stmt, &[&session_id, &reason]).await?;
+    Ok(())
+}

@@ -1,8 +1,17 @@
 //! The worker's one typed config, from flags or env.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use keel_shared::StartupError;
 use keel_shared::config::{RedisConfig, RuntimeConfig};
+
+const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
+const DEFAULT_MAX_DELIVERIES: u32 = 5;
+const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
+const DEFAULT_STREAM_MAXLEN: usize = 100_000;
+const DEFAULT_JOB_GRACE_MS: u64 = 30_000;
+const DEFAULT_TRIM_INTERVAL_MS: u64 = 30_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-worker", about = "Keel worker", version)]
@@ -13,11 +22,176 @@ pub struct Config {
     /// URL of the jobs service.
     #[arg(long, env = "KEEL_JOBS_URL", default_value = "http://127.0.0.1:50052")]
     pub jobs_url: String,
-    /// The worker credential (the jobs service's KEEL_WORKER_TOKEN).
+    /// The worker credential (the jobs service's KEEL_WORKER_TOKEN) (required).
     #[arg(long, env = "KEEL_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
+    /// Most jobs this process runs at once (default: 4 per available core).
+    #[arg(long, env = "KEEL_WORKER_CONCURRENCY")]
+    pub concurrency: Option<usize>,
+    /// This worker's consumer name in the Redis consumer group, also its
+    /// worker id for the jobs service (default: `<hostname>-<pid>-<random>`).
+    #[arg(long, env = "KEEL_WORKER_CONSUMER_NAME")]
+    pub consumer_name: Option<String>,
+    /// A message pending this long (ms) without progress is taken over from its
+    /// consumer (which is presumed dead) with XAUTOCLAIM.
+    #[arg(long, env = "KEEL_WORKER_CLAIM_IDLE_MS", default_value_t = DEFAULT_CLAIM_IDLE_MS)]
+    pub claim_idle_ms: u64,
+    /// A message delivered more than this many times is moved to the
+    /// dead-letter stream and its job failed.
+    #[arg(long, env = "KEEL_WORKER_MAX_DELIVERIES", default_value_t = DEFAULT_MAX_DELIVERIES)]
+    pub max_deliveries: u32,
+    /// How often (ms) a running job's lease is extended and its cancellation checked.
+    #[arg(long, env = "KEEL_WORKER_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS)]
+    pub heartbeat_ms: u64,
+    /// The job stream is trimmed to about this many entries (XTRIM MAXLEN ~).
+    #[arg(long, env = "KEEL_WORKER_STREAM_MAXLEN", default_value_t = DEFAULT_STREAM_MAXLEN)]
+    pub stream_maxlen: usize,
+    /// How often (ms) the job stream is trimmed.
+    #[arg(long, env = "KEEL_WORKER_TRIM_INTERVAL_MS", default_value_t = DEFAULT_TRIM_INTERVAL_MS)]
+    pub trim_interval_ms: u64,
+    /// On shutdown, how long (ms) running jobs get to finish before they are
+    /// cancelled and handed back to the jobs service for a retry.
+    #[arg(long, env = "KEEL_WORKER_JOB_GRACE_MS", default_value_t = DEFAULT_JOB_GRACE_MS)]
+    pub job_grace_ms: u64,
     #[command(flatten)]
     pub redis: RedisConfig,
     #[command(flatten)]
     pub runtime: RuntimeConfig,
+}
+
+impl Config {
+    /// A config with every default, for tests and custom worker binaries.
+    pub fn new(
+        health_addr: SocketAddr,
+        jobs_url: impl Into<String>,
+        worker_token: impl Into<String>,
+        redis: RedisConfig,
+    ) -> Self {
+        Self {
+            health_addr,
+            jobs_url: jobs_url.into(),
+            worker_token: Some(worker_token.into()),
+            concurrency: None,
+            consumer_name: None,
+            claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+            heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            stream_maxlen: DEFAULT_STREAM_MAXLEN,
+            trim_interval_ms: DEFAULT_TRIM_INTERVAL_MS,
+            job_grace_ms: DEFAULT_JOB_GRACE_MS,
+            redis,
+            runtime: RuntimeConfig::default(),
+        }
+    }
+
+    /// The worker token, or the start-up error naming the missing variable.
+    pub fn worker_token(&self) -> Result<&str, StartupError> {
+        match self.worker_token.as_deref().map(str::trim) {
+            Some(token) if !token.is_empty() => Ok(token),
+            _ => Err(StartupError::MissingVar("KEEL_WORKER_TOKEN")),
+        }
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.filter(|&n| n > 0).unwrap_or_else(|| {
+            4 * std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+
+    pub fn consumer_name(&self) -> String {
+        match self.consumer_name.as_deref().map(str::trim) {
+            Some(name) if !name.is_empty() => name.to_string(),
+            _ => default_consumer_name(),
+        }
+    }
+
+    pub fn claim_idle(&self) -> Duration {
+        Duration::from_millis(self.claim_idle_ms.max(1))
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(1))
+    }
+
+    pub fn trim_interval(&self) -> Duration {
+        Duration::from_millis(self.trim_interval_ms.max(1))
+    }
+
+    pub fn job_grace(&self) -> Duration {
+        Duration::from_millis(self.job_grace_ms)
+    }
+
+    /// Checks what can be checked without a network: every bad value at once.
+    pub fn validate(&self) -> Result<(), StartupError> {
+        self.worker_token()?;
+        if self.max_deliveries == 0 {
+            return Err(StartupError::InvalidVar {
+                var: "KEEL_WORKER_MAX_DELIVERIES",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.stream_maxlen == 0 {
+            return Err(StartupError::InvalidVar {
+                var: "KEEL_WORKER_STREAM_MAXLEN",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `<hostname>-<pid>-<8 hex digits>`: unique per process, readable in XINFO.
+fn default_consumer_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &random[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "http://127.0.0.1:50052",
+            "t",
+            RedisConfig::new("redis://127.0.0.1:6379", "keel"),
+        )
+    }
+
+    #[test]
+    fn missing_or_blank_token_names_the_variable() {
+        let mut c = config();
+        c.worker_token = Some("  ".into());
+        assert!(matches!(
+            c.validate(),
+            Err(StartupError::MissingVar("KEEL_WORKER_TOKEN"))
+        ));
+        c.worker_token = None;
+        assert!(matches!(
+            c.validate(),
+            Err(StartupError::MissingVar("KEEL_WORKER_TOKEN"))
+        ));
+    }
+
+    #[test]
+    fn defaults_are_sensible() {
+        let c = config();
+        assert!(c.validate().is_ok());
+        assert!(c.concurrency() >= 4);
+        assert_eq!(c.claim_idle(), Duration::from_secs(30));
+        let a = c.consumer_name();
+        let b = c.consumer_name();
+        assert_ne!(a, b, "each default consumer name is unique");
+        assert!(a.contains(&format!("-{}-", std::process::id())));
+    }
 }

@@ -1,8 +1,48 @@
 //! Keel worker: reads jobs from the Redis stream, runs their handlers, and
 //! records each transition with the jobs service.
+//!
+//! The `keel-worker` binary runs the built-in kinds (`echo`, `sleep`,
+//! `fail`). A team with its own kinds builds its own binary on this crate:
+//! register handlers in a [`Registry`] and call [`run_with`].
+//!
+//! ```no_run
+//! use clap::Parser;
+//! use keel_worker::{Config, HandlerError, JobContext, Registry};
+//! use serde_json::json;
+//!
+//! #[tokio::main]
+//! async fn main() {
+//!     let config = Config::parse(); // the same flags and KEEL_* variables as keel-worker
+//!     let registry = Registry::with_builtins().register_fn("greet", |ctx: JobContext| async move {
+//!         let name = ctx.payload["name"]
+//!             .as_str()
+//!             .ok_or_else(|| HandlerError::Permanent("payload.name: required".into()))?;
+//!         Ok(json!({ "greeting": format!("hello, {name}") }))
+//!     });
+//!     let listener = keel_shared::server::bind(config.health_addr).await.unwrap();
+//!     let shutdown = keel_shared::shutdown::on_signal();
+//!     keel_worker::run_with(config, registry, listener, shutdown).await.unwrap();
+//! }
+//! ```
+//!
+//! How a message is handled: StartJob (refused -> acknowledged and skipped),
+//! the handler in a task of its own with heartbeats every heartbeat interval
+//! (cancellation requested -> the handler's token is cancelled and the job
+//! ends CANCELLED), then CompleteJob or FailJob (retryable or not, as the
+//! handler says; a panic is a retryable failure), then XACK. Messages left
+//! pending by a dead worker are taken over with XAUTOCLAIM after the claim
+//! idle time; one delivered more than the maximum is dead-lettered and its job
+//! failed. On shutdown the worker stops reading, gives running jobs the grace
+//! period, then cancels them and fails them back as retryable.
 
+pub mod client;
 pub mod config;
+mod consumer;
+pub mod handler;
+mod runner;
+pub mod stream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_shared::{StartupError, server};
@@ -10,26 +50,77 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
+pub use handler::{FnHandler, Handler, HandlerError, JobContext, Registry};
 
-/// Serves health on `listener` and runs jobs until `shutdown`.
+/// How long one XREADGROUP waits for new messages (and so, at most, how long
+/// shutdown waits for the reader).
+const READ_BLOCK: Duration = Duration::from_secs(1);
+
+/// Serves health on `listener` and runs jobs of the built-in kinds until
+/// `shutdown`, then drains.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
+    run_with(config, Registry::with_builtins(), listener, shutdown).await
+}
+
+/// Serves health on `listener` and runs jobs with the handlers of `registry`
+/// until `shutdown`, then drains. Fails only on bad configuration: Redis and
+/// the jobs service may come and go.
+pub async fn run_with(
+    config: Config,
+    registry: Registry,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), StartupError> {
+    config.validate()?;
+    let client = client::connect(&config.jobs_url, config.worker_token()?)?;
+    let jobs_addr = client::authority(&config.jobs_url)?;
     let redis = keel_shared::redis::pool(&config.redis)?;
+    let stream = stream::JobStream::new(
+        redis.clone(),
+        &config.redis,
+        config.consumer_name(),
+        READ_BLOCK,
+    )
+    .map_err(|e| StartupError::InvalidVar {
+        var: "REDIS_URL",
+        reason: e.to_string(),
+    })?;
+
     let (health, health_service) = server::health(&[]).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection(&[]);
     health.watch(Duration::from_secs(2), shutdown.clone(), move || {
         let redis = redis.clone();
-        async move { keel_shared::redis::ping(&redis).await }
+        let jobs_addr = jobs_addr.clone();
+        async move { keel_shared::redis::ping(&redis).await && server::probe(&jobs_addr).await }
     });
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
+
+    let shared = Arc::new(consumer::Shared::new(
+        stream,
+        client,
+        registry,
+        config.heartbeat_interval(),
+        shutdown.clone(),
+    ));
+    let settings = consumer::Settings {
+        concurrency: config.concurrency(),
+        claim_idle: config.claim_idle(),
+        max_deliveries: u64::from(config.max_deliveries),
+        stream_maxlen: config.stream_maxlen,
+        trim_interval: config.trim_interval(),
+        job_grace: config.job_grace(),
+    };
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-worker health serving");
-    server::serve(router, listener, shutdown, config.runtime.shutdown_grace())
-        .await
-        .map_err(|e| StartupError::Other(e.to_string()))
+    let (served, ()) = tokio::join!(
+        server::serve(router, listener, shutdown, config.runtime.shutdown_grace()),
+        consumer::run(shared, settings),
+    );
+    served.map_err(|e| StartupError::Other(e.to_string()))
 }

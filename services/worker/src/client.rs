@@ -1,0 +1,140 @@
+//! The jobs service client: `JobRunnerService` with the worker credential on
+//! every call, and the classification of its answers.
+
+use std::time::Duration;
+
+use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
+use keel_shared::StartupError;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+pub type JobsClient = JobRunnerServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer <worker token>` to every request.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<Ascii>);
+
+impl Bearer {
+    pub fn new(token: &str) -> Result<Self, StartupError> {
+        let mut value: MetadataValue<Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| StartupError::InvalidVar {
+                    var: "KEEL_WORKER_TOKEN",
+                    reason: "must be visible ASCII".into(),
+                })?;
+        value.set_sensitive(true);
+        Ok(Self(value))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A client that connects on first use (and reconnects after outages), so
+/// the worker starts whether or not the jobs service is up.
+pub fn connect(jobs_url: &str, token: &str) -> Result<JobsClient, StartupError> {
+    let endpoint = Endpoint::from_shared(jobs_url.to_string())
+        .map_err(|e| StartupError::InvalidVar {
+            var: "KEEL_JOBS_URL",
+            reason: e.to_string(),
+        })?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true);
+    let channel = endpoint.connect_lazy();
+    Ok(JobRunnerServiceClient::with_interceptor(
+        channel,
+        Bearer::new(token)?,
+    ))
+}
+
+/// `host:port` of the jobs service, for its health probe.
+pub fn authority(jobs_url: &str) -> Result<String, StartupError> {
+    let uri: tonic::codegen::http::Uri =
+        jobs_url.parse().map_err(|e| StartupError::InvalidVar {
+            var: "KEEL_JOBS_URL",
+            reason: format!("{e}"),
+        })?;
+    uri.authority()
+        .map(|a| a.to_string())
+        .ok_or(StartupError::InvalidVar {
+            var: "KEEL_JOBS_URL",
+            reason: "needs a host, e.g. http://127.0.0.1:50052".into(),
+        })
+}
+
+/// How the worker treats an error answer from the jobs service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// The transition does not apply (finished, running elsewhere, cancelled,
+    /// not due, unknown job): nothing to retry.
+    Refused,
+    /// The request itself was rejected (e.g. an output too large).
+    Rejected,
+    /// Outage, overload or misconfiguration: try again later.
+    Transient,
+}
+
+pub fn classify(status: &Status) -> Answer {
+    match status.code() {
+        Code::FailedPrecondition | Code::NotFound => Answer::Refused,
+        Code::InvalidArgument | Code::OutOfRange => Answer::Rejected,
+        _ => Answer::Transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_answers() {
+        assert_eq!(
+            classify(&Status::failed_precondition("x")),
+            Answer::Refused
+        );
+        assert_eq!(classify(&Status::not_found("x")), Answer::Refused);
+        assert_eq!(classify(&Status::invalid_argument("x")), Answer::Rejected);
+        for s in [
+            Status::unavailable("x"),
+            Status::deadline_exceeded("x"),
+            Status::internal("x"),
+            Status::permission_denied("x"),
+            Status::unknown("x"),
+        ] {
+            assert_eq!(classify(&s), Answer::Transient, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn authority_of_urls() {
+        assert_eq!(
+            authority("http://127.0.0.1:50052").unwrap(),
+            "127.0.0.1:50052"
+        );
+        assert_eq!(authority("http://jobs:50052/").unwrap(), "jobs:50052");
+        assert!(authority("not a url").is_err());
+    }
+
+    #[test]
+    fn bearer_is_sensitive() {
+        let mut b = Bearer::new("secret").unwrap();
+        let req = b.call(Request::new(())).unwrap();
+        let v = req.metadata().get("authorization").unwrap();
+        assert!(v.is_sensitive());
+        assert_eq!(v.to_str().unwrap(), "Bearer secret");
+        assert!(Bearer::new("bad\ntoken").is_err());
+    }
+}

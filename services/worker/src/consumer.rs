@@ -1,0 +1,369 @@
+//! The consumer: reads new messages, takes over those of dead consumers,
+//! keeps its own pending messages fresh, trims the stream, runs each message
+//! in a task of its own under the concurrency limit, and drains on shutdown.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::JobsClient;
+use crate::handler::Registry;
+use crate::runner::backoff;
+use crate::stream::{JobStream, Message, StreamError};
+
+/// Most messages asked for in one read or claim.
+const BATCH: usize = 32;
+/// Once the grace period is over and handlers are cancelled, how long the
+/// worker keeps trying to record their outcome before it leaves them to the
+/// jobs service's lease expiry.
+const REPORT_WINDOW: Duration = Duration::from_secs(10);
+
+/// What every task of the worker shares.
+pub(crate) struct Shared {
+    pub stream: JobStream,
+    pub client: JobsClient,
+    pub registry: Registry,
+    /// Our consumer name, also our worker id for the jobs service.
+    pub worker_id: String,
+    pub heartbeat_interval: Duration,
+    /// Stop reading; no retries of StartJob.
+    pub shutdown: CancellationToken,
+    /// The grace period is over: cancel running handlers.
+    pub hard_stop: CancellationToken,
+    /// Stop retrying to record outcomes.
+    pub abandon: CancellationToken,
+    /// Ids of the messages this worker is working on.
+    in_flight: Mutex<HashSet<String>>,
+}
+
+/// Tunables of the consumer loops.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub concurrency: usize,
+    pub claim_idle: Duration,
+    pub max_deliveries: u64,
+    pub stream_maxlen: usize,
+    pub trim_interval: Duration,
+    pub job_grace: Duration,
+}
+
+impl Shared {
+    pub fn new(
+        stream: JobStream,
+        client: JobsClient,
+        registry: Registry,
+        heartbeat_interval: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            worker_id: stream.consumer().to_string(),
+            stream,
+            client,
+            registry,
+            heartbeat_interval,
+            shutdown,
+            hard_stop: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn in_flight_ids(&self) -> Vec<String> {
+        self.in_flight
+            .lock()
+            .expect("in-flight set")
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Runs the consumer until `shared.shutdown`, then drains.
+pub(crate) async fn run(shared: Arc<Shared>, settings: Settings) {
+    tracing::info!(
+        consumer = %shared.worker_id,
+        concurrency = settings.concurrency,
+        "worker consuming"
+    );
+    let shutdown = shared.shutdown.clone();
+    let mut failures = 0;
+    while let Err(e) = shared.stream.ensure_group().await {
+        tracing::warn!(error = %e, "cannot create the consumer group yet; retrying");
+        if !pause(&shutdown, backoff(failures)).await {
+            return;
+        }
+        failures += 1;
+    }
+
+    let jobs = Jobs {
+        shared: shared.clone(),
+        tracker: TaskTracker::new(),
+        permits: Arc::new(Semaphore::new(settings.concurrency.max(1))),
+    };
+    let done = CancellationToken::new();
+    let keepalive = tokio::spawn(keepalive_loop(
+        shared.clone(),
+        touch_interval(settings.claim_idle, shared.heartbeat_interval),
+        done.clone(),
+    ));
+    let trim = tokio::spawn(trim_loop(
+        shared.clone(),
+        settings.stream_maxlen,
+        settings.trim_interval,
+        done.clone(),
+    ));
+    tokio::join!(read_loop(&jobs), claim_loop(&jobs, &settings));
+
+    jobs.tracker.close();
+    let running = jobs.tracker.len();
+    if running > 0 {
+        tracing::info!(
+            running,
+            grace = ?settings.job_grace,
+            "shutting down: letting running jobs finish"
+        );
+    }
+    if tokio::time::timeout(settings.job_grace, jobs.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = jobs.tracker.len(),
+            "grace period over: cancelling running jobs and handing them back"
+        );
+        shared.hard_stop.cancel();
+        if tokio::time::timeout(REPORT_WINDOW, jobs.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("could not record every outcome; lease expiry will recover those jobs");
+            shared.abandon.cancel();
+            jobs.tracker.wait().await;
+        }
+    }
+    done.cancel();
+    let _ = tokio::join!(keepalive, trim);
+    tracing::info!("worker stopped");
+}
+
+/// Sleeps for `d` unless `token` is cancelled first; false when it was.
+async fn pause(token: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = token.cancelled() => false,
+    }
+}
+
+/// Touch our messages often enough that they never look idle to others.
+fn touch_interval(claim_idle: Duration, heartbeat: Duration) -> Duration {
+    (claim_idle / 3)
+        .min(heartbeat)
+        .clamp(Duration::from_millis(10), Duration::from_secs(10))
+}
+
+/// How often to look for messages of dead consumers.
+fn claim_interval(claim_idle: Duration) -> Duration {
+    (claim_idle / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+struct Jobs {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    permits: Arc<Semaphore>,
+}
+
+enum Work {
+    Run,
+    DeadLetter { deliveries: u64 },
+}
+
+impl Jobs {
+    /// Waits for one free slot, then takes as many more as are free (up to BATCH).
+    async fn slots(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = tokio::select! {
+            p = self.permits.clone().acquire_owned() => p.ok()?,
+            _ = self.shared.shutdown.cancelled() => return None,
+        };
+        let mut slots = vec![first];
+        while slots.len() < BATCH {
+            match self.permits.clone().try_acquire_owned() {
+                Ok(p) => slots.push(p),
+                Err(_) => break,
+            }
+        }
+        Some(slots)
+    }
+
+    /// Runs `message` in a task of its own holding `permit`. False when this
+    /// worker is already working on that message.
+    fn spawn(&self, message: Message, work: Work, permit: OwnedSemaphorePermit) -> bool {
+        if !self
+            .shared
+            .in_flight
+            .lock()
+            .expect("in-flight set")
+            .insert(message.id.clone())
+        {
+            return false;
+        }
+        let shared = self.shared.clone();
+        self.tracker.spawn(async move {
+            let _permit = permit;
+            let id = message.id.clone();
+            match work {
+                Work::Run => shared.process(message).await,
+                Work::DeadLetter { deliveries } => shared.dead_letter(message, deliveries).await,
+            }
+            shared.in_flight.lock().expect("in-flight set").remove(&id);
+        });
+        true
+    }
+}
+
+/// XREADGROUP new messages whenever a slot is free, until shutdown.
+async fn read_loop(jobs: &Jobs) {
+    let shared = &jobs.shared;
+    let mut reader = None;
+    let mut failures = 0;
+    while let Some(mut slots) = jobs.slots().await {
+        if reader.is_none() {
+            match shared.stream.reader().await {
+                Ok(conn) => reader = Some(conn),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot connect to Redis; retrying");
+                    failures += 1;
+                    if !pause(&shared.shutdown, backoff(failures)).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let conn = reader.as_mut().expect("connected above");
+        match shared.stream.read(conn, slots.len()).await {
+            Ok(messages) => {
+                failures = 0;
+                for message in messages {
+                    let permit = slots.pop().expect("no more messages than slots");
+                    jobs.spawn(message, Work::Run, permit);
+                }
+            }
+            Err(StreamError::NoGroup) => {
+                tracing::warn!("the consumer group is gone (Redis restarted?): creating it again");
+                if let Err(e) = shared.stream.ensure_group().await {
+                    tracing::warn!(error = %e, "cannot create the consumer group");
+                }
+                failures += 1;
+                if !pause(&shared.shutdown, backoff(failures)).await {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the job stream failed; retrying");
+                reader = None;
+                failures += 1;
+                if !pause(&shared.shutdown, backoff(failures)).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Takes over messages idle longer than the claim idle time (their consumer
+/// died, or could not reach the jobs service), dead-lettering those delivered
+/// too often.
+async fn claim_loop(jobs: &Jobs, settings: &Settings) {
+    let shared = &jobs.shared;
+    let every = claim_interval(settings.claim_idle);
+    while pause(&shared.shutdown, every).await {
+        let mut cursor = "0-0".to_string();
+        loop {
+            let mut slots = Vec::new();
+            while slots.len() < BATCH {
+                match jobs.permits.clone().try_acquire_owned() {
+                    Ok(p) => slots.push(p),
+                    Err(_) => break,
+                }
+            }
+            if slots.is_empty() {
+                break;
+            }
+            match shared
+                .stream
+                .autoclaim(settings.claim_idle, &cursor, slots.len())
+                .await
+            {
+                Ok((claimed, next)) => {
+                    for (message, deliveries) in claimed {
+                        let Some(permit) = slots.pop() else { break };
+                        tracing::info!(message_id = %message.id, job_id = ?message.job_id, deliveries, "took over an idle message");
+                        let work = if deliveries > settings.max_deliveries {
+                            Work::DeadLetter { deliveries }
+                        } else {
+                            Work::Run
+                        };
+                        jobs.spawn(message, work, permit);
+                    }
+                    if next == "0-0" {
+                        break;
+                    }
+                    cursor = next;
+                }
+                Err(StreamError::NoGroup) => {
+                    if let Err(e) = shared.stream.ensure_group().await {
+                        tracing::warn!(error = %e, "cannot create the consumer group");
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "XAUTOCLAIM failed; trying again later");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Resets the idle time of the messages we are working on, until `done`.
+async fn keepalive_loop(shared: Arc<Shared>, every: Duration, done: CancellationToken) {
+    while pause(&done, every).await {
+        let ids = shared.in_flight_ids();
+        if let Err(e) = shared.stream.touch(&ids).await {
+            tracing::warn!(error = %e, "cannot refresh our pending messages");
+        }
+    }
+}
+
+/// XTRIM MAXLEN ~ every `every`, until `done`.
+async fn trim_loop(shared: Arc<Shared>, maxlen: usize, every: Duration, done: CancellationToken) {
+    while pause(&done, every).await {
+        match shared.stream.trim(maxlen).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(trimmed = n, "trimmed the job stream"),
+            Err(e) => tracing::warn!(error = %e, "cannot trim the job stream"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_follow_the_claim_idle_time() {
+        let s = Duration::from_secs;
+        assert_eq!(touch_interval(s(30), s(10)), s(10));
+        assert_eq!(touch_interval(s(3), s(10)), s(1));
+        assert_eq!(
+            touch_interval(Duration::from_millis(3), s(10)),
+            Duration::from_millis(10)
+        );
+        assert_eq!(claim_interval(s(30)), s(5));
+        assert_eq!(claim_interval(s(1)), Duration::from_millis(500));
+    }
+}

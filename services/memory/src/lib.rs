@@ -1,7 +1,10 @@
 //! Keel memory service: per-user keyed memories, search and a workspace aggregate.
 
 pub mod config;
+pub mod domain;
+pub mod error;
 pub mod grpc;
+pub mod store;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +39,11 @@ pub async fn run(
 
     let authenticator = Authenticator::new(verifier, None);
     let service = InterceptedService::new(
-        MemoryServiceServer::new(grpc::MemoryApi::new(pool))
-            .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+        MemoryServiceServer::new(grpc::MemoryApi::new(
+            store::Store::new(pool),
+            config.limits.clone(),
+        ))
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
         authenticator,
     );
     let router = server::builder()

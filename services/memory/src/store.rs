@@ -1,0 +1,363 @@
+//! Every SQL statement of the memory service. Each write is one statement, so
+//! a conditional write is decided atomically by the row it touches.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Client, Pool};
+use keel_shared::ApiError;
+use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
+use uuid::Uuid;
+
+use crate::domain::{NewMemory, RECENT_MEMORIES};
+use crate::error::MemoryError;
+
+macro_rules! memory_cols {
+    () => {
+        "key, content, tags, metadata, version, created_at, updated_at"
+    };
+}
+
+/// Upsert. A new memory gets version 1 and created_at = updated_at; an update
+/// bumps the version. `clock_timestamp()` in the update is read after the row
+/// lock is taken, so updated_at never goes backwards under concurrent writers.
+const PUT_UNCONDITIONAL: &str = concat!(
+    "INSERT INTO memories AS m (user_id, key, content, tags, metadata, created_at, updated_at) \
+     SELECT $1, $2, $3, $4, $5, now.t, now.t FROM (SELECT clock_timestamp() AS t) AS now \
+     ON CONFLICT (user_id, key) DO UPDATE \
+        SET content = EXCLUDED.content, tags = EXCLUDED.tags, metadata = EXCLUDED.metadata, \
+            version = m.version + 1, updated_at = clock_timestamp() \
+     RETURNING ",
+    memory_cols!()
+);
+
+/// Update only if the stored version is the expected one. Concurrent callers
+/// with the same expectation queue on the row lock; after the first commits,
+/// the others re-check `version` against the new row and match nothing.
+const PUT_CONDITIONAL: &str = concat!(
+    "UPDATE memories AS m \
+        SET content = $3, tags = $4, metadata = $5, version = m.version + 1, \
+            updated_at = clock_timestamp() \
+      WHERE user_id = $1 AND key = $2 AND version = $6 \
+     RETURNING ",
+    memory_cols!()
+);
+
+const GET: &str = concat!(
+    "SELECT ",
+    memory_cols!(),
+    " FROM memories WHERE user_id = $1 AND key = $2"
+);
+
+const CURRENT_VERSION: &str = "SELECT version FROM memories WHERE user_id = $1 AND key = $2";
+
+const DELETE: &str = "DELETE FROM memories \
+     WHERE user_id = $1 AND key = $2 AND ($3 = 0 OR version = $3) \
+     RETURNING version";
+
+/// One page in key order: after the cursor, inside the prefix range (the
+/// primary key (user_id, key) in byte order serves all three bounds).
+const LIST: &str = concat!(
+    "SELECT ",
+    memory_cols!(),
+    " FROM memories \
+     WHERE user_id = $1 AND key > $2 AND key >= $3 AND key < $4 \
+     ORDER BY key LIMIT $5"
+);
+
+const LIST_TAGGED: &str = concat!(
+    "SELECT ",
+    memory_cols!(),
+    " FROM memories \
+     WHERE user_id = $1 AND key > $2 AND key >= $3 AND key < $4 AND tags @> ARRAY[$6::text] \
+     ORDER BY key LIMIT $5"
+);
+
+/// Whether a query can drive a search: it has lexemes left after stop words,
+/// and it does not match an empty document (a query made only of exclusions,
+/// or `x OR -y`, would match nearly every memory).
+const QUERY_IS_SELECTIVE: &str = "SELECT numnode(q) > 0 AND NOT (''::tsvector @@ q) AS selective \
+     FROM websearch_to_tsquery('english'::regconfig, $1) AS q";
+
+/// ts_rank (not ts_rank_cd) so repeats of a word in content saturate: one
+/// key or tag hit (weight A) always outranks content-only hits (weight C).
+const SEARCH: &str = concat!(
+    "SELECT ",
+    memory_cols!(),
+    ", ts_rank(search, q) AS score \
+     FROM memories, websearch_to_tsquery('english'::regconfig, $2) AS q \
+     WHERE user_id = $1 AND search @@ q \
+     ORDER BY score DESC, key LIMIT $3"
+);
+
+/// The whole workspace in one statement. Each row is one recent memory
+/// (newest first) carrying the totals; the tag counts ride on the first row
+/// only. With no memories there is one row and the memory columns are NULL.
+const WORKSPACE: &str = "WITH totals AS ( \
+         SELECT count(*) AS memory_count, \
+                coalesce(sum(content_bytes), 0)::bigint AS total_content_bytes, \
+                max(updated_at) AS last_updated_at \
+         FROM memories WHERE user_id = $1 \
+     ), tag_totals AS ( \
+         SELECT coalesce(array_agg(tag ORDER BY tag), '{}') AS tag_names, \
+                coalesce(array_agg(n ORDER BY tag), '{}') AS tag_counts \
+         FROM (SELECT t.tag, count(*) AS n \
+               FROM memories AS m CROSS JOIN LATERAL unnest(m.tags) AS t(tag) \
+               WHERE m.user_id = $1 GROUP BY t.tag) AS per_tag \
+     ), recent AS ( \
+         SELECT key, content, tags, metadata, version, created_at, updated_at, \
+                row_number() OVER (ORDER BY updated_at DESC, key) AS position \
+         FROM (SELECT key, content, tags, metadata, version, created_at, updated_at \
+               FROM memories WHERE user_id = $1 \
+               ORDER BY updated_at DESC, key LIMIT $2) AS newest \
+     ) \
+     SELECT totals.memory_count, totals.total_content_bytes, totals.last_updated_at, \
+            CASE WHEN coalesce(r.position, 1) = 1 THEN tag_totals.tag_names END AS tag_names, \
+            CASE WHEN coalesce(r.position, 1) = 1 THEN tag_totals.tag_counts END AS tag_counts, \
+            r.key, r.content, r.tags, r.metadata, r.version, r.created_at, r.updated_at \
+     FROM totals CROSS JOIN tag_totals LEFT JOIN recent AS r ON true \
+     ORDER BY r.position";
+
+/// A memory as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryRow {
+    pub key: String,
+    pub content: String,
+    pub tags: Vec<String>,
+    pub metadata: serde_json::Value,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<&Row> for MemoryRow {
+    type Error = MemoryError;
+
+    fn try_from(row: &Row) -> Result<Self, MemoryError> {
+        Ok(Self {
+            key: row.try_get("key")?,
+            content: row.try_get("content")?,
+            tags: row.try_get("tags")?,
+            metadata: row.try_get("metadata")?,
+            version: row.try_get("version")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+        })
+    }
+}
+
+/// The caller's aggregate figures.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Workspace {
+    pub memory_count: i64,
+    pub total_content_bytes: i64,
+    pub tag_counts: BTreeMap<String, i64>,
+    pub last_updated_at: Option<DateTime<Utc>>,
+    /// Newest update first.
+    pub recent: Vec<MemoryRow>,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    async fn client(&self) -> Result<Client, MemoryError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Creates or updates; true when this call created the memory.
+    pub async fn put(
+        &self,
+        user_id: Uuid,
+        memory: &NewMemory,
+    ) -> Result<(MemoryRow, bool), MemoryError> {
+        let client = self.client().await?;
+        let row = if memory.expected_version == 0 {
+            let stmt = client.prepare_cached(PUT_UNCONDITIONAL).await?;
+            let row = client
+                .query_one(
+                    &stmt,
+                    &[
+                        &user_id,
+                        &memory.key,
+                        &memory.content,
+                        &memory.tags,
+                        &memory.metadata,
+                    ],
+                )
+                .await
+                .map_err(write_error)?;
+            Some(row)
+        } else {
+            let stmt = client.prepare_cached(PUT_CONDITIONAL).await?;
+            client
+                .query_opt(
+                    &stmt,
+                    &[
+                        &user_id,
+                        &memory.key,
+                        &memory.content,
+                        &memory.tags,
+                        &memory.metadata,
+                        &memory.expected_version,
+                    ],
+                )
+                .await
+                .map_err(write_error)?
+        };
+        match row {
+            Some(row) => {
+                let memory = MemoryRow::try_from(&row)?;
+                // Versions start at 1 and only grow, so version 1 means this call inserted it.
+                let created = memory.version == 1;
+                Ok((memory, created))
+            }
+            None => Err(MemoryError::VersionMismatch {
+                expected: memory.expected_version,
+                current: current_version(&client, user_id, &memory.key).await?,
+            }),
+        }
+    }
+
+    pub async fn get(&self, user_id: Uuid, key: &str) -> Result<MemoryRow, MemoryError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(GET).await?;
+        let row = client
+            .query_opt(&stmt, &[&user_id, &key])
+            .await?
+            .ok_or(MemoryError::NotFound)?;
+        MemoryRow::try_from(&row)
+    }
+
+    /// Deletes, unconditionally when `expected_version` is 0.
+    pub async fn delete(
+        &self,
+        user_id: Uuid,
+        key: &str,
+        expected_version: i64,
+    ) -> Result<(), MemoryError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(DELETE).await?;
+        if client
+            .query_opt(&stmt, &[&user_id, &key, &expected_version])
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        match current_version(&client, user_id, key).await? {
+            Some(current) if expected_version != 0 => Err(MemoryError::VersionMismatch {
+                expected: expected_version,
+                current: Some(current),
+            }),
+            // Gone (or deleted by someone else meanwhile): absent now.
+            _ => Err(MemoryError::NotFound),
+        }
+    }
+
+    /// Up to `limit` memories in key order, after `after` (exclusive), with
+    /// keys in `[lower, upper)`, carrying `tag` when given.
+    pub async fn list(
+        &self,
+        user_id: Uuid,
+        after: &str,
+        (lower, upper): (&str, &str),
+        tag: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<MemoryRow>, MemoryError> {
+        let client = self.client().await?;
+        let rows = match tag {
+            None => {
+                let stmt = client.prepare_cached(LIST).await?;
+                client
+                    .query(&stmt, &[&user_id, &after, &lower, &upper, &limit])
+                    .await?
+            }
+            Some(tag) => {
+                let stmt = client.prepare_cached(LIST_TAGGED).await?;
+                client
+                    .query(&stmt, &[&user_id, &after, &lower, &upper, &limit, &tag])
+                    .await?
+            }
+        };
+        rows.iter().map(MemoryRow::try_from).collect()
+    }
+
+    /// Best matches first, or None when the query has nothing selective to
+    /// search for (only stop words, symbols or exclusions).
+    pub async fn search(
+        &self,
+        user_id: Uuid,
+        query: &str,
+        limit: i64,
+    ) -> Result<Option<Vec<(MemoryRow, f32)>>, MemoryError> {
+        let client = self.client().await?;
+        let check = client.prepare_cached(QUERY_IS_SELECTIVE).await?;
+        let selective: bool = client.query_one(&check, &[&query]).await?.try_get(0)?;
+        if !selective {
+            return Ok(None);
+        }
+        let stmt = client.prepare_cached(SEARCH).await?;
+        let rows = client.query(&stmt, &[&user_id, &query, &limit]).await?;
+        rows.iter()
+            .map(|row| Ok((MemoryRow::try_from(row)?, row.try_get("score")?)))
+            .collect::<Result<_, MemoryError>>()
+            .map(Some)
+    }
+
+    pub async fn workspace(&self, user_id: Uuid) -> Result<Workspace, MemoryError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(WORKSPACE).await?;
+        let rows = client.query(&stmt, &[&user_id, &RECENT_MEMORIES]).await?;
+        let mut workspace = Workspace::default();
+        for (i, row) in rows.iter().enumerate() {
+            if i == 0 {
+                workspace.memory_count = row.try_get("memory_count")?;
+                workspace.total_content_bytes = row.try_get("total_content_bytes")?;
+                workspace.last_updated_at = row.try_get("last_updated_at")?;
+                let names: Vec<String> = row.try_get("tag_names")?;
+                let counts: Vec<i64> = row.try_get("tag_counts")?;
+                workspace.tag_counts = names.into_iter().zip(counts).collect();
+            }
+            if row.try_get::<_, Option<String>>("key")?.is_some() {
+                workspace.recent.push(MemoryRow::try_from(row)?);
+            }
+        }
+        Ok(workspace)
+    }
+}
+
+async fn current_version(
+    client: &Client,
+    user_id: Uuid,
+    key: &str,
+) -> Result<Option<i64>, MemoryError> {
+    let stmt = client.prepare_cached(CURRENT_VERSION).await?;
+    Ok(client
+        .query_opt(&stmt, &[&user_id, &key])
+        .await?
+        .map(|row| row.try_get(0))
+        .transpose()?)
+}
+
+/// Write errors with a meaning for the caller; the rest go through the shared mapping.
+fn write_error(e: tokio_postgres::Error) -> MemoryError {
+    match e.code() {
+        // The token's user no longer exists.
+        Some(code) if *code == SqlState::FOREIGN_KEY_VIOLATION => MemoryError::Api(
+            ApiError::Unauthenticated("the token's user no longer exists".into()),
+        ),
+        // Only reachable with limits raised far above the defaults: a tsvector holds at most 1 MB.
+        Some(code) if *code == SqlState::PROGRAM_LIMIT_EXCEEDED => {
+            MemoryError::invalid("content", "too large to index for search")
+        }
+        _ => e.into(),
+    }
+}

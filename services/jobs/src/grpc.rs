@@ -1,30 +1,89 @@
-//! gRPC handlers for `keel.jobs.v1.JobsService` and `JobRunnerService`.
+//! gRPC handlers for `keel.jobs.v1.JobsService` and `JobRunnerService`:
+//! decode, authorize, call the service, encode.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
-use deadpool_postgres::Pool;
 use futures::Stream;
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerService;
 use keel_proto::jobs::v1::jobs_service_server::JobsService;
 use keel_proto::jobs::v1::*;
-use keel_shared::config::RedisConfig;
+use keel_shared::auth::Caller;
+use keel_shared::json::json_to_struct;
+use keel_shared::paging;
+use keel_shared::time::{opt_timestamp, to_timestamp};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-#[allow(dead_code)]
+use crate::domain::{self, Status as JobState};
+use crate::error::JobsError;
+use crate::service::Jobs;
+use crate::store::JobRow;
+
 pub struct JobsApi {
-    pool: Pool,
-    redis: deadpool_redis::Pool,
-    redis_config: RedisConfig,
+    jobs: Arc<Jobs>,
+    /// For WatchJob's dedicated pub/sub connections (None: WatchJob polls).
+    pubsub: Option<redis::Client>,
+    shutdown: CancellationToken,
 }
 
 impl JobsApi {
-    pub fn new(pool: Pool, redis: deadpool_redis::Pool, redis_config: RedisConfig) -> Self {
+    pub fn new(
+        jobs: Arc<Jobs>,
+        pubsub: Option<redis::Client>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
-            pool,
-            redis,
-            redis_config,
+            jobs,
+            pubsub,
+            shutdown,
         }
     }
+}
+
+pub fn job_to_proto(j: &JobRow) -> Job {
+    Job {
+        id: j.id.to_string(),
+        user_id: j.user_id.to_string(),
+        kind: j.kind.clone(),
+        payload: Some(json_to_struct(&j.payload)),
+        status: j.status.to_proto() as i32,
+        priority: j.priority,
+        attempt: j.attempt,
+        max_attempts: j.max_attempts,
+        output: j.output.as_ref().map(json_to_struct),
+        error: j.error.clone(),
+        run_at: Some(to_timestamp(j.run_at)),
+        created_at: Some(to_timestamp(j.created_at)),
+        updated_at: Some(to_timestamp(j.updated_at)),
+        started_at: opt_timestamp(j.started_at),
+        finished_at: opt_timestamp(j.finished_at),
+        cancel_requested: j.cancel_requested,
+    }
+}
+
+fn user<T>(req: &Request<T>) -> Result<uuid::Uuid, Status> {
+    Ok(Caller::of(req)?.user_id()?)
+}
+
+fn worker<T>(req: &Request<T>) -> Result<(), Status> {
+    Ok(Caller::of(req)?.require_worker()?)
+}
+
+/// The filter string a ListJobs page token is bound to.
+fn list_filter(user_id: &uuid::Uuid, status: Option<JobState>, kind: &str) -> String {
+    format!(
+        "jobs|{user_id}|{}|{kind}",
+        status.map(JobState::as_str).unwrap_or("")
+    )
+}
+
+fn attempt(value: i32) -> Result<i32, JobsError> {
+    if value < 1 {
+        return Err(JobsError::invalid("attempt", "must be 1 or more"));
+    }
+    Ok(value)
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchJobResponse, Status>> + Send>>;
@@ -33,66 +92,197 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchJobResponse, Status>> +
 impl JobsService for JobsApi {
     async fn create_job(
         &self,
-        _: Request<CreateJobRequest>,
+        req: Request<CreateJobRequest>,
     ) -> Result<Response<CreateJobResponse>, Status> {
-        Err(Status::unimplemented("CreateJob is not implemented yet"))
+        let user_id = user(&req)?;
+        let new = domain::validate_create(req.get_ref(), "", self.jobs.settings.max_payload_bytes)?;
+        let job = self.jobs.create(user_id, vec![new]).await?.remove(0);
+        Ok(Response::new(CreateJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
     }
+
     async fn batch_create_jobs(
         &self,
-        _: Request<BatchCreateJobsRequest>,
+        req: Request<BatchCreateJobsRequest>,
     ) -> Result<Response<BatchCreateJobsResponse>, Status> {
-        Err(Status::unimplemented(
-            "BatchCreateJobs is not implemented yet",
-        ))
+        let user_id = user(&req)?;
+        let items = domain::validate_batch(
+            &req.get_ref().requests,
+            self.jobs.settings.max_payload_bytes,
+        )?;
+        let jobs = self.jobs.create(user_id, items).await?;
+        Ok(Response::new(BatchCreateJobsResponse {
+            jobs: jobs.iter().map(job_to_proto).collect(),
+        }))
     }
-    async fn get_job(&self, _: Request<GetJobRequest>) -> Result<Response<GetJobResponse>, Status> {
-        Err(Status::unimplemented("GetJob is not implemented yet"))
+
+    async fn get_job(
+        &self,
+        req: Request<GetJobRequest>,
+    ) -> Result<Response<GetJobResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let job = self.jobs.get(user_id, id).await?;
+        Ok(Response::new(GetJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
     }
+
+    /// Newest first; keyset pagination on the (v7, time-ordered) id, so jobs
+    /// created while paging never shift later pages (no duplicates, no gaps).
     async fn list_jobs(
         &self,
-        _: Request<ListJobsRequest>,
+        req: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        Err(Status::unimplemented("ListJobs is not implemented yet"))
+        let user_id = user(&req)?;
+        let r = req.get_ref();
+        let limit = paging::page_size(r.page_size)?;
+        let status = JobState::filter_from_proto(r.status)?;
+        if !r.kind.is_empty() {
+            domain::validate_kind(&r.kind).map_err(|why| JobsError::invalid("kind", why))?;
+        }
+        let filter = list_filter(&user_id, status, &r.kind);
+        let before = paging::decode_token::<String>(&r.page_token, &filter)?
+            .map(|c| uuid::Uuid::parse_str(&c))
+            .transpose()
+            .map_err(|_| JobsError::invalid("page_token", "malformed page token"))?;
+        let kind = (!r.kind.is_empty()).then_some(r.kind.as_str());
+        let (jobs, next) = self.jobs.list(user_id, status, kind, before, limit).await?;
+        Ok(Response::new(ListJobsResponse {
+            jobs: jobs.iter().map(job_to_proto).collect(),
+            next_page_token: next
+                .map(|id| paging::encode_token(&filter, &id.to_string()))
+                .unwrap_or_default(),
+        }))
     }
+
+    /// Queued -> CANCELLED at once; running -> `cancel_requested` (the job
+    /// ends CANCELLED when the worker stops it); a repeat while running
+    /// returns the job unchanged; a finished job, cancelled included, is
+    /// FAILED_PRECONDITION.
     async fn cancel_job(
         &self,
-        _: Request<CancelJobRequest>,
+        req: Request<CancelJobRequest>,
     ) -> Result<Response<CancelJobResponse>, Status> {
-        Err(Status::unimplemented("CancelJob is not implemented yet"))
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let job = self.jobs.cancel(user_id, id).await?;
+        Ok(Response::new(CancelJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
     }
+
     type WatchJobStream = WatchStream;
+
+    /// The current state first, then each newer state, ending after a terminal one.
     async fn watch_job(
         &self,
-        _: Request<WatchJobRequest>,
+        req: Request<WatchJobRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        Err(Status::unimplemented("WatchJob is not implemented yet"))
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let rx = crate::watch::watch(
+            self.jobs.clone(),
+            self.pubsub.clone(),
+            user_id,
+            id,
+            self.shutdown.clone(),
+        )
+        .await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
+/// The worker's side. Every call needs the worker credential (a user token is
+/// PERMISSION_DENIED); an unknown id is NOT_FOUND, a malformed one
+/// INVALID_ARGUMENT. Each transition is one conditional UPDATE on
+/// (id, status, attempt), so a duplicate or late call changes nothing and is
+/// FAILED_PRECONDITION with a message saying what the job's state is.
 #[tonic::async_trait]
 impl JobRunnerService for JobsApi {
+    /// QUEUED and due (run_at <= now) -> RUNNING, attempt + 1, lease for the
+    /// configured lease length (default 30 s). Returns the job (with payload)
+    /// and `lease_expires_at`. Already running, finished, cancelled or not
+    /// due yet -> FAILED_PRECONDITION naming which.
     async fn start_job(
         &self,
-        _: Request<StartJobRequest>,
+        req: Request<StartJobRequest>,
     ) -> Result<Response<StartJobResponse>, Status> {
-        Err(Status::unimplemented("StartJob is not implemented yet"))
+        worker(&req)?;
+        let r = req.get_ref();
+        let id = domain::parse_id(&r.id)?;
+        let job = self.jobs.start(id, &r.worker_id).await?;
+        Ok(Response::new(StartJobResponse {
+            lease_expires_at: opt_timestamp(job.lease_expires_at),
+            job: Some(job_to_proto(&job)),
+        }))
     }
+
+    /// Extends the lease of running attempt `attempt` by the lease length
+    /// and reports `cancel_requested` (stop, then CompleteJob with
+    /// `cancelled`). Any other state or attempt -> FAILED_PRECONDITION (the
+    /// worker must stop: the attempt is no longer its own). A heartbeat
+    /// after the lease ran out but before the reaper acted still extends it.
     async fn heartbeat(
         &self,
-        _: Request<HeartbeatRequest>,
+        req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        Err(Status::unimplemented("Heartbeat is not implemented yet"))
+        worker(&req)?;
+        let r = req.get_ref();
+        let id = domain::parse_id(&r.id)?;
+        let (lease_expires_at, cancel_requested) =
+            self.jobs.heartbeat(id, attempt(r.attempt)?).await?;
+        Ok(Response::new(HeartbeatResponse {
+            lease_expires_at: Some(to_timestamp(lease_expires_at)),
+            cancel_requested,
+        }))
     }
+
+    /// RUNNING attempt `attempt` -> SUCCEEDED with `output`, or with
+    /// `cancelled` -> CANCELLED. `output` is bounded like payloads
+    /// (INVALID_ARGUMENT `output`).
     async fn complete_job(
         &self,
-        _: Request<CompleteJobRequest>,
+        req: Request<CompleteJobRequest>,
     ) -> Result<Response<CompleteJobResponse>, Status> {
-        Err(Status::unimplemented("CompleteJob is not implemented yet"))
+        worker(&req)?;
+        let r = req.get_ref();
+        let id = domain::parse_id(&r.id)?;
+        let attempt = attempt(r.attempt)?;
+        let output = r
+            .output
+            .as_ref()
+            .map(|s| domain::json_within(s, self.jobs.settings.max_payload_bytes))
+            .transpose()
+            .map_err(|why| JobsError::invalid("output", why))?;
+        let job = self
+            .jobs
+            .complete(id, attempt, output.as_ref(), r.cancelled, &r.worker_id)
+            .await?;
+        Ok(Response::new(CompleteJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
     }
+
+    /// RUNNING attempt `attempt` failed with `error`: while `retryable` and
+    /// attempt < max_attempts -> QUEUED with run_at = now + backoff
+    /// (exponential from the configured base, default 1 s, capped, with
+    /// jitter) and re-delivered to the stream when due; otherwise FAILED.
+    /// If cancellation was requested the job ends CANCELLED instead.
     async fn fail_job(
         &self,
-        _: Request<FailJobRequest>,
+        req: Request<FailJobRequest>,
     ) -> Result<Response<FailJobResponse>, Status> {
-        Err(Status::unimplemented("FailJob is not implemented yet"))
+        worker(&req)?;
+        let r = req.get_ref();
+        let id = domain::parse_id(&r.id)?;
+        let job = self
+            .jobs
+            .fail(id, attempt(r.attempt)?, &r.error, r.retryable, &r.worker_id)
+            .await?;
+        Ok(Response::new(FailJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
     }
 }

@@ -1,7 +1,13 @@
 //! Keel jobs service: durable jobs, delivered to workers through a Redis stream.
 
 pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod error;
 pub mod grpc;
+pub mod service;
+pub mod store;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +48,39 @@ pub async fn run(
     });
 
     let authenticator = Authenticator::new(verifier, Some(worker_token));
-    let api = Arc::new(grpc::JobsApi::new(pool, redis, config.redis.clone()));
+    let delivery = Arc::new(delivery::Delivery::new(
+        pool.clone(),
+        redis,
+        config.redis.clone(),
+    ));
+    let jobs = Arc::new(service::Jobs {
+        pool,
+        delivery: delivery.clone(),
+        settings: service::Settings {
+            lease: config.lease(),
+            retry_base: std::time::Duration::from_millis(config.retry_base_ms),
+            retry_max: std::time::Duration::from_millis(
+                config.retry_max_ms.max(config.retry_base_ms),
+            ),
+            max_payload_bytes: config.max_payload_bytes,
+            watch_poll: config.watch_poll(),
+        },
+    });
+    // Background loops stop with the server (the child token is cancelled on return too).
+    let background = shutdown.child_token();
+    let _stop_background = background.clone().drop_guard();
+    tokio::spawn(delivery.clone().run_relay(
+        config.relay_interval(),
+        config.relay_batch,
+        background.clone(),
+    ));
+    tokio::spawn(
+        delivery
+            .clone()
+            .run_reaper(config.reaper_interval(), background.clone()),
+    );
+    let pubsub = redis::Client::open(config.redis.redis_url.as_str()).ok();
+    let api = Arc::new(grpc::JobsApi::new(jobs, pubsub, background));
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,0 +1,219 @@
+//! Getting jobs to the workers and transitions to watchers: the outbox relay
+//! (Postgres -> Redis stream, nothing lost), the lease reaper, and the per-job
+//! pub/sub announcements.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use keel_shared::ApiError;
+use keel_shared::config::RedisConfig;
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
+use prost::Message;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::error::JobsError;
+use crate::store::{self, JobRow};
+
+/// Longest a Redis round trip may hold an outbox transaction or a handler.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+/// Most expired leases reaped per round.
+const REAP_BATCH: i64 = 500;
+
+pub struct Delivery {
+    pool: Pool,
+    redis: deadpool_redis::Pool,
+    redis_config: RedisConfig,
+    /// The consumer group exists (we create it at id 0, so entries added
+    /// before any worker ever started are still delivered).
+    group_ready: AtomicBool,
+}
+
+impl Delivery {
+    pub fn new(pool: Pool, redis: deadpool_redis::Pool, redis_config: RedisConfig) -> Self {
+        Self {
+            pool,
+            redis,
+            redis_config,
+            group_ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn redis_config(&self) -> &RedisConfig {
+        &self.redis_config
+    }
+
+    /// Publishes the given outbox rows at once if they are due and no relay
+    /// holds them; best effort (the relay retries whatever is left).
+    pub async fn publish_now(&self, outbox_ids: &[i64]) -> Result<usize, JobsError> {
+        self.publish_claimed(Some(outbox_ids), outbox_ids.len() as i64)
+            .await
+    }
+
+    /// One relay round: publishes up to `batch` due outbox rows.
+    pub async fn relay_once(&self, batch: i64) -> Result<usize, JobsError> {
+        self.publish_claimed(None, batch).await
+    }
+
+    /// Claims rows with FOR UPDATE SKIP LOCKED, XADDs them, deletes them, all
+    /// inside one transaction: a crash or a Redis error before the commit
+    /// leaves the rows for the next round, and two replicas never both
+    /// publish the same row.
+    async fn publish_claimed(&self, ids: Option<&[i64]>, limit: i64) -> Result<usize, JobsError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let claimed = store::claim_outbox(&tx, ids, limit).await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let job_ids: Vec<Uuid> = claimed.iter().map(|(_, j)| *j).collect();
+        self.xadd(&job_ids).await?;
+        let outbox_ids: Vec<i64> = claimed.iter().map(|(o, _)| *o).collect();
+        store::delete_outbox(&tx, &outbox_ids).await?;
+        tx.commit().await?;
+        Ok(claimed.len())
+    }
+
+    async fn xadd(&self, job_ids: &[Uuid]) -> Result<(), ApiError> {
+        let stream = self.redis_config.jobs_stream();
+        let result = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let mut conn = self.redis.get().await?;
+            if !self.group_ready.load(Ordering::Relaxed) {
+                let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&stream)
+                    .arg(CONSUMER_GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut *conn)
+                    .await;
+                match created {
+                    Ok(()) => {}
+                    Err(e) if e.code() == Some("BUSYGROUP") => {}
+                    Err(e) => return Err(ApiError::from(e)),
+                }
+                self.group_ready.store(true, Ordering::Relaxed);
+            }
+            let mut pipe = redis::pipe();
+            for id in job_ids {
+                pipe.cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg(FIELD_JOB_ID)
+                    .arg(id.to_string())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut *conn).await?;
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|_| Err(ApiError::Unavailable("redis timed out".into())));
+        if result.is_err() {
+            // Redis may have restarted empty: make sure the group exists again.
+            self.group_ready.store(false, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Announces a transition on the job's channel (best effort: watchers
+    /// also re-read Postgres periodically).
+    pub async fn announce(&self, job: &JobRow) {
+        let channel = self.redis_config.job_updates_channel(&job.id);
+        let payload = encode_announcement(job);
+        let sent = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let mut conn = self.redis.get().await.map_err(ApiError::from)?;
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload)
+                .query_async::<i64>(&mut *conn)
+                .await
+                .map_err(ApiError::from)
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            tracing::debug!(job_id = %job.id, "could not announce a job transition");
+        }
+    }
+
+    /// Publishes due outbox rows every `interval` until `shutdown`.
+    pub async fn run_relay(
+        self: Arc<Self>,
+        interval: Duration,
+        batch: i64,
+        shutdown: CancellationToken,
+    ) {
+        let batch = batch.max(1);
+        let mut healthy = true;
+        loop {
+            match self.relay_once(batch).await {
+                Ok(n) => {
+                    if !healthy {
+                        tracing::info!("outbox relay delivering again");
+                        healthy = true;
+                    }
+                    if n as i64 == batch && !shutdown.is_cancelled() {
+                        continue; // a backlog: keep draining
+                    }
+                }
+                Err(e) => {
+                    if healthy {
+                        tracing::warn!(error = %e, "outbox relay cannot deliver; will retry");
+                        healthy = false;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// Returns jobs with expired leases to the queue every `interval` until `shutdown`.
+    pub async fn run_reaper(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        loop {
+            match self.reap_once().await {
+                Ok(reaped) => {
+                    for job in &reaped {
+                        tracing::info!(job_id = %job.id, attempt = job.attempt,
+                            status = job.status.as_str(), "lease expired");
+                        self.announce(job).await;
+                    }
+                    if reaped.len() as i64 == REAP_BATCH && !shutdown.is_cancelled() {
+                        continue;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "lease reaper failed; will retry"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    async fn reap_once(&self) -> Result<Vec<JobRow>, JobsError> {
+        let client = self.pool.get().await?;
+        store::reap_expired_leases(&client, REAP_BATCH).await
+    }
+}
+
+/// An announcement: the job's version (8 bytes, big-endian) then the job as
+/// an encoded `keel.jobs.v1.Job`, so a watcher can drop stale snapshots.
+pub fn encode_announcement(job: &JobRow) -> Vec<u8> {
+    let proto = crate::grpc::job_to_proto(job);
+    let mut out = Vec::with_capacity(8 + proto.encoded_len());
+    out.extend_from_slice(&job.version.to_be_bytes());
+    proto
+        .encode(&mut out)
+        .expect("a Vec grows as needed, encoding cannot fail");
+    out
+}
+
+pub fn decode_announcement(bytes: &[u8]) -> Option<(i64, keel_proto::jobs::v1::Job)> {
+    let (version, rest) = bytes.split_first_chunk::<8>()?;
+    let job = keel_proto::jobs::v1::Job::decode(rest).ok()?;
+    Some((i64::from_be_bytes(*version), job))
+}

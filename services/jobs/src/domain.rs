@@ -1,0 +1,380 @@
+//! Jobs domain: statuses and their transitions, request validation, retry backoff.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use keel_proto::jobs::v1::{CreateJobRequest, JobStatus};
+use rand::Rng;
+
+use crate::error::JobsError;
+
+pub const MAX_KIND_CHARS: usize = 128;
+pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+pub const MAX_ATTEMPTS_LIMIT: i32 = 100;
+/// Priorities run from -100 (last) to 100 (first); 0 is the default.
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -100..=100;
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 256;
+pub const MAX_BATCH: usize = 1000;
+/// Longer worker error messages are truncated (rejecting them would strand the job).
+pub const MAX_ERROR_BYTES: usize = 16 * 1024;
+pub const MAX_WORKER_ID_BYTES: usize = 256;
+
+/// Where a job is in its life; the text form is what Postgres stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Status::Queued,
+            "running" => Status::Running,
+            "succeeded" => Status::Succeeded,
+            "failed" => Status::Failed,
+            "cancelled" => Status::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+
+    pub fn to_proto(self) -> JobStatus {
+        match self {
+            Status::Queued => JobStatus::Queued,
+            Status::Running => JobStatus::Running,
+            Status::Succeeded => JobStatus::Succeeded,
+            Status::Failed => JobStatus::Failed,
+            Status::Cancelled => JobStatus::Cancelled,
+        }
+    }
+
+    /// A ListJobs status filter: unspecified means any status.
+    pub fn filter_from_proto(value: i32) -> Result<Option<Self>, JobsError> {
+        match JobStatus::try_from(value) {
+            Ok(JobStatus::Unspecified) => Ok(None),
+            Ok(JobStatus::Queued) => Ok(Some(Status::Queued)),
+            Ok(JobStatus::Running) => Ok(Some(Status::Running)),
+            Ok(JobStatus::Succeeded) => Ok(Some(Status::Succeeded)),
+            Ok(JobStatus::Failed) => Ok(Some(Status::Failed)),
+            Ok(JobStatus::Cancelled) => Ok(Some(Status::Cancelled)),
+            Err(_) => Err(JobsError::invalid("status", "unknown job status")),
+        }
+    }
+}
+
+/// A validated CreateJob request, ready to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub priority: i32,
+    pub max_attempts: i32,
+    /// None: now (by the database clock).
+    pub run_at: Option<DateTime<Utc>>,
+    pub idempotency_key: Option<String>,
+}
+
+/// Validates one CreateJob request; `prefix` names it inside a batch
+/// (`requests[3].`), so errors say which item and field.
+pub fn validate_create(
+    req: &CreateJobRequest,
+    prefix: &str,
+    max_payload_bytes: usize,
+) -> Result<NewJob, JobsError> {
+    let field = |name: &str| format!("{prefix}{name}");
+    validate_kind(&req.kind).map_err(|reason| JobsError::invalid(field("kind"), reason))?;
+    let payload = match &req.payload {
+        Some(s) => json_within(s, max_payload_bytes)
+            .map_err(|reason| JobsError::invalid(field("payload"), reason))?,
+        None => serde_json::Value::Object(Default::default()),
+    };
+    if !PRIORITY_RANGE.contains(&req.priority) {
+        return Err(JobsError::invalid(
+            field("priority"),
+            "must be between -100 and 100",
+        ));
+    }
+    let max_attempts = match req.max_attempts {
+        0 => DEFAULT_MAX_ATTEMPTS,
+        n if (1..=MAX_ATTEMPTS_LIMIT).contains(&n) => n,
+        _ => {
+            return Err(JobsError::invalid(
+                field("max_attempts"),
+                "must be between 1 and 100 (0 means the default, 3)",
+            ));
+        }
+    };
+    let run_at = match &req.run_at {
+        Some(ts) => Some(
+            keel_shared::time::from_timestamp(ts)
+                .ok_or_else(|| JobsError::invalid(field("run_at"), "not a valid timestamp"))?,
+        ),
+        None => None,
+    };
+    let idempotency_key = match req.idempotency_key.as_str() {
+        "" => None,
+        k if k.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS => {
+            return Err(JobsError::invalid(
+                field("idempotency_key"),
+                "at most 256 characters",
+            ));
+        }
+        k => Some(k.to_string()),
+    };
+    Ok(NewJob {
+        kind: req.kind.clone(),
+        payload,
+        priority: req.priority,
+        max_attempts,
+        run_at,
+        idempotency_key,
+    })
+}
+
+/// 1..=128 characters of `[a-z0-9._-]`.
+pub fn validate_kind(kind: &str) -> Result<(), &'static str> {
+    if kind.is_empty() || kind.len() > MAX_KIND_CHARS {
+        return Err("must be 1 to 128 characters");
+    }
+    if !kind
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err("only a-z, 0-9, '.', '_' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// A Struct as JSON, refusing deep nesting, non-finite numbers and more than
+/// `max_bytes` of encoded JSON.
+pub fn json_within(s: &prost_types::Struct, max_bytes: usize) -> Result<serde_json::Value, String> {
+    let json = keel_shared::json::struct_to_json(s).map_err(|e| e.to_string())?;
+    let size = serde_json::to_vec(&json)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > max_bytes {
+        return Err(format!("larger than {max_bytes} bytes of JSON"));
+    }
+    Ok(json)
+}
+
+/// Validates a batch's size, then each item.
+pub fn validate_batch(
+    reqs: &[CreateJobRequest],
+    max_payload_bytes: usize,
+) -> Result<Vec<NewJob>, JobsError> {
+    if reqs.is_empty() || reqs.len() > MAX_BATCH {
+        return Err(JobsError::invalid("requests", "must hold 1 to 1000 items"));
+    }
+    reqs.iter()
+        .enumerate()
+        .map(|(i, r)| validate_create(r, &format!("requests[{i}]."), max_payload_bytes))
+        .collect()
+}
+
+/// A job id from a request field: a UUID, else INVALID_ARGUMENT naming the field.
+pub fn parse_id(id: &str) -> Result<uuid::Uuid, JobsError> {
+    uuid::Uuid::parse_str(id).map_err(|_| JobsError::invalid("id", "not a UUID"))
+}
+
+/// Worker ids are only recorded; overly long ones are cut, never refused.
+pub fn clip(s: &str, max_bytes: usize) -> String {
+    if s.len() <= max_bytes {
+        return s.to_string();
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+/// Delay before retrying after failed attempt `attempt` (1-based): `base * 2^(attempt-1)`,
+/// capped at `max`, with "equal jitter" (a random point in the upper half), so
+/// retries of many jobs that failed together spread out but never come too soon.
+pub fn retry_delay(attempt: i32, base: Duration, max: Duration) -> Duration {
+    let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
+    let full = base.saturating_mul(1u32 << exp).min(max);
+    let half = full / 2;
+    let jitter_ns = rand::thread_rng().gen_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
+    half + Duration::from_nanos(jitter_ns)
+}
+
+/// Why a worker transition did not apply, from the job's actual state.
+pub fn start_refusal(status: Status, run_at: DateTime<Utc>, now: DateTime<Utc>) -> String {
+    match status {
+        Status::Queued if run_at > now => format!("job is not due until {}", run_at.to_rfc3339()),
+        Status::Queued => "job changed concurrently, retry".into(),
+        Status::Running => "job is already running".into(),
+        other => format!("job already {}", other.as_str()),
+    }
+}
+
+/// Why a transition of `attempt` (Heartbeat, CompleteJob, FailJob) did not apply.
+pub fn attempt_refusal(status: Status, current_attempt: i32, attempt: i32) -> String {
+    match status {
+        Status::Running if current_attempt != attempt => {
+            format!("attempt {attempt} is stale: the job is running attempt {current_attempt}")
+        }
+        Status::Running => "job changed concurrently, retry".into(),
+        Status::Queued => format!("attempt {attempt} is over: the job is queued again"),
+        other => format!("job already {}", other.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(kind: &str) -> CreateJobRequest {
+        CreateJobRequest {
+            kind: kind.into(),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(err: JobsError) -> String {
+        match err {
+            JobsError::Invalid { field, .. } => field,
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn kinds() {
+        assert!(validate_kind("echo").is_ok());
+        assert!(validate_kind("a.b_c-9").is_ok());
+        assert!(validate_kind(&"a".repeat(128)).is_ok());
+        assert!(validate_kind(&"a".repeat(129)).is_err());
+        assert!(validate_kind("").is_err());
+        assert!(validate_kind("Echo").is_err());
+        assert!(validate_kind("é").is_err());
+        assert!(validate_kind("a b").is_err());
+    }
+
+    #[test]
+    fn defaults_and_ranges() {
+        let job = validate_create(&req("echo"), "", 1024).unwrap();
+        assert_eq!(job.max_attempts, 3);
+        assert_eq!(job.payload, serde_json::json!({}));
+        assert_eq!(job.idempotency_key, None);
+
+        let mut r = req("echo");
+        r.max_attempts = 101;
+        assert_eq!(
+            field_of(validate_create(&r, "", 1024).unwrap_err()),
+            "max_attempts"
+        );
+        r.max_attempts = -1;
+        assert!(validate_create(&r, "", 1024).is_err());
+        r.max_attempts = 100;
+        r.priority = 101;
+        assert_eq!(
+            field_of(validate_create(&r, "", 1024).unwrap_err()),
+            "priority"
+        );
+        r.priority = -100;
+        r.idempotency_key = "k".repeat(257);
+        assert_eq!(
+            field_of(validate_create(&r, "", 1024).unwrap_err()),
+            "idempotency_key"
+        );
+        r.idempotency_key = "é".repeat(256);
+        assert!(validate_create(&r, "", 1024).is_ok());
+    }
+
+    #[test]
+    fn payload_size_and_depth() {
+        let big = keel_shared::json::json_to_struct(&serde_json::json!({"s": "x".repeat(2000)}));
+        let mut r = req("echo");
+        r.payload = Some(big);
+        assert_eq!(
+            field_of(validate_create(&r, "", 1024).unwrap_err()),
+            "payload"
+        );
+        assert!(validate_create(&r, "", 4096).is_ok());
+
+        let mut v = serde_json::json!(1);
+        for _ in 0..100 {
+            v = serde_json::json!({ "a": v });
+        }
+        r.payload = Some(keel_shared::json::json_to_struct(&v));
+        assert_eq!(
+            field_of(validate_create(&r, "", usize::MAX).unwrap_err()),
+            "payload"
+        );
+    }
+
+    #[test]
+    fn batch_errors_name_the_item() {
+        let reqs = vec![req("ok"), req("ok"), req("BAD")];
+        assert_eq!(
+            field_of(validate_batch(&reqs, 1024).unwrap_err()),
+            "requests[2].kind"
+        );
+        assert_eq!(field_of(validate_batch(&[], 1024).unwrap_err()), "requests");
+        let many = vec![req("ok"); 1001];
+        assert_eq!(
+            field_of(validate_batch(&many, 1024).unwrap_err()),
+            "requests"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let base = Duration::from_millis(100);
+        let max = Duration::from_secs(1);
+        for _ in 0..50 {
+            let d1 = retry_delay(1, base, max);
+            assert!(d1 >= Duration::from_millis(50) && d1 <= base);
+            let d3 = retry_delay(3, base, max);
+            assert!(d3 >= Duration::from_millis(200) && d3 <= Duration::from_millis(400));
+            let d20 = retry_delay(20, base, max);
+            assert!(d20 >= max / 2 && d20 <= max);
+            assert!(retry_delay(i32::MAX, base, max) <= max);
+        }
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in [
+            Status::Queued,
+            Status::Running,
+            Status::Succeeded,
+            Status::Failed,
+            Status::Cancelled,
+        ] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+            assert_eq!(
+                Status::filter_from_proto(s.to_proto() as i32).unwrap(),
+                Some(s)
+            );
+        }
+        assert_eq!(Status::filter_from_proto(0).unwrap(), None);
+        assert!(Status::filter_from_proto(42).is_err());
+        assert!(Status::Cancelled.is_terminal() && !Status::Running.is_terminal());
+    }
+
+    #[test]
+    fn clip_respects_char_boundaries() {
+        assert_eq!(clip("héllo", 2), "h");
+        assert_eq!(clip("abc", 10), "abc");
+    }
+}

@@ -1,0 +1,55 @@
+//! The jobs service's errors, converted into the shared `ApiError` mapping.
+
+use keel_shared::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobsError {
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// Absent or another user's: never says which.
+    #[error("job not found")]
+    NotFound,
+    /// The job is not in a state that allows this call.
+    #[error("{0}")]
+    WrongState(String),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+impl JobsError {
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for JobsError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Api(e.into())
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for JobsError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Api(e.into())
+    }
+}
+
+impl From<JobsError> for ApiError {
+    fn from(e: JobsError) -> Self {
+        match e {
+            JobsError::Invalid { field, reason } => ApiError::invalid(field, reason),
+            JobsError::NotFound => ApiError::NotFound("job".into()),
+            JobsError::WrongState(m) => ApiError::FailedPrecondition(m),
+            JobsError::Api(a) => a,
+        }
+    }
+}
+
+impl From<JobsError> for tonic::Status {
+    fn from(e: JobsError) -> Self {
+        ApiError::from(e).into()
+    }
+}

@@ -1,0 +1,258 @@
+//! What each RPC does, between the gRPC handlers (decode, authorize, encode)
+//! and the store (SQL): idempotent creation, state-checked transitions with
+//! precise refusals, announcements.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use keel_shared::ApiError;
+use uuid::Uuid;
+
+use crate::delivery::Delivery;
+use crate::domain::{self, NewJob, Status};
+use crate::error::JobsError;
+use crate::store::{self, JobRow};
+
+/// Tunables the RPCs need (from `Config`).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub lease: Duration,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    pub max_payload_bytes: usize,
+    pub watch_poll: Duration,
+}
+
+pub struct Jobs {
+    pub pool: Pool,
+    pub delivery: Arc<Delivery>,
+    pub settings: Settings,
+}
+
+/// How often CancelJob re-reads a job that changed under it before giving up.
+const CANCEL_TRIES: usize = 5;
+
+impl Jobs {
+    /// Creates jobs in one statement (all or nothing), resolving idempotency
+    /// keys that already exist to their original job. Returns the jobs in
+    /// request order. Delivery to Redis starts after the commit and never
+    /// fails the call.
+    pub async fn create(
+        &self,
+        user_id: Uuid,
+        items: Vec<NewJob>,
+    ) -> Result<Vec<JobRow>, JobsError> {
+        let with_ids: Vec<(Uuid, NewJob)> =
+            items.into_iter().map(|j| (Uuid::now_v7(), j)).collect();
+        let client = self.pool.get().await?;
+        let inserted = store::insert_jobs(&client, user_id, &with_ids).await?;
+        let due: Vec<i64> = inserted
+            .iter()
+            .filter(|(_, o)| o.due)
+            .map(|(_, o)| o.outbox_id)
+            .collect();
+        let mut by_id: HashMap<Uuid, JobRow> =
+            inserted.into_iter().map(|(j, _)| (j.id, j)).collect();
+
+        // Only an existing idempotency key makes the insert skip an item.
+        let existing_keys: Vec<&str> = with_ids
+            .iter()
+            .filter(|(id, _)| !by_id.contains_key(id))
+            .filter_map(|(_, j)| j.idempotency_key.as_deref())
+            .collect();
+        let by_key: HashMap<String, JobRow> = if existing_keys.is_empty() {
+            HashMap::new()
+        } else {
+            store::jobs_by_keys(&client, user_id, &existing_keys)
+                .await?
+                .into_iter()
+                .collect()
+        };
+        drop(client);
+
+        if !due.is_empty() {
+            let delivery = self.delivery.clone();
+            tokio::spawn(async move {
+                if let Err(e) = delivery.publish_now(&due).await {
+                    tracing::debug!(error = %e, "immediate delivery failed; the relay will retry");
+                }
+            });
+        }
+
+        with_ids
+            .iter()
+            .map(|(id, j)| {
+                by_id
+                    .remove(id)
+                    .or_else(|| {
+                        j.idempotency_key
+                            .as_deref()
+                            .and_then(|k| by_key.get(k).cloned())
+                    })
+                    .ok_or_else(|| {
+                        JobsError::Api(ApiError::Aborted(
+                            "the job with this idempotency key changed concurrently, retry".into(),
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    pub async fn get(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
+        let client = self.pool.get().await?;
+        store::user_job(&client, user_id, id)
+            .await?
+            .ok_or(JobsError::NotFound)
+    }
+
+    /// One page (`limit` + 1 rows are read to know whether another follows).
+    pub async fn list(
+        &self,
+        user_id: Uuid,
+        status: Option<Status>,
+        kind: Option<&str>,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<(Vec<JobRow>, Option<Uuid>), JobsError> {
+        let client = self.pool.get().await?;
+        let mut rows = store::list_jobs(&client, user_id, status, kind, before, limit + 1).await?;
+        let next = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|j| j.id)
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    /// Queued -> cancelled; running -> cancellation requested (the worker's
+    /// next heartbeat learns it). Repeating a cancel of a running job whose
+    /// cancellation is already requested returns it unchanged; a finished job
+    /// (cancelled included) is FAILED_PRECONDITION.
+    pub async fn cancel(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
+        let client = self.pool.get().await?;
+        for _ in 0..CANCEL_TRIES {
+            let job = store::user_job(&client, user_id, id)
+                .await?
+                .ok_or(JobsError::NotFound)?;
+            let changed = match job.status {
+                Status::Queued => store::cancel_queued(&client, user_id, id).await?,
+                Status::Running if job.cancel_requested => return Ok(job),
+                Status::Running => store::request_cancel(&client, user_id, id).await?,
+                finished => {
+                    return Err(JobsError::WrongState(format!(
+                        "job already {}",
+                        finished.as_str()
+                    )));
+                }
+            };
+            if let Some(job) = changed {
+                drop(client);
+                self.delivery.announce(&job).await;
+                return Ok(job);
+            }
+            // It moved between our read and our update: look again.
+        }
+        Err(JobsError::Api(ApiError::Aborted(
+            "the job kept changing, retry".into(),
+        )))
+    }
+
+    /// Queued and due -> running with a new attempt and a lease.
+    pub async fn start(&self, id: Uuid, worker_id: &str) -> Result<JobRow, JobsError> {
+        let worker_id = domain::clip(worker_id, domain::MAX_WORKER_ID_BYTES);
+        let client = self.pool.get().await?;
+        match store::start_job(&client, id, &worker_id, self.settings.lease).await? {
+            Some(job) => {
+                drop(client);
+                self.delivery.announce(&job).await;
+                Ok(job)
+            }
+            None => {
+                let job = store::job(&client, id).await?.ok_or(JobsError::NotFound)?;
+                Err(JobsError::WrongState(domain::start_refusal(
+                    job.status,
+                    job.run_at,
+                    Utc::now(),
+                )))
+            }
+        }
+    }
+
+    /// Extends the lease of running attempt `attempt`; says whether
+    /// cancellation was requested.
+    pub async fn heartbeat(
+        &self,
+        id: Uuid,
+        attempt: i32,
+    ) -> Result<(DateTime<Utc>, bool), JobsError> {
+        let client = self.pool.get().await?;
+        match store::heartbeat(&client, id, attempt, self.settings.lease).await? {
+            Some(lease) => Ok(lease),
+            None => Err(self.attempt_refusal(&client, id, attempt).await),
+        }
+    }
+
+    /// Running attempt `attempt` -> succeeded (or cancelled).
+    pub async fn complete(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        output: Option<&serde_json::Value>,
+        cancelled: bool,
+        worker_id: &str,
+    ) -> Result<JobRow, JobsError> {
+        let worker_id = domain::clip(worker_id, domain::MAX_WORKER_ID_BYTES);
+        let client = self.pool.get().await?;
+        match store::complete_job(&client, id, attempt, output, cancelled, &worker_id).await? {
+            Some(job) => {
+                drop(client);
+                self.delivery.announce(&job).await;
+                Ok(job)
+            }
+            None => Err(self.attempt_refusal(&client, id, attempt).await),
+        }
+    }
+
+    /// Running attempt `attempt` failed: retried after a backoff, or failed
+    /// (cancelled when cancellation was requested).
+    pub async fn fail(
+        &self,
+        id: Uuid,
+        attempt: i32,
+        error: &str,
+        retryable: bool,
+        worker_id: &str,
+    ) -> Result<JobRow, JobsError> {
+        let worker_id = domain::clip(worker_id, domain::MAX_WORKER_ID_BYTES);
+        let error = domain::clip(error, domain::MAX_ERROR_BYTES);
+        let delay = domain::retry_delay(attempt, self.settings.retry_base, self.settings.retry_max);
+        let client = self.pool.get().await?;
+        match store::fail_job(&client, id, attempt, &error, retryable, delay, &worker_id).await? {
+            Some(job) => {
+                drop(client);
+                self.delivery.announce(&job).await;
+                Ok(job)
+            }
+            None => Err(self.attempt_refusal(&client, id, attempt).await),
+        }
+    }
+
+    async fn attempt_refusal(
+        &self,
+        client: &deadpool_postgres::Client,
+        id: Uuid,
+        attempt: i32,
+    ) -> JobsError {
+        match store::job(client, id).await {
+            Ok(Some(job)) => {
+                JobsError::WrongState(domain::attempt_refusal(job.status, job.attempt, attempt))
+            }
+            Ok(None) => JobsError::NotFound,
+            Err(e) => e,
+        }
+    }
+}

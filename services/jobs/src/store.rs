@@ -1,0 +1,506 @@
+//! Every SQL statement of the jobs service. Each transition is one statement:
+//! a conditional UPDATE on (id, status, attempt) plus, in the same statement,
+//! its history row and (when it re-queues) its outbox row.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use crate::domain::{NewJob, Status};
+use crate::error::JobsError;
+
+macro_rules! job_cols {
+    () => {
+        "id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
+         run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
+         lease_expires_at, worker_id, version"
+    };
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub kind: String,
+    pub payload: serde_json::Value,
+    pub status: Status,
+    pub priority: i32,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub output: Option<serde_json::Value>,
+    pub error: String,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cancel_requested: bool,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub worker_id: Option<String>,
+    /// Grows by one on every transition.
+    pub version: i64,
+}
+
+impl TryFrom<&Row> for JobRow {
+    type Error = JobsError;
+
+    fn try_from(row: &Row) -> Result<Self, JobsError> {
+        let status: String = row.try_get("status")?;
+        Ok(Self {
+            id: row.try_get("id")?,
+            user_id: row.try_get("user_id")?,
+            kind: row.try_get("kind")?,
+            payload: row.try_get("payload")?,
+            status: Status::parse(&status).ok_or_else(|| {
+                JobsError::Api(keel_shared::ApiError::Internal(format!(
+                    "unknown job status {status:?} in the database"
+                )))
+            })?,
+            priority: row.try_get("priority")?,
+            attempt: row.try_get("attempt")?,
+            max_attempts: row.try_get("max_attempts")?,
+            output: row.try_get("output")?,
+            error: row.try_get("error")?,
+            run_at: row.try_get("run_at")?,
+            created_at: row.try_get("created_at")?,
+            updated_at: row.try_get("updated_at")?,
+            started_at: row.try_get("started_at")?,
+            finished_at: row.try_get("finished_at")?,
+            cancel_requested: row.try_get("cancel_requested")?,
+            lease_expires_at: row.try_get("lease_expires_at")?,
+            worker_id: row.try_get("worker_id")?,
+            version: row.try_get("version")?,
+        })
+    }
+}
+
+fn rows(rows: &[Row]) -> Result<Vec<JobRow>, JobsError> {
+    rows.iter().map(JobRow::try_from).collect()
+}
+
+fn opt_row(row: Option<Row>) -> Result<Option<JobRow>, JobsError> {
+    row.as_ref().map(JobRow::try_from).transpose()
+}
+
+/// An outbox row written with a new or re-queued job.
+#[derive(Debug, Clone, Copy)]
+pub struct Outboxed {
+    pub outbox_id: i64,
+    /// Deliverable now (else the relay publishes it when due).
+    pub due: bool,
+}
+
+/// Inserts `jobs` (id, request) for `user_id` in one statement: all or nothing.
+/// Returns the inserted jobs with their outbox rows; items whose idempotency
+/// key already exists are skipped (see [`jobs_by_keys`]).
+pub async fn insert_jobs(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    jobs: &[(Uuid, NewJob)],
+) -> Result<Vec<(JobRow, Outboxed)>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH input AS (
+            SELECT * FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int4[], $6::int4[],
+                                 $7::timestamptz[], $8::text[])
+                   WITH ORDINALITY AS t(id, kind, payload, priority, max_attempts, run_at, idempotency_key, ord)
+         ), ins AS (
+            INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at, idempotency_key)
+            SELECT id, $1, kind, payload, priority, max_attempts,
+                   greatest(coalesce(run_at, now()), now()), idempotency_key
+            FROM input ORDER BY ord
+            ON CONFLICT (user_id, idempotency_key) DO NOTHING
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt)
+            SELECT id, 'created', status, attempt FROM ins
+         ), ob AS (
+            INSERT INTO job_outbox (job_id, deliver_at, priority)
+            SELECT id, run_at, priority FROM ins
+            RETURNING id, job_id, deliver_at <= now() AS due
+         )
+         SELECT ins.*, ob.id AS outbox_id, ob.due FROM ins JOIN ob ON ob.job_id = ins.id"
+    );
+    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+    let kinds: Vec<&str> = jobs.iter().map(|(_, j)| j.kind.as_str()).collect();
+    let payloads: Vec<&serde_json::Value> = jobs.iter().map(|(_, j)| &j.payload).collect();
+    let priorities: Vec<i32> = jobs.iter().map(|(_, j)| j.priority).collect();
+    let max_attempts: Vec<i32> = jobs.iter().map(|(_, j)| j.max_attempts).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|(_, j)| j.run_at).collect();
+    let keys: Vec<Option<&str>> = jobs
+        .iter()
+        .map(|(_, j)| j.idempotency_key.as_deref())
+        .collect();
+    let stmt = client.prepare_cached(SQL).await?;
+    let found = client
+        .query(
+            &stmt,
+            &[
+                &user_id,
+                &ids,
+                &kinds,
+                &payloads,
+                &priorities,
+                &max_attempts,
+                &run_ats,
+                &keys,
+            ],
+        )
+        .await?;
+    found
+        .iter()
+        .map(|row| {
+            Ok((
+                JobRow::try_from(row)?,
+                Outboxed {
+                    outbox_id: row.try_get("outbox_id")?,
+                    due: row.try_get("due")?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The caller's jobs with these idempotency keys.
+pub async fn jobs_by_keys(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    keys: &[&str],
+) -> Result<Vec<(String, JobRow)>, JobsError> {
+    const SQL: &str = concat!(
+        "SELECT idempotency_key, ",
+        job_cols!(),
+        " FROM jobs WHERE user_id = $1 AND idempotency_key = ANY($2)"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    let found = client.query(&stmt, &[&user_id, &keys]).await?;
+    found
+        .iter()
+        .map(|row| Ok((row.try_get("idempotency_key")?, JobRow::try_from(row)?)))
+        .collect()
+}
+
+/// One of the caller's jobs (None when absent or another user's).
+pub async fn user_job(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        job_cols!(),
+        " FROM jobs WHERE id = $1 AND user_id = $2"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
+}
+
+/// Any user's job (worker calls, announcements).
+pub async fn job(client: &impl GenericClient, id: Uuid) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1");
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(client.query_opt(&stmt, &[&id]).await?)
+}
+
+/// A page of the caller's jobs, newest first (ids are v7), strictly before `before`.
+pub async fn list_jobs(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    status: Option<Status>,
+    kind: Option<&str>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        job_cols!(),
+        " FROM jobs
+          WHERE user_id = $1
+            AND ($2::text IS NULL OR status = $2)
+            AND ($3::text IS NULL OR kind = $3)
+            AND ($4::uuid IS NULL OR id < $4)
+          ORDER BY id DESC
+          LIMIT $5"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    let status = status.map(Status::as_str);
+    rows(
+        &client
+            .query(&stmt, &[&user_id, &status, &kind, &before, &limit])
+            .await?,
+    )
+}
+
+/// Queued -> cancelled, dropping its pending delivery. None when the job is
+/// not (any longer) the caller's queued job.
+pub async fn cancel_queued(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH j AS (
+            UPDATE jobs SET status = 'cancelled', cancel_requested = true, finished_at = now(),
+                            updated_at = now(), version = version + 1
+            WHERE id = $1 AND user_id = $2 AND status = 'queued'
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt)
+            SELECT id, 'cancelled', status, attempt FROM j
+         ), ob AS (
+            DELETE FROM job_outbox WHERE job_id IN (SELECT id FROM j)
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
+}
+
+/// Running -> running with cancellation requested. None when the job is not
+/// (any longer) the caller's running job, or cancellation was already requested.
+pub async fn request_cancel(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH j AS (
+            UPDATE jobs SET cancel_requested = true, updated_at = now(), version = version + 1
+            WHERE id = $1 AND user_id = $2 AND status = 'running' AND NOT cancel_requested
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id)
+            SELECT id, 'cancel_requested', status, attempt, worker_id FROM j
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
+}
+
+/// Queued and due -> running, attempt + 1, with a lease. None when the job is
+/// not queued or not due.
+pub async fn start_job(
+    client: &impl GenericClient,
+    id: Uuid,
+    worker_id: &str,
+    lease: Duration,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH j AS (
+            UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
+                            updated_at = now(), lease_expires_at = now() + make_interval(secs => $3),
+                            worker_id = $2, version = version + 1
+            WHERE id = $1 AND status = 'queued' AND run_at <= now()
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id)
+            SELECT id, 'started', status, attempt, worker_id FROM j
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(
+        client
+            .query_opt(&stmt, &[&id, &worker_id, &lease.as_secs_f64()])
+            .await?,
+    )
+}
+
+/// Extends the lease of running attempt `attempt`: (lease_expires_at, cancel_requested).
+/// Not a transition, so no history row and no new version.
+pub async fn heartbeat(
+    client: &impl GenericClient,
+    id: Uuid,
+    attempt: i32,
+    lease: Duration,
+) -> Result<Option<(DateTime<Utc>, bool)>, JobsError> {
+    const SQL: &str = "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
+                       WHERE id = $1 AND status = 'running' AND attempt = $2
+                       RETURNING lease_expires_at, cancel_requested";
+    let stmt = client.prepare_cached(SQL).await?;
+    match client
+        .query_opt(&stmt, &[&id, &attempt, &lease.as_secs_f64()])
+        .await?
+    {
+        Some(row) => Ok(Some((
+            row.try_get("lease_expires_at")?,
+            row.try_get("cancel_requested")?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Running attempt `attempt` -> succeeded with `output`, or cancelled.
+pub async fn complete_job(
+    client: &impl GenericClient,
+    id: Uuid,
+    attempt: i32,
+    output: Option<&serde_json::Value>,
+    cancelled: bool,
+    worker_id: &str,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH j AS (
+            UPDATE jobs SET status = CASE WHEN $4 THEN 'cancelled' ELSE 'succeeded' END,
+                            output = $3, finished_at = now(), updated_at = now(),
+                            lease_expires_at = NULL, version = version + 1
+            WHERE id = $1 AND status = 'running' AND attempt = $2
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id)
+            SELECT id, status, status, attempt, coalesce(nullif($5, ''), worker_id) FROM j
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(
+        client
+            .query_opt(&stmt, &[&id, &attempt, &output, &cancelled, &worker_id])
+            .await?,
+    )
+}
+
+/// Running attempt `attempt` failed: queued again after `retry_delay` while it
+/// is retryable and attempts remain, cancelled when cancellation was
+/// requested, else failed.
+pub async fn fail_job(
+    client: &impl GenericClient,
+    id: Uuid,
+    attempt: i32,
+    error: &str,
+    retryable: bool,
+    retry_delay: Duration,
+    worker_id: &str,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH j AS (
+            UPDATE jobs SET
+                status = CASE WHEN cancel_requested THEN 'cancelled'
+                              WHEN $4 AND attempt < max_attempts THEN 'queued'
+                              ELSE 'failed' END,
+                run_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
+                              THEN now() + make_interval(secs => $5) ELSE run_at END,
+                finished_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
+                                   THEN NULL ELSE now() END,
+                error = $3, updated_at = now(), lease_expires_at = NULL, version = version + 1
+            WHERE id = $1 AND status = 'running' AND attempt = $2
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)
+            SELECT id, CASE status WHEN 'queued' THEN 'retry_scheduled' ELSE status END,
+                   status, attempt, coalesce(nullif($6, ''), worker_id), error FROM j
+         ), ob AS (
+            INSERT INTO job_outbox (job_id, deliver_at, priority)
+            SELECT id, run_at, priority FROM j WHERE status = 'queued'
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(
+        client
+            .query_opt(
+                &stmt,
+                &[
+                    &id,
+                    &attempt,
+                    &error,
+                    &retryable,
+                    &retry_delay.as_secs_f64(),
+                    &worker_id,
+                ],
+            )
+            .await?,
+    )
+}
+
+/// Running jobs whose lease ran out (their worker died) go back to queued,
+/// or to failed when out of attempts (cancelled when cancellation was
+/// requested). Rows another replica is reaping are skipped.
+pub async fn reap_expired_leases(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH expired AS (
+            SELECT id FROM jobs
+            WHERE status = 'running' AND lease_expires_at < now()
+            ORDER BY lease_expires_at
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         ), j AS (
+            UPDATE jobs SET
+                status = CASE WHEN cancel_requested THEN 'cancelled'
+                              WHEN attempt < max_attempts THEN 'queued'
+                              ELSE 'failed' END,
+                run_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                              THEN now() ELSE run_at END,
+                finished_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                                   THEN NULL ELSE now() END,
+                error = 'lease expired: the worker stopped heartbeating',
+                updated_at = now(), lease_expires_at = NULL, version = version + 1
+            FROM expired
+            WHERE jobs.id = expired.id AND jobs.status = 'running'
+            RETURNING ",
+        "jobs.id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
+         run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
+         lease_expires_at, worker_id, version",
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)
+            SELECT id, 'lease_expired', status, attempt, worker_id, error FROM j
+         ), ob AS (
+            INSERT INTO job_outbox (job_id, deliver_at, priority)
+            SELECT id, run_at, priority FROM j WHERE status = 'queued'
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    rows(&client.query(&stmt, &[&limit]).await?)
+}
+
+/// Locks due outbox rows no one else holds: the given ones (publish right
+/// after commit) or, with None, up to `limit` of any (the relay). Returns
+/// (outbox id, job id), highest priority first. Call inside a transaction;
+/// the locks last until it ends.
+pub async fn claim_outbox(
+    client: &impl GenericClient,
+    ids: Option<&[i64]>,
+    limit: i64,
+) -> Result<Vec<(i64, Uuid)>, JobsError> {
+    const SQL: &str = "SELECT id, job_id FROM job_outbox
+                       WHERE deliver_at <= now() AND ($1::int8[] IS NULL OR id = ANY($1))
+                       ORDER BY priority DESC, deliver_at, id
+                       LIMIT $2
+                       FOR UPDATE SKIP LOCKED";
+    let stmt = client.prepare_cached(SQL).await?;
+    let found = client.query(&stmt, &[&ids, &limit]).await?;
+    found
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}
+
+/// Removes delivered outbox rows.
+pub async fn delete_outbox(client: &impl GenericClient, ids: &[i64]) -> Result<(), JobsError> {
+    let stmt = client
+        .prepare_cached("DELETE FROM job_outbox WHERE id = ANY($1)")
+        .await?;
+    client.execute(&stmt, &[&ids]).await?;
+    Ok(())
+}

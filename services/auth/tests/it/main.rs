@@ -1,3 +1,9 @@
 //! Integration tests of the auth service: real Postgres, real gRPC.
 
+mod flows;
+mod keyfile;
+mod login;
+mod register;
 mod startup;
+mod support;
+mod tokens;

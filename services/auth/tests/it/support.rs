@@ -1,0 +1,155 @@
+//! Test harness for the auth service: a server on its own database with its
+//! own signing key, and a generated client.
+
+use std::path::{Path, PathBuf};
+
+use keel_auth::Config;
+use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
+use keel_proto::auth::v1::{LoginRequest, RegisterRequest, RegisterResponse};
+use keel_shared::StartupError;
+use keel_shared::auth::SigningKeyPem;
+use keel_shared::testing::{self, TestDb};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub type Client = AuthServiceClient<Channel>;
+
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A scratch directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("keel-auth-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A config for `db` signing with the key in `key_file`. Argon2 runs with
+/// small parameters so debug-build tests stay quick; one test checks the
+/// production defaults.
+pub fn config(db: &TestDb, key_file: &Path) -> Config {
+    let mut config = Config::new(
+        "127.0.0.1:0".parse().unwrap(),
+        db.config(),
+        key_file.to_path_buf(),
+    );
+    config.database.db_pool_size = 4;
+    config.login.argon2_memory_kib = 1024;
+    config.login.argon2_iterations = 1;
+    config
+}
+
+/// A running auth server.
+pub struct Server {
+    pub client: Client,
+    shutdown: CancellationToken,
+    handle: JoinHandle<Result<(), StartupError>>,
+}
+
+impl Server {
+    pub async fn start(config: Config) -> Self {
+        let (listener, addr) = testing::listener().await;
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(keel_auth::run(config, listener, shutdown.clone()));
+        let client = AuthServiceClient::new(testing::channel(addr).await);
+        Self {
+            client,
+            shutdown,
+            handle,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap().expect("clean shutdown");
+    }
+}
+
+/// One database, one key, one server: what most tests need.
+pub struct Env {
+    pub db: TestDb,
+    /// Holds the key file's directory until the test ends.
+    pub _keys: TempDir,
+    pub key_file: PathBuf,
+    pub private_pem: String,
+    pub server: Server,
+}
+
+impl Env {
+    pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDb::new().await;
+        let keys = TempDir::new();
+        let key_file = keys.path().join("signing.pem");
+        let private_pem = SigningKeyPem::generate().private_pem;
+        std::fs::write(&key_file, &private_pem).unwrap();
+        let mut config = config(&db, &key_file);
+        adjust(&mut config);
+        let server = Server::start(config).await;
+        Self {
+            db,
+            _keys: keys,
+            key_file,
+            private_pem,
+            server,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        self.server.client.clone()
+    }
+
+    pub async fn register(&self, email: &str) -> RegisterResponse {
+        self.client()
+            .register(register_req(email, PASSWORD))
+            .await
+            .expect("register")
+            .into_inner()
+    }
+
+    pub async fn user_count(&self) -> i64 {
+        let client = self.db.pool.get().await.unwrap();
+        client
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+}
+
+pub fn register_req(email: &str, password: &str) -> RegisterRequest {
+    RegisterRequest {
+        email: email.into(),
+        password: password.into(),
+        display_name: "Test User".into(),
+    }
+}
+
+pub fn login_req(email: &str, password: &str) -> LoginRequest {
+    LoginRequest {
+        email: email.into(),
+        password: password.into(),
+    }
+}
+
+/// The error of a call that must fail.
+pub fn err<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {
+    result.expect_err("call should fail")
+}

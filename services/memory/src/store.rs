@@ -53,7 +53,7 @@ const GET: &str = concat!(
 const CURRENT_VERSION: &str = "SELECT version FROM memories WHERE user_id = $1 AND key = $2";
 
 const DELETE: &str = "DELETE FROM memories \
-     WHERE user_id = $1 AND key = $2 AND ($3 = 0 OR version = $3) \
+     WHERE user_id = $1 AND key = $2 AND ($3::bigint = 0 OR version = $3) \
      RETURNING version";
 
 /// One page in key order: after the cursor, inside the prefix range (the

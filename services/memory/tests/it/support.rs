@@ -1,0 +1,190 @@
+//! The harness: one server per test on its own database, users with tokens,
+//! and short request helpers.
+
+use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
+use keel_proto::memory::v1::*;
+use keel_shared::testing::{self, TestDb};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+use uuid::Uuid;
+
+pub struct Env {
+    pub db: TestDb,
+    pub client: MemoryServiceClient<Channel>,
+    shutdown: CancellationToken,
+}
+
+/// A user with a valid access token.
+#[derive(Clone)]
+pub struct User {
+    pub id: Uuid,
+    pub token: String,
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts the service after `adjust` has changed its config.
+    pub async fn start_with(adjust: impl FnOnce(&mut keel_memory::Config)) -> Self {
+        let db = TestDb::new().await;
+        let (listener, addr) = testing::listener().await;
+        let mut config = keel_memory::Config::new(addr, db.config(), testing::verifier_config());
+        adjust(&mut config);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(keel_memory::run(config, listener, shutdown.clone()));
+        let client = MemoryServiceClient::new(testing::channel(addr).await);
+        Self {
+            db,
+            client,
+            shutdown,
+        }
+    }
+
+    pub async fn user(&self, name: &str) -> User {
+        let email = format!("{name}@example.com");
+        let id = self.db.create_user(&email).await;
+        User {
+            id,
+            token: testing::user_token(id, &email),
+        }
+    }
+
+    pub fn client(&self) -> MemoryServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    pub async fn put(
+        &self,
+        user: &User,
+        req: PutMemoryRequest,
+    ) -> Result<PutMemoryResponse, Status> {
+        self.client()
+            .put_memory(testing::authed(req, &user.token))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// An unconditional put of `key` with `content` and `tags`; panics on error.
+    pub async fn put_ok(&self, user: &User, key: &str, content: &str, tags: &[&str]) -> Memory {
+        self.put(user, put_req(key, content, tags))
+            .await
+            .unwrap_or_else(|e| panic!("put {key}: {e:?}"))
+            .memory
+            .expect("memory")
+    }
+
+    pub async fn get(&self, user: &User, key: &str) -> Result<Memory, Status> {
+        self.client()
+            .get_memory(testing::authed(
+                GetMemoryRequest { key: key.into() },
+                &user.token,
+            ))
+            .await
+            .map(|r| r.into_inner().memory.expect("memory"))
+    }
+
+    pub async fn delete(
+        &self,
+        user: &User,
+        key: &str,
+        expected_version: i64,
+    ) -> Result<(), Status> {
+        self.client()
+            .delete_memory(testing::authed(
+                DeleteMemoryRequest {
+                    key: key.into(),
+                    expected_version,
+                },
+                &user.token,
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn list(
+        &self,
+        user: &User,
+        req: ListMemoriesRequest,
+    ) -> Result<ListMemoriesResponse, Status> {
+        self.client()
+            .list_memories(testing::authed(req, &user.token))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Every page of a listing, as keys in the order returned.
+    pub async fn list_all(&self, user: &User, mut req: ListMemoriesRequest) -> Vec<String> {
+        let mut keys = Vec::new();
+        loop {
+            let page = self.list(user, req.clone()).await.expect("list page");
+            keys.extend(page.memories.into_iter().map(|m| m.key));
+            if page.next_page_token.is_empty() {
+                return keys;
+            }
+            req.page_token = page.next_page_token;
+        }
+    }
+
+    pub async fn search(
+        &self,
+        user: &User,
+        query: &str,
+        limit: i32,
+    ) -> Result<Vec<SearchResult>, Status> {
+        self.client()
+            .search_memories(testing::authed(
+                SearchMemoriesRequest {
+                    query: query.into(),
+                    limit,
+                },
+                &user.token,
+            ))
+            .await
+            .map(|r| r.into_inner().results)
+    }
+
+    pub async fn workspace(&self, user: &User) -> Result<Workspace, Status> {
+        self.client()
+            .get_workspace(testing::authed(GetWorkspaceRequest {}, &user.token))
+            .await
+            .map(|r| r.into_inner().workspace.expect("workspace"))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub fn put_req(key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
+    PutMemoryRequest {
+        key: key.into(),
+        content: content.into(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        metadata: None,
+        expected_version: 0,
+    }
+}
+
+/// Asserts `result` failed with `code`; returns the message.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> String {
+    match result {
+        Err(s) if s.code() == code => s.message().to_string(),
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+/// Asserts INVALID_ARGUMENT whose message names `field` first.
+#[track_caller]
+pub fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Status>, field: &str) {
+    let message = assert_code(result, Code::InvalidArgument);
+    assert!(
+        message.starts_with(&format!("{field}: ")),
+        "expected the message to name {field:?}: {message:?}"
+    );
+}

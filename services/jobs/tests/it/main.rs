@@ -1,3 +1,11 @@
 //! Integration tests of the jobs service: real Postgres, Redis and gRPC.
 
+mod access;
+mod cancel;
+mod create;
+mod delivery;
+mod lifecycle;
+mod listing;
 mod startup;
+mod support;
+mod watch;

@@ -1,0 +1,137 @@
+//! Who may call what: another user's jobs are NOT_FOUND everywhere, the
+//! runner needs the worker credential, user RPCs need a user.
+
+use keel_proto::jobs::v1::*;
+use keel_shared::testing::authed;
+use tonic::Code;
+
+use crate::support::{Svc, code};
+
+#[tokio::test]
+async fn another_users_job_is_not_found_for_every_rpc() {
+    let svc = Svc::start().await;
+    let mine = svc.create_kind("echo").await;
+    let (_, other) = svc.other_user().await;
+    let mut jobs = svc.jobs.clone();
+
+    let get = jobs
+        .get_job(authed(
+            GetJobRequest {
+                id: mine.id.clone(),
+            },
+            &other,
+        ))
+        .await;
+    assert_eq!(code(get), Code::NotFound);
+    let cancel = jobs
+        .cancel_job(authed(
+            CancelJobRequest {
+                id: mine.id.clone(),
+            },
+            &other,
+        ))
+        .await;
+    assert_eq!(code(cancel), Code::NotFound);
+    let watch = jobs
+        .watch_job(authed(
+            WatchJobRequest {
+                id: mine.id.clone(),
+            },
+            &other,
+        ))
+        .await;
+    assert_eq!(code(watch), Code::NotFound);
+    let listed = jobs
+        .list_jobs(authed(ListJobsRequest::default(), &other))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.jobs.is_empty());
+    // The same key as mine is theirs alone.
+    let theirs = jobs
+        .create_job(authed(
+            CreateJobRequest {
+                kind: "echo".into(),
+                ..Default::default()
+            },
+            &other,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let mine_listed = jobs
+        .list_jobs(svc.u(ListJobsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(mine_listed, vec![mine.clone()]);
+    assert_ne!(theirs.id, mine.id);
+    // Untouched by their attempts.
+    assert_eq!(svc.get(&mine.id).await, mine);
+}
+
+#[tokio::test]
+async fn the_runner_needs_the_worker_credential_and_users_need_a_user_token() {
+    let svc = Svc::start().await;
+    let job = svc.create_kind("echo").await;
+    let mut runner = svc.runner.clone();
+    let as_user = runner
+        .start_job(svc.u(StartJobRequest {
+            id: job.id.clone(),
+            worker_id: "sneaky".into(),
+        }))
+        .await;
+    assert_eq!(code(as_user), Code::PermissionDenied);
+    for result in [
+        runner
+            .heartbeat(svc.u(HeartbeatRequest {
+                id: job.id.clone(),
+                attempt: 1,
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+        runner
+            .complete_job(svc.u(CompleteJobRequest {
+                id: job.id.clone(),
+                attempt: 1,
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+        runner
+            .fail_job(svc.u(FailJobRequest {
+                id: job.id.clone(),
+                attempt: 1,
+                ..Default::default()
+            }))
+            .await
+            .map(|_| ()),
+    ] {
+        assert_eq!(code(result), Code::PermissionDenied);
+    }
+    let anonymous = runner
+        .start_job(tonic::Request::new(StartJobRequest {
+            id: job.id.clone(),
+            worker_id: "w".into(),
+        }))
+        .await;
+    assert_eq!(code(anonymous), Code::Unauthenticated);
+    assert_eq!(svc.get(&job.id).await.status(), JobStatus::Queued);
+
+    let worker_on_user_rpc = svc
+        .jobs
+        .clone()
+        .get_job(svc.w(GetJobRequest { id: job.id.clone() }))
+        .await;
+    assert_eq!(code(worker_on_user_rpc), Code::PermissionDenied);
+    let forged = svc
+        .jobs
+        .clone()
+        .get_job(authed(GetJobRequest { id: job.id.clone() }, "not-a-token"))
+        .await;
+    assert_eq!(code(forged), Code::Unauthenticated);
+}

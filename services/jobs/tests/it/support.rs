@@ -1,0 +1,264 @@
+//! Test harness: the jobs service in-process on its own database and Redis
+//! prefix, clients for a user and for the worker credential.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use keel_jobs::Config;
+use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
+use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
+use keel_proto::jobs::v1::*;
+use keel_shared::config::RedisConfig;
+use keel_shared::testing::{self, TestDb, TestRedis};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use uuid::Uuid;
+
+pub const WORKER_TOKEN: &str = "test-worker-token";
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub struct Svc {
+    pub db: TestDb,
+    /// Deletes this test's Redis keys on drop.
+    _redis: TestRedis,
+    /// What the service was pointed at (may differ from `redis.config`).
+    pub redis_config: RedisConfig,
+    pub jobs: JobsServiceClient<Channel>,
+    pub runner: JobRunnerServiceClient<Channel>,
+    pub user: Uuid,
+    pub token: String,
+    shutdown: CancellationToken,
+}
+
+impl Svc {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts the service after `tweak` adjusted its config.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDb::new().await;
+        let redis = TestRedis::new();
+        let (listener, addr) = testing::listener().await;
+        let mut config = Config::new(
+            addr,
+            db.config(),
+            redis.config.clone(),
+            testing::verifier_config(),
+            WORKER_TOKEN,
+        );
+        config.relay_interval_ms = 50;
+        config.reaper_interval_ms = 50;
+        tweak(&mut config);
+        let redis_config = config.redis.clone();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(keel_jobs::run(config, listener, shutdown.clone()));
+        let channel = testing::channel(addr).await;
+        let user = db
+            .create_user(&format!("{}@example.com", Uuid::new_v4().simple()))
+            .await;
+        let token = testing::user_token(user, "user@example.com");
+        Self {
+            db,
+            _redis: redis,
+            redis_config,
+            jobs: JobsServiceClient::new(channel.clone()),
+            runner: JobRunnerServiceClient::new(channel),
+            user,
+            token,
+            shutdown,
+        }
+    }
+
+    /// A second user with their own token.
+    pub async fn other_user(&self) -> (Uuid, String) {
+        let id = self
+            .db
+            .create_user(&format!("{}@example.com", Uuid::new_v4().simple()))
+            .await;
+        (id, testing::user_token(id, "other@example.com"))
+    }
+
+    pub fn u<T>(&self, msg: T) -> Request<T> {
+        testing::authed(msg, &self.token)
+    }
+
+    pub fn w<T>(&self, msg: T) -> Request<T> {
+        testing::authed(msg, WORKER_TOKEN)
+    }
+
+    pub async fn create(&self, req: CreateJobRequest) -> Job {
+        self.jobs
+            .clone()
+            .create_job(self.u(req))
+            .await
+            .expect("create job")
+            .into_inner()
+            .job
+            .unwrap()
+    }
+
+    pub async fn create_kind(&self, kind: &str) -> Job {
+        self.create(CreateJobRequest {
+            kind: kind.into(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn get(&self, id: &str) -> Job {
+        self.jobs
+            .clone()
+            .get_job(self.u(GetJobRequest { id: id.into() }))
+            .await
+            .expect("get job")
+            .into_inner()
+            .job
+            .unwrap()
+    }
+
+    pub async fn start_job(&self, id: &str) -> Result<StartJobResponse, tonic::Status> {
+        self.runner
+            .clone()
+            .start_job(self.w(StartJobRequest {
+                id: id.into(),
+                worker_id: "w-1".into(),
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// StartJob, retried until the job is due (retries and re-queues run later).
+    pub async fn start_when_due(&self, id: &str) -> StartJobResponse {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            match self.start_job(id).await {
+                Ok(r) => return r,
+                Err(s)
+                    if s.code() == Code::FailedPrecondition && s.message().contains("not due") =>
+                {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "job never became due"
+                    );
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(s) => panic!("start job: {s:?}"),
+            }
+        }
+    }
+
+    pub async fn fail_job(
+        &self,
+        id: &str,
+        attempt: i32,
+        retryable: bool,
+    ) -> Result<Job, tonic::Status> {
+        self.runner
+            .clone()
+            .fail_job(self.w(FailJobRequest {
+                id: id.into(),
+                attempt,
+                error: format!("boom {attempt}"),
+                retryable,
+                worker_id: "w-1".into(),
+            }))
+            .await
+            .map(|r| r.into_inner().job.unwrap())
+    }
+
+    pub async fn complete_job(
+        &self,
+        id: &str,
+        attempt: i32,
+        cancelled: bool,
+    ) -> Result<Job, tonic::Status> {
+        self.runner
+            .clone()
+            .complete_job(self.w(CompleteJobRequest {
+                id: id.into(),
+                attempt,
+                output: Some(keel_shared::json::json_to_struct(
+                    &serde_json::json!({"ok": true}),
+                )),
+                cancelled,
+                worker_id: "w-1".into(),
+            }))
+            .await
+            .map(|r| r.into_inner().job.unwrap())
+    }
+
+    /// Job ids in the jobs stream, in order (XRANGE under this test's prefix).
+    pub async fn stream_ids(&self) -> Vec<String> {
+        stream_ids(&self.redis_config).await
+    }
+
+    /// How many times each job id was XADDed.
+    pub async fn stream_counts(&self) -> HashMap<String, usize> {
+        let mut counts = HashMap::new();
+        for id in self.stream_ids().await {
+            *counts.entry(id).or_default() += 1;
+        }
+        counts
+    }
+
+    pub async fn outbox_len(&self) -> i64 {
+        let client = self.db.pool.get().await.unwrap();
+        client
+            .query_one("SELECT count(*) FROM job_outbox", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The job's history: (event, status, attempt).
+    pub async fn events(&self, id: &str) -> Vec<(String, String, i32)> {
+        let client = self.db.pool.get().await.unwrap();
+        let id = Uuid::parse_str(id).unwrap();
+        client
+            .query(
+                "SELECT event, status, attempt FROM job_events WHERE job_id = $1 ORDER BY id",
+                &[&id],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
+
+    pub async fn wait_outbox_empty(&self) {
+        testing::eventually(WAIT, "outbox drained", || async {
+            self.outbox_len().await == 0
+        })
+        .await;
+    }
+}
+
+impl Drop for Svc {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn stream_ids(config: &RedisConfig) -> Vec<String> {
+    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(config.jobs_stream())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    entries
+        .ids
+        .iter()
+        .map(|e| e.get::<String>(keel_shared::queue::FIELD_JOB_ID).unwrap())
+        .collect()
+}
+
+pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
+    result.expect_err("expected an error").code()
+}

@@ -25,7 +25,12 @@ pub const ACCESS_TOKEN_MAX_BYTES: usize = 8 * 1024;
 /// Trims and lower-cases an email and checks it looks like `local@domain.tld`.
 pub fn normalize_email(raw: &str) -> Result<String, AuthError> {
     let bad = |reason: &str| AuthError::invalid("email", reason);
-    let email = raw.trim().to_lowercase();
+    let trimmed = raw.trim();
+    // Bound the input before lower-casing it (which may change its length).
+    if trimmed.len() > EMAIL_MAX_BYTES {
+        return Err(bad("is longer than 254 bytes"));
+    }
+    let email = trimmed.to_lowercase();
     if email.is_empty() {
         return Err(bad("is required"));
     }

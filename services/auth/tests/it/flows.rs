@@ -257,4 +257,16 @@ async fn expired_refresh_token_is_refused() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let status = err(client.refresh(refresh_req(&tokens.refresh_token)).await);
     assert_eq!(status.code(), Code::Unauthenticated);
+
+    // The periodic sweep deletes expired refresh tokens.
+    let store = keel_auth::store::Store::new(env.db.pool.clone());
+    let (_, tokens_swept) = store.sweep(Duration::from_secs(900)).await.unwrap();
+    assert_eq!(tokens_swept, 1);
+    let db = env.db.pool.get().await.unwrap();
+    let left: i64 = db
+        .query_one("SELECT count(*) FROM refresh_tokens", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
 }

@@ -106,3 +106,32 @@ async fn a_successful_login_clears_the_failures() {
         .await);
     assert_eq!(status.code(), Code::ResourceExhausted);
 }
+
+#[tokio::test]
+async fn the_sweep_forgets_counters_whose_window_has_passed() {
+    let env = Env::new().await;
+    let store = keel_auth::store::Store::new(env.db.pool.clone());
+    let window = Duration::from_secs(1);
+    let email = keel_auth::domain::email_digest("swept@example.com");
+    assert!(
+        store
+            .reserve_login_attempt(&email, 1, window)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .reserve_login_attempt(&email, 1, window)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.sweep(window).await.unwrap().0, 0);
+    tokio::time::sleep(window + Duration::from_millis(100)).await;
+    assert_eq!(store.sweep(window).await.unwrap().0, 1);
+    assert!(
+        store
+            .reserve_login_attempt(&email, 1, window)
+            .await
+            .unwrap()
+    );
+}

@@ -1,5 +1,6 @@
 //! Integration tests of the auth service: real Postgres, real gRPC.
 
+mod audit;
 mod flows;
 mod keyfile;
 mod login;

@@ -14,10 +14,10 @@ fn item(i: usize) -> String {
 
 fn item_tags(i: usize) -> Vec<&'static str> {
     let mut tags = Vec::new();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         tags.push("even");
     }
-    if i % 3 == 0 {
+    if i.is_multiple_of(3) {
         tags.push("three");
     }
     tags
@@ -83,11 +83,11 @@ async fn filters_by_prefix_and_tag_in_key_order() {
 
     assert_eq!(
         env.list_all(&alice, list_req(9, "", "even")).await,
-        items((0..150).filter(|i| i % 2 == 0))
+        items((0..150).filter(|i: &usize| i.is_multiple_of(2)))
     );
     assert_eq!(
         env.list_all(&alice, list_req(9, "item/0", "three")).await,
-        items((0..100).filter(|i| i % 3 == 0))
+        items((0..100).filter(|i: &usize| i.is_multiple_of(3)))
     );
     assert_eq!(
         env.list_all(&alice, list_req(0, "", "odd one")).await,

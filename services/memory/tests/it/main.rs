@@ -3,10 +3,10 @@
 mod support;
 
 mod crud;
-//mod isolation;
-//mod limits;
+mod isolation;
+mod limits;
 mod listing;
-//mod search;
+mod search;
 mod startup;
 mod versions;
-//mod workspace;
+mod workspace;

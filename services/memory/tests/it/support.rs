@@ -7,7 +7,6 @@ use keel_shared::testing::{self, TestDb};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use uuid::Uuid;
 
 pub struct Env {
     pub db: TestDb,
@@ -18,7 +17,6 @@ pub struct Env {
 /// A user with a valid access token.
 #[derive(Clone)]
 pub struct User {
-    pub id: Uuid,
     pub token: String,
 }
 
@@ -47,7 +45,6 @@ impl Env {
         let email = format!("{name}@example.com");
         let id = self.db.create_user(&email).await;
         User {
-            id,
             token: testing::user_token(id, &email),
         }
     }

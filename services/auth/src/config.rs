@@ -88,6 +88,10 @@ pub struct LoginConfig {
     /// argon2id lanes (parallelism) for new password hashes.
     #[arg(long, env = "KEEL_ARGON2_PARALLELISM", default_value_t = DEFAULT_ARGON2_PARALLELISM)]
     pub argon2_parallelism: u32,
+    /// Most password hashes computed at once (each holds the memory cost);
+    /// further Register/Login calls wait. 0 means the number of CPUs.
+    #[arg(long, env = "KEEL_ARGON2_MAX_CONCURRENT", default_value_t = 0)]
+    pub argon2_max_concurrent: usize,
 }
 
 impl Config {
@@ -115,6 +119,7 @@ impl Config {
                 argon2_memory_kib: DEFAULT_ARGON2_MEMORY_KIB,
                 argon2_iterations: DEFAULT_ARGON2_ITERATIONS,
                 argon2_parallelism: DEFAULT_ARGON2_PARALLELISM,
+                argon2_max_concurrent: 0,
             },
         }
     }
@@ -133,5 +138,12 @@ impl TokenConfig {
 impl LoginConfig {
     pub fn failure_window(&self) -> Duration {
         Duration::from_secs(self.login_failure_window_secs)
+    }
+
+    pub fn max_concurrent_hashes(&self) -> usize {
+        match self.argon2_max_concurrent {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
     }
 }

@@ -10,6 +10,7 @@ use keel_proto::auth::v1::auth_service_server::AuthService;
 use keel_proto::auth::v1::*;
 use keel_shared::auth::{Authenticator, TokenSigner, TokenVerifier};
 use keel_shared::time::to_timestamp;
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -24,6 +25,8 @@ pub struct AuthApi {
     pub(crate) verifier: Arc<TokenVerifier>,
     pub(crate) authenticator: Authenticator,
     pub(crate) passwords: Arc<Passwords>,
+    /// Bounds the hashes in flight: each one holds argon2's memory cost.
+    pub(crate) hashing: Arc<Semaphore>,
     pub(crate) refresh_token_ttl: Duration,
     pub(crate) login_max_failures: u32,
     pub(crate) login_failure_window: Duration,
@@ -64,12 +67,24 @@ impl AuthApi {
         }
     }
 
+    async fn hashing_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, AuthError> {
+        self.hashing
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| AuthError::Internal(format!("hashing semaphore: {e}")))
+    }
+
     async fn hash_password(&self, password: String) -> Result<String, AuthError> {
         let passwords = self.passwords.clone();
-        tokio::task::spawn_blocking(move || passwords.hash(&password))
-            .await
-            .map_err(|e| AuthError::Internal(format!("password hashing task: {e}")))?
-            .map_err(AuthError::Internal)
+        let permit = self.hashing_permit().await?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            passwords.hash(&password)
+        })
+        .await
+        .map_err(|e| AuthError::Internal(format!("password hashing task: {e}")))?
+        .map_err(AuthError::Internal)
     }
 
     async fn verify_password(
@@ -78,9 +93,13 @@ impl AuthApi {
         hash: Option<String>,
     ) -> Result<bool, AuthError> {
         let passwords = self.passwords.clone();
-        tokio::task::spawn_blocking(move || passwords.verify(&password, hash.as_deref()))
-            .await
-            .map_err(|e| AuthError::Internal(format!("password verification task: {e}")))
+        let permit = self.hashing_permit().await?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            passwords.verify(&password, hash.as_deref())
+        })
+        .await
+        .map_err(|e| AuthError::Internal(format!("password verification task: {e}")))
     }
 }
 

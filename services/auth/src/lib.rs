@@ -91,6 +91,9 @@ pub async fn run(
         verifier,
         signer,
         passwords: Arc::new(passwords),
+        hashing: Arc::new(tokio::sync::Semaphore::new(
+            config.login.max_concurrent_hashes(),
+        )),
         refresh_token_ttl: config.tokens.refresh_token_ttl(),
         login_max_failures: config.login.login_max_failures,
         login_failure_window: config.login.failure_window(),

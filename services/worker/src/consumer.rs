@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -182,25 +182,19 @@ enum Work {
 }
 
 impl Jobs {
-    /// Waits for one free slot, then takes as many more as are free (up to BATCH).
-    async fn slots(&self) -> Option<Vec<OwnedSemaphorePermit>> {
-        let first = tokio::select! {
-            p = self.permits.clone().acquire_owned() => p.ok()?,
+    /// Waits until a slot is free; then how many are (up to BATCH). None on shutdown.
+    async fn free_slots(&self) -> Option<usize> {
+        tokio::select! {
+            p = self.permits.acquire() => drop(p.ok()?),
             _ = self.shared.shutdown.cancelled() => return None,
         };
-        let mut slots = vec![first];
-        while slots.len() < BATCH {
-            match self.permits.clone().try_acquire_owned() {
-                Ok(p) => slots.push(p),
-                Err(_) => break,
-            }
-        }
-        Some(slots)
+        Some(self.permits.available_permits().clamp(1, BATCH))
     }
 
-    /// Runs `message` in a task of its own holding `permit`. False when this
-    /// worker is already working on that message.
-    fn spawn(&self, message: Message, work: Work, permit: OwnedSemaphorePermit) -> bool {
+    /// Runs `message` in a task of its own once a slot is free (the reader
+    /// and the claimer both fetch only as many as are free, so the wait is
+    /// short). False when this worker is already working on that message.
+    fn spawn(&self, message: Message, work: Work) -> bool {
         if !self
             .shared
             .in_flight
@@ -211,12 +205,16 @@ impl Jobs {
             return false;
         }
         let shared = self.shared.clone();
+        let permits = self.permits.clone();
         self.tracker.spawn(async move {
-            let _permit = permit;
             let id = message.id.clone();
-            match work {
-                Work::Run => shared.process(message).await,
-                Work::DeadLetter { deliveries } => shared.dead_letter(message, deliveries).await,
+            if let Ok(_permit) = permits.acquire_owned().await {
+                match work {
+                    Work::Run => shared.process(message).await,
+                    Work::DeadLetter { deliveries } => {
+                        shared.dead_letter(message, deliveries).await
+                    }
+                }
             }
             shared.in_flight.lock().expect("in-flight set").remove(&id);
         });
@@ -229,7 +227,7 @@ async fn read_loop(jobs: &Jobs) {
     let shared = &jobs.shared;
     let mut reader = None;
     let mut failures = 0;
-    while let Some(mut slots) = jobs.slots().await {
+    while let Some(slots) = jobs.free_slots().await {
         if reader.is_none() {
             match shared.stream.reader().await {
                 Ok(conn) => reader = Some(conn),
@@ -244,12 +242,11 @@ async fn read_loop(jobs: &Jobs) {
             }
         }
         let conn = reader.as_mut().expect("connected above");
-        match shared.stream.read(conn, slots.len()).await {
+        match shared.stream.read(conn, slots).await {
             Ok(messages) => {
                 failures = 0;
                 for message in messages {
-                    let permit = slots.pop().expect("no more messages than slots");
-                    jobs.spawn(message, Work::Run, permit);
+                    jobs.spawn(message, Work::Run);
                 }
             }
             Err(StreamError::NoGroup) => {
@@ -283,31 +280,24 @@ async fn claim_loop(jobs: &Jobs, settings: &Settings) {
     while pause(&shared.shutdown, every).await {
         let mut cursor = "0-0".to_string();
         loop {
-            let mut slots = Vec::new();
-            while slots.len() < BATCH {
-                match jobs.permits.clone().try_acquire_owned() {
-                    Ok(p) => slots.push(p),
-                    Err(_) => break,
-                }
-            }
-            if slots.is_empty() {
+            let slots = jobs.permits.available_permits().min(BATCH);
+            if slots == 0 {
                 break;
             }
             match shared
                 .stream
-                .autoclaim(settings.claim_idle, &cursor, slots.len())
+                .autoclaim(settings.claim_idle, &cursor, slots)
                 .await
             {
                 Ok((claimed, next)) => {
                     for (message, deliveries) in claimed {
-                        let Some(permit) = slots.pop() else { break };
                         tracing::info!(message_id = %message.id, job_id = ?message.job_id, deliveries, "took over an idle message");
                         let work = if deliveries > settings.max_deliveries {
                             Work::DeadLetter { deliveries }
                         } else {
                             Work::Run
                         };
-                        jobs.spawn(message, work, permit);
+                        jobs.spawn(message, work);
                     }
                     if next == "0-0" {
                         break;

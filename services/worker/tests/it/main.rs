@@ -1,3 +1,9 @@
-//! Integration tests of the worker: real Redis, Postgres and gRPC.
+//! Integration tests of the worker: real Redis, Postgres and gRPC, with the
+//! jobs service running in-process.
 
+mod delivery;
+mod kinds;
+mod recovery;
+mod shutdown;
 mod startup;
+mod support;

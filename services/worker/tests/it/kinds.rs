@@ -1,0 +1,143 @@
+//! Built-in kinds, retries and unknown kinds, as a user sees them through
+//! JobsService.
+
+use keel_proto::jobs::v1::JobStatus;
+use keel_worker::Registry;
+use serde_json::json;
+
+use crate::support::Env;
+
+fn output(job: &keel_proto::jobs::v1::Job) -> serde_json::Value {
+    keel_shared::json::struct_to_json(job.output.as_ref().expect("output")).unwrap()
+}
+
+#[tokio::test]
+async fn built_in_kinds_reach_their_terminal_state() {
+    let env = Env::start().await;
+    let worker = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+
+    let payload = json!({"text": "hi", "n": 3.0, "nested": {"list": [true, null, "x"]}});
+    let echo = env.create("echo", payload.clone(), 1).await;
+    let sleep = env.create("sleep", json!({"ms": 50}), 1).await;
+    let fail = env
+        .create("fail", json!({"message": "nope", "retryable": false}), 3)
+        .await;
+    let too_long = env.create("sleep", json!({"ms": 600001}), 3).await;
+
+    let echo = env.wait_for(&echo.id, JobStatus::Succeeded).await;
+    assert_eq!(output(&echo), payload);
+    assert_eq!(echo.attempt, 1);
+
+    let sleep = env.wait_for(&sleep.id, JobStatus::Succeeded).await;
+    assert_eq!(output(&sleep), json!({"slept_ms": 50.0}));
+
+    // A permanent error fails the job at once, whatever max_attempts says.
+    let fail = env.wait_for(&fail.id, JobStatus::Failed).await;
+    assert_eq!(fail.error, "nope");
+    assert_eq!(fail.attempt, 1);
+
+    let too_long = env.wait_for(&too_long.id, JobStatus::Failed).await;
+    assert!(too_long.error.contains("payload.ms"), "{}", too_long.error);
+    assert_eq!(too_long.attempt, 1);
+
+    env.wait_drained().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn retryable_failures_are_retried_up_to_max_attempts() {
+    let env = Env::start().await;
+    let worker = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+
+    let job = env
+        .create("fail", json!({"message": "flaky", "retryable": true}), 3)
+        .await;
+    let job = env.wait_for(&job.id, JobStatus::Failed).await;
+    assert_eq!(job.attempt, 3, "three attempts, then no more");
+    assert_eq!(job.error, "flaky");
+
+    env.wait_drained().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_job_can_succeed_later() {
+    let env = Env::start().await;
+    let registry = Registry::new().register_fn("third-time", |ctx| async move {
+        if ctx.attempt < 3 {
+            Err(keel_worker::HandlerError::Retryable(format!(
+                "attempt {} not yet",
+                ctx.attempt
+            )))
+        } else {
+            Ok(json!({"attempt": ctx.attempt}))
+        }
+    });
+    let worker = env.start_worker(env.worker_config(), registry).await;
+
+    let job = env.create("third-time", json!({}), 5).await;
+    let job = env.wait_for(&job.id, JobStatus::Succeeded).await;
+    assert_eq!(job.attempt, 3);
+    assert_eq!(output(&job), json!({"attempt": 3.0}));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_kinds_fail_at_once() {
+    let env = Env::start().await;
+    let worker = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+
+    let job = env.create("no-such-kind", json!({}), 5).await;
+    let job = env.wait_for(&job.id, JobStatus::Failed).await;
+    assert_eq!(job.attempt, 1, "not retried");
+    assert!(job.error.contains("no-such-kind"), "{}", job.error);
+
+    env.wait_drained().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_panic_fails_the_attempt_and_the_worker_keeps_serving() {
+    let env = Env::start().await;
+    let registry = Registry::with_builtins().register_fn("panic", |ctx| async move {
+        if ctx.payload.get("fine").is_none() {
+            panic!("handler bug");
+        }
+        Ok(json!({}))
+    });
+    let worker = env.start_worker(env.worker_config(), registry).await;
+
+    let job = env.create("panic", json!({}), 2).await;
+    let job = env.wait_for(&job.id, JobStatus::Failed).await;
+    assert_eq!(job.attempt, 2, "a panic is a retryable failure");
+    assert!(job.error.contains("handler bug"), "{}", job.error);
+
+    let echo = env.create("echo", json!({"after": "panic"}), 1).await;
+    let echo = env.wait_for(&echo.id, JobStatus::Succeeded).await;
+    assert_eq!(output(&echo), json!({"after": "panic"}));
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_sleep_job_ends_it_cancelled() {
+    let env = Env::start().await;
+    let worker = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+
+    let job = env.create("sleep", json!({"ms": 600000}), 3).await;
+    env.wait_for(&job.id, JobStatus::Running).await;
+    let requested = env.cancel(&job.id).await;
+    assert!(requested.cancel_requested || requested.status() == JobStatus::Cancelled);
+    let job = env.wait_for(&job.id, JobStatus::Cancelled).await;
+    assert_eq!(job.attempt, 1);
+
+    env.wait_drained().await;
+    worker.stop().await;
+}

@@ -1,0 +1,120 @@
+//! Recovery: messages of dead consumers are taken over, poison messages are
+//! dead-lettered, and a SIGKILLed worker's job completes elsewhere.
+
+use keel_proto::jobs::v1::JobStatus;
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
+use keel_worker::Registry;
+use redis::streams::{StreamRangeReply, StreamReadReply};
+use serde_json::json;
+
+use crate::support::{Env, WAIT};
+
+#[tokio::test]
+async fn a_message_delivered_too_often_is_dead_lettered_and_its_job_failed() {
+    let env = Env::start().await;
+    let stream = env.redis.config.jobs_stream();
+    let mut conn = env.redis().await;
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(CONSUMER_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut *conn)
+        .await;
+    assert!(created.is_ok() || created.unwrap_err().code() == Some("BUSYGROUP"));
+
+    let job = env.create("echo", json!({"poison": true}), 5).await;
+    // A consumer that reads the message and dies before acknowledging it,
+    // three times over.
+    let message_id = read_as_ghost(&env, &stream, &job.id).await;
+    for _ in 0..2 {
+        let _: redis::Value = redis::cmd("XCLAIM")
+            .arg(&stream)
+            .arg(CONSUMER_GROUP)
+            .arg("ghost")
+            .arg(0)
+            .arg(&message_id)
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+    }
+
+    let mut config = env.worker_config();
+    config.max_deliveries = 3;
+    config.claim_idle_ms = 200;
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+
+    let job = env.wait_for(&job.id, JobStatus::Failed).await;
+    assert_eq!(job.error, "dead-lettered after 3 deliveries");
+    assert_eq!(job.attempt, 1);
+    let dead: StreamRangeReply = redis::cmd("XRANGE")
+        .arg(env.redis.config.dead_letter_stream())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(dead.ids.len(), 1);
+    assert_eq!(dead.ids[0].get::<String>(FIELD_JOB_ID).as_deref(), Some(job.id.as_str()));
+    assert_eq!(dead.ids[0].get::<String>("message_id").as_deref(), Some(message_id.as_str()));
+    env.wait_drained().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
+    let env = Env::start_with(|jobs| jobs.lease_ms = 1_000).await;
+    let mut child = env.spawn_binary();
+
+    let job = env.create("sleep", json!({"ms": 1500}), 3).await;
+    let running = env.wait_for(&job.id, JobStatus::Running).await;
+    assert_eq!(running.attempt, 1);
+    child.kill().await.expect("SIGKILL the worker");
+
+    let worker = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+    let job = env.wait_for(&job.id, JobStatus::Succeeded).await;
+    assert_eq!(job.attempt, 2, "the second attempt finished it");
+    assert_eq!(
+        keel_shared::json::struct_to_json(job.output.as_ref().unwrap()).unwrap(),
+        json!({"slept_ms": 1500.0})
+    );
+    // The dead worker's message is taken over and settled too.
+    env.wait_drained().await;
+    let job = env.get(&job.id).await;
+    assert_eq!(job.status(), JobStatus::Succeeded);
+    assert_eq!(job.attempt, 2);
+    worker.stop().await;
+}
+
+/// Reads the job's message as consumer "ghost" (waiting for the relay to publish it).
+async fn read_as_ghost(env: &Env, stream: &str, job_id: &str) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut conn = env.redis().await;
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(CONSUMER_GROUP)
+            .arg("ghost")
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        let entries: Vec<_> = reply
+            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+            .unwrap_or_default();
+        if let Some(entry) = entries.first() {
+            assert_eq!(entries.len(), 1);
+            assert_eq!(entry.get::<String>(FIELD_JOB_ID).as_deref(), Some(job_id));
+            return entry.id.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job never reached the stream");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}

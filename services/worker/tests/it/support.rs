@@ -1,0 +1,283 @@
+//! Test environment: the jobs service in-process (own database and Redis
+//! prefix), a user with a token, and workers started in-process.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
+use keel_proto::jobs::v1::{CancelJobRequest, CreateJobRequest, GetJobRequest, Job, JobStatus};
+use keel_shared::StartupError;
+use keel_shared::testing::{self, TestDb, TestRedis};
+use keel_worker::{Config, Registry};
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub const WORKER_TOKEN: &str = "test-worker-token";
+/// Long enough for a loaded 2-core CI machine.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub struct Env {
+    _db: TestDb,
+    pub redis: TestRedis,
+    pub jobs_addr: SocketAddr,
+    jobs_config: keel_jobs::Config,
+    jobs_shutdown: CancellationToken,
+    jobs_task: Option<JoinHandle<Result<(), StartupError>>>,
+    pub token: String,
+    pub jobs: JobsServiceClient<Channel>,
+}
+
+impl Env {
+    /// Jobs service with quick retries and relay; leases of `lease_ms`.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(&mut keel_jobs::Config)) -> Self {
+        if std::env::var_os("RUST_LOG").is_some() {
+            keel_shared::telemetry::init(Default::default());
+        }
+        let db = TestDb::new().await;
+        let redis = TestRedis::new();
+        let (listener, jobs_addr) = testing::listener().await;
+        let mut config = keel_jobs::Config::new(
+            jobs_addr,
+            db.config(),
+            redis.config.clone(),
+            testing::verifier_config(),
+            WORKER_TOKEN,
+        );
+        config.retry_base_ms = 20;
+        config.retry_max_ms = 100;
+        config.relay_interval_ms = 50;
+        config.reaper_interval_ms = 100;
+        tune(&mut config);
+        let jobs_shutdown = CancellationToken::new();
+        let jobs_task = tokio::spawn(keel_jobs::run(
+            config.clone(),
+            listener,
+            jobs_shutdown.clone(),
+        ));
+        let email = "worker-test@example.com";
+        let user = db.create_user(email).await;
+        let token = testing::user_token(user, email);
+        let jobs = JobsServiceClient::new(testing::channel(jobs_addr).await);
+        Self {
+            _db: db,
+            redis,
+            jobs_addr,
+            jobs_config: config,
+            jobs_shutdown,
+            jobs_task: Some(jobs_task),
+            token,
+            jobs,
+        }
+    }
+
+    /// Stops the jobs service (the worker sees an outage).
+    pub async fn stop_jobs(&mut self) {
+        self.jobs_shutdown.cancel();
+        if let Some(task) = self.jobs_task.take() {
+            task.await.expect("jobs task").expect("jobs clean shutdown");
+        }
+    }
+
+    /// Starts the jobs service again on the same address.
+    pub async fn restart_jobs(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.jobs_addr)
+            .await
+            .expect("rebind the jobs address");
+        self.jobs_shutdown = CancellationToken::new();
+        self.jobs_task = Some(tokio::spawn(keel_jobs::run(
+            self.jobs_config.clone(),
+            listener,
+            self.jobs_shutdown.clone(),
+        )));
+    }
+
+    /// A worker config against this environment, tuned for tests.
+    pub fn worker_config(&self) -> Config {
+        let mut config = Config::new(
+            "127.0.0.1:0".parse().unwrap(),
+            format!("http://{}", self.jobs_addr),
+            WORKER_TOKEN,
+            self.redis.config.clone(),
+        );
+        config.concurrency = Some(4);
+        config.heartbeat_ms = 100;
+        config.claim_idle_ms = 1_000;
+        config.job_grace_ms = 5_000;
+        config.trim_interval_ms = 1_000;
+        config
+    }
+
+    pub async fn start_worker(&self, config: Config, registry: Registry) -> Worker {
+        let (listener, health_addr) = testing::listener().await;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(keel_worker::run_with(
+            config,
+            registry,
+            listener,
+            shutdown.clone(),
+        ));
+        Worker {
+            shutdown,
+            task: Some(task),
+            health_addr,
+        }
+    }
+
+    pub async fn create(&self, kind: &str, payload: Value, max_attempts: i32) -> Job {
+        let request = CreateJobRequest {
+            kind: kind.into(),
+            payload: Some(keel_shared::json::json_to_struct(&payload)),
+            max_attempts,
+            ..Default::default()
+        };
+        self.jobs
+            .clone()
+            .create_job(testing::authed(request, &self.token))
+            .await
+            .expect("CreateJob")
+            .into_inner()
+            .job
+            .expect("job")
+    }
+
+    pub async fn get(&self, id: &str) -> Job {
+        self.jobs
+            .clone()
+            .get_job(testing::authed(GetJobRequest { id: id.into() }, &self.token))
+            .await
+            .expect("GetJob")
+            .into_inner()
+            .job
+            .expect("job")
+    }
+
+    pub async fn cancel(&self, id: &str) -> Job {
+        self.jobs
+            .clone()
+            .cancel_job(testing::authed(
+                CancelJobRequest { id: id.into() },
+                &self.token,
+            ))
+            .await
+            .expect("CancelJob")
+            .into_inner()
+            .job
+            .expect("job")
+    }
+
+    /// Waits until the job has `status`, and returns it.
+    pub async fn wait_for(&self, id: &str, status: JobStatus) -> Job {
+        testing::eventually(WAIT, &format!("job {id} to be {status:?}"), || async {
+            self.get(id).await.status() == status
+        })
+        .await;
+        self.get(id).await
+    }
+
+    pub async fn redis(&self) -> deadpool_redis::Connection {
+        self.redis.pool().get().await.expect("redis connection")
+    }
+
+    /// Messages of the consumer group not yet acknowledged.
+    pub async fn pending(&self) -> u64 {
+        let mut conn = self.redis().await;
+        let reply: redis::Value = redis::cmd("XPENDING")
+            .arg(self.redis.config.jobs_stream())
+            .arg(keel_shared::queue::CONSUMER_GROUP)
+            .query_async(&mut *conn)
+            .await
+            .expect("XPENDING");
+        match reply {
+            redis::Value::Array(items) => match items.first() {
+                Some(redis::Value::Int(n)) => *n as u64,
+                _ => 0,
+            },
+            _ => 0,
+        }
+    }
+
+    /// Waits until the stream is fully read and acknowledged by the group.
+    pub async fn wait_drained(&self) {
+        testing::eventually(WAIT, "every stream entry read and acknowledged", || async {
+            let mut conn = self.redis().await;
+            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(self.redis.config.jobs_stream())
+                .query_async(&mut *conn)
+                .await
+                .expect("XINFO GROUPS");
+            let Some(group) = groups.groups.first() else {
+                return false;
+            };
+            let top: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(self.redis.config.jobs_stream())
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut *conn)
+                .await
+                .expect("XREVRANGE");
+            let newest = top.ids.first().map(|e| e.id.clone()).unwrap_or_default();
+            group.pending == 0 && group.last_delivered_id == newest
+        })
+        .await;
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.jobs_shutdown.cancel();
+    }
+}
+
+pub struct Worker {
+    pub shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), StartupError>>>,
+    pub health_addr: SocketAddr,
+}
+
+impl Worker {
+    /// Signals shutdown and waits for the worker to drain and return.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("worker task").expect("worker clean shutdown");
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Env {
+    /// The real `keel-worker` binary against this environment.
+    pub fn spawn_binary(&self) -> tokio::process::Child {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_keel-worker"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "warn")
+            .env("KEEL_JOBS_URL", format!("http://{}", self.jobs_addr))
+            .env("KEEL_WORKER_TOKEN", WORKER_TOKEN)
+            .env("REDIS_URL", &self.redis.config.redis_url)
+            .env("KEEL_REDIS_PREFIX", &self.redis.config.redis_prefix)
+            .env("KEEL_WORKER_HEALTH_ADDR", "127.0.0.1:0")
+            .env("KEEL_WORKER_HEARTBEAT_MS", "100")
+            .env("KEEL_WORKER_CLAIM_IDLE_MS", "1000")
+            .env("KEEL_WORKER_CONCURRENCY", "2")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn keel-worker")
+    }
+}

@@ -50,13 +50,18 @@ CREATE TABLE job_events (
 );
 CREATE INDEX job_events_job_id_idx ON job_events (job_id, id);
 
--- Jobs to publish on the Redis stream once due. Written in the same
--- transaction as the job (or its retry), deleted once XADDed.
+-- Queued jobs to publish on the Redis stream when due. Written in the same
+-- transaction as the job (or its retry); deleted when the job starts or is
+-- cancelled. After each XADD the row waits (longer each time) and is
+-- published again if the job still has not started, so a stream entry lost
+-- with Redis's memory does not strand the job.
 CREATE TABLE job_outbox (
-    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    job_id     uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
-    deliver_at timestamptz NOT NULL DEFAULT now(),
-    priority   integer NOT NULL DEFAULT 0
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id       uuid NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    deliver_at   timestamptz NOT NULL DEFAULT now(),
+    priority     integer NOT NULL DEFAULT 0,
+    published_at timestamptz,  -- last XADD; NULL: never published
+    publications integer NOT NULL DEFAULT 0
 );
 CREATE INDEX job_outbox_due_idx ON job_outbox (deliver_at);
 CREATE INDEX job_outbox_job_id_idx ON job_outbox (job_id);

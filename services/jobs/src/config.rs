@@ -14,6 +14,7 @@ pub const DEFAULT_RELAY_BATCH: i64 = 500;
 pub const DEFAULT_REAPER_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_WATCH_POLL_MS: u64 = 2_000;
+pub const DEFAULT_REDELIVER_AFTER_MS: u64 = 300_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-jobs", about = "Keel jobs service", version)]
@@ -58,6 +59,12 @@ pub struct Config {
     /// (announcements can be lost), and polls at this pace when Redis is down.
     #[arg(long, env = "KEEL_JOBS_WATCH_POLL_MS", default_value_t = DEFAULT_WATCH_POLL_MS)]
     pub watch_poll_ms: u64,
+    /// A job added to the stream but still not started this long after is
+    /// added again (its entry may have been lost, e.g. Redis restarted
+    /// empty); the wait doubles with each re-publication. Workers refuse
+    /// duplicates through StartJob.
+    #[arg(long, env = "KEEL_JOBS_REDELIVER_AFTER_MS", default_value_t = DEFAULT_REDELIVER_AFTER_MS)]
+    pub redeliver_after_ms: u64,
 }
 
 impl Config {
@@ -84,6 +91,7 @@ impl Config {
             reaper_interval_ms: DEFAULT_REAPER_INTERVAL_MS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             watch_poll_ms: DEFAULT_WATCH_POLL_MS,
+            redeliver_after_ms: DEFAULT_REDELIVER_AFTER_MS,
         }
     }
 
@@ -97,6 +105,10 @@ impl Config {
 
     pub fn reaper_interval(&self) -> Duration {
         Duration::from_millis(self.reaper_interval_ms.max(1))
+    }
+
+    pub fn redeliver_after(&self) -> Duration {
+        Duration::from_millis(self.redeliver_after_ms.max(10))
     }
 
     pub fn watch_poll(&self) -> Duration {

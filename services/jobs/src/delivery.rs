@@ -1,6 +1,6 @@
 //! Getting jobs to the workers and transitions to watchers: the outbox relay
-//! (Postgres -> Redis stream, nothing lost), the lease reaper, and the per-job
-//! pub/sub announcements.
+//! (Postgres -> Redis stream, nothing lost, re-published while not started),
+//! the lease reaper, and the per-job pub/sub announcements.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,15 +29,23 @@ pub struct Delivery {
     /// The consumer group exists (we create it at id 0, so entries added
     /// before any worker ever started are still delivered).
     group_ready: AtomicBool,
+    /// First wait before re-publishing a job that has not started.
+    redeliver_after: Duration,
 }
 
 impl Delivery {
-    pub fn new(pool: Pool, redis: deadpool_redis::Pool, redis_config: RedisConfig) -> Self {
+    pub fn new(
+        pool: Pool,
+        redis: deadpool_redis::Pool,
+        redis_config: RedisConfig,
+        redeliver_after: Duration,
+    ) -> Self {
         Self {
             pool,
             redis,
             redis_config,
             group_ready: AtomicBool::new(false),
+            redeliver_after,
         }
     }
 
@@ -57,10 +65,10 @@ impl Delivery {
         self.publish_claimed(None, batch).await
     }
 
-    /// Claims rows with FOR UPDATE SKIP LOCKED, XADDs them, deletes them, all
-    /// inside one transaction: a crash or a Redis error before the commit
-    /// leaves the rows for the next round, and two replicas never both
-    /// publish the same row.
+    /// Claims rows with FOR UPDATE SKIP LOCKED, XADDs them and marks them
+    /// published, all inside one transaction: a crash or a Redis error before
+    /// the commit leaves the rows for the next round, and two replicas never
+    /// both publish the same row.
     async fn publish_claimed(&self, ids: Option<&[i64]>, limit: i64) -> Result<usize, JobsError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -71,7 +79,7 @@ impl Delivery {
         let job_ids: Vec<Uuid> = claimed.iter().map(|(_, j)| *j).collect();
         self.xadd(&job_ids).await?;
         let outbox_ids: Vec<i64> = claimed.iter().map(|(o, _)| *o).collect();
-        store::delete_outbox(&tx, &outbox_ids).await?;
+        store::mark_published(&tx, &outbox_ids, self.redeliver_after).await?;
         tx.commit().await?;
         Ok(claimed.len())
     }

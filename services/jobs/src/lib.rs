@@ -52,6 +52,7 @@ pub async fn run(
         pool.clone(),
         redis,
         config.redis.clone(),
+        config.redeliver_after(),
     ));
     let jobs = Arc::new(service::Jobs {
         pool,

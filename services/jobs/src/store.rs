@@ -287,8 +287,8 @@ pub async fn request_cancel(
     opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
 }
 
-/// Queued and due -> running, attempt + 1, with a lease. None when the job is
-/// not queued or not due.
+/// Queued and due -> running, attempt + 1, with a lease; its delivery is
+/// done. None when the job is not queued or not due.
 pub async fn start_job(
     client: &impl GenericClient,
     id: Uuid,
@@ -307,6 +307,8 @@ pub async fn start_job(
          ), ev AS (
             INSERT INTO job_events (job_id, event, status, attempt, worker_id)
             SELECT id, 'started', status, attempt, worker_id FROM j
+         ), ob AS (
+            DELETE FROM job_outbox WHERE job_id IN (SELECT id FROM j)
          )
          SELECT * FROM j"
     );
@@ -496,11 +498,21 @@ pub async fn claim_outbox(
         .collect()
 }
 
-/// Removes delivered outbox rows.
-pub async fn delete_outbox(client: &impl GenericClient, ids: &[i64]) -> Result<(), JobsError> {
-    let stmt = client
-        .prepare_cached("DELETE FROM job_outbox WHERE id = ANY($1)")
+/// Marks outbox rows published. Each stays until its job starts; if that
+/// has not happened after `redeliver_after * 2^(publications - 1)` (at most
+/// 1024 times `redeliver_after`), it is published again.
+pub async fn mark_published(
+    client: &impl GenericClient,
+    ids: &[i64],
+    redeliver_after: Duration,
+) -> Result<(), JobsError> {
+    const SQL: &str = "UPDATE job_outbox
+                       SET published_at = now(), publications = publications + 1,
+                           deliver_at = now() + make_interval(secs => $2 * power(2, least(publications, 10)))
+                       WHERE id = ANY($1)";
+    let stmt = client.prepare_cached(SQL).await?;
+    client
+        .execute(&stmt, &[&ids, &redeliver_after.as_secs_f64()])
         .await?;
-    client.execute(&stmt, &[&ids]).await?;
     Ok(())
 }

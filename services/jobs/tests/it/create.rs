@@ -45,7 +45,7 @@ async fn concurrent_identical_creates_make_exactly_one_job() {
     }
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_eq!(job_count(&svc).await, 1);
-    svc.wait_outbox_empty().await;
+    svc.wait_delivered().await;
     assert_eq!(svc.stream_ids().await.len(), 1);
 
     // Later repeats return the original; the key is per user.

@@ -38,7 +38,7 @@ async fn every_job_is_added_to_the_stream_exactly_once() {
         .jobs;
     ids.extend(batch.into_iter().map(|j| j.id));
 
-    svc.wait_outbox_empty().await;
+    svc.wait_delivered().await;
     let counts = svc.stream_counts().await;
     assert_eq!(counts.len(), ids.len());
     for id in &ids {
@@ -72,7 +72,7 @@ async fn create_job_succeeds_while_redis_is_unreachable_and_the_job_waits_in_the
     assert_eq!(job.status(), JobStatus::Queued);
     // Let the relay try (and fail) a few times: the row stays.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(svc.outbox_len().await, 1);
+    assert_eq!(svc.undelivered_len().await, 1);
     assert_eq!(svc.get(&job.id).await.status(), JobStatus::Queued);
 
     // Transitions still work; watchers fall back to Postgres.
@@ -154,10 +154,76 @@ async fn jobs_created_while_redis_is_down_are_delivered_once_it_is_back() {
         waiting.push(svc.create_kind("echo").await.id);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(svc.outbox_len().await, 3);
+    assert_eq!(svc.undelivered_len().await, 3);
 
     // Redis back (empty: it kept nothing): the relay delivers each of them once.
     let _redis = start_redis(port).await.expect("restart redis-server");
-    svc.wait_outbox_empty().await;
+    svc.wait_delivered().await;
     assert_eq!(stream_ids(&redis_config).await, waiting);
+}
+
+#[tokio::test]
+async fn a_job_not_started_is_published_again_and_stops_once_started() {
+    let svc = Svc::start_with(|c| c.redeliver_after_ms = 100).await;
+    let job = svc.create_kind("echo").await;
+    // As if Redis had lost the first entry: nobody starts it, so it comes again.
+    testing::eventually(WAIT, "job re-published", || async {
+        svc.stream_counts().await.get(&job.id).copied().unwrap_or(0) >= 2
+    })
+    .await;
+    svc.start_job(&job.id).await.unwrap();
+    assert_eq!(svc.outbox_len().await, 0);
+}
+
+#[tokio::test]
+async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
+    let svc = Svc::start_with(|c| {
+        c.relay_interval_ms = 5;
+        c.lease_ms = 200;
+        c.reaper_interval_ms = 5;
+    })
+    .await;
+    let replica = svc
+        .replica(|c| {
+            c.relay_interval_ms = 5;
+            c.lease_ms = 200;
+            c.reaper_interval_ms = 5;
+        })
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..15 {
+        ids.push(svc.create_kind(&format!("a{i}")).await.id);
+        let job = replica
+            .jobs
+            .clone()
+            .create_job(svc.u(CreateJobRequest {
+                kind: format!("b{i}"),
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
+        ids.push(job.id);
+    }
+    svc.wait_delivered().await;
+    let counts = svc.stream_counts().await;
+    for id in &ids {
+        assert_eq!(counts.get(id), Some(&1), "{id}");
+    }
+
+    // Both replicas reap; an expired lease is reaped once.
+    svc.start_job(&ids[0]).await.unwrap();
+    testing::eventually(WAIT, "lease reaped", || async {
+        svc.get(&ids[0]).await.status() == JobStatus::Queued
+    })
+    .await;
+    let expired = svc
+        .events(&ids[0])
+        .await
+        .into_iter()
+        .filter(|e| e.0 == "lease_expired")
+        .count();
+    assert_eq!(expired, 1);
 }

@@ -168,7 +168,7 @@ async fn retryable_failures_back_off_until_max_attempts_then_fail() {
             ev("failed", "failed", 3),
         ]
     );
-    svc.wait_outbox_empty().await;
+    svc.wait_delivered().await;
     assert_eq!(svc.stream_counts().await.get(&job.id), Some(&3));
 }
 
@@ -208,7 +208,7 @@ async fn delayed_jobs_are_not_started_or_delivered_before_they_are_due() {
         svc.stream_ids().await == vec![now.id.clone()]
     })
     .await;
-    assert_eq!(svc.outbox_len().await, 1);
+    assert_eq!(svc.undelivered_len().await, 1);
 }
 
 #[tokio::test]

@@ -203,13 +203,20 @@ impl Svc {
         counts
     }
 
+    /// Outbox rows: every queued job has one until it starts.
     pub async fn outbox_len(&self) -> i64 {
-        let client = self.db.pool.get().await.unwrap();
-        client
-            .query_one("SELECT count(*) FROM job_outbox", &[])
+        self.count("SELECT count(*) FROM job_outbox").await
+    }
+
+    /// Outbox rows never published to the stream yet.
+    pub async fn undelivered_len(&self) -> i64 {
+        self.count("SELECT count(*) FROM job_outbox WHERE published_at IS NULL")
             .await
-            .unwrap()
-            .get(0)
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        let client = self.db.pool.get().await.unwrap();
+        client.query_one(sql, &[]).await.unwrap().get(0)
     }
 
     /// The job's history: (event, status, attempt).
@@ -228,11 +235,44 @@ impl Svc {
             .collect()
     }
 
-    pub async fn wait_outbox_empty(&self) {
-        testing::eventually(WAIT, "outbox drained", || async {
-            self.outbox_len().await == 0
+    pub async fn wait_delivered(&self) {
+        testing::eventually(WAIT, "every job published", || async {
+            self.undelivered_len().await == 0
         })
         .await;
+    }
+
+    /// Another replica of the service on the same database and Redis prefix.
+    pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> Replica {
+        let (listener, addr) = testing::listener().await;
+        let mut config = Config::new(
+            addr,
+            self.db.config(),
+            self.redis_config.clone(),
+            testing::verifier_config(),
+            WORKER_TOKEN,
+        );
+        tweak(&mut config);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(keel_jobs::run(config, listener, shutdown.clone()));
+        let channel = testing::channel(addr).await;
+        Replica {
+            jobs: JobsServiceClient::new(channel.clone()),
+            runner: JobRunnerServiceClient::new(channel),
+            shutdown,
+        }
+    }
+}
+
+pub struct Replica {
+    pub jobs: JobsServiceClient<Channel>,
+    pub runner: JobRunnerServiceClient<Channel>,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 

@@ -70,3 +70,17 @@ fn describe_target(pg: &tokio_postgres::Config) -> String {
     let db = pg.get_dbname().unwrap_or("(default)");
     format!("{host}:{port}/{db}")
 }
+
+/// `url` with its database name replaced (for tools that create databases).
+pub fn with_dbname(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    format!("{base}/{db}{query}")
+}

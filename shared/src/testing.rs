@@ -34,19 +34,7 @@ pub fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS.to_string())
 }
 
-/// `url` with its database name replaced.
-pub fn with_dbname(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, format!("?{q}")),
-        None => (url, String::new()),
-    };
-    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match base[scheme_end..].find('/') {
-        Some(i) => &base[..scheme_end + i],
-        None => base,
-    };
-    format!("{base}/{db}{query}")
-}
+pub use crate::db::with_dbname;
 
 async fn admin_client() -> tokio_postgres::Client {
     let url = admin_url();

@@ -213,8 +213,16 @@ async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
         assert_eq!(counts.get(id), Some(&1), "{id}");
     }
 
-    // Both replicas reap; an expired lease is reaped once.
-    svc.start_job(&ids[0]).await.unwrap();
+    // Started through one replica; both reap; an expired lease is reaped once.
+    replica
+        .runner
+        .clone()
+        .start_job(svc.w(StartJobRequest {
+            id: ids[0].clone(),
+            worker_id: "w-2".into(),
+        }))
+        .await
+        .unwrap();
     testing::eventually(WAIT, "lease reaped", || async {
         svc.get(&ids[0]).await.status() == JobStatus::Queued
     })

@@ -101,10 +101,7 @@ mod tests {
 
     #[test]
     fn classifies_answers() {
-        assert_eq!(
-            classify(&Status::failed_precondition("x")),
-            Answer::Refused
-        );
+        assert_eq!(classify(&Status::failed_precondition("x")), Answer::Refused);
         assert_eq!(classify(&Status::not_found("x")), Answer::Refused);
         assert_eq!(classify(&Status::invalid_argument("x")), Answer::Rejected);
         for s in [

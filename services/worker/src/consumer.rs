@@ -153,8 +153,9 @@ pub(crate) async fn run(shared: Arc<Shared>, settings: Settings) {
 /// Sleeps for `d` unless `token` is cancelled first; false when it was.
 async fn pause(token: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
-        _ = tokio::time::sleep(d) => true,
+        biased;
         _ = token.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
     }
 }
 
@@ -185,8 +186,9 @@ impl Jobs {
     /// Waits until a slot is free; then how many are (up to BATCH). None on shutdown.
     async fn free_slots(&self) -> Option<usize> {
         tokio::select! {
-            p = self.permits.acquire() => drop(p.ok()?),
+            biased;
             _ = self.shared.shutdown.cancelled() => return None,
+            p = self.permits.acquire() => drop(p.ok()?),
         };
         Some(self.permits.available_permits().clamp(1, BATCH))
     }

@@ -226,7 +226,10 @@ mod tests {
 
     #[tokio::test]
     async fn sleep_sleeps_and_reports() {
-        assert_eq!(run("sleep", json!({"ms": 5})).await, Ok(json!({"slept_ms": 5})));
+        assert_eq!(
+            run("sleep", json!({"ms": 5})).await,
+            Ok(json!({"slept_ms": 5}))
+        );
         assert_eq!(
             run("sleep", json!({"ms": 5.0})).await,
             Ok(json!({"slept_ms": 5}))

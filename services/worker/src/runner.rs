@@ -99,8 +99,14 @@ enum Stop {
 /// What to tell the jobs service about the attempt.
 #[derive(Debug, PartialEq)]
 enum Outcome {
-    Complete { output: Value, cancelled: bool },
-    Fail { error: String, retryable: bool },
+    Complete {
+        output: Value,
+        cancelled: bool,
+    },
+    Fail {
+        error: String,
+        retryable: bool,
+    },
     /// Nothing: the attempt is not ours any more.
     Nothing,
 }
@@ -116,19 +122,13 @@ impl Shared {
             return;
         };
         let id = job_id.to_string();
-        let start = call(
-            &self.client,
-            &self.shutdown,
-            "StartJob",
-            &id,
-            |mut c| {
-                let req = StartJobRequest {
-                    id: id.clone(),
-                    worker_id: self.worker_id.clone(),
-                };
-                async move { c.start_job(req).await }
-            },
-        )
+        let start = call(&self.client, &self.shutdown, "StartJob", &id, |mut c| {
+            let req = StartJobRequest {
+                id: id.clone(),
+                worker_id: self.worker_id.clone(),
+            };
+            async move { c.start_job(req).await }
+        })
         .await;
         let job = match start {
             Ok(started) => started.job.unwrap_or_default(),
@@ -198,6 +198,7 @@ impl Shared {
         let mut abort_at: Option<Instant> = None;
         let result = loop {
             tokio::select! {
+                biased;
                 res = &mut task => break res,
                 _ = heartbeat.tick() => {
                     match self.heartbeat(&id, job.attempt).await {
@@ -285,7 +286,12 @@ impl Shared {
                         return true;
                     }
                     Err(CallError::Refused(status)) => {
-                        tracing::info!(job_id = id, attempt, reason = status.message(), "completion not recorded: already settled");
+                        tracing::info!(
+                            job_id = id,
+                            attempt,
+                            reason = status.message(),
+                            "completion not recorded: already settled"
+                        );
                         return true;
                     }
                     Err(CallError::GaveUp) => return false,
@@ -318,11 +324,21 @@ impl Shared {
                 true
             }
             Err(CallError::Refused(status)) => {
-                tracing::info!(job_id = id, attempt, reason = status.message(), "failure not recorded: already settled");
+                tracing::info!(
+                    job_id = id,
+                    attempt,
+                    reason = status.message(),
+                    "failure not recorded: already settled"
+                );
                 true
             }
             Err(CallError::Rejected(status)) => {
-                tracing::error!(job_id = id, attempt, reason = status.message(), "failure rejected by the jobs service");
+                tracing::error!(
+                    job_id = id,
+                    attempt,
+                    reason = status.message(),
+                    "failure rejected by the jobs service"
+                );
                 true
             }
             Err(CallError::GaveUp) => false,

@@ -128,9 +128,18 @@ async fn two_workers_share_the_load() {
         *per_job.entry(job.clone()).or_default() += 1;
     }
     assert_eq!(per_job.len(), 40);
-    assert!(per_job.values().all(|&n| n == 1), "each job ran once: {per_job:?}");
-    assert!(runs.get("a").copied().unwrap_or(0) > 0, "a ran some: {runs:?}");
-    assert!(runs.get("b").copied().unwrap_or(0) > 0, "b ran some: {runs:?}");
+    assert!(
+        per_job.values().all(|&n| n == 1),
+        "each job ran once: {per_job:?}"
+    );
+    assert!(
+        runs.get("a").copied().unwrap_or(0) > 0,
+        "a ran some: {runs:?}"
+    );
+    assert!(
+        runs.get("b").copied().unwrap_or(0) > 0,
+        "b ran some: {runs:?}"
+    );
     for job in succeeded().await {
         assert_eq!(job.attempt, 1);
     }

@@ -56,8 +56,14 @@ async fn a_message_delivered_too_often_is_dead_lettered_and_its_job_failed() {
         .await
         .unwrap();
     assert_eq!(dead.ids.len(), 1);
-    assert_eq!(dead.ids[0].get::<String>(FIELD_JOB_ID).as_deref(), Some(job.id.as_str()));
-    assert_eq!(dead.ids[0].get::<String>("message_id").as_deref(), Some(message_id.as_str()));
+    assert_eq!(
+        dead.ids[0].get::<String>(FIELD_JOB_ID).as_deref(),
+        Some(job.id.as_str())
+    );
+    assert_eq!(
+        dead.ids[0].get::<String>("message_id").as_deref(),
+        Some(message_id.as_str())
+    );
     env.wait_drained().await;
     worker.stop().await;
 }
@@ -67,7 +73,7 @@ async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
     let env = Env::start_with(|jobs| jobs.lease_ms = 1_000).await;
     let mut child = env.spawn_binary();
 
-    let job = env.create("sleep", json!({"ms": 1500}), 3).await;
+    let job = env.create("sleep", json!({"ms": 3000}), 3).await;
     let running = env.wait_for(&job.id, JobStatus::Running).await;
     assert_eq!(running.attempt, 1);
     child.kill().await.expect("SIGKILL the worker");
@@ -79,7 +85,7 @@ async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
     assert_eq!(job.attempt, 2, "the second attempt finished it");
     assert_eq!(
         keel_shared::json::struct_to_json(job.output.as_ref().unwrap()).unwrap(),
-        json!({"slept_ms": 1500.0})
+        json!({"slept_ms": 3000.0})
     );
     // The dead worker's message is taken over and settled too.
     env.wait_drained().await;
@@ -114,7 +120,10 @@ async fn read_as_ghost(env: &Env, stream: &str, job_id: &str) -> String {
             assert_eq!(entry.get::<String>(FIELD_JOB_ID).as_deref(), Some(job_id));
             return entry.id.clone();
         }
-        assert!(tokio::time::Instant::now() < deadline, "the job never reached the stream");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never reached the stream"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }

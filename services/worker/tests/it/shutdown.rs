@@ -13,7 +13,7 @@ async fn shutdown_lets_a_running_job_finish_within_the_grace_period() {
     let worker = env
         .start_worker(env.worker_config(), Registry::with_builtins())
         .await;
-    let job = env.create("sleep", json!({"ms": 500}), 3).await;
+    let job = env.create("sleep", json!({"ms": 1000}), 3).await;
     env.wait_for(&job.id, JobStatus::Running).await;
     worker.stop().await;
 
@@ -30,15 +30,23 @@ async fn after_the_grace_period_a_running_job_is_failed_back_and_runs_elsewhere(
     let mut config = env.worker_config();
     config.job_grace_ms = 200;
     let first = env.start_worker(config, Registry::with_builtins()).await;
-    let job = env.create("sleep", json!({"ms": 2000}), 3).await;
+    let job = env.create("sleep", json!({"ms": 4000}), 3).await;
     env.wait_for(&job.id, JobStatus::Running).await;
     first.stop().await;
 
     let stopped = env.get(&job.id).await;
-    assert_eq!(stopped.status(), JobStatus::Queued, "handed back for a retry");
+    assert_eq!(
+        stopped.status(),
+        JobStatus::Queued,
+        "handed back for a retry"
+    );
     assert_eq!(stopped.error, "worker shutting down");
     assert_eq!(stopped.attempt, 1);
-    assert_eq!(env.pending().await, 1, "the unfinished message is not acknowledged");
+    assert_eq!(
+        env.pending().await,
+        1,
+        "the unfinished message is not acknowledged"
+    );
 
     let second = env
         .start_worker(env.worker_config(), Registry::with_builtins())
@@ -53,7 +61,7 @@ async fn after_the_grace_period_a_running_job_is_failed_back_and_runs_elsewhere(
 async fn sigterm_drains_the_worker_process() {
     let env = Env::start().await;
     let mut child = env.spawn_binary();
-    let job = env.create("sleep", json!({"ms": 500}), 3).await;
+    let job = env.create("sleep", json!({"ms": 1500}), 3).await;
     env.wait_for(&job.id, JobStatus::Running).await;
 
     let pid = child.id().expect("running").to_string();

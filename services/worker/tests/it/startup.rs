@@ -37,8 +37,12 @@ async fn serves_health_and_reflection_once_ready() {
 async fn missing_worker_token_stops_start_up_naming_it() {
     let redis = TestRedis::new();
     let (listener, addr) = testing::listener().await;
-    let mut config =
-        keel_worker::Config::new(addr, "http://127.0.0.1:1", WORKER_TOKEN, redis.config.clone());
+    let mut config = keel_worker::Config::new(
+        addr,
+        "http://127.0.0.1:1",
+        WORKER_TOKEN,
+        redis.config.clone(),
+    );
     config.worker_token = None;
     let err = keel_worker::run(config, listener, CancellationToken::new())
         .await
@@ -53,16 +57,24 @@ async fn health_follows_the_jobs_service_and_the_worker_rides_out_its_outage() {
         .start_worker(env.worker_config(), Registry::with_builtins())
         .await;
     let addr = worker.health_addr;
-    eventually(WAIT, "SERVING", || async { status(addr).await == ServingStatus::Serving }).await;
-
-    env.stop_jobs().await;
-    eventually(WAIT, "NOT_SERVING while the jobs service is down", || async {
-        status(addr).await == ServingStatus::NotServing
+    eventually(WAIT, "SERVING", || async {
+        status(addr).await == ServingStatus::Serving
     })
     .await;
 
+    env.stop_jobs().await;
+    eventually(
+        WAIT,
+        "NOT_SERVING while the jobs service is down",
+        || async { status(addr).await == ServingStatus::NotServing },
+    )
+    .await;
+
     env.restart_jobs().await;
-    eventually(WAIT, "SERVING again", || async { status(addr).await == ServingStatus::Serving }).await;
+    eventually(WAIT, "SERVING again", || async {
+        status(addr).await == ServingStatus::Serving
+    })
+    .await;
     let job = env.create("echo", json!({"after": "outage"}), 1).await;
     env.wait_for(&job.id, JobStatus::Succeeded).await;
     worker.stop().await;

@@ -149,7 +149,10 @@ impl Env {
     pub async fn get(&self, id: &str) -> Job {
         self.jobs
             .clone()
-            .get_job(testing::authed(GetJobRequest { id: id.into() }, &self.token))
+            .get_job(testing::authed(
+                GetJobRequest { id: id.into() },
+                &self.token,
+            ))
             .await
             .expect("GetJob")
             .into_inner()
@@ -248,7 +251,9 @@ impl Worker {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
-            task.await.expect("worker task").expect("worker clean shutdown");
+            task.await
+                .expect("worker task")
+                .expect("worker clean shutdown");
         }
     }
 }

@@ -11,6 +11,7 @@ use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
 use prost::Message;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -21,6 +22,14 @@ use crate::store::{self, JobRow};
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// Most expired leases reaped per round.
 const REAP_BATCH: i64 = 500;
+/// Announcements waiting for Redis; beyond this they are dropped (watchers
+/// re-read Postgres periodically, so a drop only delays an update).
+const ANNOUNCE_QUEUE: usize = 4096;
+/// Most announcements sent in one pipeline.
+const ANNOUNCE_BATCH: usize = 128;
+
+/// A transition to publish: (channel, payload).
+pub type Announcement = (String, Vec<u8>);
 
 pub struct Delivery {
     pool: Pool,
@@ -31,6 +40,7 @@ pub struct Delivery {
     group_ready: AtomicBool,
     /// First wait before re-publishing a job that has not started.
     redeliver_after: Duration,
+    announcements: mpsc::Sender<Announcement>,
 }
 
 impl Delivery {
@@ -39,14 +49,17 @@ impl Delivery {
         redis: deadpool_redis::Pool,
         redis_config: RedisConfig,
         redeliver_after: Duration,
-    ) -> Self {
-        Self {
+    ) -> (Self, mpsc::Receiver<Announcement>) {
+        let (announcements, queue) = mpsc::channel(ANNOUNCE_QUEUE);
+        let delivery = Self {
             pool,
             redis,
             redis_config,
             group_ready: AtomicBool::new(false),
             redeliver_after,
-        }
+            announcements,
+        };
+        (delivery, queue)
     }
 
     pub fn redis_config(&self) -> &RedisConfig {
@@ -125,23 +138,46 @@ impl Delivery {
         result
     }
 
-    /// Announces a transition on the job's channel (best effort: watchers
-    /// also re-read Postgres periodically).
-    pub async fn announce(&self, job: &JobRow) {
+    /// Queues a transition for its job's channel. Never waits on Redis: one
+    /// task publishes the queue in order (see [`Delivery::run_announcer`]).
+    pub fn announce(&self, job: &JobRow) {
         let channel = self.redis_config.job_updates_channel(&job.id);
-        let payload = encode_announcement(job);
-        let sent = tokio::time::timeout(REDIS_TIMEOUT, async {
-            let mut conn = self.redis.get().await.map_err(ApiError::from)?;
-            redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(payload)
-                .query_async::<i64>(&mut *conn)
-                .await
-                .map_err(ApiError::from)
-        })
-        .await;
-        if !matches!(sent, Ok(Ok(_))) {
-            tracing::debug!(job_id = %job.id, "could not announce a job transition");
+        if self
+            .announcements
+            .try_send((channel, encode_announcement(job)))
+            .is_err()
+        {
+            tracing::debug!(job_id = %job.id, "announcement queue full; dropped one");
+        }
+    }
+
+    /// Publishes queued announcements, in order, until `shutdown`.
+    pub async fn run_announcer(
+        self: Arc<Self>,
+        mut queue: mpsc::Receiver<Announcement>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(ANNOUNCE_BATCH);
+        loop {
+            batch.clear();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = queue.recv_many(&mut batch, ANNOUNCE_BATCH) => if n == 0 { return },
+            }
+            let sent = tokio::time::timeout(REDIS_TIMEOUT, async {
+                let mut conn = self.redis.get().await.map_err(ApiError::from)?;
+                let mut pipe = redis::pipe();
+                for (channel, payload) in &batch {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+                }
+                pipe.query_async::<()>(&mut *conn)
+                    .await
+                    .map_err(ApiError::from)
+            })
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                tracing::debug!(count = batch.len(), "could not announce job transitions");
+            }
         }
     }
 
@@ -187,7 +223,7 @@ impl Delivery {
                     for job in &reaped {
                         tracing::info!(job_id = %job.id, attempt = job.attempt,
                             status = job.status.as_str(), "lease expired");
-                        self.announce(job).await;
+                        self.announce(job);
                     }
                     if reaped.len() as i64 == REAP_BATCH && !shutdown.is_cancelled() {
                         continue;

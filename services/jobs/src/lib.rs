@@ -48,12 +48,13 @@ pub async fn run(
     });
 
     let authenticator = Authenticator::new(verifier, Some(worker_token));
-    let delivery = Arc::new(delivery::Delivery::new(
+    let (delivery, announcements) = delivery::Delivery::new(
         pool.clone(),
         redis,
         config.redis.clone(),
         config.redeliver_after(),
-    ));
+    );
+    let delivery = Arc::new(delivery);
     let jobs = Arc::new(service::Jobs {
         pool,
         delivery: delivery.clone(),
@@ -79,6 +80,11 @@ pub async fn run(
         delivery
             .clone()
             .run_reaper(config.reaper_interval(), background.clone()),
+    );
+    tokio::spawn(
+        delivery
+            .clone()
+            .run_announcer(announcements, background.clone()),
     );
     let pubsub = redis::Client::open(config.redis.redis_url.as_str()).ok();
     let api = Arc::new(grpc::JobsApi::new(jobs, pubsub, background));

@@ -150,8 +150,7 @@ impl Jobs {
                 }
             };
             if let Some(job) = changed {
-                drop(client);
-                self.delivery.announce(&job).await;
+                self.delivery.announce(&job);
                 return Ok(job);
             }
             // It moved between our read and our update: look again.
@@ -167,8 +166,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         match store::start_job(&client, id, &worker_id, self.settings.lease).await? {
             Some(job) => {
-                drop(client);
-                self.delivery.announce(&job).await;
+                self.delivery.announce(&job);
                 Ok(job)
             }
             None => {
@@ -209,8 +207,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         match store::complete_job(&client, id, attempt, output, cancelled, &worker_id).await? {
             Some(job) => {
-                drop(client);
-                self.delivery.announce(&job).await;
+                self.delivery.announce(&job);
                 Ok(job)
             }
             None => Err(self.attempt_refusal(&client, id, attempt).await),
@@ -233,8 +230,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         match store::fail_job(&client, id, attempt, &error, retryable, delay, &worker_id).await? {
             Some(job) => {
-                drop(client);
-                self.delivery.announce(&job).await;
+                self.delivery.announce(&job);
                 Ok(job)
             }
             None => Err(self.attempt_refusal(&client, id, attempt).await),

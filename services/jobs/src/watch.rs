@@ -81,6 +81,7 @@ async fn forward(
         return;
     }
     let mut poll = tokio::time::interval(jobs.settings.watch_poll);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await; // the first tick is immediate
     loop {
         let next = async {
@@ -89,7 +90,10 @@ async fn forward(
                 None => std::future::pending().await,
             }
         };
+        // Biased: an announcement already received wins over a re-read, so an
+        // intermediate state is not skipped for a later one.
         let step = tokio::select! {
+            biased;
             _ = tx.closed() => return,
             _ = shutdown.cancelled() => {
                 let _ = tx.send(Err(Status::unavailable("server shutting down"))).await;

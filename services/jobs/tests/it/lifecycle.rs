@@ -128,6 +128,11 @@ async fn retryable_failures_back_off_until_max_attempts_then_fail() {
             ..Default::default()
         })
         .await;
+    // Like a worker: start it once it is in the stream.
+    testing::eventually(WAIT, "job delivered", || async {
+        svc.stream_counts().await.get(&job.id) == Some(&1)
+    })
+    .await;
 
     for attempt in 1..=3 {
         let started = svc.start_when_due(&job.id).await.job.unwrap();
@@ -225,6 +230,11 @@ async fn expired_leases_are_reaped_back_to_queued_then_failed() {
             ..Default::default()
         })
         .await;
+    // Like a worker: start it once it is in the stream.
+    testing::eventually(WAIT, "job delivered", || async {
+        svc.stream_counts().await.get(&job.id) == Some(&1)
+    })
+    .await;
     svc.start_job(&job.id).await.unwrap();
     // The worker "dies": no heartbeat. The reaper re-queues the job.
     testing::eventually(WAIT, "lease reaped", || async {

@@ -60,10 +60,8 @@ pub async fn run(
         delivery: delivery.clone(),
         settings: service::Settings {
             lease: config.lease(),
-            retry_base: std::time::Duration::from_millis(config.retry_base_ms),
-            retry_max: std::time::Duration::from_millis(
-                config.retry_max_ms.max(config.retry_base_ms),
-            ),
+            retry_base: Duration::from_millis(config.retry_base_ms),
+            retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_base_ms)),
             max_payload_bytes: config.max_payload_bytes,
             watch_poll: config.watch_poll(),
         },

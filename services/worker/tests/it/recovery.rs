@@ -3,6 +3,7 @@
 
 use keel_proto::jobs::v1::JobStatus;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
+use keel_shared::testing::eventually;
 use keel_worker::Registry;
 use redis::streams::{StreamRangeReply, StreamReadReply};
 use serde_json::json;
@@ -126,4 +127,69 @@ async fn read_as_ghost(env: &Env, stream: &str, job_id: &str) -> String {
         );
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
+}
+
+#[tokio::test]
+async fn the_worker_recreates_its_group_when_the_stream_vanishes() {
+    let env = Env::start().await;
+    let worker = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+    let first = env.create("echo", json!({"n": 1}), 1).await;
+    env.wait_for(&first.id, JobStatus::Succeeded).await;
+
+    // As after a Redis restart without persistence: stream and group are gone.
+    let mut conn = env.redis().await;
+    let _: u64 = redis::cmd("DEL")
+        .arg(env.redis.config.jobs_stream())
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    let second = env.create("echo", json!({"n": 2}), 1).await;
+    env.wait_for(&second.id, JobStatus::Succeeded).await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_stream_is_trimmed() {
+    let env = Env::start().await;
+    let stream = env.redis.config.jobs_stream();
+    let mut conn = env.redis().await;
+    // 250 entries the group has already consumed (nothing for the worker to run).
+    let mut pipe = redis::pipe();
+    for _ in 0..250 {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(FIELD_JOB_ID)
+            .arg(uuid::Uuid::now_v7().to_string())
+            .ignore();
+    }
+    pipe.cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(CONSUMER_GROUP)
+        .arg("$")
+        .ignore();
+    let () = pipe.query_async(&mut *conn).await.unwrap();
+
+    let mut config = env.worker_config();
+    config.stream_maxlen = 10;
+    config.trim_interval_ms = 50;
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+    // MAXLEN ~ trims whole stream nodes (100 entries by default), so "about 10".
+    eventually(WAIT, "the stream to be trimmed", || async {
+        let mut conn = env.redis().await;
+        redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async::<u64>(&mut *conn)
+            .await
+            .unwrap()
+            <= 110
+    })
+    .await;
+    // Jobs still run.
+    let job = env.create("echo", json!({"after": "trim"}), 1).await;
+    env.wait_for(&job.id, JobStatus::Succeeded).await;
+    worker.stop().await;
 }

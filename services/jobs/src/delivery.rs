@@ -261,3 +261,41 @@ pub fn decode_announcement(bytes: &[u8]) -> Option<(i64, keel_proto::jobs::v1::J
     let job = keel_proto::jobs::v1::Job::decode(rest).ok()?;
     Some((i64::from_be_bytes(*version), job))
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::Utc;
+
+    use super::*;
+    use crate::domain::Status;
+
+    #[test]
+    fn announcements_round_trip_with_their_version() {
+        let now = Utc::now();
+        let job = JobRow {
+            id: Uuid::now_v7(),
+            user_id: Uuid::now_v7(),
+            kind: "echo".into(),
+            payload: serde_json::json!({"n": 1}),
+            status: Status::Running,
+            priority: 3,
+            attempt: 2,
+            max_attempts: 3,
+            output: None,
+            error: String::new(),
+            run_at: now,
+            created_at: now,
+            updated_at: now,
+            started_at: Some(now),
+            finished_at: None,
+            cancel_requested: true,
+            lease_expires_at: Some(now),
+            worker_id: Some("w".into()),
+            version: 7,
+        };
+        let (version, proto) = decode_announcement(&encode_announcement(&job)).unwrap();
+        assert_eq!(version, 7);
+        assert_eq!(proto, crate::grpc::job_to_proto(&job));
+        assert!(decode_announcement(b"short").is_none());
+    }
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
+use keel_shared::ApiError;
 use tokio_postgres::Row;
+use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
 use crate::domain::{NewJob, Status};
@@ -56,7 +58,7 @@ impl TryFrom<&Row> for JobRow {
             kind: row.try_get("kind")?,
             payload: row.try_get("payload")?,
             status: Status::parse(&status).ok_or_else(|| {
-                JobsError::Api(keel_shared::ApiError::Internal(format!(
+                JobsError::Api(ApiError::Internal(format!(
                     "unknown job status {status:?} in the database"
                 )))
             })?,
@@ -151,7 +153,17 @@ pub async fn insert_jobs(
                 &keys,
             ],
         )
-        .await?;
+        .await
+        .map_err(|e| {
+            // A valid token whose user has since been deleted.
+            if e.code() == Some(&SqlState::FOREIGN_KEY_VIOLATION) {
+                JobsError::Api(ApiError::Unauthenticated(
+                    "the token's user does not exist".into(),
+                ))
+            } else {
+                e.into()
+            }
+        })?;
     found
         .iter()
         .map(|row| {

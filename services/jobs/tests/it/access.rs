@@ -135,3 +135,21 @@ async fn the_runner_needs_the_worker_credential_and_users_need_a_user_token() {
         .await;
     assert_eq!(code(forged), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn a_token_whose_user_no_longer_exists_cannot_create_jobs() {
+    let svc = Svc::start().await;
+    let ghost = keel_shared::testing::user_token(uuid::Uuid::now_v7(), "ghost@example.com");
+    let result = svc
+        .jobs
+        .clone()
+        .create_job(authed(
+            CreateJobRequest {
+                kind: "echo".into(),
+                ..Default::default()
+            },
+            &ghost,
+        ))
+        .await;
+    assert_eq!(code(result), Code::Unauthenticated);
+}

@@ -12,6 +12,7 @@ const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
 const DEFAULT_STREAM_MAXLEN: usize = 100_000;
 const DEFAULT_JOB_GRACE_MS: u64 = 30_000;
 const DEFAULT_TRIM_INTERVAL_MS: u64 = 30_000;
+const DEFAULT_CONSUMER_TTL_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-worker", about = "Keel worker", version)]
@@ -49,6 +50,10 @@ pub struct Config {
     /// How often (ms) the job stream is trimmed.
     #[arg(long, env = "KEEL_WORKER_TRIM_INTERVAL_MS", default_value_t = DEFAULT_TRIM_INTERVAL_MS)]
     pub trim_interval_ms: u64,
+    /// A consumer (a stopped worker) with no pending message, unseen for this
+    /// long (ms), is removed from the consumer group.
+    #[arg(long, env = "KEEL_WORKER_CONSUMER_TTL_MS", default_value_t = DEFAULT_CONSUMER_TTL_MS)]
+    pub consumer_ttl_ms: u64,
     /// On shutdown, how long (ms) running jobs get to finish before they are
     /// cancelled and handed back to the jobs service for a retry.
     #[arg(long, env = "KEEL_WORKER_JOB_GRACE_MS", default_value_t = DEFAULT_JOB_GRACE_MS)]
@@ -78,6 +83,7 @@ impl Config {
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             stream_maxlen: DEFAULT_STREAM_MAXLEN,
             trim_interval_ms: DEFAULT_TRIM_INTERVAL_MS,
+            consumer_ttl_ms: DEFAULT_CONSUMER_TTL_MS,
             job_grace_ms: DEFAULT_JOB_GRACE_MS,
             redis,
             runtime: RuntimeConfig::default(),
@@ -117,6 +123,10 @@ impl Config {
 
     pub fn trim_interval(&self) -> Duration {
         Duration::from_millis(self.trim_interval_ms.max(1))
+    }
+
+    pub fn consumer_ttl(&self) -> Duration {
+        Duration::from_millis(self.consumer_ttl_ms)
     }
 
     pub fn job_grace(&self) -> Duration {

@@ -48,6 +48,7 @@ pub(crate) struct Settings {
     pub max_deliveries: u64,
     pub stream_maxlen: usize,
     pub trim_interval: Duration,
+    pub consumer_ttl: Duration,
     pub job_grace: Duration,
 }
 
@@ -110,12 +111,7 @@ pub(crate) async fn run(shared: Arc<Shared>, settings: Settings) {
         touch_interval(settings.claim_idle, shared.heartbeat_interval),
         done.clone(),
     ));
-    let trim = tokio::spawn(trim_loop(
-        shared.clone(),
-        settings.stream_maxlen,
-        settings.trim_interval,
-        done.clone(),
-    ));
+    let trim = tokio::spawn(trim_loop(shared.clone(), settings.clone(), done.clone()));
     tokio::join!(read_loop(&jobs), claim_loop(&jobs, &settings));
 
     jobs.tracker.close();
@@ -331,13 +327,21 @@ async fn keepalive_loop(shared: Arc<Shared>, every: Duration, done: Cancellation
     }
 }
 
-/// XTRIM MAXLEN ~ every `every`, until `done`.
-async fn trim_loop(shared: Arc<Shared>, maxlen: usize, every: Duration, done: CancellationToken) {
-    while pause(&done, every).await {
-        match shared.stream.trim(maxlen).await {
+/// Housekeeping every trim interval until `done`: XTRIM MAXLEN ~, and
+/// removal of long-gone consumers.
+async fn trim_loop(shared: Arc<Shared>, settings: Settings, done: CancellationToken) {
+    while pause(&done, settings.trim_interval).await {
+        match shared.stream.trim(settings.stream_maxlen).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(trimmed = n, "trimmed the job stream"),
             Err(e) => tracing::warn!(error = %e, "cannot trim the job stream"),
+        }
+        match shared.stream.prune_consumers(settings.consumer_ttl).await {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(?removed, "removed consumers of stopped workers")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot prune consumers"),
         }
     }
 }

@@ -40,7 +40,7 @@ pub mod config;
 mod consumer;
 pub mod handler;
 mod runner;
-pub mod stream;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +115,7 @@ pub async fn run_with(
         max_deliveries: u64::from(config.max_deliveries),
         stream_maxlen: config.stream_maxlen,
         trim_interval: config.trim_interval(),
+        consumer_ttl: config.consumer_ttl(),
         job_grace: config.job_grace(),
     };
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-worker health serving");

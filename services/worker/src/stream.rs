@@ -8,7 +8,10 @@ use deadpool_redis::Pool;
 use keel_shared::config::RedisConfig;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
+    StreamReadReply,
+};
 use redis::{AsyncConnectionConfig, RedisError};
 
 /// One stream entry handed to this consumer.
@@ -265,5 +268,34 @@ impl JobStream {
             .arg(maxlen)
             .query_async(&mut *conn)
             .await?)
+    }
+
+    /// Removes consumers that own no pending message and have not been seen
+    /// for `idle` (workers that stopped: each process has a consumer name of
+    /// its own, so the group would otherwise grow with every restart).
+    pub async fn prune_consumers(&self, idle: Duration) -> Result<Vec<String>, StreamError> {
+        let mut conn = self.conn().await?;
+        let consumers: StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&self.stream)
+            .arg(CONSUMER_GROUP)
+            .query_async(&mut *conn)
+            .await
+            .map_err(StreamError::from_redis)?;
+        let mut removed = Vec::new();
+        for c in consumers.consumers {
+            if c.pending == 0 && c.idle as u128 >= idle.as_millis() && c.name != self.consumer {
+                let _: u64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(&self.stream)
+                    .arg(CONSUMER_GROUP)
+                    .arg(&c.name)
+                    .query_async(&mut *conn)
+                    .await
+                    .map_err(StreamError::from_redis)?;
+                removed.push(c.name);
+            }
+        }
+        Ok(removed)
     }
 }

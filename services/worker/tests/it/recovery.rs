@@ -193,3 +193,74 @@ async fn the_stream_is_trimmed() {
     env.wait_for(&job.id, JobStatus::Succeeded).await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn consumers_of_stopped_workers_are_removed_unless_they_hold_messages() {
+    let env = Env::start().await;
+    let stream = env.redis.config.jobs_stream();
+    let mut conn = env.redis().await;
+    let () = redis::pipe()
+        .cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg(CONSUMER_GROUP)
+        .arg("$")
+        .arg("MKSTREAM")
+        .ignore()
+        .cmd("XADD")
+        .arg(&stream)
+        .arg("*")
+        .arg(FIELD_JOB_ID)
+        .arg(uuid::Uuid::now_v7().to_string())
+        .ignore()
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    // "holder" read that entry and never acknowledged it; "gone" holds nothing.
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(CONSUMER_GROUP)
+        .arg("holder")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    let _: u64 = redis::cmd("XGROUP")
+        .arg("CREATECONSUMER")
+        .arg(&stream)
+        .arg(CONSUMER_GROUP)
+        .arg("gone")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+
+    let mut config = env.worker_config();
+    config.consumer_ttl_ms = 300;
+    config.trim_interval_ms = 50;
+    config.claim_idle_ms = 600_000; // "holder" keeps its message throughout
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+    let names = || async {
+        let mut conn = env.redis().await;
+        let reply: redis::streams::StreamInfoConsumersReply = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(&stream)
+            .arg(CONSUMER_GROUP)
+            .query_async(&mut *conn)
+            .await
+            .unwrap();
+        reply
+            .consumers
+            .into_iter()
+            .map(|c| c.name)
+            .collect::<Vec<_>>()
+    };
+    eventually(WAIT, "the idle consumer to be removed", || async {
+        !names().await.contains(&"gone".to_string())
+    })
+    .await;
+    assert!(names().await.contains(&"holder".to_string()));
+    assert_eq!(env.pending().await, 1);
+    worker.stop().await;
+}

@@ -452,7 +452,7 @@ pub async fn reap_expired_leases(
 ) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
         "WITH expired AS (
-            SELECT id FROM jobs
+            SELECT id AS expired_id FROM jobs
             WHERE status = 'running' AND lease_expires_at < now()
             ORDER BY lease_expires_at
             LIMIT $1
@@ -469,11 +469,9 @@ pub async fn reap_expired_leases(
                 error = 'lease expired: the worker stopped heartbeating',
                 updated_at = now(), lease_expires_at = NULL, version = version + 1
             FROM expired
-            WHERE jobs.id = expired.id AND jobs.status = 'running'
+            WHERE id = expired_id AND status = 'running'
             RETURNING ",
-        "jobs.id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
-         run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
-         lease_expires_at, worker_id, version",
+        job_cols!(),
         "
          ), ev AS (
             INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)

@@ -138,7 +138,16 @@ pub(crate) async fn run(shared: Arc<Shared>, settings: Settings) {
         {
             tracing::warn!("could not record every outcome; lease expiry will recover those jobs");
             shared.abandon.cancel();
-            jobs.tracker.wait().await;
+            // A handler stuck in blocking code cannot be aborted: do not wait for it forever.
+            if tokio::time::timeout(REPORT_WINDOW, jobs.tracker.wait())
+                .await
+                .is_err()
+            {
+                tracing::error!(
+                    running = jobs.tracker.len(),
+                    "handlers still running after cancellation; exiting without them"
+                );
+            }
         }
     }
     done.cancel();

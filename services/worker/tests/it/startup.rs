@@ -79,3 +79,19 @@ async fn health_follows_the_jobs_service_and_the_worker_rides_out_its_outage() {
     env.wait_for(&job.id, JobStatus::Succeeded).await;
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_without_redis_keeps_trying_and_stops_cleanly() {
+    let env = Env::start().await;
+    let mut config = env.worker_config();
+    config.redis = keel_shared::config::RedisConfig::new("redis://127.0.0.1:1", "nowhere");
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+    let addr = worker.health_addr;
+    // The jobs service answers, Redis does not: never SERVING, never exiting.
+    for _ in 0..3 {
+        assert_eq!(status(addr).await, ServingStatus::NotServing);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert!(worker.is_running());
+    worker.stop().await;
+}

@@ -247,6 +247,10 @@ pub struct Worker {
 }
 
 impl Worker {
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Signals shutdown and waits for the worker to drain and return.
     pub async fn stop(mut self) {
         self.shutdown.cancel();

@@ -1,0 +1,80 @@
+//! `keel-bench`: drives the real Keel binaries over gRPC with many concurrent
+//! clients and prints, per scenario, throughput, latency percentiles, errors,
+//! the services' CPU seconds and peak RSS, and the ratio to the same work done
+//! directly against Postgres. See BENCHMARKS.md for the command and figures.
+
+mod baseline;
+mod scenarios;
+mod stats;
+mod system;
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Parser, Clone)]
+#[command(name = "keel-bench", about = "Keel benchmarks")]
+pub struct Opts {
+    /// Small counts and short durations: a smoke run of every scenario.
+    #[arg(long)]
+    pub quick: bool,
+    /// Run only these scenarios (default: all).
+    #[arg(long = "scenario")]
+    pub scenarios: Vec<String>,
+    /// Concurrent clients per scenario.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds per throughput scenario.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Jobs in the end-to-end scenarios.
+    #[arg(long, default_value_t = 20_000)]
+    pub e2e_jobs: usize,
+    /// Worker processes in the end-to-end scenarios.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Handlers per worker process.
+    #[arg(long, default_value_t = 64)]
+    pub worker_concurrency: usize,
+    /// Memories seeded before memory-search.
+    #[arg(long, default_value_t = 100_000)]
+    pub search_corpus: usize,
+    /// Folder with the keel-* binaries.
+    #[arg(long, default_value = "target/release")]
+    pub bin_dir: PathBuf,
+    /// Postgres server to create the bench database on.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub database_url: String,
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+}
+
+impl Opts {
+    fn quickened(mut self) -> Self {
+        if self.quick {
+            self.seconds = 2;
+            self.e2e_jobs = self.e2e_jobs.min(500);
+            self.search_corpus = self.search_corpus.min(1_000);
+            self.concurrency = self.concurrency.min(16);
+            self.worker_concurrency = self.worker_concurrency.min(16);
+        }
+        self
+    }
+
+    pub fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let opts = Opts::parse().quickened();
+    if let Err(e) = scenarios::run_all(opts).await {
+        eprintln!("keel-bench: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,681 @@
+//! The scenarios: each drives one hot path through gRPC and, where the path is
+//! one SQL statement or transaction, the same work straight against Postgres.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
+use keel_proto::auth::v1::{GetCurrentUserRequest, LoginRequest, RegisterRequest};
+use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
+use keel_proto::jobs::v1::{
+    BatchCreateJobsRequest, CreateJobRequest, GetJobRequest, ListJobsRequest,
+};
+use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
+use keel_proto::memory::v1::{
+    GetMemoryRequest, GetWorkspaceRequest, PutMemoryRequest, SearchMemoriesRequest,
+};
+use tonic::transport::Channel;
+
+use crate::Opts;
+use crate::stats::{self, Stats};
+use crate::system::System;
+
+const PASSWORD: &str = "bench password 123";
+
+/// Words for realistic memory text.
+const WORDS: &[&str] = &[
+    "agent",
+    "plan",
+    "memory",
+    "vector",
+    "search",
+    "customer",
+    "invoice",
+    "meeting",
+    "deploy",
+    "database",
+    "latency",
+    "budget",
+    "roadmap",
+    "summary",
+    "contract",
+    "review",
+    "incident",
+    "kubernetes",
+    "python",
+    "rust",
+    "report",
+    "quarter",
+    "design",
+    "feedback",
+    "schedule",
+    "travel",
+    "research",
+    "paper",
+    "model",
+    "training",
+    "evaluation",
+    "pipeline",
+    "metric",
+    "dashboard",
+    "alert",
+    "backup",
+    "migration",
+    "release",
+    "ticket",
+    "support",
+];
+
+pub fn text(seed: usize, words: usize) -> String {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..words)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            WORDS[x % WORDS.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The search query of call `i` (two corpus words).
+pub fn query(i: usize) -> String {
+    format!(
+        "{} {}",
+        WORDS[i % WORDS.len()],
+        WORDS[(i * 7 + 3) % WORDS.len()]
+    )
+}
+
+enum Limit {
+    Ops(usize),
+    Time(Duration),
+}
+
+/// Runs `op(i)` from `concurrency` tasks until the limit, timing each call.
+async fn drive<F, Fut>(name: &str, concurrency: usize, limit: Limit, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<()>> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let started = Instant::now();
+    let deadline = match limit {
+        Limit::Time(d) => Some(started + d),
+        Limit::Ops(_) => None,
+    };
+    let total = match limit {
+        Limit::Ops(n) => n,
+        Limit::Time(_) => usize::MAX,
+    };
+    let tasks = (0..concurrency).map(|_| {
+        let (op, next, errors, first_error) = (
+            op.clone(),
+            next.clone(),
+            errors.clone(),
+            first_error.clone(),
+        );
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let t = Instant::now();
+                match op(i).await {
+                    Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().unwrap().get_or_insert(format!("{e:#}"));
+                    }
+                }
+            }
+            latencies
+        })
+    });
+    let mut latencies_us = Vec::new();
+    for t in futures::future::join_all(tasks).await {
+        latencies_us.extend(t.expect("bench task"));
+    }
+    let elapsed = started.elapsed();
+    let note = first_error
+        .lock()
+        .unwrap()
+        .take()
+        .map(|e| format!("first error: {e}"))
+        .unwrap_or_default();
+    Stats {
+        name: name.to_string(),
+        ops: latencies_us.len(),
+        errors: errors.load(Ordering::Relaxed),
+        elapsed,
+        latencies_us,
+        baseline_ops_per_sec: None,
+        note,
+    }
+}
+
+fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    req
+}
+
+async fn channel(addr: &str) -> Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?)
+}
+
+/// Several HTTP/2 connections, so one connection's stream limit is not the bottleneck.
+async fn channels(addr: &str, n: usize) -> Result<Vec<Channel>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(channel(addr).await?);
+    }
+    Ok(out)
+}
+
+pub async fn run_all(opts: Opts) -> Result<()> {
+    let mut system = System::start(&opts.bin_dir, &opts.database_url, &opts.redis_url).await?;
+    let c = opts.concurrency;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "keel-bench: {} cores, concurrency {c}, {}s per scenario, binaries from {}{}",
+        cores,
+        opts.seconds,
+        opts.bin_dir.display(),
+        if opts.quick { " (--quick)" } else { "" }
+    );
+
+    let mut auth = AuthServiceClient::new(channel(&system.auth).await?);
+    let email = format!("bench-{}@example.com", uuid::Uuid::new_v4().simple());
+    let registered = auth
+        .register(RegisterRequest {
+            email: email.clone(),
+            password: PASSWORD.into(),
+            display_name: "bench".into(),
+        })
+        .await
+        .context("Register")?
+        .into_inner();
+    let token = Arc::new(registered.tokens.context("tokens")?.access_token);
+    let user_id = registered.user.context("user")?.id;
+
+    let jobs_channels = channels(&system.jobs, 4).await?;
+    let memory_channels = channels(&system.memory, 4).await?;
+    let auth_channels = channels(&system.auth, 4).await?;
+    let jobs_client = move |i: usize| JobsServiceClient::new(jobs_channels[i % 4].clone());
+    let jobs_client = Arc::new(jobs_client);
+    let memory_client = {
+        let chans = memory_channels.clone();
+        Arc::new(move |i: usize| MemoryServiceClient::new(chans[i % 4].clone()))
+    };
+    let auth_client =
+        Arc::new(move |i: usize| AuthServiceClient::new(auth_channels[i % 4].clone()));
+    let baseline = crate::baseline::Baseline::connect(&system.db_url, &user_id).await?;
+
+    let mut results: Vec<Stats> = Vec::new();
+    let mut worker_usage = None;
+
+    if opts.wants("e2e-jobs") || opts.wants("batch-e2e") {
+        system
+            .start_workers(opts.workers, opts.worker_concurrency)
+            .await?;
+        if opts.wants("e2e-jobs") {
+            results.push(e2e(&opts, &system, jobs_client.clone(), token.clone(), false).await?);
+        }
+        if opts.wants("batch-e2e") {
+            results.push(e2e(&opts, &system, jobs_client.clone(), token.clone(), true).await?);
+        }
+        worker_usage = system.usage().pop();
+        system.stop_workers();
+    }
+
+    let created = Arc::new(Mutex::new(Vec::<String>::new()));
+    if opts.wants("create-job") || opts.wants("get-job") || opts.wants("list-jobs") {
+        let (jc, tk, ids) = (jobs_client.clone(), token.clone(), created.clone());
+        let mut s = drive(
+            "create-job",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk, ids) = (jc(i), tk.clone(), ids.clone());
+                async move {
+                    let job = client
+                        .create_job(authed(
+                            &tk,
+                            CreateJobRequest {
+                                kind: "bench.noop".into(),
+                                payload: Some(keel_shared::json::json_to_struct(
+                                    &serde_json::json!({"i": i}),
+                                )),
+                                ..Default::default()
+                            },
+                        ))
+                        .await?
+                        .into_inner()
+                        .job
+                        .context("job")?;
+                    ids.lock().unwrap().push(job.id);
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .create_job(c, Duration::from_secs(opts.seconds))
+                .await?,
+        );
+        results.push(s);
+    }
+    let ids = Arc::new(created.lock().unwrap().clone());
+    if opts.wants("get-job") && !ids.is_empty() {
+        let (jc, tk, ids2) = (jobs_client.clone(), token.clone(), ids.clone());
+        let mut s = drive(
+            "get-job",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk, id) = (
+                    jc(i),
+                    tk.clone(),
+                    ids2[i.wrapping_mul(7919) % ids2.len()].clone(),
+                );
+                async move {
+                    client.get_job(authed(&tk, GetJobRequest { id })).await?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .get_job(c, Duration::from_secs(opts.seconds), &ids)
+                .await?,
+        );
+        results.push(s);
+    }
+    if opts.wants("list-jobs") {
+        let (jc, tk) = (jobs_client.clone(), token.clone());
+        let mut s = drive(
+            "list-jobs",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk) = (jc(i), tk.clone());
+                async move {
+                    client
+                        .list_jobs(authed(
+                            &tk,
+                            ListJobsRequest {
+                                page_size: 50,
+                                ..Default::default()
+                            },
+                        ))
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .list_jobs(c, Duration::from_secs(opts.seconds))
+                .await?,
+        );
+        results.push(s);
+    }
+
+    let put_count = Arc::new(AtomicUsize::new(0));
+    if opts.wants("memory-put") || opts.wants("memory-get") {
+        let (mc, tk, count) = (memory_client.clone(), token.clone(), put_count.clone());
+        let mut s = drive(
+            "memory-put",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk, count) = (mc(i), tk.clone(), count.clone());
+                async move {
+                    client
+                        .put_memory(authed(
+                            &tk,
+                            PutMemoryRequest {
+                                key: format!("put/{i:08}"),
+                                content: text(i, 40),
+                                tags: vec![WORDS[i % WORDS.len()].to_string()],
+                                ..Default::default()
+                            },
+                        ))
+                        .await?;
+                    count.fetch_max(i + 1, Ordering::Relaxed);
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .put_memory(c, Duration::from_secs(opts.seconds))
+                .await?,
+        );
+        results.push(s);
+    }
+    let puts = put_count.load(Ordering::Relaxed).max(1);
+    if opts.wants("memory-get") {
+        let (mc, tk) = (memory_client.clone(), token.clone());
+        let mut s = drive(
+            "memory-get",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk) = (mc(i), tk.clone());
+                async move {
+                    let key = format!("put/{:08}", i.wrapping_mul(7919) % puts);
+                    match client
+                        .get_memory(authed(&tk, GetMemoryRequest { key }))
+                        .await
+                    {
+                        // A put that errored leaves a gap; NOT_FOUND is still a served read.
+                        Ok(_) => Ok(()),
+                        Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+                        Err(s) => Err(s.into()),
+                    }
+                }
+            },
+        )
+        .await;
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .get_memory(c, Duration::from_secs(opts.seconds), puts)
+                .await?,
+        );
+        results.push(s);
+    }
+    if opts.wants("memory-search") || opts.wants("workspace") {
+        // Seed the corpus through the API (not measured).
+        let (mc, tk) = (memory_client.clone(), token.clone());
+        let seeded = drive("seed", c, Limit::Ops(opts.search_corpus), move |i| {
+            let (mut client, tk) = (mc(i), tk.clone());
+            async move {
+                client
+                    .put_memory(authed(
+                        &tk,
+                        PutMemoryRequest {
+                            key: format!("corpus/{i:08}"),
+                            content: text(i + 1_000_003, 60),
+                            tags: vec![
+                                WORDS[i % WORDS.len()].to_string(),
+                                WORDS[(i / 7) % WORDS.len()].to_string(),
+                            ],
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await;
+        println!(
+            "seeded {} memories in {:.1}s ({} errors)",
+            seeded.ops,
+            seeded.elapsed.as_secs_f64(),
+            seeded.errors
+        );
+    }
+    if opts.wants("memory-search") {
+        let (mc, tk) = (memory_client.clone(), token.clone());
+        let mut s = drive(
+            "memory-search",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk) = (mc(i), tk.clone());
+                async move {
+                    let query = query(i);
+                    client
+                        .search_memories(authed(&tk, SearchMemoriesRequest { query, limit: 10 }))
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.note = format!("{} corpus, limit 10 {}", opts.search_corpus, s.note);
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .search(c, Duration::from_secs(opts.seconds))
+                .await?,
+        );
+        results.push(s);
+    }
+    if opts.wants("workspace") {
+        let (mc, tk) = (memory_client.clone(), token.clone());
+        let mut s = drive(
+            "workspace",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk) = (mc(i), tk.clone());
+                async move {
+                    client
+                        .get_workspace(authed(&tk, GetWorkspaceRequest {}))
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.baseline_ops_per_sec = Some(
+            baseline
+                .workspace(c, Duration::from_secs(opts.seconds))
+                .await?,
+        );
+        results.push(s);
+    }
+    if opts.wants("auth-login") {
+        let (ac, email) = (auth_client.clone(), Arc::new(email.clone()));
+        // argon2 is the point of this path: bound concurrency to the cores.
+        let mut s = drive(
+            "auth-login",
+            cores * 2,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, email) = (ac(i), email.clone());
+                async move {
+                    client
+                        .login(LoginRequest {
+                            email: email.to_string(),
+                            password: PASSWORD.into(),
+                        })
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.note = format!(
+            "{:.1} logins/s per core {}",
+            s.ops_per_sec() / cores as f64,
+            s.note
+        );
+        results.push(s);
+    }
+    if opts.wants("auth-read") {
+        let (ac, tk) = (auth_client.clone(), token.clone());
+        let mut s = drive(
+            "auth-read",
+            c,
+            Limit::Time(Duration::from_secs(opts.seconds)),
+            move |i| {
+                let (mut client, tk) = (ac(i), tk.clone());
+                async move {
+                    client
+                        .get_current_user(authed(&tk, GetCurrentUserRequest {}))
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await;
+        s.note = format!("GetCurrentUser: JWT verify + one row {}", s.note);
+        results.push(s);
+    }
+
+    println!();
+    stats::print_header();
+    for s in &results {
+        stats::print_row(s);
+    }
+    println!();
+    println!(
+        "{:<16} {:>12} {:>14}",
+        "process", "CPU seconds", "peak RSS MiB"
+    );
+    for (name, cpu, rss) in system.usage().into_iter().chain(worker_usage) {
+        println!("{name:<16} {cpu:>12.1} {rss:>14.1}");
+    }
+    let errors: usize = results.iter().map(|s| s.errors).sum();
+    println!("\n{} scenarios, {errors} errors", results.len());
+    Ok(())
+}
+
+/// Creates N echo jobs from `c` clients (one CreateJob per job, or batches of
+/// 500) and waits until all SUCCEEDED; latencies come from the jobs' own times.
+async fn e2e(
+    opts: &Opts,
+    system: &System,
+    jobs_client: Arc<impl Fn(usize) -> JobsServiceClient<Channel> + Send + Sync + 'static>,
+    token: Arc<String>,
+    batch: bool,
+) -> Result<Stats> {
+    let n = opts.e2e_jobs;
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let kind = "echo".to_string();
+    let started = Instant::now();
+    let created = if batch {
+        let per_call = 500;
+        let calls = n.div_ceil(per_call);
+        let (jc, tk, m) = (jobs_client.clone(), token.clone(), marker.clone());
+        drive(
+            "batch-create",
+            opts.concurrency.min(calls),
+            Limit::Ops(calls),
+            move |i| {
+                let (mut client, tk, m) = (jc(i), tk.clone(), m.clone());
+                let count = per_call.min(n - i * per_call);
+                async move {
+                    let requests = (0..count)
+                        .map(|j| CreateJobRequest {
+                            kind: "echo".into(),
+                            payload: Some(keel_shared::json::json_to_struct(
+                                &serde_json::json!({"run": m, "i": i * per_call + j}),
+                            )),
+                            ..Default::default()
+                        })
+                        .collect();
+                    client
+                        .batch_create_jobs(authed(&tk, BatchCreateJobsRequest { requests }))
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await
+    } else {
+        let (jc, tk, m) = (jobs_client.clone(), token.clone(), marker.clone());
+        drive("create", opts.concurrency, Limit::Ops(n), move |i| {
+            let (mut client, tk, m) = (jc(i), tk.clone(), m.clone());
+            let kind = kind.clone();
+            async move {
+                client
+                    .create_job(authed(
+                        &tk,
+                        CreateJobRequest {
+                            kind,
+                            payload: Some(keel_shared::json::json_to_struct(
+                                &serde_json::json!({"run": m, "i": i}),
+                            )),
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                Ok(())
+            }
+        })
+        .await
+    };
+    let (db, conn) = tokio_postgres::connect(&system.db_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(if opts.quick { 60 } else { 300 });
+    let (mut total, mut finished) = (0i64, 0i64);
+    while Instant::now() < deadline {
+        let row = db
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE status IN ('succeeded', 'failed', 'cancelled'))
+                 FROM jobs WHERE payload->>'run' = $1",
+                &[&marker],
+            )
+            .await?;
+        (total, finished) = (row.get(0), row.get(1));
+        if finished >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let elapsed = started.elapsed();
+    let rows = db
+        .query(
+            "SELECT (extract(epoch FROM started_at - created_at) * 1e6)::bigint,
+                    (extract(epoch FROM finished_at - created_at) * 1e6)::bigint,
+                    status = 'succeeded'
+             FROM jobs WHERE payload->>'run' = $1 AND finished_at IS NOT NULL",
+            &[&marker],
+        )
+        .await?;
+    let to_start: Vec<u64> = rows
+        .iter()
+        .map(|r| r.get::<_, Option<i64>>(0).unwrap_or(0).max(0) as u64)
+        .collect();
+    let to_finish: Vec<u64> = rows
+        .iter()
+        .map(|r| r.get::<_, i64>(1).max(0) as u64)
+        .collect();
+    let succeeded = rows.iter().filter(|r| r.get::<_, bool>(2)).count();
+    let ms = |v: &[u64], p| stats::percentile(v, p) as f64 / 1000.0;
+    Ok(Stats {
+        name: if batch { "batch-e2e" } else { "e2e-jobs" }.to_string(),
+        ops: succeeded,
+        errors: created.errors + (total as usize - succeeded.min(total as usize)),
+        elapsed,
+        latencies_us: to_finish.clone(),
+        baseline_ops_per_sec: None,
+        note: format!(
+            "{} workers x{}; create->start p50 {:.1} p99 {:.1} ms; create->finish p50 {:.1} p99 {:.1} ms (latency columns: create->finish); {finished}/{total} finished {}",
+            opts.workers,
+            opts.worker_concurrency,
+            ms(&to_start, 50.0),
+            ms(&to_start, 99.0),
+            ms(&to_finish, 50.0),
+            ms(&to_finish, 99.0),
+            created.note
+        ),
+    })
+}

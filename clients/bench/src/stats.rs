@@ -1,0 +1,83 @@
+//! Latency samples, percentiles, and the printed result table.
+
+use std::time::Duration;
+
+pub struct Stats {
+    pub name: String,
+    pub ops: usize,
+    pub errors: usize,
+    pub elapsed: Duration,
+    /// Microseconds per successful operation.
+    pub latencies_us: Vec<u64>,
+    /// Raw-SQL baseline throughput (ops/s) at the same concurrency, when there is one.
+    pub baseline_ops_per_sec: Option<f64>,
+    pub note: String,
+}
+
+impl Stats {
+    pub fn ops_per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    fn percentile_ms(&self, p: f64) -> f64 {
+        percentile(&self.latencies_us, p) as f64 / 1000.0
+    }
+}
+
+/// `p` in 0..=100 over unsorted samples.
+pub fn percentile(samples: &[u64], p: f64) -> u64 {
+    if samples.is_empty() {
+        return 0;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+pub fn print_header() {
+    println!(
+        "{:<16} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>11}  {}",
+        "scenario",
+        "ops",
+        "ops/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "svc/raw",
+        "note"
+    );
+}
+
+pub fn print_row(s: &Stats) {
+    let ratio = match s.baseline_ops_per_sec {
+        Some(raw) if raw > 0.0 => format!("{:.0}%", 100.0 * s.ops_per_sec() / raw),
+        _ => "-".to_string(),
+    };
+    println!(
+        "{:<16} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>11}  {}",
+        s.name,
+        s.ops,
+        s.ops_per_sec(),
+        s.percentile_ms(50.0),
+        s.percentile_ms(90.0),
+        s.percentile_ms(99.0),
+        s.percentile_ms(100.0),
+        s.errors,
+        ratio,
+        s.note
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn percentiles() {
+        let s: Vec<u64> = (1..=100).collect();
+        assert_eq!(super::percentile(&s, 50.0), 51);
+        assert_eq!(super::percentile(&s, 100.0), 100);
+        assert_eq!(super::percentile(&[], 99.0), 0);
+    }
+}

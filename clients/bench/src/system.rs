@@ -1,0 +1,231 @@
+//! Starts the real Keel binaries (and workers) as child processes on free
+//! ports against a fresh database and Redis prefix, and reads their CPU time
+//! and memory from /proc.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+pub struct System {
+    pub auth: String,
+    pub jobs: String,
+    pub memory: String,
+    /// URL of the bench database (for seeding and the raw-SQL baseline).
+    pub db_url: String,
+    admin_url: String,
+    db_name: String,
+    bin_dir: PathBuf,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+    services: Vec<(String, Child)>,
+    workers: Vec<Child>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl System {
+    pub async fn start(bin_dir: &Path, admin_url: &str, redis_url: &str) -> Result<Self> {
+        let db_name = format!("keel_bench_{}", std::process::id());
+        let (admin, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
+            .await
+            .with_context(|| "cannot connect to Postgres (set DATABASE_URL)".to_string())?;
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
+            ))
+            .await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{db_name}\""))
+            .await?;
+        let db_url = keel_shared::db::with_dbname(admin_url, &db_name);
+        let dir = std::env::temp_dir().join(&db_name);
+        std::fs::create_dir_all(&dir)?;
+        let (auth, jobs, memory) = (
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+            format!("127.0.0.1:{}", free_port()?),
+        );
+        let key = dir.join("signing.pem");
+        let env = vec![
+            ("DATABASE_URL".into(), db_url.clone()),
+            ("REDIS_URL".into(), redis_url.to_string()),
+            ("KEEL_REDIS_PREFIX".into(), db_name.clone()),
+            (
+                "KEEL_WORKER_TOKEN".into(),
+                format!("bench-{}", uuid::Uuid::new_v4()),
+            ),
+            (
+                "KEEL_JWT_PRIVATE_KEY_FILE".into(),
+                key.display().to_string(),
+            ),
+            ("KEEL_JWT_GENERATE_KEY".into(), "true".into()),
+            (
+                "KEEL_JWT_PUBLIC_KEY_FILES".into(),
+                format!("{}.pub", key.display()),
+            ),
+            ("KEEL_AUTH_ADDR".into(), auth.clone()),
+            ("KEEL_JOBS_ADDR".into(), jobs.clone()),
+            ("KEEL_MEMORY_ADDR".into(), memory.clone()),
+            ("KEEL_JOBS_URL".into(), format!("http://{jobs}")),
+            ("RUST_LOG".into(), "warn".into()),
+        ];
+        let mut system = Self {
+            auth,
+            jobs,
+            memory,
+            db_url,
+            admin_url: admin_url.to_string(),
+            db_name,
+            bin_dir: bin_dir.to_path_buf(),
+            dir,
+            env,
+            services: Vec::new(),
+            workers: Vec::new(),
+        };
+        for (name, addr) in [
+            ("auth", system.auth.clone()),
+            ("jobs", system.jobs.clone()),
+            ("memory", system.memory.clone()),
+        ] {
+            let child = system.spawn(name, &[])?;
+            system.services.push((name.to_string(), child));
+            system.wait_healthy(name, &addr).await?;
+        }
+        Ok(system)
+    }
+
+    fn spawn(&self, name: &str, extra: &[(&str, String)]) -> Result<Child> {
+        let bin = self.bin_dir.join(format!("keel-{name}"));
+        let log = std::fs::File::create(
+            self.dir
+                .join(format!("{name}-{}.log", uuid::Uuid::new_v4().simple())),
+        )?;
+        let mut cmd = Command::new(&bin);
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd.spawn().with_context(|| {
+            format!(
+                "cannot start {} (build it first: cargo build --release --bins)",
+                bin.display()
+            )
+        })
+    }
+
+    async fn wait_healthy(&self, name: &str, addr: &str) -> Result<()> {
+        for _ in 0..300 {
+            if keel_shared::server::probe(addr).await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!(
+            "keel-{name} did not become healthy on {addr}; logs in {}",
+            self.dir.display()
+        )
+    }
+
+    /// Starts `n` worker processes with `concurrency` handlers each.
+    pub async fn start_workers(&mut self, n: usize, concurrency: usize) -> Result<()> {
+        for _ in 0..n {
+            let addr = format!("127.0.0.1:{}", free_port()?);
+            let child = self.spawn(
+                "worker",
+                &[
+                    ("KEEL_WORKER_HEALTH_ADDR", addr.clone()),
+                    ("KEEL_WORKER_CONCURRENCY", concurrency.to_string()),
+                ],
+            )?;
+            self.workers.push(child);
+            self.wait_healthy("worker", &addr).await?;
+        }
+        Ok(())
+    }
+
+    pub fn stop_workers(&mut self) {
+        for mut w in self.workers.drain(..) {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+
+    /// (name, CPU seconds so far, peak RSS in MiB) of each service process and of the workers together.
+    pub fn usage(&self) -> Vec<(String, f64, f64)> {
+        let mut out: Vec<(String, f64, f64)> = self
+            .services
+            .iter()
+            .map(|(name, c)| {
+                let (cpu, hwm) = proc_usage(c.id());
+                (name.clone(), cpu, hwm)
+            })
+            .collect();
+        if !self.workers.is_empty() {
+            let (cpu, hwm) = self
+                .workers
+                .iter()
+                .map(|c| proc_usage(c.id()))
+                .fold((0.0, 0.0), |(c, h), (c2, h2)| (c + c2, f64::max(h, h2)));
+            out.push((format!("worker x{}", self.workers.len()), cpu, hwm));
+        }
+        out
+    }
+}
+
+/// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14th and 15th overall.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0; // USER_HZ is 100 on Linux
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, hwm_kib / 1024.0)
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        self.stop_workers();
+        for (_, c) in &mut self.services {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let admin_url = self.admin_url.clone();
+        let db = self.db_name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async move {
+                let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+                    .await
+                    .ok()?;
+                tokio::spawn(conn);
+                client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                    .await
+                    .ok()
+            })
+        })
+        .join();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

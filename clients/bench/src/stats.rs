@@ -36,19 +36,15 @@ pub fn percentile(samples: &[u64], p: f64) -> u64 {
 }
 
 pub fn print_header() {
-    println!(
-        "{:<16} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7} {:>11}  {}",
-        "scenario",
-        "ops",
-        "ops/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "max ms",
-        "errors",
-        "svc/raw",
-        "note"
-    );
+    let columns = [
+        "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "svc/raw",
+    ];
+    let widths = [9, 10, 8, 8, 8, 8, 7, 11];
+    let mut line = format!("{:<16}", "scenario");
+    for (c, w) in columns.iter().zip(widths) {
+        line.push_str(&format!(" {c:>w$}"));
+    }
+    println!("{line}  note");
 }
 
 pub fn print_row(s: &Stats) {

@@ -17,3 +17,9 @@ cargo test --workspace --locked "$@"
 # The contract from outside Rust: Python stubs generated from proto/, and a
 # client that knows nothing but server reflection.
 [ -n "${KEEL_SKIP_E2E:-}" ] || scripts/e2e.sh
+
+# Benchmark smoke run: every scenario once, small, debug binaries, no thresholds.
+if [ -z "${KEEL_SKIP_BENCH:-}" ]; then
+  cargo build --locked -q -p keel-bench
+  target/debug/keel-bench --quick --bin-dir target/debug
+fi

@@ -213,9 +213,15 @@ impl Jobs {
         }
         let shared = self.shared.clone();
         let permits = self.permits.clone();
+        // Taken now when free, so that the next read asks for no more than fit.
+        let permit = self.permits.clone().try_acquire_owned().ok();
         self.tracker.spawn(async move {
             let id = message.id.clone();
-            if let Ok(_permit) = permits.acquire_owned().await {
+            let permit = match permit {
+                Some(p) => Ok(p),
+                None => permits.acquire_owned().await,
+            };
+            if let Ok(_permit) = permit {
                 match work {
                     Work::Run => shared.process(message).await,
                     Work::DeadLetter { deliveries } => {

@@ -25,8 +25,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
     let verifier = Arc::new(config.tokens.load()?);
+    keel_shared::metrics::install(&config.runtime.metrics)?;
     let pool = keel_shared::db::connect(&config.database).await?;
     keel_shared::migrate::run(&pool).await?;
+    let every = config.runtime.metrics.sample_every();
+    keel_shared::metrics::sample_pools("memory", every, shutdown.clone(), Some(pool.clone()), None);
 
     const SERVICES: &[&str] = &["keel.memory.v1.MemoryService"];
     let (health, health_service) = server::health(SERVICES).await;

@@ -91,9 +91,12 @@ const SEARCH: &str = concat!(
      ORDER BY score DESC, key LIMIT $3"
 );
 
-/// The whole workspace in one statement. Each row is one recent memory
-/// (newest first) carrying the totals; the tag counts ride on the first row
-/// only. With no memories there is one row and the memory columns are NULL.
+/// The whole workspace in one statement. Totals come from an index-only scan
+/// of (user_id, updated_at, key) INCLUDE (content_bytes), tag counts from the
+/// trigger-kept `memory_tag_counts`, recent from the head of that same index.
+/// Each row is one recent memory (newest first) carrying the totals; the tag
+/// counts ride on the first row only. With no memories there is one row and
+/// the memory columns are NULL.
 const WORKSPACE: &str = "WITH totals AS ( \
          SELECT count(*) AS memory_count, \
                 coalesce(sum(content_bytes), 0)::bigint AS total_content_bytes, \
@@ -101,10 +104,8 @@ const WORKSPACE: &str = "WITH totals AS ( \
          FROM memories WHERE user_id = $1 \
      ), tag_totals AS ( \
          SELECT coalesce(array_agg(tag ORDER BY tag), '{}') AS tag_names, \
-                coalesce(array_agg(n ORDER BY tag), '{}') AS tag_counts \
-         FROM (SELECT t.tag, count(*) AS n \
-               FROM memories AS m CROSS JOIN LATERAL unnest(m.tags) AS t(tag) \
-               WHERE m.user_id = $1 GROUP BY t.tag) AS per_tag \
+                coalesce(array_agg(memories ORDER BY tag), '{}') AS tag_counts \
+         FROM memory_tag_counts WHERE user_id = $1 AND memories > 0 \
      ), recent AS ( \
          SELECT key, content, tags, metadata, version, created_at, updated_at, \
                 row_number() OVER (ORDER BY updated_at DESC, key) AS position \

@@ -89,3 +89,72 @@ async fn figures_match_what_was_written() {
     );
     assert_eq!(bobs.recent.len(), 1);
 }
+
+/// Tag counts are kept by triggers on every write; after concurrent puts that
+/// change tags, updates that keep them, and deletes, they equal a recount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_counts_stay_exact_under_concurrent_writes() {
+    let env = std::sync::Arc::new(Env::start().await);
+    let alice = env.user("alice").await;
+    let tag_sets: [&[&str]; 4] = [&["a", "b"], &["b", "c"], &[], &["c", "a", "d"]];
+    let writers = (0..4).map(|w| {
+        let (env, alice) = (env.clone(), alice.clone());
+        tokio::spawn(async move {
+            for i in 0..30usize {
+                let key = format!("k{}", (i * 7 + w) % 12);
+                match (i + w) % 5 {
+                    4 => {
+                        let _ = env.delete(&alice, &key, 0).await;
+                    }
+                    n => {
+                        env.put_ok(&alice, &key, "x", tag_sets[n % tag_sets.len()])
+                            .await;
+                    }
+                }
+            }
+        })
+    });
+    for writer in futures::future::join_all(writers).await {
+        writer.unwrap();
+    }
+
+    let mut expected: HashMap<String, i64> = HashMap::new();
+    let mut count = 0;
+    for key in env
+        .list_all(
+            &alice,
+            keel_proto::memory::v1::ListMemoriesRequest::default(),
+        )
+        .await
+    {
+        count += 1;
+        for tag in env.get(&alice, &key).await.unwrap().tags {
+            *expected.entry(tag).or_default() += 1;
+        }
+    }
+    let ws = env.workspace(&alice).await.unwrap();
+    assert_eq!(ws.memory_count, count);
+    assert_eq!(ws.tag_counts, expected);
+}
+
+#[tokio::test]
+async fn deleting_a_user_removes_their_memories_and_counts() {
+    let env = Env::start().await;
+    let alice = env.user("alice").await;
+    let bob = env.user("bob").await;
+    env.put_ok(&alice, "k1", "x", &["shared", "mine"]).await;
+    env.put_ok(&bob, "k1", "y", &["shared"]).await;
+    let client = env.db.pool.get().await.unwrap();
+    client
+        .execute("DELETE FROM users WHERE email = 'alice@example.com'", &[])
+        .await
+        .unwrap();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM memory_tag_counts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 1);
+    let ws = env.workspace(&bob).await.unwrap();
+    assert_eq!(ws.tag_counts, HashMap::from([("shared".to_string(), 1)]));
+}

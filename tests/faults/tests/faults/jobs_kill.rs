@@ -1,0 +1,122 @@
+//! Jobs-service SIGKILL mid-load: jobs are created continuously while
+//! keel-jobs is killed and restarted. Every acknowledged job runs exactly
+//! once (a re-published stream entry is refused by StartJob).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use keel_faults::{
+    Env, History, RedisTarget, Sandbox, Service, channel, create_job, free_addr, mixed_job, pg,
+    report, wait_all_terminal,
+};
+use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
+use keel_shared::testing::{self, TestDb, TestRedis};
+use tokio::sync::Mutex;
+
+const KILLS: usize = 3;
+const PRODUCERS: usize = 3;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_job_runs_once_across_jobs_service_sigkills() {
+    let sandbox = Sandbox::new("jobs-kill");
+    let db = TestDb::new().await;
+    let redis = TestRedis::new();
+    let target = RedisTarget::shared(&redis);
+    let user = db.create_user("jobs-kill@example.com").await;
+    let token = testing::user_token(user, "jobs-kill@example.com");
+
+    // Default (30 s) leases: a restart within them must not cause a second run.
+    let jobs_addr = free_addr();
+    let mut jobs = Service::new(&sandbox, "jobs", jobs_addr, Env::jobs(jobs_addr, &db.url, &target));
+    jobs.start();
+    jobs.wait_serving().await;
+    let worker_addr = free_addr();
+    let mut worker = Service::new(
+        &sandbox,
+        "worker",
+        worker_addr,
+        Env::worker(worker_addr, jobs_addr, &target, "w").set("KEEL_WORKER_CONCURRENCY", 8),
+    );
+    worker.start();
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let refused = Arc::new(Mutex::new(0usize));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut producers = Vec::new();
+    for p in 0..PRODUCERS {
+        let client = JobsServiceClient::new(channel(jobs_addr));
+        let (token, acked, refused, stop) =
+            (token.clone(), acked.clone(), refused.clone(), stop.clone());
+        producers.push(tokio::spawn(async move {
+            let mut i = p;
+            while !stop.load(Ordering::Relaxed) {
+                match create_job(&client, &token, mixed_job(i)).await {
+                    Ok(job) => acked.lock().await.push(job.id),
+                    Err(_) => {
+                        *refused.lock().await += 1;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                i += PRODUCERS;
+            }
+        }));
+    }
+
+    for kill in 1..=KILLS {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        jobs.sigkill();
+        report!(
+            "jobs kill: SIGKILL {kill} of keel-jobs with {} jobs acknowledged",
+            acked.lock().await.len()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        jobs.start();
+        jobs.wait_serving().await;
+        worker.assert_alive();
+    }
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, Ordering::Relaxed);
+    for p in producers {
+        p.await.expect("producer");
+    }
+
+    let acked = acked.lock().await.clone();
+    let history = pg(&db.url).await;
+    wait_all_terminal(&history, acked.len() as i64).await;
+    let h = History::read(&history).await;
+    let mut conn = redis.pool().get().await.expect("redis");
+    let entries: i64 = redis::cmd("XLEN")
+        .arg(redis.config.jobs_stream())
+        .query_async(&mut *conn)
+        .await
+        .expect("XLEN");
+    report!(
+        "jobs kill: {KILLS} SIGKILLs of keel-jobs survived; {} CreateJob acknowledged, {} refused \
+         while it was down; {} jobs committed, by status {:?}; {} stream entries (duplicates \
+         refused by StartJob); {} jobs started other than once; {} succeeded twice",
+        acked.len(),
+        *refused.lock().await,
+        h.jobs,
+        h.by_status,
+        entries,
+        h.started_not_once,
+        h.succeeded_twice
+    );
+
+    for id in &acked {
+        let row = history
+            .query_one("SELECT status, attempt FROM jobs WHERE id = $1::text::uuid", &[id])
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged job {id} is missing: {e}"));
+        assert_eq!(row.get::<_, String>(0), "succeeded", "job {id}");
+        assert_eq!(row.get::<_, i32>(1), 1, "job {id} ran in one attempt");
+    }
+    // Jobs committed by a call whose answer was lost in the kill count too.
+    assert!(h.jobs >= acked.len() as i64);
+    assert_eq!(h.count("succeeded"), h.jobs, "every committed job succeeded");
+    assert_eq!(h.started_not_once, 0, "every job started exactly once");
+    assert_eq!(h.succeeded_twice, 0, "no job succeeded twice");
+    assert_eq!(h.retries, 0);
+    worker.assert_alive();
+}

@@ -1,0 +1,7 @@
+//! The fault-injection suite: real `keel-*` processes, real Postgres and
+//! Redis, and faults injected from outside (SIGKILL, stopped servers).
+
+mod jobs_kill;
+mod postgres_outage;
+mod redis_outage;
+mod worker_crash;

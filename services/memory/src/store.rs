@@ -80,8 +80,9 @@ const LIST_TAGGED: &str = concat!(
 const QUERY_IS_SELECTIVE: &str = "SELECT numnode(q) > 0 AND NOT (''::tsvector @@ q) AS selective \
      FROM websearch_to_tsquery('english'::regconfig, $1) AS q";
 
-/// ts_rank (not ts_rank_cd) so repeats of a word in content saturate: one
-/// key or tag hit (weight A) always outranks content-only hits (weight C).
+/// ts_rank (not ts_rank_cd) so repeats of a word in content saturate: for a
+/// one-word query, a single key or tag hit (weight A, 0.61) always outranks
+/// any number of content-only hits (weight C, below 0.33).
 const SEARCH: &str = concat!(
     "SELECT ",
     memory_cols!(),

@@ -1,6 +1,7 @@
 //! Config pieces shared by the binaries, parsed by clap from flags or env vars.
 //! Each binary flattens the pieces it needs into its own one typed `Config`.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::StartupError;
@@ -97,6 +98,8 @@ pub struct RuntimeConfig {
     /// On SIGINT/SIGTERM, how long in-flight calls get to finish.
     #[arg(long, env = "KEEL_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+    #[command(flatten)]
+    pub metrics: MetricsConfig,
 }
 
 impl RuntimeConfig {
@@ -110,6 +113,39 @@ impl Default for RuntimeConfig {
         Self {
             log_format: LogFormat::Human,
             shutdown_grace_secs: 10,
+            metrics: MetricsConfig::default(),
+        }
+    }
+}
+
+/// The Prometheus `/metrics` listener (see `crate::metrics`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsConfig {
+    /// Address of the HTTP listener serving Prometheus metrics on any path,
+    /// e.g. 0.0.0.0:9102 (off when unset). One per process: when several
+    /// services share a process (tests), the first address wins.
+    #[arg(long, env = "KEEL_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often gauges read from Postgres and Redis (pools, outbox, queue)
+    /// are sampled, in milliseconds.
+    #[arg(long, env = "KEEL_METRICS_SAMPLE_MS", default_value_t = DEFAULT_METRICS_SAMPLE_MS,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub metrics_sample_ms: u64,
+}
+
+pub const DEFAULT_METRICS_SAMPLE_MS: u64 = 5_000;
+
+impl MetricsConfig {
+    pub fn sample_every(&self) -> Duration {
+        Duration::from_millis(self.metrics_sample_ms.max(100))
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            metrics_addr: None,
+            metrics_sample_ms: DEFAULT_METRICS_SAMPLE_MS,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! gRPC server plumbing every service shares: transport limits, health
 //! (NOT_SERVING until ready, and again while a backend is down), reflection
-//! v1 and v1alpha, and serving with a bounded drain on shutdown.
+//! v1 and v1alpha, per-RPC metrics, and serving with a bounded drain on shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,16 +12,21 @@ use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tower::layer::util::{Identity, Stack};
 
 use crate::StartupError;
+use crate::metrics::RpcMetricsLayer;
+
+/// What [`builder`] makes once services are added: the server with Keel's layers.
+pub type KeelRouter = Router<Stack<RpcMetricsLayer, Identity>>;
 
 /// Largest request message a server decodes (bigger ones are refused with
 /// RESOURCE_EXHAUSTED before any handler runs).
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The transport with Keel's limits: bounded streams per connection,
-/// HTTP/2 keepalive so dead peers are noticed, and a per-call timeout.
-pub fn builder() -> Server {
+/// HTTP/2 keepalive so dead peers are noticed, and per-RPC metrics.
+pub fn builder() -> Server<Stack<RpcMetricsLayer, Identity>> {
     Server::builder()
         .max_concurrent_streams(Some(256))
         .concurrency_limit_per_connection(256)
@@ -30,6 +35,7 @@ pub fn builder() -> Server {
         .http2_max_pending_accept_reset_streams(Some(64))
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .tcp_nodelay(true)
+        .layer(RpcMetricsLayer)
 }
 
 /// Binds the listener, naming the address when it cannot.
@@ -157,7 +163,7 @@ pub fn reflection(
 /// Serves until `shutdown`, then stops accepting and gives in-flight calls
 /// (including streams) `grace` to finish before returning anyway.
 pub async fn serve(
-    router: Router,
+    router: KeelRouter,
     listener: TcpListener,
     shutdown: CancellationToken,
     grace: Duration,

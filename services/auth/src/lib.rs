@@ -65,8 +65,11 @@ pub async fn run(
         reason,
     })?;
 
+    keel_shared::metrics::install(&config.runtime.metrics)?;
     let pool = keel_shared::db::connect(&config.database).await?;
     keel_shared::migrate::run(&pool).await?;
+    let every = config.runtime.metrics.sample_every();
+    keel_shared::metrics::sample_pools("auth", every, shutdown.clone(), Some(pool.clone()), None);
 
     const SERVICES: &[&str] = &["keel.auth.v1.AuthService"];
     let (health, health_service) = server::health(SERVICES).await;

@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::domain::Status;
 use crate::error::JobsError;
 use crate::store::{self, JobRow};
 
@@ -223,6 +224,7 @@ impl Delivery {
                     for job in &reaped {
                         tracing::info!(job_id = %job.id, attempt = job.attempt,
                             status = job.status.as_str(), "lease expired");
+                        count_reaped(job);
                         self.announce(job);
                     }
                     if reaped.len() as i64 == REAP_BATCH && !shutdown.is_cancelled() {
@@ -242,6 +244,28 @@ impl Delivery {
         let client = self.pool.get().await?;
         store::reap_expired_leases(&client, REAP_BATCH).await
     }
+}
+
+/// Samples the outbox gauges (metrics); a failure only skips one sample.
+pub async fn sample_outbox(pool: &Pool) {
+    let stats = match pool.get().await {
+        Ok(client) => store::outbox_stats(&client).await,
+        Err(e) => Err(e.into()),
+    };
+    match stats {
+        Ok((rows, due, oldest)) => keel_shared::metrics::outbox(rows, due, oldest),
+        Err(e) => tracing::debug!(error = %e, "could not sample the outbox"),
+    }
+}
+
+fn count_reaped(job: &JobRow) {
+    let (outcome, transition) = match job.status {
+        Status::Queued => ("queued", "retried"),
+        Status::Cancelled => ("cancelled", "cancelled"),
+        _ => ("failed", "failed"),
+    };
+    keel_shared::metrics::lease_reaped(outcome);
+    keel_shared::metrics::job_transition(transition, &job.kind);
 }
 
 /// An announcement: the job's version (8 bytes, big-endian) then the job as

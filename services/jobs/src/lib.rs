@@ -34,9 +34,23 @@ pub async fn run(
         .as_deref()
         .filter(|t| !t.is_empty())
         .ok_or(StartupError::MissingVar("KEEL_WORKER_TOKEN"))?;
+    keel_shared::metrics::install(&config.runtime.metrics)?;
     let pool = keel_shared::db::connect(&config.database).await?;
     keel_shared::migrate::run(&pool).await?;
     let redis = keel_shared::redis::pool(&config.redis)?;
+    let every = config.runtime.metrics.sample_every();
+    keel_shared::metrics::sample_pools(
+        "jobs",
+        every,
+        shutdown.clone(),
+        Some(pool.clone()),
+        Some(redis.clone()),
+    );
+    let outbox_pool = pool.clone();
+    keel_shared::metrics::sample_every(every, shutdown.clone(), move || {
+        let pool = outbox_pool.clone();
+        async move { delivery::sample_outbox(&pool).await }
+    });
 
     const SERVICES: &[&str] = &["keel.jobs.v1.JobsService", "keel.jobs.v1.JobRunnerService"];
     let (health, health_service) = server::health(SERVICES).await;

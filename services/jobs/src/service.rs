@@ -49,6 +49,9 @@ impl Jobs {
             items.into_iter().map(|j| (Uuid::now_v7(), j)).collect();
         let client = self.pool.get().await?;
         let inserted = store::insert_jobs(&client, user_id, &with_ids).await?;
+        for (job, _) in &inserted {
+            keel_shared::metrics::job_transition("created", &job.kind);
+        }
         let due: Vec<i64> = inserted
             .iter()
             .filter(|(_, o)| o.due)
@@ -150,6 +153,9 @@ impl Jobs {
                 }
             };
             if let Some(job) = changed {
+                if job.status == Status::Cancelled {
+                    count_transition(&job);
+                }
                 self.delivery.announce(&job);
                 return Ok(job);
             }
@@ -166,6 +172,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         match store::start_job(&client, id, &worker_id, self.settings.lease).await? {
             Some(job) => {
+                count_transition(&job);
                 self.delivery.announce(&job);
                 Ok(job)
             }
@@ -207,6 +214,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         match store::complete_job(&client, id, attempt, output, cancelled, &worker_id).await? {
             Some(job) => {
+                count_transition(&job);
                 self.delivery.announce(&job);
                 Ok(job)
             }
@@ -230,6 +238,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         match store::fail_job(&client, id, attempt, &error, retryable, delay, &worker_id).await? {
             Some(job) => {
+                count_transition(&job);
                 self.delivery.announce(&job);
                 Ok(job)
             }
@@ -251,4 +260,16 @@ impl Jobs {
             Err(e) => e,
         }
     }
+}
+
+/// Counts the transition that left `job` in its status (metrics).
+fn count_transition(job: &JobRow) {
+    let transition = match job.status {
+        Status::Queued => "retried",
+        Status::Running => "started",
+        Status::Succeeded => "succeeded",
+        Status::Failed => "failed",
+        Status::Cancelled => "cancelled",
+    };
+    keel_shared::metrics::job_transition(transition, &job.kind);
 }

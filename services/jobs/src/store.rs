@@ -526,3 +526,16 @@ pub async fn mark_published(
         .await?;
     Ok(())
 }
+
+/// Outbox size for metrics: all rows, rows due for (re)publication, and how
+/// long (seconds) the oldest due row has waited.
+pub async fn outbox_stats(client: &impl GenericClient) -> Result<(i64, i64, f64), JobsError> {
+    const SQL: &str = "SELECT count(*),
+                              count(*) FILTER (WHERE deliver_at <= now()),
+                              COALESCE(EXTRACT(EPOCH FROM now() - min(deliver_at)
+                                       FILTER (WHERE deliver_at <= now()))::float8, 0)
+                       FROM job_outbox";
+    let stmt = client.prepare_cached(SQL).await?;
+    let row = client.query_one(&stmt, &[]).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+}

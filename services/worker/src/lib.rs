@@ -76,6 +76,7 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
     config.validate()?;
+    keel_shared::metrics::install(&config.runtime.metrics)?;
     let client = client::connect(&config.jobs_url, config.worker_token()?)?;
     let jobs_addr = client::authority(&config.jobs_url)?;
     let redis = keel_shared::redis::pool(&config.redis)?;
@@ -90,6 +91,24 @@ pub async fn run_with(
         reason: e.to_string(),
     })?;
 
+    let every = config.runtime.metrics.sample_every();
+    keel_shared::metrics::sample_pools(
+        "worker",
+        every,
+        shutdown.clone(),
+        None,
+        Some(redis.clone()),
+    );
+    let sampled = stream.clone();
+    keel_shared::metrics::sample_every(every, shutdown.clone(), move || {
+        let stream = sampled.clone();
+        async move {
+            match stream.queue_stats().await {
+                Ok(stats) => keel_shared::metrics::queue(stats),
+                Err(e) => tracing::debug!(error = %e, "could not sample the queue"),
+            }
+        }
+    });
     let (health, health_service) = server::health(&[]).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection(&[]);
     health.watch(Duration::from_secs(2), shutdown.clone(), move || {

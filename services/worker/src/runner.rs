@@ -111,12 +111,34 @@ enum Outcome {
     Nothing,
 }
 
+impl Outcome {
+    /// The `outcome` label of the worker's job metrics.
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Complete {
+                cancelled: false, ..
+            } => "succeeded",
+            Outcome::Complete {
+                cancelled: true, ..
+            } => "cancelled",
+            Outcome::Fail {
+                retryable: true, ..
+            } => "retryable",
+            Outcome::Fail {
+                retryable: false, ..
+            } => "failed",
+            Outcome::Nothing => "lease_lost",
+        }
+    }
+}
+
 impl Shared {
     /// Runs one message from the stream to its acknowledgement.
     pub(crate) async fn process(&self, message: Message) {
         let Some(job_id) = valid_job_id(&message) else {
             tracing::warn!(message_id = %message.id, "stream entry without a valid job_id: dead-lettering it");
             if self.dead_letter_entry(&message, 1, "no valid job_id").await {
+                keel_shared::metrics::dead_lettered("invalid_message");
                 self.ack(&message).await;
             }
             return;
@@ -144,7 +166,10 @@ impl Shared {
         let attempt = job.attempt;
         tracing::info!(job_id = %id, kind = %job.kind, attempt, "job started");
 
+        let kind = job.kind.clone();
+        let began = std::time::Instant::now();
         let (outcome, ack) = self.run_attempt(job_id, job).await;
+        keel_shared::metrics::worker_job(&kind, outcome.label(), began.elapsed());
         let recorded = self.record(&id, attempt, outcome).await;
         if recorded && ack {
             self.ack(&message).await;
@@ -380,6 +405,7 @@ impl Shared {
         }
         tracing::warn!(message_id = %message.id, job_id = ?message.job_id, deliveries, "message dead-lettered");
         if self.dead_letter_entry(&message, deliveries, &reason).await {
+            keel_shared::metrics::dead_lettered("max_deliveries");
             self.ack(&message).await;
         }
     }

@@ -9,8 +9,8 @@ use keel_shared::config::RedisConfig;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
-    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamPendingCountReply,
-    StreamReadReply,
+    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
+    StreamPendingCountReply, StreamReadReply,
 };
 use redis::{AsyncConnectionConfig, RedisError};
 
@@ -297,5 +297,40 @@ impl JobStream {
             }
         }
         Ok(removed)
+    }
+
+    /// Stream and dead-letter lengths and our group's pending count, lag and
+    /// consumers (`XINFO GROUPS`; lag needs Redis 7), for metrics.
+    pub async fn queue_stats(&self) -> Result<keel_shared::metrics::QueueStats, StreamError> {
+        let mut conn = self.conn().await?;
+        let (stream_length, dead_letter_length): (u64, u64) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&self.stream)
+            .cmd("XLEN")
+            .arg(&self.dead_letter)
+            .query_async(&mut *conn)
+            .await
+            .map_err(StreamError::from_redis)?;
+        let mut stats = keel_shared::metrics::QueueStats {
+            stream_length,
+            dead_letter_length,
+            ..Default::default()
+        };
+        if stream_length == 0 {
+            // XINFO GROUPS fails on a stream that does not exist yet.
+            return Ok(stats);
+        }
+        let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.stream)
+            .query_async(&mut *conn)
+            .await
+            .map_err(StreamError::from_redis)?;
+        if let Some(group) = groups.groups.iter().find(|g| g.name == CONSUMER_GROUP) {
+            stats.pending = group.pending as u64;
+            stats.lag = group.lag.map(|l| l as u64);
+            stats.consumers = group.consumers as u64;
+        }
+        Ok(stats)
     }
 }

@@ -3,6 +3,7 @@
 
 mod delivery;
 mod kinds;
+mod metrics;
 mod recovery;
 mod shutdown;
 mod startup;

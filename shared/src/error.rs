@@ -85,8 +85,15 @@ impl From<tokio_postgres::Error> for ApiError {
     fn from(err: tokio_postgres::Error) -> Self {
         use tokio_postgres::error::SqlState;
         let Some(db) = err.as_db_error() else {
-            // No server error attached: I/O, closed connection, timeout.
-            return Self::Unavailable("database unavailable".into());
+            // No server error attached: a lost connection is UNAVAILABLE; a
+            // client-side problem (a parameter that does not encode, a column
+            // that does not decode) is a bug, not an outage.
+            let io = std::error::Error::source(&err)
+                .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
+            if err.is_closed() || io {
+                return Self::Unavailable("database unavailable".into());
+            }
+            return Self::Internal(format!("postgres: {}", source_chain(&err)));
         };
         let code = db.code();
         if code.code().starts_with("08")

@@ -9,3 +9,4 @@ mod listing;
 mod startup;
 mod support;
 mod watch;
+mod hostile;

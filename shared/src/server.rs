@@ -48,7 +48,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
         })
 }
 
-/// Health service with every listed service name (and "") NOT_SERVING.
+/// Health entry that is SERVING while the process serves, whatever its
+/// backends: what a liveness probe asks (readiness asks "").
+pub const LIVENESS: &str = "keel.liveness";
+
+/// Health service with every listed service name (and "") NOT_SERVING, and
+/// [`LIVENESS`] SERVING.
 pub async fn health(
     names: &[&str],
 ) -> (
@@ -64,6 +69,10 @@ pub async fn health(
             .collect(),
     };
     health.set(false).await;
+    health
+        .reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
     (health, service)
 }
 

@@ -3,6 +3,7 @@
 mod support;
 
 mod crud;
+mod hostile;
 mod isolation;
 mod limits;
 mod listing;

@@ -14,6 +14,7 @@ if [ ! -x "$py/.venv/bin/python" ]; then
 fi
 "$py/.venv/bin/pip" install -q --disable-pip-version-check -r "$py/requirements.txt"
 "$py/.venv/bin/python" "$py/check_compose.py" compose.yaml Dockerfile
+"$py/.venv/bin/python" deploy/check_manifests.py deploy/k8s
 
 cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker -p keel-cli
 bin=target/debug

@@ -2,6 +2,7 @@
 
 mod audit;
 mod flows;
+mod hostile;
 mod keyfile;
 mod login;
 mod register;

@@ -127,7 +127,11 @@ where
     let result = call.await;
     assert_clean(rpc, &result);
     if result.is_err() {
-        assert_eq!(snapshot(db).await, before, "{rpc}: a refused call changed state");
+        assert_eq!(
+            snapshot(db).await,
+            before,
+            "{rpc}: a refused call changed state"
+        );
     }
     result
 }
@@ -228,17 +232,23 @@ fn json_value() -> BoxedStrategy<Value> {
 /// `levels` objects nested in one another around a number.
 pub fn nested(levels: usize) -> Struct {
     let mut s = Struct {
-        fields: [("n".to_string(), Value {
-            kind: Some(Kind::NumberValue(1.0)),
-        })]
+        fields: [(
+            "n".to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(1.0)),
+            },
+        )]
         .into_iter()
         .collect(),
     };
     for _ in 1..levels {
         s = Struct {
-            fields: [("a".to_string(), Value {
-                kind: Some(Kind::StructValue(s)),
-            })]
+            fields: [(
+                "a".to_string(),
+                Value {
+                    kind: Some(Kind::StructValue(s)),
+                },
+            )]
             .into_iter()
             .collect(),
         };
@@ -429,48 +439,55 @@ fn batch_create_jobs_survives_hostile_requests() {
 fn get_cancel_and_watch_survive_hostile_ids() {
     let rt = runtime();
     let svc = rt.block_on(Svc::start());
-    property("GetJob/CancelJob/WatchJob", 128, &rt, (id(), 0..3u8), |(id, rpc)| {
-        let svc = &svc;
-        async move {
-            let target = svc.create_kind("echo").await;
-            let id = id.resolve(&target.id);
-            let mut jobs = svc.jobs.clone();
-            match rpc {
-                0 => {
-                    let r = checked(&svc.db, "GetJob", jobs.get_job(svc.u(GetJobRequest { id })))
+    property(
+        "GetJob/CancelJob/WatchJob",
+        128,
+        &rt,
+        (id(), 0..3u8),
+        |(id, rpc)| {
+            let svc = &svc;
+            async move {
+                let target = svc.create_kind("echo").await;
+                let id = id.resolve(&target.id);
+                let mut jobs = svc.jobs.clone();
+                match rpc {
+                    0 => {
+                        let r =
+                            checked(&svc.db, "GetJob", jobs.get_job(svc.u(GetJobRequest { id })))
+                                .await;
+                        if let Ok(r) = r {
+                            assert_eq!(r.into_inner().job.unwrap(), target);
+                        }
+                    }
+                    1 => {
+                        let r = checked(
+                            &svc.db,
+                            "CancelJob",
+                            jobs.cancel_job(svc.u(CancelJobRequest { id })),
+                        )
                         .await;
-                    if let Ok(r) = r {
-                        assert_eq!(r.into_inner().job.unwrap(), target);
+                        if let Ok(r) = r {
+                            let job = r.into_inner().job.unwrap();
+                            assert_eq!(job.id, target.id);
+                            assert_eq!(job.status(), JobStatus::Cancelled);
+                        }
                     }
-                }
-                1 => {
-                    let r = checked(
-                        &svc.db,
-                        "CancelJob",
-                        jobs.cancel_job(svc.u(CancelJobRequest { id })),
-                    )
-                    .await;
-                    if let Ok(r) = r {
-                        let job = r.into_inner().job.unwrap();
-                        assert_eq!(job.id, target.id);
-                        assert_eq!(job.status(), JobStatus::Cancelled);
-                    }
-                }
-                _ => {
-                    let r = checked(
-                        &svc.db,
-                        "WatchJob",
-                        jobs.watch_job(svc.u(WatchJobRequest { id })),
-                    )
-                    .await;
-                    if let Ok(r) = r {
-                        let first = r.into_inner().message().await.expect("first message");
-                        assert_eq!(first.unwrap().job.unwrap().id, target.id);
+                    _ => {
+                        let r = checked(
+                            &svc.db,
+                            "WatchJob",
+                            jobs.watch_job(svc.u(WatchJobRequest { id })),
+                        )
+                        .await;
+                        if let Ok(r) = r {
+                            let first = r.into_inner().message().await.expect("first message");
+                            assert_eq!(first.unwrap().job.unwrap().id, target.id);
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -516,43 +533,52 @@ fn list_jobs_survives_hostile_requests() {
         prop_oneof![3 => 0..=5i32, 1 => any::<i32>()],
         prop_oneof![Just(String::new()), Just("echo".to_string()), kind()],
     );
-    property("ListJobs", 128, &rt, strategy, |(page_size, token, status, kind)| {
-        let svc = &svc;
-        let real_token = &real_token;
-        let user = &user;
-        async move {
-            let page_token = match &token {
-                PageToken::Empty => String::new(),
-                PageToken::Real => real_token.clone(),
-                PageToken::ForgedCursor(c) => keel_shared::paging::encode_token(
-                    &format!("jobs|{user}||{kind}"),
-                    c,
-                ),
-                PageToken::Text(t) => t.clone(),
-            };
-            let req = ListJobsRequest {
-                page_size,
-                page_token,
-                status,
-                kind: kind.clone(),
-            };
-            let r = checked(&svc.db, "ListJobs", svc.jobs.clone().list_jobs(svc.u(req))).await;
-            if let Ok(r) = r {
-                let page = r.into_inner();
-                let limit = if page_size == 0 { 50 } else { page_size.min(1000) };
-                assert!(page.jobs.len() <= limit as usize);
-                for job in &page.jobs {
-                    assert_eq!(&job.user_id, user);
-                    if !kind.is_empty() {
-                        assert_eq!(job.kind, kind);
+    property(
+        "ListJobs",
+        128,
+        &rt,
+        strategy,
+        |(page_size, token, status, kind)| {
+            let svc = &svc;
+            let real_token = &real_token;
+            let user = &user;
+            async move {
+                let page_token = match &token {
+                    PageToken::Empty => String::new(),
+                    PageToken::Real => real_token.clone(),
+                    PageToken::ForgedCursor(c) => {
+                        keel_shared::paging::encode_token(&format!("jobs|{user}||{kind}"), c)
                     }
-                    if status != 0 {
-                        assert_eq!(job.status, status);
+                    PageToken::Text(t) => t.clone(),
+                };
+                let req = ListJobsRequest {
+                    page_size,
+                    page_token,
+                    status,
+                    kind: kind.clone(),
+                };
+                let r = checked(&svc.db, "ListJobs", svc.jobs.clone().list_jobs(svc.u(req))).await;
+                if let Ok(r) = r {
+                    let page = r.into_inner();
+                    let limit = if page_size == 0 {
+                        50
+                    } else {
+                        page_size.min(1000)
+                    };
+                    assert!(page.jobs.len() <= limit as usize);
+                    for job in &page.jobs {
+                        assert_eq!(&job.user_id, user);
+                        if !kind.is_empty() {
+                            assert_eq!(job.kind, kind);
+                        }
+                        if status != 0 {
+                            assert_eq!(job.status, status);
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -570,7 +596,12 @@ fn start_job_survives_hostile_requests() {
                 id: id.resolve(&target.id),
                 worker_id,
             };
-            let r = checked(&svc.db, "StartJob", svc.runner.clone().start_job(svc.w(req))).await;
+            let r = checked(
+                &svc.db,
+                "StartJob",
+                svc.runner.clone().start_job(svc.w(req)),
+            )
+            .await;
             if let Ok(r) = r {
                 let job = r.into_inner().job.unwrap();
                 assert_eq!((job.id, job.attempt), (target.id, 1));
@@ -612,15 +643,22 @@ fn heartbeat_complete_and_fail_survive_hostile_requests() {
             attempt,
             worker_id
         }),
-        (id(), attempt(), prop::option::of(payload(33)), any::<bool>(), text()).prop_map(
-            |(id, attempt, output, cancelled, worker_id)| RunnerCall::Complete {
-                id,
-                attempt,
-                output,
-                cancelled,
-                worker_id
-            }
-        ),
+        (
+            id(),
+            attempt(),
+            prop::option::of(payload(33)),
+            any::<bool>(),
+            text()
+        )
+            .prop_map(
+                |(id, attempt, output, cancelled, worker_id)| RunnerCall::Complete {
+                    id,
+                    attempt,
+                    output,
+                    cancelled,
+                    worker_id
+                }
+            ),
         (id(), attempt(), text(), any::<bool>(), text()).prop_map(
             |(id, attempt, error, retryable, worker_id)| RunnerCall::Fail {
                 id,
@@ -709,16 +747,18 @@ fn random_credentials_are_unauthenticated_and_change_nothing() {
     let svc = rt.block_on(Svc::start());
     let header = prop_oneof![
         prop::collection::vec(prop_oneof![32u8..127, 128u8..=255, Just(b'\n')], 0..64),
-        prop::collection::vec(nasty_char(), 0..64)
-            .prop_map(|s| format!("Bearer {}", String::from_iter(s)).into_bytes()),
+        prop::collection::vec(nasty_char(), 0..64).prop_map(|s| format!(
+            "Bearer {}",
+            String::from_iter(s)
+        )
+        .into_bytes()),
         "[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,80}\\.[A-Za-z0-9_-]{0,90}"
             .prop_map(|s| format!("Bearer {s}").into_bytes()),
     ];
     property("credentials", 128, &rt, header, |header| {
         let svc = &svc;
         async move {
-            let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice())
-            else {
+            let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice()) else {
                 return; // not a header value any HTTP/2 client can send
             };
             let mut req = tonic::Request::new(CreateJobRequest {
@@ -727,14 +767,20 @@ fn random_credentials_are_unauthenticated_and_change_nothing() {
             });
             req.metadata_mut().insert("authorization", value.clone());
             let r = checked(&svc.db, "CreateJob", svc.jobs.clone().create_job(req)).await;
-            assert_eq!(r.expect_err("random credential").code(), Code::Unauthenticated);
+            assert_eq!(
+                r.expect_err("random credential").code(),
+                Code::Unauthenticated
+            );
             let mut req = tonic::Request::new(StartJobRequest {
                 id: Uuid::now_v7().to_string(),
                 worker_id: "w".into(),
             });
             req.metadata_mut().insert("authorization", value);
             let r = checked(&svc.db, "StartJob", svc.runner.clone().start_job(req)).await;
-            assert_eq!(r.expect_err("random credential").code(), Code::Unauthenticated);
+            assert_eq!(
+                r.expect_err("random credential").code(),
+                Code::Unauthenticated
+            );
         }
     });
 }
@@ -806,7 +852,10 @@ async fn nul_in_stored_text_is_invalid_argument_not_internal() {
         })),
     )
     .await;
-    assert_eq!(r.unwrap().into_inner().job.unwrap().status(), JobStatus::Failed);
+    assert_eq!(
+        r.unwrap().into_inner().job.unwrap().status(),
+        JobStatus::Failed
+    );
 }
 
 /// A run_at chrono accepts but Postgres cannot store (before 4713 BC) reaches
@@ -824,7 +873,12 @@ async fn run_at_before_postgres_range_is_invalid_argument() {
         }),
         ..Default::default()
     };
-    let r = checked(&svc.db, "CreateJob", svc.jobs.clone().create_job(svc.u(req))).await;
+    let r = checked(
+        &svc.db,
+        "CreateJob",
+        svc.jobs.clone().create_job(svc.u(req)),
+    )
+    .await;
     let status = r.expect_err("year -7500");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("run_at: "), "{status:?}");
@@ -947,11 +1001,7 @@ impl Codec for RawCodec {
 /// A length-delimited protobuf field.
 pub fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    prost::encoding::encode_key(
-        number,
-        prost::encoding::WireType::LengthDelimited,
-        &mut out,
-    );
+    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
     prost::encoding::encode_varint(bytes.len() as u64, &mut out);
     out.extend_from_slice(bytes);
     out
@@ -982,7 +1032,9 @@ async fn invalid_utf8_is_refused_at_decode_and_changes_nothing() {
     let before = snapshot(&raw.db).await;
     const CREATE: &str = "/keel.jobs.v1.JobsService/CreateJob";
     // Control: hand-made bytes that decode are accepted.
-    raw.call(CREATE, field(1, b"echo")).await.expect("valid bytes");
+    raw.call(CREATE, field(1, b"echo"))
+        .await
+        .expect("valid bytes");
     let before_bad = snapshot(&raw.db).await;
     assert_ne!(before, before_bad);
     let bad = [
@@ -993,11 +1045,19 @@ async fn invalid_utf8_is_refused_at_decode_and_changes_nothing() {
         ),
         (
             "payload string",
-            [field(1, b"echo"), field(2, &struct_with_raw_string(b"s", b"\xed\xa0\x80"))].concat(),
+            [
+                field(1, b"echo"),
+                field(2, &struct_with_raw_string(b"s", b"\xed\xa0\x80")),
+            ]
+            .concat(),
         ),
         (
             "payload key",
-            [field(1, b"echo"), field(2, &struct_with_raw_string(b"\xff", b"x"))].concat(),
+            [
+                field(1, b"echo"),
+                field(2, &struct_with_raw_string(b"\xff", b"x")),
+            ]
+            .concat(),
         ),
     ];
     for (what, body) in bad {
@@ -1066,7 +1126,9 @@ async fn nesting_past_prosts_limit_is_a_decode_error() {
     let raw = Raw::start().await;
     let before = snapshot(&raw.db).await;
     for payload in [nested(34), nested(200), nested_lists(49), nested_lists(500)] {
-        let status = create_with(&raw, payload).await.expect_err("too deep to decode");
+        let status = create_with(&raw, payload)
+            .await
+            .expect_err("too deep to decode");
         assert_eq!(status.code(), Code::Internal, "{status:?}");
         assert!(
             status
@@ -1167,9 +1229,12 @@ async fn numbers_with_17_significant_digits_round_trip() {
     let raw = Raw::start().await;
     let sent = -2_132_685_841_303_033.0_f64;
     let payload = Struct {
-        fields: [("n".to_string(), Value {
-            kind: Some(Kind::NumberValue(sent)),
-        })]
+        fields: [(
+            "n".to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(sent)),
+            },
+        )]
         .into_iter()
         .collect(),
     };

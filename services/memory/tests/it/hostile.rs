@@ -175,7 +175,11 @@ impl Mem {
         let result = call.await;
         assert_clean(rpc, &result);
         if result.is_err() {
-            assert_eq!(self.snapshot().await, before, "{rpc}: a refused call changed state");
+            assert_eq!(
+                self.snapshot().await,
+                before,
+                "{rpc}: a refused call changed state"
+            );
         }
         result
     }
@@ -305,17 +309,23 @@ fn json_value() -> BoxedStrategy<Value> {
 /// `levels` objects nested in one another around a number.
 pub fn nested(levels: usize) -> Struct {
     let mut s = Struct {
-        fields: [("n".to_string(), Value {
-            kind: Some(Kind::NumberValue(1.0)),
-        })]
+        fields: [(
+            "n".to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(1.0)),
+            },
+        )]
         .into_iter()
         .collect(),
     };
     for _ in 1..levels {
         s = Struct {
-            fields: [("a".to_string(), Value {
-                kind: Some(Kind::StructValue(s)),
-            })]
+            fields: [(
+                "a".to_string(),
+                Value {
+                    kind: Some(Kind::StructValue(s)),
+                },
+            )]
             .into_iter()
             .collect(),
         };
@@ -382,37 +392,52 @@ fn version() -> BoxedStrategy<i64> {
 fn put_memory_survives_hostile_requests() {
     let rt = runtime();
     let mem = rt.block_on(Mem::start());
-    let strategy = (key(), text(), tags(), prop::option::of(payload(33)), version());
-    property("PutMemory", 128, &rt, strategy, |(key, content, tags, metadata, expected_version)| {
-        let mem = &mem;
-        async move {
-            let req = PutMemoryRequest {
-                key: key.clone(),
-                content: content.clone(),
-                tags: tags.clone(),
-                metadata: metadata.clone(),
-                expected_version,
-            };
-            let Ok(stored) = mem.checked("PutMemory", mem.put(req)).await else {
-                return;
-            };
-            assert_eq!(stored.key, key);
-            assert_eq!(stored.content, content, "content stored verbatim");
-            let mut distinct: Vec<String> = Vec::new();
-            for t in tags {
-                if !distinct.contains(&t) {
-                    distinct.push(t);
+    let strategy = (
+        key(),
+        text(),
+        tags(),
+        prop::option::of(payload(33)),
+        version(),
+    );
+    property(
+        "PutMemory",
+        128,
+        &rt,
+        strategy,
+        |(key, content, tags, metadata, expected_version)| {
+            let mem = &mem;
+            async move {
+                let req = PutMemoryRequest {
+                    key: key.clone(),
+                    content: content.clone(),
+                    tags: tags.clone(),
+                    metadata: metadata.clone(),
+                    expected_version,
+                };
+                let Ok(stored) = mem.checked("PutMemory", mem.put(req)).await else {
+                    return;
+                };
+                assert_eq!(stored.key, key);
+                assert_eq!(stored.content, content, "content stored verbatim");
+                let mut distinct: Vec<String> = Vec::new();
+                for t in tags {
+                    if !distinct.contains(&t) {
+                        distinct.push(t);
+                    }
                 }
+                assert_eq!(stored.tags, distinct, "tags stored verbatim");
+                let want = metadata
+                    .as_ref()
+                    .map(|m| struct_to_json(m).unwrap())
+                    .unwrap_or(serde_json::json!({}));
+                assert_eq!(
+                    struct_to_json(stored.metadata.as_ref().unwrap()).unwrap(),
+                    want
+                );
+                assert_eq!(mem.get(&key).await.expect("read back"), stored);
             }
-            assert_eq!(stored.tags, distinct, "tags stored verbatim");
-            let want = metadata
-                .as_ref()
-                .map(|m| struct_to_json(m).unwrap())
-                .unwrap_or(serde_json::json!({}));
-            assert_eq!(struct_to_json(stored.metadata.as_ref().unwrap()).unwrap(), want);
-            assert_eq!(mem.get(&key).await.expect("read back"), stored);
-        }
-    });
+        },
+    );
 }
 
 #[test]
@@ -420,35 +445,41 @@ fn get_and_delete_memory_survive_hostile_requests() {
     let rt = runtime();
     let mem = rt.block_on(Mem::start());
     let strategy = (key(), version(), any::<bool>());
-    property("GetMemory/DeleteMemory", 128, &rt, strategy, |(key, expected_version, delete)| {
-        let mem = &mem;
-        async move {
-            // Something to find (or delete) under a few of the keys generated.
-            let target = mem.put(put("a_b", "target")).await.expect("put target");
-            if delete {
-                let req = DeleteMemoryRequest {
-                    key: key.clone(),
-                    expected_version,
-                };
-                let r = mem
-                    .checked("DeleteMemory", mem.client().delete_memory(mem.u(req)))
-                    .await;
-                if r.is_ok() {
-                    assert_eq!(mem.get(&key).await.unwrap_err().code(), Code::NotFound);
-                }
-            } else {
-                let before = mem.snapshot().await;
-                let r = mem.checked("GetMemory", mem.get(&key)).await;
-                if let Ok(found) = r {
-                    if key == "a_b" {
-                        assert_eq!(found, target);
+    property(
+        "GetMemory/DeleteMemory",
+        128,
+        &rt,
+        strategy,
+        |(key, expected_version, delete)| {
+            let mem = &mem;
+            async move {
+                // Something to find (or delete) under a few of the keys generated.
+                let target = mem.put(put("a_b", "target")).await.expect("put target");
+                if delete {
+                    let req = DeleteMemoryRequest {
+                        key: key.clone(),
+                        expected_version,
+                    };
+                    let r = mem
+                        .checked("DeleteMemory", mem.client().delete_memory(mem.u(req)))
+                        .await;
+                    if r.is_ok() {
+                        assert_eq!(mem.get(&key).await.unwrap_err().code(), Code::NotFound);
                     }
-                    assert_eq!(found.key, key);
+                } else {
+                    let before = mem.snapshot().await;
+                    let r = mem.checked("GetMemory", mem.get(&key)).await;
+                    if let Ok(found) = r {
+                        if key == "a_b" {
+                            assert_eq!(found, target);
+                        }
+                        assert_eq!(found.key, key);
+                    }
+                    assert_eq!(mem.snapshot().await, before, "GetMemory changed state");
                 }
-                assert_eq!(mem.snapshot().await, before, "GetMemory changed state");
             }
-        }
-    });
+        },
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -487,47 +518,67 @@ fn list_memories_survives_hostile_requests() {
         2 => nasty_string().prop_map(PageToken::Text),
         1 => "[A-Za-z0-9_-]{0,64}".prop_map(PageToken::Text),
     ];
-    let prefix = prop_oneof![Just(String::new()), Just("a_".to_string()), Just("a".to_string()), key()];
-    let tag = prop_oneof![Just(String::new()), Just("_".to_string()), Just("%".to_string()), nasty_string()];
+    let prefix = prop_oneof![
+        Just(String::new()),
+        Just("a_".to_string()),
+        Just("a".to_string()),
+        key()
+    ];
+    let tag = prop_oneof![
+        Just(String::new()),
+        Just("_".to_string()),
+        Just("%".to_string()),
+        nasty_string()
+    ];
     let strategy = (small_i32(0..=1000), token, prefix, tag);
-    property("ListMemories", 128, &rt, strategy, |(page_size, token, key_prefix, tag)| {
-        let mem = &mem;
-        let real_token = &real_token;
-        async move {
-            let page_token = match &token {
-                PageToken::Empty => String::new(),
-                PageToken::Real => real_token.clone(),
-                PageToken::ForgedCursor(c) => keel_shared::paging::encode_token(
-                    &keel_memory::domain::list_filter(mem.user_id, &key_prefix, &tag),
-                    c,
-                ),
-                PageToken::Text(t) => t.clone(),
-            };
-            let req = ListMemoriesRequest {
-                page_size,
-                page_token,
-                key_prefix: key_prefix.clone(),
-                tag: tag.clone(),
-            };
-            let before = mem.snapshot().await;
-            let r = mem
-                .checked("ListMemories", mem.client().list_memories(mem.u(req)))
-                .await;
-            assert_eq!(mem.snapshot().await, before, "ListMemories changed state");
-            if let Ok(r) = r {
-                let page = r.into_inner();
-                let limit = if page_size == 0 { 50 } else { page_size.min(1000) };
-                assert!(page.memories.len() <= limit as usize);
-                for m in &page.memories {
-                    // `_` and `%` are literal: no LIKE wildcards.
-                    assert!(m.key.starts_with(&key_prefix), "{} !~ {key_prefix}", m.key);
-                    if !tag.is_empty() {
-                        assert!(m.tags.contains(&tag), "{:?} lacks {tag}", m.tags);
+    property(
+        "ListMemories",
+        128,
+        &rt,
+        strategy,
+        |(page_size, token, key_prefix, tag)| {
+            let mem = &mem;
+            let real_token = &real_token;
+            async move {
+                let page_token = match &token {
+                    PageToken::Empty => String::new(),
+                    PageToken::Real => real_token.clone(),
+                    PageToken::ForgedCursor(c) => keel_shared::paging::encode_token(
+                        &keel_memory::domain::list_filter(mem.user_id, &key_prefix, &tag),
+                        c,
+                    ),
+                    PageToken::Text(t) => t.clone(),
+                };
+                let req = ListMemoriesRequest {
+                    page_size,
+                    page_token,
+                    key_prefix: key_prefix.clone(),
+                    tag: tag.clone(),
+                };
+                let before = mem.snapshot().await;
+                let r = mem
+                    .checked("ListMemories", mem.client().list_memories(mem.u(req)))
+                    .await;
+                assert_eq!(mem.snapshot().await, before, "ListMemories changed state");
+                if let Ok(r) = r {
+                    let page = r.into_inner();
+                    let limit = if page_size == 0 {
+                        50
+                    } else {
+                        page_size.min(1000)
+                    };
+                    assert!(page.memories.len() <= limit as usize);
+                    for m in &page.memories {
+                        // `_` and `%` are literal: no LIKE wildcards.
+                        assert!(m.key.starts_with(&key_prefix), "{} !~ {key_prefix}", m.key);
+                        if !tag.is_empty() {
+                            assert!(m.tags.contains(&tag), "{:?} lacks {tag}", m.tags);
+                        }
                     }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 #[test]
@@ -553,21 +604,27 @@ fn search_memories_survives_hostile_requests() {
         1 => prop::collection::vec(prop::sample::select(vec!["&", "|", "!", "(", ")", "<->", ":*", "\"", "-", "or", "walrus", " "]), 0..30)
             .prop_map(|parts| parts.concat()),
     ];
-    property("SearchMemories", 128, &rt, (query, small_i32(0..=100)), |(query, limit)| {
-        let mem = &mem;
-        async move {
-            let before = mem.snapshot().await;
-            let req = SearchMemoriesRequest { query, limit };
-            let r = mem
-                .checked("SearchMemories", mem.client().search_memories(mem.u(req)))
-                .await;
-            assert_eq!(mem.snapshot().await, before, "SearchMemories changed state");
-            if let Ok(r) = r {
-                let n = r.into_inner().results.len();
-                assert!(n <= if limit == 0 { 10 } else { limit as usize });
+    property(
+        "SearchMemories",
+        128,
+        &rt,
+        (query, small_i32(0..=100)),
+        |(query, limit)| {
+            let mem = &mem;
+            async move {
+                let before = mem.snapshot().await;
+                let req = SearchMemoriesRequest { query, limit };
+                let r = mem
+                    .checked("SearchMemories", mem.client().search_memories(mem.u(req)))
+                    .await;
+                assert_eq!(mem.snapshot().await, before, "SearchMemories changed state");
+                if let Ok(r) = r {
+                    let n = r.into_inner().results.len();
+                    assert!(n <= if limit == 0 { 10 } else { limit as usize });
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 #[test]
@@ -576,26 +633,36 @@ fn random_credentials_are_unauthenticated_and_change_nothing() {
     let mem = rt.block_on(Mem::start());
     let header = prop_oneof![
         prop::collection::vec(prop_oneof![32u8..127, 128u8..=255, Just(b'\n')], 0..64),
-        prop::collection::vec(nasty_char(), 0..64)
-            .prop_map(|s| format!("Bearer {}", String::from_iter(s)).into_bytes()),
+        prop::collection::vec(nasty_char(), 0..64).prop_map(|s| format!(
+            "Bearer {}",
+            String::from_iter(s)
+        )
+        .into_bytes()),
         "[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,80}\\.[A-Za-z0-9_-]{0,90}"
             .prop_map(|s| format!("Bearer {s}").into_bytes()),
     ];
     property("credentials", 128, &rt, header, |header| {
         let mem = &mem;
         async move {
-            let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice())
-            else {
+            let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice()) else {
                 return; // not a header value any HTTP/2 client can send
             };
             let mut req = tonic::Request::new(put("k", "v"));
             req.metadata_mut().insert("authorization", value.clone());
             let r = mem.checked("PutMemory", mem.client().put_memory(req)).await;
-            assert_eq!(r.expect_err("random credential").code(), Code::Unauthenticated);
+            assert_eq!(
+                r.expect_err("random credential").code(),
+                Code::Unauthenticated
+            );
             let mut req = tonic::Request::new(GetWorkspaceRequest {});
             req.metadata_mut().insert("authorization", value);
-            let r = mem.checked("GetWorkspace", mem.client().get_workspace(req)).await;
-            assert_eq!(r.expect_err("random credential").code(), Code::Unauthenticated);
+            let r = mem
+                .checked("GetWorkspace", mem.client().get_workspace(req))
+                .await;
+            assert_eq!(
+                r.expect_err("random credential").code(),
+                Code::Unauthenticated
+            );
         }
     });
 }
@@ -644,11 +711,7 @@ impl Codec for RawCodec {
 /// A length-delimited protobuf field.
 pub fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    prost::encoding::encode_key(
-        number,
-        prost::encoding::WireType::LengthDelimited,
-        &mut out,
-    );
+    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
     prost::encoding::encode_varint(bytes.len() as u64, &mut out);
     out.extend_from_slice(bytes);
     out
@@ -686,14 +749,25 @@ async fn invalid_utf8_is_refused_at_decode_and_changes_nothing() {
     let bad = [
         ("key", field(1, b"k\xff")),
         ("content", [field(1, b"k"), field(2, b"caf\xc3")].concat()),
-        ("tag", [field(1, b"k"), field(3, b"ok"), field(3, b"\xed\xa0\x80")].concat()),
+        (
+            "tag",
+            [field(1, b"k"), field(3, b"ok"), field(3, b"\xed\xa0\x80")].concat(),
+        ),
         (
             "metadata string",
-            [field(1, b"k"), field(4, &struct_with_raw_string(b"s", b"\xc0\xaf"))].concat(),
+            [
+                field(1, b"k"),
+                field(4, &struct_with_raw_string(b"s", b"\xc0\xaf")),
+            ]
+            .concat(),
         ),
         (
             "metadata key",
-            [field(1, b"k"), field(4, &struct_with_raw_string(b"\xfe", b"x"))].concat(),
+            [
+                field(1, b"k"),
+                field(4, &struct_with_raw_string(b"\xfe", b"x")),
+            ]
+            .concat(),
         ),
     ];
     let n = bad.len();
@@ -702,13 +776,19 @@ async fn invalid_utf8_is_refused_at_decode_and_changes_nothing() {
     }
     assert_decode_error(
         "search query",
-        mem.raw_call("/keel.memory.v1.MemoryService/SearchMemories", field(1, b"\x80"))
-            .await,
+        mem.raw_call(
+            "/keel.memory.v1.MemoryService/SearchMemories",
+            field(1, b"\x80"),
+        )
+        .await,
     );
     assert_eq!(mem.snapshot().await, before);
     assert_eq!(mem.get("k").await.unwrap().content, "content");
     mem.assert_serving().await;
-    report(&format!("memory invalid UTF-8: {} messages refused at decode", n + 1));
+    report(&format!(
+        "memory invalid UTF-8: {} messages refused at decode",
+        n + 1
+    ));
 }
 
 fn with_metadata(metadata: Struct) -> PutMemoryRequest {
@@ -734,7 +814,9 @@ async fn nesting_past_the_bounds_is_refused_and_changes_nothing() {
         let status = mem.put(with_metadata(nested(levels))).await.unwrap_err();
         assert_eq!(status.code(), Code::Internal, "{status:?}");
         assert!(
-            status.message().starts_with("failed to decode Protobuf message")
+            status
+                .message()
+                .starts_with("failed to decode Protobuf message")
                 && status.message().contains("recursion limit reached"),
             "{status:?}"
         );
@@ -770,7 +852,10 @@ async fn oversized_messages_are_refused_and_the_server_keeps_serving() {
         "{status:?}"
     );
     // Under the message limit, over the content limit: the service's own check.
-    let status = mem.put(put("k", &"x".repeat(3 * 1024 * 1024))).await.unwrap_err();
+    let status = mem
+        .put(put("k", &"x".repeat(3 * 1024 * 1024)))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("content: "), "{status:?}");
     assert_eq!(mem.snapshot().await, before);

@@ -2,6 +2,7 @@
 //! processes (SIGKILLed on drop), private Redis and Postgres servers that a
 //! test may stop and start, and the few queries the assertions need.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -51,7 +52,10 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            report!("kept logs and data of the failed test in {}", self.dir.display());
+            report!(
+                "kept logs and data of the failed test in {}",
+                self.dir.display()
+            );
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
@@ -192,6 +196,13 @@ impl Service {
         );
     }
 
+    /// The log files of every start so far.
+    pub fn logs(&self) -> Vec<PathBuf> {
+        (1..=self.starts)
+            .map(|n| self.log_dir.join(format!("{}-{n}.log", self.name)))
+            .collect()
+    }
+
     pub async fn wait_serving(&self) {
         wait_health(self.addr, ServingStatus::Serving, self.name).await;
     }
@@ -225,7 +236,6 @@ impl Env {
             .set("KEEL_JOBS_RETRY_BASE_MS", 20)
             .set("KEEL_JOBS_RETRY_MAX_MS", 200)
             .set("KEEL_JOBS_WATCH_POLL_MS", 500)
-            .set("KEEL_JOBS_REDELIVER_AFTER_MS", 2_000)
     }
 
     /// keel-worker with its health server on `health`, named `name`.
@@ -327,13 +337,17 @@ pub async fn health(addr: SocketAddr) -> Option<ServingStatus> {
 
 /// Waits (up to [`WAIT`]) until `addr` reports `want`.
 pub async fn wait_health(addr: SocketAddr, want: ServingStatus, what: &str) {
-    testing::eventually(WAIT, &format!("{what} at {addr} to be {want:?}"), || async {
-        let status = health(addr).await;
-        if status != Some(want) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        status == Some(want)
-    })
+    testing::eventually(
+        WAIT,
+        &format!("{what} at {addr} to be {want:?}"),
+        || async {
+            let status = health(addr).await;
+            if status != Some(want) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            status == Some(want)
+        },
+    )
     .await;
 }
 
@@ -403,7 +417,10 @@ impl History {
     pub async fn read(db: &tokio_postgres::Client) -> Self {
         let mut h = History::default();
         for row in db
-            .query("SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status", &[])
+            .query(
+                "SELECT status, count(*) FROM jobs GROUP BY status ORDER BY status",
+                &[],
+            )
             .await
             .expect("jobs by status")
         {
@@ -642,14 +659,22 @@ impl PrivatePostgres {
             .stdout(Stdio::null())
             .status()
             .expect("run pg_ctl start");
-        assert!(status.success(), "pg_ctl start failed, see {}", self.dir.display());
+        assert!(
+            status.success(),
+            "pg_ctl start failed, see {}",
+            self.dir.display()
+        );
         self.running = true;
     }
 
     /// `pg_ctl stop -m immediate`: a crash, as far as clients can tell;
     /// committed transactions survive through the WAL.
     pub fn crash(&mut self) {
-        assert!(self.stop(), "pg_ctl stop failed, see {}", self.dir.display());
+        assert!(
+            self.stop(),
+            "pg_ctl stop failed, see {}",
+            self.dir.display()
+        );
     }
 
     fn stop(&mut self) -> bool {
@@ -707,4 +732,25 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// How often each job id appears in JSON log lines (`KEEL_LOG_FORMAT=json`)
+/// whose message is `message`.
+pub fn logged_job_ids(logs: &[PathBuf], message: &str) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for log in logs {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            if v["message"].as_str() != Some(message) {
+                continue;
+            }
+            if let Some(id) = v["job_id"].as_str() {
+                *seen.entry(id.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    seen
 }

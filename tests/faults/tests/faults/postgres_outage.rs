@@ -63,25 +63,29 @@ impl Clients {
         );
         call!(
             "jobs.GetJob",
-            self.jobs.clone().get_job(testing::authed(
-                GetJobRequest { id: job_id.into() },
-                token
-            ))
+            self.jobs
+                .clone()
+                .get_job(testing::authed(GetJobRequest { id: job_id.into() }, token))
         );
         call!(
             "jobs.CreateJob",
-            create_job(&self.jobs, token, job_request("echo", &json!({"probe": n}), 3))
+            create_job(
+                &self.jobs,
+                token,
+                job_request("echo", &json!({"probe": n}), 3)
+            )
         );
         call!(
             "memory.PutMemory",
-            self.memory.clone().put_memory(testing::authed(put(1000 + n), token))
+            self.memory
+                .clone()
+                .put_memory(testing::authed(put(1000 + n), token))
         );
         call!(
             "memory.GetMemory",
-            self.memory.clone().get_memory(testing::authed(
-                GetMemoryRequest { key: key(0) },
-                token
-            ))
+            self.memory
+                .clone()
+                .get_memory(testing::authed(GetMemoryRequest { key: key(0) }, token))
         );
         out
     }
@@ -117,14 +121,24 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
     let (auth_addr, jobs_addr, memory_addr, worker_addr) =
         (free_addr(), free_addr(), free_addr(), free_addr());
     let mut services = [
-        Service::new(&sandbox, "auth", auth_addr, Env::auth(auth_addr, &url, &sandbox)),
+        Service::new(
+            &sandbox,
+            "auth",
+            auth_addr,
+            Env::auth(auth_addr, &url, &sandbox),
+        ),
         Service::new(
             &sandbox,
             "jobs",
             jobs_addr,
             Env::jobs(jobs_addr, &url, &target).set("KEEL_JOBS_LEASE_MS", 3_000),
         ),
-        Service::new(&sandbox, "memory", memory_addr, Env::memory(memory_addr, &url)),
+        Service::new(
+            &sandbox,
+            "memory",
+            memory_addr,
+            Env::memory(memory_addr, &url),
+        ),
         Service::new(
             &sandbox,
             "worker",
@@ -185,9 +199,15 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
     for s in &mut services {
         s.assert_alive();
     }
-    report!("postgres outage: calls while down: {during:?}, then {later:?}; every health NOT_SERVING");
+    report!(
+        "postgres outage: calls while down: {during:?}, then {later:?}; every health NOT_SERVING"
+    );
     for (what, code) in during.iter().chain(&later) {
-        assert_eq!(*code, tonic::Code::Unavailable, "{what} while Postgres is down");
+        assert_eq!(
+            *code,
+            tonic::Code::Unavailable,
+            "{what} while Postgres is down"
+        );
     }
 
     postgres.start_server();
@@ -216,7 +236,10 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
         let memory = clients
             .memory
             .clone()
-            .get_memory(testing::authed(GetMemoryRequest { key: key(i) }, &clients.token))
+            .get_memory(testing::authed(
+                GetMemoryRequest { key: key(i) },
+                &clients.token,
+            ))
             .await
             .unwrap_or_else(|s| panic!("committed memory {i} lost: {s:?}"))
             .into_inner()

@@ -28,7 +28,11 @@ enum Watched {
     EndedEarly,
 }
 
-async fn watch(client: JobsServiceClient<tonic::transport::Channel>, token: String, id: String) -> Watched {
+async fn watch(
+    client: JobsServiceClient<tonic::transport::Channel>,
+    token: String,
+    id: String,
+) -> Watched {
     let mut client = client;
     let mut stream = match client
         .watch_job(testing::authed(WatchJobRequest { id }, &token))
@@ -72,7 +76,13 @@ async fn jobs_created_while_redis_is_down_run_when_it_returns() {
     };
 
     let jobs_addr = free_addr();
-    let mut jobs = Service::new(&sandbox, "jobs", jobs_addr, Env::jobs(jobs_addr, &db.url, &target));
+    let mut jobs = Service::new(
+        &sandbox,
+        "jobs",
+        jobs_addr,
+        // Entries lost with Redis's memory are published again after this.
+        Env::jobs(jobs_addr, &db.url, &target).set("KEEL_JOBS_REDELIVER_AFTER_MS", 2_000),
+    );
     jobs.start();
     jobs.wait_serving().await;
     let worker_addr = free_addr();
@@ -89,17 +99,26 @@ async fn jobs_created_while_redis_is_down_run_when_it_returns() {
     let watch_client = JobsServiceClient::new(stream_channel(jobs_addr));
     let history = pg(&db.url).await;
     for i in 0..BEFORE {
-        create_job(&client, &token, mixed_job(i)).await.expect("CreateJob before the outage");
+        create_job(&client, &token, mixed_job(i))
+            .await
+            .expect("CreateJob before the outage");
     }
     wait_all_terminal(&history, BEFORE as i64).await;
 
     // A watcher whose job is running when Redis dies.
-    let long = create_job(&client, &token, job_request("sleep", &json!({"ms": 3000}), 5))
-        .await
-        .expect("CreateJob");
+    let long = create_job(
+        &client,
+        &token,
+        job_request("sleep", &json!({"ms": 3000}), 5),
+    )
+    .await
+    .expect("CreateJob");
     testing::eventually(WAIT, "the long job to start", || async {
         let row = history
-            .query_one("SELECT status FROM jobs WHERE id = $1::text::uuid", &[&long.id])
+            .query_one(
+                "SELECT status FROM jobs WHERE id = $1::text::uuid",
+                &[&long.id],
+            )
             .await
             .expect("job status");
         row.get::<_, String>(0) == "running"
@@ -126,7 +145,12 @@ async fn jobs_created_while_redis_is_down_run_when_it_returns() {
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    wait_health(worker_addr, ServingStatus::NotServing, "worker without Redis").await;
+    wait_health(
+        worker_addr,
+        ServingStatus::NotServing,
+        "worker without Redis",
+    )
+    .await;
     let jobs_health = keel_faults::health(jobs_addr).await;
     jobs.assert_alive();
     worker.assert_alive();
@@ -163,14 +187,19 @@ async fn jobs_created_while_redis_is_down_run_when_it_returns() {
             .query_one("SELECT status FROM jobs WHERE id = $1::text::uuid", &[id])
             .await
             .expect("job");
-        assert_eq!(row.get::<_, String>(0), "succeeded", "job {id} created during the outage");
+        assert_eq!(
+            row.get::<_, String>(0),
+            "succeeded",
+            "job {id} created during the outage"
+        );
     }
     assert_eq!(h.succeeded_twice, 0);
     for outcome in watched {
         assert!(
             matches!(
                 outcome,
-                Watched::Terminal(JobStatus::Succeeded, _) | Watched::Error(tonic::Code::Unavailable)
+                Watched::Terminal(JobStatus::Succeeded, _)
+                    | Watched::Error(tonic::Code::Unavailable)
             ),
             "WatchJob ends with the job's SUCCEEDED state or UNAVAILABLE, not {outcome:?}"
         );

@@ -122,7 +122,11 @@ async fn sigkilled_workers_lose_no_job_and_run_none_twice() {
     );
 
     assert_eq!(ids, created, "every created job is there, and no other");
-    assert_eq!(h.count("succeeded"), created.len() as i64, "every job succeeded");
+    assert_eq!(
+        h.count("succeeded"),
+        created.len() as i64,
+        "every job succeeded"
+    );
     assert_eq!(h.succeeded_twice, 0, "no job succeeded twice");
     for (job, worker) in &h.interrupted {
         assert!(
@@ -131,13 +135,19 @@ async fn sigkilled_workers_lose_no_job_and_run_none_twice() {
         );
     }
     for worker in &h.lease_expired {
-        assert!(killed.contains(worker), "a lease of live worker {worker:?} expired");
+        assert!(
+            killed.contains(worker),
+            "a lease of live worker {worker:?} expired"
+        );
     }
     assert_eq!(
         h.retries, interrupted_by_kills as i64,
         "each retry re-runs exactly one attempt a SIGKILL interrupted"
     );
-    assert!(interrupted_by_kills >= WAVES, "each kill interrupted a running job");
+    assert!(
+        interrupted_by_kills >= WAVES,
+        "each kill interrupted a running job"
+    );
     steady.assert_alive();
     victim.assert_alive();
 }

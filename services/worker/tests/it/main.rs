@@ -5,6 +5,7 @@ mod delivery;
 mod kinds;
 mod metrics;
 mod recovery;
+mod replicas;
 mod shutdown;
 mod startup;
 mod support;

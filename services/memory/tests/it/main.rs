@@ -8,6 +8,7 @@ mod isolation;
 mod limits;
 mod listing;
 mod search;
+mod security;
 mod startup;
 mod versions;
 mod workspace;

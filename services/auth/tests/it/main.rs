@@ -6,6 +6,7 @@ mod hostile;
 mod keyfile;
 mod login;
 mod register;
+mod security;
 mod startup;
 mod support;
 mod tokens;

@@ -190,9 +190,9 @@ impl Service {
         let running = self.proc.as_mut().is_some_and(Proc::is_running);
         assert!(
             running,
-            "keel-{} exited on its own; see its log in {}",
+            "keel-{} exited on its own; its log ends:\n{}",
             self.name,
-            self.log_dir.display()
+            self.log_tail()
         );
     }
 
@@ -203,8 +203,33 @@ impl Service {
             .collect()
     }
 
-    pub async fn wait_serving(&self) {
-        wait_health(self.addr, ServingStatus::Serving, self.name).await;
+    fn log_tail(&self) -> String {
+        let text = self
+            .logs()
+            .last()
+            .and_then(|log| std::fs::read_to_string(log).ok())
+            .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until it reports SERVING; panics early, with its log, if it exits.
+    pub async fn wait_serving(&mut self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if health(self.addr).await == Some(ServingStatus::Serving) {
+                return;
+            }
+            self.assert_alive();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "keel-{} at {} not SERVING after {WAIT:?}; its log ends:\n{}",
+                self.name,
+                self.addr,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 
@@ -363,7 +388,7 @@ pub fn job_request(kind: &str, payload: &Value, max_attempts: i32) -> CreateJobR
 
 /// The i-th job of a mixed load: even ones `echo`, odd ones `sleep` of 50..300 ms.
 pub fn mixed_job(i: usize) -> CreateJobRequest {
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         job_request("echo", &serde_json::json!({ "i": i }), 20)
     } else {
         let ms = 50 + (i * 37) % 251;

@@ -149,7 +149,7 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
     for s in &mut services {
         s.start();
     }
-    for s in &services {
+    for s in &mut services {
         s.wait_serving().await;
     }
 
@@ -212,7 +212,7 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
 
     postgres.start_server();
     report!("postgres outage: Postgres back");
-    for s in &services {
+    for s in &mut services {
         s.wait_serving().await;
     }
     let after = clients.probe_all(&job_ids[0], 3).await;

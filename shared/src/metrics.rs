@@ -198,6 +198,13 @@ pub fn lease_reaped(outcome: &'static str) {
     metrics::counter!("keel_jobs_leases_reaped_total", "outcome" => outcome).increment(1);
 }
 
+/// Jobs service: finished jobs deleted by the retention job.
+pub fn retention_deleted(count: u64) {
+    if count > 0 {
+        metrics::counter!("keel_jobs_retention_deleted_total").increment(count);
+    }
+}
+
 /// Jobs service: the outbox as last sampled.
 pub fn outbox(rows: i64, due: i64, oldest_due_seconds: f64) {
     metrics::gauge!("keel_jobs_outbox_rows").set(rows as f64);
@@ -266,6 +273,10 @@ fn describe() {
     describe_counter!(
         "keel_jobs_leases_reaped_total",
         "running jobs whose lease expired, by what became of them"
+    );
+    describe_counter!(
+        "keel_jobs_retention_deleted_total",
+        "finished jobs deleted by the retention job"
     );
     describe_gauge!(
         "keel_jobs_outbox_rows",

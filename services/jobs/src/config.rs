@@ -15,6 +15,8 @@ pub const DEFAULT_REAPER_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_WATCH_POLL_MS: u64 = 2_000;
 pub const DEFAULT_REDELIVER_AFTER_MS: u64 = 300_000;
+pub const DEFAULT_RETENTION_BATCH: i64 = 1_000;
+pub const DEFAULT_RETENTION_INTERVAL_MS: u64 = 3_600_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-jobs", about = "Keel jobs service", version)]
@@ -65,6 +67,17 @@ pub struct Config {
     /// duplicates through StartJob.
     #[arg(long, env = "KEEL_JOBS_REDELIVER_AFTER_MS", default_value_t = DEFAULT_REDELIVER_AFTER_MS)]
     pub redeliver_after_ms: u64,
+    /// Finished jobs (succeeded, failed, cancelled) are deleted with their
+    /// history this many days after they finished; 0 keeps them forever. An
+    /// idempotency key is remembered only while its job is kept.
+    #[arg(long, env = "KEEL_JOBS_RETENTION_DAYS", default_value_t = 0)]
+    pub retention_days: u32,
+    /// Most jobs one retention statement deletes (each batch is its own transaction).
+    #[arg(long, env = "KEEL_JOBS_RETENTION_BATCH", default_value_t = DEFAULT_RETENTION_BATCH)]
+    pub retention_batch: i64,
+    /// How often the retention job runs (when KEEL_JOBS_RETENTION_DAYS is set).
+    #[arg(long, env = "KEEL_JOBS_RETENTION_INTERVAL_MS", default_value_t = DEFAULT_RETENTION_INTERVAL_MS)]
+    pub retention_interval_ms: u64,
 }
 
 impl Config {
@@ -92,6 +105,9 @@ impl Config {
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             watch_poll_ms: DEFAULT_WATCH_POLL_MS,
             redeliver_after_ms: DEFAULT_REDELIVER_AFTER_MS,
+            retention_days: 0,
+            retention_batch: DEFAULT_RETENTION_BATCH,
+            retention_interval_ms: DEFAULT_RETENTION_INTERVAL_MS,
         }
     }
 
@@ -109,6 +125,10 @@ impl Config {
 
     pub fn redeliver_after(&self) -> Duration {
         Duration::from_millis(self.redeliver_after_ms.max(10))
+    }
+
+    pub fn retention_interval(&self) -> Duration {
+        Duration::from_millis(self.retention_interval_ms.max(10))
     }
 
     pub fn watch_poll(&self) -> Duration {

@@ -5,6 +5,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+mod retention;
 pub mod service;
 pub mod store;
 mod watch;
@@ -69,6 +70,7 @@ pub async fn run(
         config.redeliver_after(),
     );
     let delivery = Arc::new(delivery);
+    let retention_pool = pool.clone();
     let jobs = Arc::new(service::Jobs {
         pool,
         delivery: delivery.clone(),
@@ -98,6 +100,15 @@ pub async fn run(
             .clone()
             .run_announcer(announcements, background.clone()),
     );
+    tokio::spawn(retention::run(
+        retention_pool,
+        retention::Policy {
+            days: config.retention_days,
+            batch: config.retention_batch.max(1),
+            every: config.retention_interval(),
+        },
+        background.clone(),
+    ));
     let pubsub = redis::Client::open(config.redis.redis_url.as_str()).ok();
     let api = Arc::new(grpc::JobsApi::new(jobs, pubsub, background));
     let router = server::builder()

@@ -539,3 +539,28 @@ pub async fn outbox_stats(client: &impl GenericClient) -> Result<(i64, i64, f64)
     let row = client.query_one(&stmt, &[]).await?;
     Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
 }
+
+/// Deletes up to `limit` jobs that finished before `cutoff`, with their
+/// events and outbox rows (ON DELETE CASCADE); returns how many. Only jobs
+/// created before the cutoff can qualify, so the scan is bounded to the oldest
+/// ids (v7 ids sort by creation time). Replicas skip each other's rows.
+pub async fn delete_finished_before(
+    client: &impl GenericClient,
+    cutoff: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, JobsError> {
+    const SQL: &str = "DELETE FROM jobs WHERE id IN (
+                           SELECT id FROM jobs
+                           WHERE id < $1 AND finished_at < $2
+                             AND status IN ('succeeded', 'failed', 'cancelled')
+                           ORDER BY id
+                           LIMIT $3
+                           FOR UPDATE SKIP LOCKED)";
+    let stmt = client.prepare_cached(SQL).await?;
+    Ok(client
+        .execute(
+            &stmt,
+            &[&crate::retention::v7_floor(cutoff), &cutoff, &limit],
+        )
+        .await?)
+}

@@ -6,6 +6,7 @@ mod create;
 mod delivery;
 mod lifecycle;
 mod listing;
+mod retention;
 mod security;
 mod startup;
 mod support;

@@ -74,14 +74,20 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// `target/<profile>/keel-<name>`, next to this test binary's `deps/` folder.
+/// `keel-<name>` in `KEEL_FAULTS_BIN_DIR` if set, else in
+/// `target/<profile>/`, next to this test binary's `deps/` folder.
 /// `cargo test --workspace` builds every binary before running any test.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test binary in target/<profile>/deps");
+    let dir = match std::env::var_os("KEEL_FAULTS_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().expect("current exe");
+            exe.parent()
+                .and_then(|deps| deps.parent())
+                .expect("test binary in target/<profile>/deps")
+                .to_path_buf()
+        }
+    };
     let path = dir.join(format!("keel-{name}"));
     assert!(
         path.exists(),
@@ -194,6 +200,16 @@ impl Service {
             self.name,
             self.log_tail()
         );
+    }
+
+    /// Resident memory of the running process, in KiB (from /proc).
+    pub fn rss_kib(&self) -> Option<u64> {
+        let pid = self.proc.as_ref()?.pid();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 
     /// The log files of every start so far.

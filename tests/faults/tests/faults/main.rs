@@ -2,6 +2,7 @@
 //! Redis, and faults injected from outside (SIGKILL, stopped servers).
 
 mod jobs_kill;
+mod load;
 mod postgres_outage;
 mod redis_outage;
 mod worker_crash;

@@ -13,7 +13,7 @@ use keel_proto::memory::v1::*;
 use keel_shared::json::struct_to_json;
 use keel_shared::testing::{self, TestDb};
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, TestRunner};
+use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
 use prost::bytes::{Buf, BufMut};
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Value};
@@ -36,6 +36,16 @@ pub fn runtime() -> Runtime {
         .expect("runtime")
 }
 
+/// The inputs' seed: fixed, so a run is reproducible and CI stable, unless
+/// `KEEL_FUZZ_SEED` is a number or `random` (a failure prints its input).
+pub fn seed() -> RngSeed {
+    match std::env::var("KEEL_FUZZ_SEED").as_deref() {
+        Ok("random") => RngSeed::Random,
+        Ok(n) => RngSeed::Fixed(n.parse().expect("KEEL_FUZZ_SEED: a number or `random`")),
+        Err(_) => RngSeed::Fixed(0x6b65_656c),
+    }
+}
+
 /// Runs `test` on `cases` generated inputs (shrinking on failure) and prints
 /// how many inputs were tried.
 pub fn property<S, F, Fut>(name: &str, cases: u32, rt: &Runtime, strategy: S, test: F)
@@ -46,10 +56,12 @@ where
     Fut: Future<Output = ()>,
 {
     let tried = AtomicUsize::new(0);
+    let seed = seed();
     let mut runner = TestRunner::new(ProptestConfig {
         cases,
         failure_persistence: None,
         max_shrink_iters: 64,
+        rng_seed: seed,
         ..ProptestConfig::default()
     });
     let outcome = runner.run(&strategy, |input| {
@@ -58,7 +70,7 @@ where
         Ok(())
     });
     report(&format!(
-        "memory {name}: {} inputs tried",
+        "memory {name}: {} inputs tried (seed {seed:?})",
         tried.load(Ordering::Relaxed)
     ));
     if let Err(e) = outcome {

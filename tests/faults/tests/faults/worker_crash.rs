@@ -68,19 +68,21 @@ async fn sigkilled_workers_lose_no_job_and_run_none_twice() {
             .into_inner();
         created.extend(reply.jobs.into_iter().map(|j| j.id));
 
-        // Kill the victim while it is running something of this wave.
+        // Kill the victim while it runs a `sleep` it just started (so, most
+        // likely, one that the kill interrupts).
         let name = format!("victim-{wave}");
         testing::eventually(WAIT, &format!("{name} to run a job"), || async {
             let running: i64 = history
                 .query_one(
-                    "SELECT count(*) FROM jobs WHERE status = 'running' AND worker_id = $1",
+                    "SELECT count(*) FROM jobs WHERE status = 'running' AND worker_id = $1
+                     AND kind = 'sleep' AND started_at > now() - interval '30 milliseconds'",
                     &[&name],
                 )
                 .await
                 .expect("running jobs of the victim")
                 .get(0);
             if running == 0 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             running > 0
         })

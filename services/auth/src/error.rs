@@ -11,7 +11,9 @@ pub enum AuthError {
     /// Unknown email and wrong password alike: one message for both.
     #[error("invalid email or password")]
     InvalidCredentials,
-    #[error("too many failed logins for this email, try again later")]
+    /// Attempts are counted before the password is checked, so this also
+    /// answers more than the limit of simultaneous (even correct) logins.
+    #[error("too many login attempts for this email, try again later")]
     RateLimited,
     /// Unknown, expired, used or revoked: the client learns only that it is invalid.
     #[error("invalid or expired refresh token")]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
-use keel_proto::jobs::v1::{CreateJobRequest, JobStatus};
+use keel_proto::jobs::v1::{CreateJobRequest, JobStatus, WatchJobRequest};
 use keel_shared::queue::FIELD_JOB_ID;
 use keel_shared::testing::{self, eventually};
 use keel_worker::{HandlerError, JobContext, Registry};
@@ -76,11 +76,26 @@ async fn metrics_are_scraped_over_http_with_rpc_job_pool_and_queue_series() {
     env.wait_for(&ok_a.id, JobStatus::Succeeded).await;
     env.wait_for(&ok_b.id, JobStatus::Succeeded).await;
     env.wait_for(&failing.id, JobStatus::Failed).await;
+    // A stream is counted when it ends (its status comes in the trailers).
+    let mut watch = env
+        .jobs
+        .clone()
+        .watch_job(testing::authed(
+            WatchJobRequest {
+                id: ok_a.id.clone(),
+            },
+            &env.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    while watch.message().await.unwrap().is_some() {}
 
     let ok = ok_kind.as_str();
     let fail = fail_kind.as_str();
     let create = ("method", "/keel.jobs.v1.JobsService/CreateJob");
     let start = ("method", "/keel.jobs.v1.JobRunnerService/StartJob");
+    let watch_method = ("method", "/keel.jobs.v1.JobsService/WatchJob");
     eventually(WAIT, "the expected series in /metrics", || async {
         let m = Metrics::parse(&scrape(metrics_addr).await);
         let at_least = |name: &str, labels: &[(&str, &str)], min: f64| {
@@ -94,6 +109,7 @@ async fn metrics_are_scraped_over_http_with_rpc_job_pool_and_queue_series() {
             && at_least("keel_grpc_server_requests_total", &[create, ("code", "INVALID_ARGUMENT")], 1.0)
             && at_least("keel_grpc_server_requests_total", &[create, ("code", "UNAUTHENTICATED")], 1.0)
             && at_least("keel_grpc_server_requests_total", &[start, ("code", "OK")], 3.0)
+            && at_least("keel_grpc_server_requests_total", &[watch_method, ("code", "OK")], 1.0)
             && at_least("keel_grpc_server_handling_seconds_count", &[create], 5.0)
             && at_least("keel_grpc_server_handling_seconds_bucket", &[create, ("le", "+Inf")], 5.0)
             // Job transitions by kind, recorded by the jobs service.

@@ -2,9 +2,15 @@
 //! `alg: none`, wrong-audience, wrong-issuer and garbage tokens on
 //! GetCurrentUser and VerifyToken: `tokens.rs`; login brute force:
 //! `login.rs` (`repeated_failures_are_rate_limited_until_the_window_passes`).
-//! Here: SQL metacharacters in every string field are data.
+//! Here: the tokens `tokens.rs` leaves out, and SQL metacharacters in every
+//! string field are data.
 
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keel_proto::auth::v1::*;
+use keel_shared::auth::{AccessClaims, DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenSigner};
 use keel_shared::testing;
 use tonic::Code;
 
@@ -94,4 +100,79 @@ async fn sql_metacharacters_are_data() {
             .get(0);
         assert_eq!(found.as_deref(), Some(table));
     }
+}
+
+/// An HS256 token naming the server's key id, a subject that is not a UUID,
+/// other schemes and an empty bearer: UNAUTHENTICATED on GetCurrentUser (and
+/// VerifyToken, which takes the token as a field).
+#[tokio::test]
+async fn odd_tokens_are_unauthenticated() {
+    let env = Env::new().await;
+    let mut client = env.client();
+    let registered = env.register("victim@example.com").await;
+    let good = registered.tokens.unwrap().access_token;
+    let server_key = TokenSigner::from_private_pem(
+        &env.private_pem,
+        DEFAULT_ISSUER,
+        DEFAULT_AUDIENCE,
+        Duration::from_secs(900),
+    )
+    .unwrap();
+    let now = chrono::Utc::now().timestamp();
+    let claims = AccessClaims {
+        sub: registered.user.unwrap().id,
+        email: "victim@example.com".into(),
+        iss: DEFAULT_ISSUER.into(),
+        aud: DEFAULT_AUDIENCE.into(),
+        iat: now,
+        exp: now + 600,
+        sid: None,
+    };
+    let hs256 = {
+        let header = URL_SAFE_NO_PAD.encode(
+            format!(
+                r#"{{"alg":"HS256","typ":"JWT","kid":"{}"}}"#,
+                server_key.key_id()
+            )
+            .as_bytes(),
+        );
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
+        format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode([7u8; 32]))
+    };
+    let not_a_uuid = server_key.sign_claims(&AccessClaims {
+        sub: "'; DROP TABLE users; --".into(),
+        ..claims.clone()
+    });
+    for (what, token) in [
+        ("HS256 with our kid", &hs256),
+        ("subject not a UUID", &not_a_uuid),
+    ] {
+        let status = client
+            .get_current_user(testing::authed(GetCurrentUserRequest {}, token))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unauthenticated,
+            "GetCurrentUser, {what}"
+        );
+        let status = client
+            .verify_token(VerifyTokenRequest {
+                access_token: token.clone(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "VerifyToken, {what}");
+    }
+    for header in [format!("Basic {good}"), good.clone(), "Bearer ".to_string()] {
+        let mut req = tonic::Request::new(GetCurrentUserRequest {});
+        req.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
+        let status = client.get_current_user(req).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{header:.12}");
+    }
+    client
+        .get_current_user(testing::authed(GetCurrentUserRequest {}, &good))
+        .await
+        .expect("the genuine token still works");
 }

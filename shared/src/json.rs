@@ -14,6 +14,9 @@ pub enum JsonError {
     TooDeep,
     #[error("contains a number that is not finite")]
     NonFinite,
+    /// Postgres jsonb cannot store U+0000 in strings or keys.
+    #[error("contains a NUL character")]
+    Nul,
 }
 
 /// A Struct as a JSON object.
@@ -27,6 +30,9 @@ fn fields_to_json(s: &Struct, depth: usize) -> Result<serde_json::Value, JsonErr
     }
     let mut map = Map::with_capacity(s.fields.len());
     for (k, v) in &s.fields {
+        if k.contains('\0') {
+            return Err(JsonError::Nul);
+        }
         map.insert(k.clone(), value_to_json(v, depth + 1)?);
     }
     Ok(serde_json::Value::Object(map))
@@ -42,6 +48,7 @@ fn value_to_json(v: &Value, depth: usize) -> Result<serde_json::Value, JsonError
         Some(Kind::NumberValue(n)) => {
             serde_json::Value::Number(Number::from_f64(*n).ok_or(JsonError::NonFinite)?)
         }
+        Some(Kind::StringValue(s)) if s.contains('\0') => return Err(JsonError::Nul),
         Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
         Some(Kind::StructValue(s)) => fields_to_json(s, depth + 1)?,
         Some(Kind::ListValue(l)) => serde_json::Value::Array(
@@ -91,6 +98,14 @@ mod tests {
         let json = serde_json::json!({"n": 1.5, "s": "x'; DROP TABLE jobs;--", "l": [true, null, {"a": []}]});
         let back = struct_to_json(&json_to_struct(&json)).unwrap();
         assert_eq!(back, json);
+    }
+
+    #[test]
+    fn rejects_nul_in_strings_and_keys() {
+        let value = json_to_struct(&serde_json::json!({"a": ["x\u{0}y"]}));
+        assert_eq!(struct_to_json(&value), Err(JsonError::Nul));
+        let key = json_to_struct(&serde_json::json!({"l": [{"x\u{0}": 1}]}));
+        assert_eq!(struct_to_json(&key), Err(JsonError::Nul));
     }
 
     #[test]

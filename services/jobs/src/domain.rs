@@ -130,6 +130,12 @@ pub fn validate_create(
     };
     let idempotency_key = match req.idempotency_key.as_str() {
         "" => None,
+        k if k.contains('\0') => {
+            return Err(JobsError::invalid(
+                field("idempotency_key"),
+                "must not contain NUL characters",
+            ));
+        }
         k if k.chars().count() > MAX_IDEMPOTENCY_KEY_CHARS => {
             return Err(JobsError::invalid(
                 field("idempotency_key"),
@@ -194,8 +200,12 @@ pub fn parse_id(id: &str) -> Result<uuid::Uuid, JobsError> {
     uuid::Uuid::parse_str(id).map_err(|_| JobsError::invalid("id", "not a UUID"))
 }
 
-/// Worker ids are only recorded; overly long ones are cut, never refused.
+/// Worker ids and error texts are only recorded: overly long ones are cut and
+/// NULs (which Postgres text cannot hold) replaced, never refused.
 pub fn clip(s: &str, max_bytes: usize) -> String {
+    if s.contains('\0') {
+        return clip(&s.replace('\0', "\u{FFFD}"), max_bytes);
+    }
     if s.len() <= max_bytes {
         return s.to_string();
     }

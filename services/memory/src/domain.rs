@@ -137,23 +137,7 @@ pub fn metadata_json(
             ),
         ));
     }
-    if contains_nul(&json) {
-        return Err(MemoryError::invalid(
-            "metadata",
-            "must not contain NUL characters",
-        ));
-    }
     Ok(json)
-}
-
-/// jsonb refuses NUL in keys and strings.
-fn contains_nul(v: &serde_json::Value) -> bool {
-    match v {
-        serde_json::Value::String(s) => s.contains('\0'),
-        serde_json::Value::Array(a) => a.iter().any(contains_nul),
-        serde_json::Value::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
-        _ => false,
-    }
 }
 
 /// 0 = unconditional; a version is at least 1.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::ServingStatus;
@@ -17,8 +18,11 @@ use tower::layer::util::{Identity, Stack};
 use crate::StartupError;
 use crate::metrics::RpcMetricsLayer;
 
+/// Keel's layers, outermost first: per-RPC metrics, then the status fix-up.
+type KeelLayers = Stack<OversizeStatusLayer, Stack<RpcMetricsLayer, Identity>>;
+
 /// What [`builder`] makes once services are added: the server with Keel's layers.
-pub type KeelRouter = Router<Stack<RpcMetricsLayer, Identity>>;
+pub type KeelRouter = Router<KeelLayers>;
 
 /// Largest request message a server decodes (bigger ones are refused with
 /// RESOURCE_EXHAUSTED before any handler runs).
@@ -26,7 +30,7 @@ pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The transport with Keel's limits: bounded streams per connection,
 /// HTTP/2 keepalive so dead peers are noticed, and per-RPC metrics.
-pub fn builder() -> Server<Stack<RpcMetricsLayer, Identity>> {
+pub fn builder() -> Server<KeelLayers> {
     Server::builder()
         .max_concurrent_streams(Some(256))
         .concurrency_limit_per_connection(256)
@@ -36,6 +40,66 @@ pub fn builder() -> Server<Stack<RpcMetricsLayer, Identity>> {
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .tcp_nodelay(true)
         .layer(RpcMetricsLayer)
+        .layer(OversizeStatusLayer)
+}
+
+/// tonic refuses a request over the decode limit with OUT_OF_RANGE; the gRPC
+/// status-code document prescribes RESOURCE_EXHAUSTED for an over-size
+/// message, which is what the contract promises. The refusal is a
+/// trailers-only response, so its status is in the response headers.
+#[derive(Debug, Clone, Copy)]
+pub struct OversizeStatusLayer;
+
+impl<S> tower::Layer<S> for OversizeStatusLayer {
+    type Service = OversizeStatus<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        OversizeStatus { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OversizeStatus<S> {
+    inner: S,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for OversizeStatus<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        futures::future::MapOk<S::Future, fn(http::Response<ResBody>) -> http::Response<ResBody>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        use futures::TryFutureExt;
+        self.inner
+            .call(req)
+            .map_ok(oversize_to_resource_exhausted as fn(_) -> _)
+    }
+}
+
+fn oversize_to_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let out_of_range = headers.get("grpc-status").is_some_and(|v| v == "11");
+    // The message is percent-encoded: "decoded message length too large".
+    let oversize = headers
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|m| m.contains("message%20length%20too%20large"));
+    if out_of_range && oversize {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 /// Binds the listener, naming the address when it cannot.

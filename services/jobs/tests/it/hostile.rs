@@ -1182,7 +1182,7 @@ fn big(bytes: usize) -> CreateJobRequest {
 async fn oversized_messages_are_refused_and_the_server_keeps_serving() {
     let raw = Raw::start().await;
     let before = snapshot(&raw.db).await;
-    let refused = [Code::ResourceExhausted, Code::OutOfRange];
+    let refused = [Code::ResourceExhausted];
     let over = raw
         .client()
         .create_job(testing::authed(
@@ -1213,10 +1213,9 @@ async fn oversized_messages_are_refused_and_the_server_keeps_serving() {
     raw.assert_serving().await;
 }
 
-/// The contract (and `MAX_MESSAGE_BYTES`' doc) say RESOURCE_EXHAUSTED, as
-/// gRPC prescribes for an over-size message; tonic 0.14 answers OUT_OF_RANGE.
+/// An over-size message is RESOURCE_EXHAUSTED, as gRPC prescribes (tonic's
+/// own OUT_OF_RANGE is rewritten by the shared server layer).
 #[tokio::test]
-#[ignore = "bug: an over-size message answers OUT_OF_RANGE (tonic's decoder), not RESOURCE_EXHAUSTED"]
 async fn oversized_messages_are_resource_exhausted() {
     let raw = Raw::start().await;
     let over = raw

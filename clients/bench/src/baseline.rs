@@ -110,7 +110,8 @@ impl Baseline {
                 let memory = NewMemory {
                     key: format!("raw/{i:08}"),
                     content: crate::scenarios::text(i, 40),
-                    tags: vec!["raw".into()],
+                    // The same tag spread as the gRPC scenario (tag counts are per row).
+                    tags: vec![crate::scenarios::tag(i)],
                     metadata: serde_json::json!({}),
                     expected_version: 0,
                 };

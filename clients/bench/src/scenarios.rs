@@ -82,6 +82,11 @@ pub fn text(seed: usize, words: usize) -> String {
         .join(" ")
 }
 
+/// The tag of memory-put call `i`.
+pub fn tag(i: usize) -> String {
+    WORDS[i % WORDS.len()].to_string()
+}
+
 /// The search query of call `i` (two corpus words).
 pub fn query(i: usize) -> String {
     format!(

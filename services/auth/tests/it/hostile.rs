@@ -3,113 +3,23 @@
 //! and oversized messages. Every answer is a contract code for bad input,
 //! never UNKNOWN or INTERNAL, and a refused call changes no user or session.
 
-use std::fmt::Debug;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
 use keel_proto::auth::v1::*;
+use keel_shared::testing::fuzz::{self, assert_decode_error, field, property, report, runtime};
 use keel_shared::testing::{self, TestDb};
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
-use prost::bytes::{Buf, BufMut};
-use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::support::{PASSWORD, TempDir, config, register_req};
 
-// ---------------------------------------------------------------------------
-// Harness: one runtime and one server per property, cases counted.
+const SERVICE: &str = "auth";
 
-pub fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The inputs' seed: fixed, so a run is reproducible and CI stable, unless
-/// `KEEL_FUZZ_SEED` is a number or `random` (a failure prints its input).
-pub fn seed() -> RngSeed {
-    match std::env::var("KEEL_FUZZ_SEED").as_deref() {
-        Ok("random") => RngSeed::Random,
-        Ok(n) => RngSeed::Fixed(n.parse().expect("KEEL_FUZZ_SEED: a number or `random`")),
-        Err(_) => RngSeed::Fixed(0x6b65_656c),
-    }
-}
-
-/// Runs `test` on `cases` generated inputs (shrinking on failure) and prints
-/// how many inputs were tried.
-pub fn property<S, F, Fut>(name: &str, cases: u32, rt: &Runtime, strategy: S, test: F)
-where
-    S: Strategy,
-    S::Value: Debug,
-    F: Fn(S::Value) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let tried = AtomicUsize::new(0);
-    let seed = seed();
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 64,
-        rng_seed: seed,
-        ..ProptestConfig::default()
-    });
-    let outcome = runner.run(&strategy, |input| {
-        tried.fetch_add(1, Ordering::Relaxed);
-        rt.block_on(test(input));
-        Ok(())
-    });
-    report(&format!(
-        "auth {name}: {} inputs tried (seed {seed:?})",
-        tried.load(Ordering::Relaxed)
-    ));
-    if let Err(e) = outcome {
-        panic!("auth {name}: {e}");
-    }
-}
-
-/// A line on the test process's stderr even when output is captured.
-pub fn report(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "hostile input: {line}");
-}
-
-/// The codes the contract allows for a request a client got wrong (OK when
-/// the input happens to be valid).
-const CLEAN: &[Code] = &[
-    Code::Ok,
-    Code::InvalidArgument,
-    Code::NotFound,
-    Code::Unauthenticated,
-    Code::PermissionDenied,
-    Code::FailedPrecondition,
-    Code::Aborted,
-    Code::AlreadyExists,
-    Code::ResourceExhausted,
-];
-
-#[track_caller]
-pub fn assert_clean<T>(rpc: &str, result: &Result<T, Status>) {
-    if let Err(s) = result {
-        assert!(
-            CLEAN.contains(&s.code()),
-            "{rpc}: {:?} is not a bad-input code: {}",
-            s.code(),
-            s.message()
-        );
-        let lower = s.message().to_lowercase();
-        for leak in ["sqlstate", "postgres", "syntax error", "select ", "insert "] {
-            assert!(!lower.contains(leak), "{rpc}: SQL in message {lower:?}");
-        }
-    }
-}
+/// Two of the service's tables, named in the SQL fragments' DROP lines.
+const TABLES: [&str; 2] = ["users", "sessions"];
 
 /// An auth server on its own database and key, with one registered user.
 pub struct Auth {
@@ -182,31 +92,11 @@ impl Auth {
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let before = self.snapshot().await;
-        let result = call.await;
-        assert_clean(rpc, &result);
-        if result.is_err() {
-            assert_eq!(
-                self.snapshot().await,
-                before,
-                "{rpc}: a refused call changed state"
-            );
-        }
-        result
+        fuzz::checked(rpc, || self.snapshot(), call).await
     }
 
     async fn raw_call(&self, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        grpc.unary(
-            tonic::Request::new(body),
-            PathAndQuery::from_static(path),
-            RawCodec,
-        )
-        .await
-        .map(|r| r.into_inner())
+        fuzz::raw_call(&self.channel, path, tonic::Request::new(body)).await
     }
 
     async fn assert_serving(&self) {
@@ -228,51 +118,8 @@ impl Drop for Auth {
 // ---------------------------------------------------------------------------
 // Strategies.
 
-pub const SQL_BITS: &[&str] = &[
-    "'; DROP TABLE users; --",
-    "' OR '1'='1",
-    "%",
-    "_",
-    "%_%",
-    "\\",
-    "\\\\'",
-    "$1",
-    "$$; DROP TABLE sessions; $$",
-    "\"",
-    "'",
-    "/* */ --",
-    "NULL",
-    "\u{202e}gnp.exe",
-];
-
-pub fn nasty_char() -> BoxedStrategy<char> {
-    prop_oneof![
-        3 => prop::sample::select(vec![
-            '\0', '\n', '\r', '\t', '\u{1b}', '\u{7f}', '\u{85}', '\u{200b}', '\u{202e}',
-            '\u{feff}', '\u{fffd}', '\u{10ffff}', '\'', '"', '\\', '%', '_', '$', ';', '-', '.',
-            ':', '/', ' ', '|', '{', 'é', 'ß', 'İ', '日', '🦀',
-        ]),
-        3 => prop::char::range('a', 'z'),
-        1 => prop::char::range('0', '9'),
-        2 => any::<char>(),
-    ]
-    .boxed()
-}
-
-/// Random text: unicode, control characters, NUL, SQL, empty, and long runs
-/// that cross every length limit.
-pub fn nasty_string() -> BoxedStrategy<String> {
-    prop_oneof![
-        6 => prop::collection::vec(nasty_char(), 0..40).prop_map(String::from_iter),
-        1 => Just(String::new()),
-        2 => prop::sample::select(SQL_BITS).prop_map(String::from),
-        1 => (
-            prop::sample::select(vec![64usize, 65, 128, 129, 256, 257, 1025, 16_385, 65_537, 200_000]),
-            nasty_char()
-        )
-            .prop_map(|(n, c)| c.to_string().repeat(n)),
-    ]
-    .boxed()
+fn nasty_string() -> BoxedStrategy<String> {
+    fuzz::nasty_string(TABLES)
 }
 
 fn email() -> BoxedStrategy<String> {
@@ -290,7 +137,7 @@ fn email() -> BoxedStrategy<String> {
 fn password() -> BoxedStrategy<String> {
     prop_oneof![
         2 => Just(PASSWORD.to_string()),
-        1 => prop::sample::select(SQL_BITS).prop_map(|s| format!("{s}{s}{s}{s}{s}{s}{s}{s}")),
+        1 => prop::sample::select(fuzz::sql_bits(TABLES)).prop_map(|s| format!("{s}{s}{s}{s}{s}{s}{s}{s}")),
         4 => nasty_string(),
     ]
     .boxed()
@@ -341,6 +188,7 @@ fn register_survives_hostile_requests() {
     let auth = rt.block_on(Auth::start());
     let strategy = (email(), password(), nasty_string());
     property(
+        SERVICE,
         "Register",
         64,
         &rt,
@@ -394,6 +242,7 @@ fn login_survives_hostile_requests() {
     let rt = runtime();
     let auth = rt.block_on(Auth::start());
     property(
+        SERVICE,
         "Login",
         64,
         &rt,
@@ -413,6 +262,7 @@ fn refresh_logout_and_verify_survive_hostile_tokens() {
     let rt = runtime();
     let auth = rt.block_on(Auth::start());
     property(
+        SERVICE,
         "Refresh/Logout/VerifyToken",
         128,
         &rt,
@@ -473,19 +323,15 @@ fn get_current_user_survives_hostile_credentials() {
     let rt = runtime();
     let auth = rt.block_on(Auth::start());
     let header = prop_oneof![
-        prop::collection::vec(prop_oneof![32u8..127, 128u8..=255, Just(b'\n')], 0..64),
-        prop::collection::vec(nasty_char(), 0..64).prop_map(|s| format!(
-            "Bearer {}",
-            String::from_iter(s)
-        )
-        .into_bytes()),
+        fuzz::header_bytes(),
+        fuzz::bearer_nasty(),
         token().prop_map(|t| match t {
             Token::Text(s) | Token::Shaped(s) => format!("Bearer {s}").into_bytes(),
             Token::Tampered(at) =>
                 format!("Bearer {}", t.resolve(&"x".repeat(at % 7 + 1))).into_bytes(),
         }),
     ];
-    property("GetCurrentUser", 128, &rt, header, |header| {
+    property(SERVICE, "GetCurrentUser", 128, &rt, header, |header| {
         let auth = &auth;
         async move {
             let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice()) else {
@@ -511,65 +357,6 @@ fn get_current_user_survives_hostile_credentials() {
 
 // ---------------------------------------------------------------------------
 // Messages the library refuses before any handler runs.
-
-/// Sends and receives message bytes as they are.
-#[derive(Clone, Copy)]
-pub struct RawCodec;
-pub struct RawEncoder;
-pub struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-/// A length-delimited protobuf field.
-pub fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
-    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
-    out.extend_from_slice(bytes);
-    out
-}
-
-#[track_caller]
-fn assert_decode_error(what: &str, result: Result<Vec<u8>, Status>) {
-    let status = result.expect_err(what);
-    assert_eq!(status.code(), Code::Internal, "{what}: {status:?}");
-    assert!(
-        status
-            .message()
-            .starts_with("failed to decode Protobuf message"),
-        "{what}: {status:?}"
-    );
-}
 
 #[tokio::test]
 async fn invalid_utf8_is_refused_at_decode_and_changes_nothing() {

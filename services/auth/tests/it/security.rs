@@ -10,8 +10,10 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keel_proto::auth::v1::*;
-use keel_shared::auth::{AccessClaims, DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenSigner};
+use keel_shared::auth::{DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenSigner};
 use keel_shared::testing;
+use keel_shared::testing::fuzz::assert_tables_exist;
+use keel_shared::testing::tokens;
 use tonic::Code;
 
 use crate::support::{Env, PASSWORD};
@@ -91,15 +93,11 @@ async fn sql_metacharacters_are_data() {
         .expect("o_brien is not o'brien");
     assert_eq!(env.user_count().await, cases.len() as i64 + 1);
 
-    let db = env.db.pool.get().await.unwrap();
-    for table in ["users", "sessions", "refresh_tokens", "login_failures"] {
-        let found: Option<String> = db
-            .query_one("SELECT to_regclass($1)::text", &[&table])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(found.as_deref(), Some(table));
-    }
+    assert_tables_exist(
+        &env.db,
+        &["users", "sessions", "refresh_tokens", "login_failures"],
+    )
+    .await;
 }
 
 /// An HS256 token naming the server's key id, a subject that is not a UUID,
@@ -118,31 +116,14 @@ async fn odd_tokens_are_unauthenticated() {
         Duration::from_secs(900),
     )
     .unwrap();
-    let now = chrono::Utc::now().timestamp();
-    let claims = AccessClaims {
-        sub: registered.user.unwrap().id,
-        email: "victim@example.com".into(),
-        iss: DEFAULT_ISSUER.into(),
-        aud: DEFAULT_AUDIENCE.into(),
-        iat: now,
-        exp: now + 600,
-        sid: None,
-    };
-    let hs256 = {
-        let header = URL_SAFE_NO_PAD.encode(
-            format!(
-                r#"{{"alg":"HS256","typ":"JWT","kid":"{}"}}"#,
-                server_key.key_id()
-            )
-            .as_bytes(),
-        );
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap());
-        format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode([7u8; 32]))
-    };
-    let not_a_uuid = server_key.sign_claims(&AccessClaims {
-        sub: "'; DROP TABLE users; --".into(),
-        ..claims.clone()
-    });
+    let claims = tokens::claims(registered.user.unwrap().id);
+    let hs256 = tokens::unsigned(
+        "HS256",
+        server_key.key_id(),
+        &claims,
+        &URL_SAFE_NO_PAD.encode([7u8; 32]),
+    );
+    let not_a_uuid = tokens::with_subject(&server_key, claims, "'; DROP TABLE users; --");
     for (what, token) in [
         ("HS256 with our kid", &hs256),
         ("subject not a UUID", &not_a_uuid),

@@ -4,119 +4,32 @@
 //! messages. Every answer is a contract code for bad input, never UNKNOWN or
 //! INTERNAL, and a refused call changes nothing.
 
-use std::fmt::Debug;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keel_proto::jobs::v1::*;
 use keel_shared::json::struct_to_json;
+use keel_shared::testing::fuzz::{
+    self, assert_decode_error, assert_too_deep, field, nested, property, report, runtime,
+    small_i32, struct_with_raw_string,
+};
 use keel_shared::testing::{self, TestDb, TestRedis};
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
-use prost::bytes::{Buf, BufMut};
 use prost_types::value::Kind;
 use prost_types::{ListValue, Struct, Timestamp, Value};
-use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::support::{Svc, WORKER_TOKEN};
 
-// ---------------------------------------------------------------------------
-// Harness: one runtime and one server per property, cases counted.
+const SERVICE: &str = "jobs";
 
-pub fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The inputs' seed: fixed, so a run is reproducible and CI stable, unless
-/// `KEEL_FUZZ_SEED` is a number or `random` (a failure prints its input).
-pub fn seed() -> RngSeed {
-    match std::env::var("KEEL_FUZZ_SEED").as_deref() {
-        Ok("random") => RngSeed::Random,
-        Ok(n) => RngSeed::Fixed(n.parse().expect("KEEL_FUZZ_SEED: a number or `random`")),
-        Err(_) => RngSeed::Fixed(0x6b65_656c),
-    }
-}
-
-/// Runs `test` on `cases` generated inputs (shrinking on failure) and prints
-/// how many inputs were tried.
-pub fn property<S, F, Fut>(name: &str, cases: u32, rt: &Runtime, strategy: S, test: F)
-where
-    S: Strategy,
-    S::Value: Debug,
-    F: Fn(S::Value) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let tried = AtomicUsize::new(0);
-    let seed = seed();
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 64,
-        rng_seed: seed,
-        ..ProptestConfig::default()
-    });
-    let outcome = runner.run(&strategy, |input| {
-        tried.fetch_add(1, Ordering::Relaxed);
-        rt.block_on(test(input));
-        Ok(())
-    });
-    report(&format!(
-        "jobs {name}: {} inputs tried (seed {seed:?})",
-        tried.load(Ordering::Relaxed)
-    ));
-    if let Err(e) = outcome {
-        panic!("jobs {name}: {e}");
-    }
-}
-
-/// A line on the test process's stderr even when output is captured.
-pub fn report(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "hostile input: {line}");
-}
-
-/// The codes the contract allows for a request a client got wrong (OK when
-/// the input happens to be valid).
-const CLEAN: &[Code] = &[
-    Code::Ok,
-    Code::InvalidArgument,
-    Code::NotFound,
-    Code::Unauthenticated,
-    Code::PermissionDenied,
-    Code::FailedPrecondition,
-    Code::Aborted,
-    Code::AlreadyExists,
-    Code::ResourceExhausted,
-];
-
-#[track_caller]
-pub fn assert_clean<T>(rpc: &str, result: &Result<T, Status>) {
-    if let Err(s) = result {
-        assert!(
-            CLEAN.contains(&s.code()),
-            "{rpc}: {:?} is not a bad-input code: {}",
-            s.code(),
-            s.message()
-        );
-        let lower = s.message().to_lowercase();
-        for leak in ["sqlstate", "postgres", "syntax error", "select ", "insert "] {
-            assert!(!lower.contains(leak), "{rpc}: SQL in message {lower:?}");
-        }
-    }
-}
+/// Two of the service's tables, named in the SQL fragments' DROP lines.
+const TABLES: [&str; 2] = ["jobs", "job_events"];
 
 /// Every job and transition, as one comparable value.
-async fn snapshot(db: &TestDb) -> (i64, String, i64) {
+pub async fn snapshot(db: &TestDb) -> (i64, String, i64) {
     let client = db.pool.get().await.unwrap();
     let row = client
         .query_one(
@@ -135,67 +48,14 @@ async fn checked<T, Fut>(db: &TestDb, rpc: &str, call: Fut) -> Result<T, Status>
 where
     Fut: Future<Output = Result<T, Status>>,
 {
-    let before = snapshot(db).await;
-    let result = call.await;
-    assert_clean(rpc, &result);
-    if result.is_err() {
-        assert_eq!(
-            snapshot(db).await,
-            before,
-            "{rpc}: a refused call changed state"
-        );
-    }
-    result
+    fuzz::checked(rpc, || snapshot(db), call).await
 }
 
 // ---------------------------------------------------------------------------
 // Strategies.
 
-pub const SQL_BITS: &[&str] = &[
-    "'; DROP TABLE jobs; --",
-    "' OR '1'='1",
-    "%",
-    "_",
-    "%_%",
-    "\\",
-    "\\\\'",
-    "$1",
-    "$$; DROP TABLE job_events; $$",
-    "\"",
-    "'",
-    "/* */ --",
-    "NULL",
-    "\u{202e}gnp.exe",
-];
-
-pub fn nasty_char() -> BoxedStrategy<char> {
-    prop_oneof![
-        3 => prop::sample::select(vec![
-            '\0', '\n', '\r', '\t', '\u{1b}', '\u{7f}', '\u{85}', '\u{200b}', '\u{202e}',
-            '\u{feff}', '\u{fffd}', '\u{10ffff}', '\'', '"', '\\', '%', '_', '$', ';', '-', '.',
-            ':', '/', ' ', '|', '{', 'é', 'ß', 'İ', '日', '🦀',
-        ]),
-        3 => prop::char::range('a', 'z'),
-        1 => prop::char::range('0', '9'),
-        2 => any::<char>(),
-    ]
-    .boxed()
-}
-
-/// Random text: unicode, control characters, NUL, SQL, empty, and long runs
-/// that cross every length limit.
-pub fn nasty_string() -> BoxedStrategy<String> {
-    prop_oneof![
-        6 => prop::collection::vec(nasty_char(), 0..40).prop_map(String::from_iter),
-        1 => Just(String::new()),
-        2 => prop::sample::select(SQL_BITS).prop_map(String::from),
-        1 => (
-            prop::sample::select(vec![64usize, 65, 128, 129, 256, 257, 1025, 16_385, 65_537, 200_000]),
-            nasty_char()
-        )
-            .prop_map(|(n, c)| c.to_string().repeat(n)),
-    ]
-    .boxed()
+fn nasty_string() -> BoxedStrategy<String> {
+    fuzz::nasty_string(TABLES)
 }
 
 /// Text for any string field, NUL included (see
@@ -215,68 +75,9 @@ fn number() -> BoxedStrategy<f64> {
     .boxed()
 }
 
-fn leaf() -> BoxedStrategy<Value> {
-    prop_oneof![
-        Just(Kind::NullValue(0)),
-        any::<bool>().prop_map(Kind::BoolValue),
-        number().prop_map(Kind::NumberValue),
-        text().prop_map(Kind::StringValue),
-    ]
-    .prop_map(|k| Value { kind: Some(k) })
-    .boxed()
-}
-
-fn json_value() -> BoxedStrategy<Value> {
-    leaf()
-        .prop_recursive(4, 32, 5, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..5).prop_map(|values| Value {
-                    kind: Some(Kind::ListValue(ListValue { values })),
-                }),
-                prop::collection::btree_map(text(), inner, 0..5).prop_map(|fields| Value {
-                    kind: Some(Kind::StructValue(Struct { fields })),
-                }),
-            ]
-        })
-        .boxed()
-}
-
-/// `levels` objects nested in one another around a number.
-pub fn nested(levels: usize) -> Struct {
-    let mut s = Struct {
-        fields: [(
-            "n".to_string(),
-            Value {
-                kind: Some(Kind::NumberValue(1.0)),
-            },
-        )]
-        .into_iter()
-        .collect(),
-    };
-    for _ in 1..levels {
-        s = Struct {
-            fields: [(
-                "a".to_string(),
-                Value {
-                    kind: Some(Kind::StructValue(s)),
-                },
-            )]
-            .into_iter()
-            .collect(),
-        };
-    }
-    s
-}
-
-/// Random Structs, some nested up to `max_levels` objects: one past the
-/// services' 64-level bound is 33, and prost refuses 34 in a top-level field
-/// (`nesting_past_prosts_limit_is_a_decode_error` covers that).
+/// Random Structs, some nested up to `max_levels` objects (see [`fuzz::payload`]).
 fn payload(max_levels: usize) -> BoxedStrategy<Struct> {
-    prop_oneof![
-        6 => prop::collection::btree_map(text(), json_value(), 0..6).prop_map(|fields| Struct { fields }),
-        1 => (1usize..=max_levels).prop_map(nested),
-    ]
-    .boxed()
+    fuzz::payload(max_levels, text(), number())
 }
 
 fn kind() -> BoxedStrategy<String> {
@@ -301,15 +102,6 @@ fn timestamp() -> BoxedStrategy<Timestamp> {
         // before 4713 BC see `run_at_before_postgres_range_is_invalid_argument`.
         1 => prop::sample::select(vec![9_000_000_000_000i64, 8_200_000_000_000, -9_000_000_000_000])
             .prop_map(|seconds| Timestamp { seconds, nanos: 0 }),
-    ]
-    .boxed()
-}
-
-fn small_i32(valid: std::ops::RangeInclusive<i32>) -> BoxedStrategy<i32> {
-    prop_oneof![
-        3 => valid,
-        1 => prop::sample::select(vec![-1, 0, 1, 101, 1000, 1001, i32::MAX, i32::MIN]),
-        1 => any::<i32>(),
     ]
     .boxed()
 }
@@ -390,7 +182,7 @@ fn attempt() -> BoxedStrategy<i32> {
 fn create_job_survives_hostile_requests() {
     let rt = runtime();
     let svc = rt.block_on(Svc::start());
-    property("CreateJob", 128, &rt, create_request(33), |req| {
+    property(SERVICE, "CreateJob", 128, &rt, create_request(33), |req| {
         let svc = &svc;
         async move {
             let sent = req.clone();
@@ -425,7 +217,7 @@ fn batch_create_jobs_survives_hostile_requests() {
         8 => prop::collection::vec(create_request(32), 0..5),
         1 => Just(vec![CreateJobRequest { kind: "echo".into(), ..Default::default() }; 1001]),
     ];
-    property("BatchCreateJobs", 64, &rt, requests, |requests| {
+    property(SERVICE, "BatchCreateJobs", 64, &rt, requests, |requests| {
         let svc = &svc;
         async move {
             let n = requests.len();
@@ -452,6 +244,7 @@ fn get_cancel_and_watch_survive_hostile_ids() {
     let rt = runtime();
     let svc = rt.block_on(Svc::start());
     property(
+        SERVICE,
         "GetJob/CancelJob/WatchJob",
         128,
         &rt,
@@ -502,16 +295,6 @@ fn get_cancel_and_watch_survive_hostile_ids() {
     );
 }
 
-#[derive(Debug, Clone)]
-enum PageToken {
-    Empty,
-    Real,
-    /// Right filter fingerprint, a cursor that is not a job id.
-    ForgedCursor(String),
-    /// A real token presented with other filters.
-    Text(String),
-}
-
 #[test]
 fn list_jobs_survives_hostile_requests() {
     let rt = runtime();
@@ -532,13 +315,7 @@ fn list_jobs_survives_hostile_requests() {
             .into_inner();
         (page.next_page_token, svc.user.to_string())
     });
-    let token = prop_oneof![
-        2 => Just(PageToken::Empty),
-        2 => Just(PageToken::Real),
-        2 => nasty_string().prop_map(PageToken::ForgedCursor),
-        2 => nasty_string().prop_map(PageToken::Text),
-        1 => "[A-Za-z0-9_-]{0,64}".prop_map(PageToken::Text),
-    ];
+    let token = fuzz::page_token(TABLES);
     let strategy = (
         small_i32(0..=1000),
         token,
@@ -546,6 +323,7 @@ fn list_jobs_survives_hostile_requests() {
         prop_oneof![Just(String::new()), Just("echo".to_string()), kind()],
     );
     property(
+        SERVICE,
         "ListJobs",
         128,
         &rt,
@@ -555,14 +333,9 @@ fn list_jobs_survives_hostile_requests() {
             let real_token = &real_token;
             let user = &user;
             async move {
-                let page_token = match &token {
-                    PageToken::Empty => String::new(),
-                    PageToken::Real => real_token.clone(),
-                    PageToken::ForgedCursor(c) => {
-                        keel_shared::paging::encode_token(&format!("jobs|{user}||{kind}"), c)
-                    }
-                    PageToken::Text(t) => t.clone(),
-                };
+                let page_token = token.resolve(real_token, |c| {
+                    keel_shared::paging::encode_token(&format!("jobs|{user}||{kind}"), &c)
+                });
                 let req = ListJobsRequest {
                     page_size,
                     page_token,
@@ -600,26 +373,33 @@ fn list_jobs_survives_hostile_requests() {
 fn start_job_survives_hostile_requests() {
     let rt = runtime();
     let svc = rt.block_on(Svc::start());
-    property("StartJob", 64, &rt, (id(), text()), |(id, worker_id)| {
-        let svc = &svc;
-        async move {
-            let target = svc.create_kind("echo").await;
-            let req = StartJobRequest {
-                id: id.resolve(&target.id),
-                worker_id,
-            };
-            let r = checked(
-                &svc.db,
-                "StartJob",
-                svc.runner.clone().start_job(svc.w(req)),
-            )
-            .await;
-            if let Ok(r) = r {
-                let job = r.into_inner().job.unwrap();
-                assert_eq!((job.id, job.attempt), (target.id, 1));
+    property(
+        SERVICE,
+        "StartJob",
+        64,
+        &rt,
+        (id(), text()),
+        |(id, worker_id)| {
+            let svc = &svc;
+            async move {
+                let target = svc.create_kind("echo").await;
+                let req = StartJobRequest {
+                    id: id.resolve(&target.id),
+                    worker_id,
+                };
+                let r = checked(
+                    &svc.db,
+                    "StartJob",
+                    svc.runner.clone().start_job(svc.w(req)),
+                )
+                .await;
+                if let Ok(r) = r {
+                    let job = r.into_inner().job.unwrap();
+                    assert_eq!((job.id, job.attempt), (target.id, 1));
+                }
             }
-        }
-    });
+        },
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -681,95 +461,94 @@ fn heartbeat_complete_and_fail_survive_hostile_requests() {
             }
         ),
     ];
-    property("Heartbeat/CompleteJob/FailJob", 128, &rt, call, |call| {
-        let svc = &svc;
-        async move {
-            let target = svc.create_kind("echo").await;
-            svc.start_job(&target.id).await.expect("start");
-            let mut runner = svc.runner.clone();
-            match call {
-                RunnerCall::Heartbeat {
-                    id,
-                    attempt,
-                    worker_id,
-                } => {
-                    let req = HeartbeatRequest {
-                        id: id.resolve(&target.id),
+    property(
+        SERVICE,
+        "Heartbeat/CompleteJob/FailJob",
+        128,
+        &rt,
+        call,
+        |call| {
+            let svc = &svc;
+            async move {
+                let target = svc.create_kind("echo").await;
+                svc.start_job(&target.id).await.expect("start");
+                let mut runner = svc.runner.clone();
+                match call {
+                    RunnerCall::Heartbeat {
+                        id,
                         attempt,
                         worker_id,
-                    };
-                    let _ = checked(&svc.db, "Heartbeat", runner.heartbeat(svc.w(req))).await;
-                }
-                RunnerCall::Complete {
-                    id,
-                    attempt,
-                    output,
-                    cancelled,
-                    worker_id,
-                } => {
-                    let req = CompleteJobRequest {
-                        id: id.resolve(&target.id),
+                    } => {
+                        let req = HeartbeatRequest {
+                            id: id.resolve(&target.id),
+                            attempt,
+                            worker_id,
+                        };
+                        let _ = checked(&svc.db, "Heartbeat", runner.heartbeat(svc.w(req))).await;
+                    }
+                    RunnerCall::Complete {
+                        id,
                         attempt,
-                        output: output.clone(),
+                        output,
                         cancelled,
                         worker_id,
-                    };
-                    let r = checked(&svc.db, "CompleteJob", runner.complete_job(svc.w(req))).await;
-                    if let Ok(r) = r {
-                        let job = r.into_inner().job.unwrap();
-                        if let (Some(sent), false) = (output, cancelled) {
-                            assert_eq!(
-                                struct_to_json(job.output.as_ref().unwrap()).unwrap(),
-                                struct_to_json(&sent).unwrap(),
-                                "output stored verbatim"
-                            );
+                    } => {
+                        let req = CompleteJobRequest {
+                            id: id.resolve(&target.id),
+                            attempt,
+                            output: output.clone(),
+                            cancelled,
+                            worker_id,
+                        };
+                        let r =
+                            checked(&svc.db, "CompleteJob", runner.complete_job(svc.w(req))).await;
+                        if let Ok(r) = r {
+                            let job = r.into_inner().job.unwrap();
+                            if let (Some(sent), false) = (output, cancelled) {
+                                assert_eq!(
+                                    struct_to_json(job.output.as_ref().unwrap()).unwrap(),
+                                    struct_to_json(&sent).unwrap(),
+                                    "output stored verbatim"
+                                );
+                            }
                         }
                     }
-                }
-                RunnerCall::Fail {
-                    id,
-                    attempt,
-                    error,
-                    retryable,
-                    worker_id,
-                } => {
-                    let req = FailJobRequest {
-                        id: id.resolve(&target.id),
+                    RunnerCall::Fail {
+                        id,
                         attempt,
-                        error: error.clone(),
+                        error,
                         retryable,
                         worker_id,
-                    };
-                    let r = checked(&svc.db, "FailJob", runner.fail_job(svc.w(req))).await;
-                    if let Ok(r) = r {
-                        let job = r.into_inner().job.unwrap();
-                        if error.len() <= 16 * 1024 {
-                            // Verbatim but for NUL, which Postgres text cannot hold.
-                            let expected = error.replace('\0', "\u{FFFD}");
-                            assert_eq!(job.error, expected, "error stored verbatim");
+                    } => {
+                        let req = FailJobRequest {
+                            id: id.resolve(&target.id),
+                            attempt,
+                            error: error.clone(),
+                            retryable,
+                            worker_id,
+                        };
+                        let r = checked(&svc.db, "FailJob", runner.fail_job(svc.w(req))).await;
+                        if let Ok(r) = r {
+                            let job = r.into_inner().job.unwrap();
+                            if error.len() <= 16 * 1024 {
+                                // Verbatim but for NUL, which Postgres text cannot hold.
+                                let expected = error.replace('\0', "\u{FFFD}");
+                                assert_eq!(job.error, expected, "error stored verbatim");
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        },
+    );
 }
 
 #[test]
 fn random_credentials_are_unauthenticated_and_change_nothing() {
     let rt = runtime();
     let svc = rt.block_on(Svc::start());
-    let header = prop_oneof![
-        prop::collection::vec(prop_oneof![32u8..127, 128u8..=255, Just(b'\n')], 0..64),
-        prop::collection::vec(nasty_char(), 0..64).prop_map(|s| format!(
-            "Bearer {}",
-            String::from_iter(s)
-        )
-        .into_bytes()),
-        "[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,80}\\.[A-Za-z0-9_-]{0,90}"
-            .prop_map(|s| format!("Bearer {s}").into_bytes()),
-    ];
-    property("credentials", 128, &rt, header, |header| {
+    let header = fuzz::authorization_header();
+    property(SERVICE, "credentials", 128, &rt, header, |header| {
         let svc = &svc;
         async move {
             let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice()) else {
@@ -937,17 +716,7 @@ impl Raw {
     }
 
     async fn call(&self, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        grpc.unary(
-            testing::authed(body, &self.token),
-            PathAndQuery::from_static(path),
-            RawCodec,
-        )
-        .await
-        .map(|r| r.into_inner())
+        fuzz::raw_call(&self.channel, path, testing::authed(body, &self.token)).await
     }
 
     /// A normal create still works.
@@ -969,72 +738,6 @@ impl Drop for Raw {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-/// Sends and receives message bytes as they are.
-#[derive(Clone, Copy)]
-pub struct RawCodec;
-pub struct RawEncoder;
-pub struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-/// A length-delimited protobuf field.
-pub fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
-    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
-    out.extend_from_slice(bytes);
-    out
-}
-
-/// A Struct `{key: "<bytes>"}` whose string value is `bytes` as they are.
-pub fn struct_with_raw_string(key: &[u8], bytes: &[u8]) -> Vec<u8> {
-    let value = field(3, bytes); // Value.string_value
-    let entry = [field(1, key), field(2, &value)].concat(); // map entry
-    field(1, &entry) // Struct.fields
-}
-
-#[track_caller]
-fn assert_decode_error(what: &str, result: Result<Vec<u8>, Status>) {
-    let status = result.expect_err(what);
-    assert_eq!(status.code(), Code::Internal, "{what}: {status:?}");
-    assert!(
-        status
-            .message()
-            .starts_with("failed to decode Protobuf message"),
-        "{what}: {status:?}"
-    );
 }
 
 #[tokio::test]
@@ -1140,14 +843,7 @@ async fn nesting_past_prosts_limit_is_a_decode_error() {
         let status = create_with(&raw, payload)
             .await
             .expect_err("too deep to decode");
-        assert_eq!(status.code(), Code::Internal, "{status:?}");
-        assert!(
-            status
-                .message()
-                .starts_with("failed to decode Protobuf message")
-                && status.message().contains("recursion limit reached"),
-            "{status:?}"
-        );
+        assert_too_deep(&status);
     }
     let batch = BatchCreateJobsRequest {
         requests: vec![CreateJobRequest {

@@ -6,36 +6,19 @@
 //! `services/auth/tests/it/login.rs`
 //! (`repeated_failures_are_rate_limited_until_the_window_passes`).
 
-use std::time::Duration;
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keel_proto::jobs::v1::*;
-use keel_shared::auth::{
-    AccessClaims, DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKeyPem, TokenSigner,
-};
+use keel_shared::auth::AccessClaims;
 use keel_shared::json::json_to_struct;
+use keel_shared::testing::fuzz::{assert_tables_exist, report};
+use keel_shared::testing::tokens::{self, claims};
 use keel_shared::testing::{self, authed};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::hostile::report;
+use crate::hostile::snapshot;
 use crate::support::Svc;
-
-/// Every job and transition, as one comparable value.
-async fn snapshot(svc: &Svc) -> (i64, String, i64) {
-    let client = svc.db.pool.get().await.unwrap();
-    let row = client
-        .query_one(
-            "SELECT (SELECT count(*) FROM jobs),
-                    (SELECT coalesce(md5(string_agg(j::text, '|' ORDER BY j.id)), '') FROM jobs j),
-                    (SELECT count(*) FROM job_events)",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2))
-}
 
 #[track_caller]
 fn assert_code<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, code: Code) {
@@ -199,29 +182,11 @@ async fn runner_rpcs(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str,
     ]
 }
 
-fn claims(user: Uuid) -> AccessClaims {
-    let now = chrono::Utc::now().timestamp();
-    AccessClaims {
-        sub: user.to_string(),
-        email: "victim@example.com".into(),
-        iss: DEFAULT_ISSUER.into(),
-        aud: DEFAULT_AUDIENCE.into(),
-        iat: now,
-        exp: now + 600,
-        sid: None,
-    }
-}
-
 /// Tokens that must not pass, each named, all claiming to be `user`.
 pub fn bad_tokens(user: Uuid) -> Vec<(&'static str, Option<String>)> {
     let signer = &testing::keys().signer;
     let good = signer.sign_claims(&claims(user));
-    let flipped = {
-        let (head, sig) = good.rsplit_once('.').unwrap();
-        let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
-        sig[0] ^= 1;
-        format!("{head}.{}", URL_SAFE_NO_PAD.encode(sig))
-    };
+    let flipped = tokens::forged_signature(&good);
     let swapped_payload = {
         let parts: Vec<&str> = good.split('.').collect();
         let other = URL_SAFE_NO_PAD.encode(
@@ -233,54 +198,18 @@ pub fn bad_tokens(user: Uuid) -> Vec<(&'static str, Option<String>)> {
         );
         format!("{}.{other}.{}", parts[0], parts[2])
     };
-    let now = chrono::Utc::now().timestamp();
-    let expired = signer.sign_claims(&AccessClaims {
-        iat: now - 3600,
-        exp: now - 600,
-        ..claims(user)
-    });
-    let wrong_key = TokenSigner::from_private_pem(
-        &SigningKeyPem::generate().private_pem,
-        DEFAULT_ISSUER,
-        DEFAULT_AUDIENCE,
-        Duration::from_secs(900),
-    )
-    .unwrap()
-    .sign_claims(&claims(user));
-    let alg_none = {
-        let header = URL_SAFE_NO_PAD.encode(
-            format!(
-                r#"{{"alg":"none","typ":"JWT","kid":"{}"}}"#,
-                signer.key_id()
-            )
-            .as_bytes(),
-        );
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(user)).unwrap());
-        format!("{header}.{payload}.")
-    };
-    let hs256_with_kid = {
-        let header = URL_SAFE_NO_PAD.encode(
-            format!(
-                r#"{{"alg":"HS256","typ":"JWT","kid":"{}"}}"#,
-                signer.key_id()
-            )
-            .as_bytes(),
-        );
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(user)).unwrap());
-        format!("{header}.{payload}.{}", URL_SAFE_NO_PAD.encode([7u8; 32]))
-    };
-    let wrong_audience = signer.sign_claims(&AccessClaims {
-        aud: "somebody-else".into(),
-        ..claims(user)
-    });
-    let wrong_issuer = signer.sign_claims(&AccessClaims {
-        iss: "evil-auth".into(),
-        ..claims(user)
-    });
-    let not_a_uuid = signer.sign_claims(&AccessClaims {
-        sub: "'; DROP TABLE jobs; --".into(),
-        ..claims(user)
-    });
+    let expired = tokens::expired(signer, claims(user));
+    let wrong_key = tokens::wrong_key(&claims(user));
+    let alg_none = tokens::unsigned("none", signer.key_id(), &claims(user), "");
+    let hs256_with_kid = tokens::unsigned(
+        "HS256",
+        signer.key_id(),
+        &claims(user),
+        &URL_SAFE_NO_PAD.encode([7u8; 32]),
+    );
+    let wrong_audience = tokens::wrong_audience(signer, claims(user));
+    let wrong_issuer = tokens::wrong_issuer(signer, claims(user));
+    let not_a_uuid = tokens::with_subject(signer, claims(user), "'; DROP TABLE jobs; --");
     vec![
         ("forged signature", Some(flipped)),
         ("swapped payload", Some(swapped_payload)),
@@ -301,7 +230,7 @@ pub fn bad_tokens(user: Uuid) -> Vec<(&'static str, Option<String>)> {
 async fn bad_tokens_are_unauthenticated_on_every_rpc_and_change_nothing() {
     let svc = Svc::start().await;
     let job = svc.create_kind("echo").await;
-    let before = snapshot(&svc).await;
+    let before = snapshot(&svc.db).await;
     let mut calls = 0;
     for (what, token) in bad_tokens(svc.user) {
         let answers = match &token {
@@ -327,7 +256,7 @@ async fn bad_tokens_are_unauthenticated_on_every_rpc_and_change_nothing() {
             assert_eq!(code, Code::Unauthenticated, "{header:.12} on {rpc}");
         }
     }
-    assert_eq!(snapshot(&svc).await, before);
+    assert_eq!(snapshot(&svc.db).await, before);
     assert_eq!(svc.get(&job.id).await, job);
     report(&format!(
         "jobs bad tokens: {calls} calls, all UNAUTHENTICATED"
@@ -495,7 +424,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
         .await
         .unwrap()
         .into_inner();
-    let before = snapshot(&svc).await;
+    let before = snapshot(&svc.db).await;
     let (bob_id, bob) = svc.other_user().await;
 
     for job in [&queued, &running] {
@@ -587,7 +516,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
     assert_eq!(batch[0].id, bobs.id);
 
     // Alice's jobs, their history and her listing are as they were.
-    let (count, _, _) = snapshot(&svc).await;
+    let (count, _, _) = snapshot(&svc.db).await;
     let client = svc.db.pool.get().await.unwrap();
     let alice_now: (i64, String, i64) = {
         let row = client
@@ -757,13 +686,5 @@ async fn sql_metacharacters_are_data() {
         assert_eq!(svc.get(&job.id).await.output, Some(output));
     }
 
-    let client = svc.db.pool.get().await.unwrap();
-    for table in ["users", "jobs", "job_events", "job_outbox"] {
-        let found: Option<String> = client
-            .query_one("SELECT to_regclass($1)::text", &[&table])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(found.as_deref(), Some(table));
-    }
+    assert_tables_exist(&svc.db, &["users", "jobs", "job_events", "job_outbox"]).await;
 }

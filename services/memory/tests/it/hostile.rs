@@ -4,115 +4,27 @@
 //! messages. Every answer is a contract code for bad input, never UNKNOWN or
 //! INTERNAL, and a refused call changes nothing.
 
-use std::fmt::Debug;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::*;
 use keel_shared::json::struct_to_json;
+use keel_shared::testing::fuzz::{
+    self, assert_decode_error, assert_too_deep, field, nested, property, report, runtime,
+    small_i32, struct_with_raw_string,
+};
 use keel_shared::testing::{self, TestDb};
 use proptest::prelude::*;
-use proptest::test_runner::{Config as ProptestConfig, RngSeed, TestRunner};
-use prost::bytes::{Buf, BufMut};
-use prost_types::value::Kind;
-use prost_types::{ListValue, Struct, Value};
-use tokio::runtime::Runtime;
+use prost_types::Struct;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-// ---------------------------------------------------------------------------
-// Harness: one runtime and one server per property, cases counted.
+const SERVICE: &str = "memory";
 
-pub fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// The inputs' seed: fixed, so a run is reproducible and CI stable, unless
-/// `KEEL_FUZZ_SEED` is a number or `random` (a failure prints its input).
-pub fn seed() -> RngSeed {
-    match std::env::var("KEEL_FUZZ_SEED").as_deref() {
-        Ok("random") => RngSeed::Random,
-        Ok(n) => RngSeed::Fixed(n.parse().expect("KEEL_FUZZ_SEED: a number or `random`")),
-        Err(_) => RngSeed::Fixed(0x6b65_656c),
-    }
-}
-
-/// Runs `test` on `cases` generated inputs (shrinking on failure) and prints
-/// how many inputs were tried.
-pub fn property<S, F, Fut>(name: &str, cases: u32, rt: &Runtime, strategy: S, test: F)
-where
-    S: Strategy,
-    S::Value: Debug,
-    F: Fn(S::Value) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    let tried = AtomicUsize::new(0);
-    let seed = seed();
-    let mut runner = TestRunner::new(ProptestConfig {
-        cases,
-        failure_persistence: None,
-        max_shrink_iters: 64,
-        rng_seed: seed,
-        ..ProptestConfig::default()
-    });
-    let outcome = runner.run(&strategy, |input| {
-        tried.fetch_add(1, Ordering::Relaxed);
-        rt.block_on(test(input));
-        Ok(())
-    });
-    report(&format!(
-        "memory {name}: {} inputs tried (seed {seed:?})",
-        tried.load(Ordering::Relaxed)
-    ));
-    if let Err(e) = outcome {
-        panic!("memory {name}: {e}");
-    }
-}
-
-/// A line on the test process's stderr even when output is captured.
-pub fn report(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "hostile input: {line}");
-}
-
-/// The codes the contract allows for a request a client got wrong (OK when
-/// the input happens to be valid).
-const CLEAN: &[Code] = &[
-    Code::Ok,
-    Code::InvalidArgument,
-    Code::NotFound,
-    Code::Unauthenticated,
-    Code::PermissionDenied,
-    Code::FailedPrecondition,
-    Code::Aborted,
-    Code::AlreadyExists,
-    Code::ResourceExhausted,
-];
-
-#[track_caller]
-pub fn assert_clean<T>(rpc: &str, result: &Result<T, Status>) {
-    if let Err(s) = result {
-        assert!(
-            CLEAN.contains(&s.code()),
-            "{rpc}: {:?} is not a bad-input code: {}",
-            s.code(),
-            s.message()
-        );
-        let lower = s.message().to_lowercase();
-        for leak in ["sqlstate", "postgres", "syntax error", "select ", "insert "] {
-            assert!(!lower.contains(leak), "{rpc}: SQL in message {lower:?}");
-        }
-    }
-}
+/// Two of the service's tables, named in the SQL fragments' DROP lines.
+const TABLES: [&str; 2] = ["memories", "memory_tag_counts"];
 
 /// A memory server on its own database, with one user.
 pub struct Mem {
@@ -183,27 +95,11 @@ impl Mem {
     where
         Fut: Future<Output = Result<T, Status>>,
     {
-        let before = self.snapshot().await;
-        let result = call.await;
-        assert_clean(rpc, &result);
-        if result.is_err() {
-            assert_eq!(
-                self.snapshot().await,
-                before,
-                "{rpc}: a refused call changed state"
-            );
-        }
-        result
+        fuzz::checked(rpc, || self.snapshot(), call).await
     }
 
     async fn raw_call(&self, path: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
-        grpc.unary(self.u(body), PathAndQuery::from_static(path), RawCodec)
-            .await
-            .map(|r| r.into_inner())
+        fuzz::raw_call(&self.channel, path, self.u(body)).await
     }
 
     async fn assert_serving(&self) {
@@ -230,51 +126,8 @@ pub fn put(key: &str, content: &str) -> PutMemoryRequest {
 // ---------------------------------------------------------------------------
 // Strategies.
 
-pub const SQL_BITS: &[&str] = &[
-    "'; DROP TABLE memories; --",
-    "' OR '1'='1",
-    "%",
-    "_",
-    "%_%",
-    "\\",
-    "\\\\'",
-    "$1",
-    "$$; DROP TABLE memory_tag_counts; $$",
-    "\"",
-    "'",
-    "/* */ --",
-    "NULL",
-    "\u{202e}gnp.exe",
-];
-
-pub fn nasty_char() -> BoxedStrategy<char> {
-    prop_oneof![
-        3 => prop::sample::select(vec![
-            '\0', '\n', '\r', '\t', '\u{1b}', '\u{7f}', '\u{85}', '\u{200b}', '\u{202e}',
-            '\u{feff}', '\u{fffd}', '\u{10ffff}', '\'', '"', '\\', '%', '_', '$', ';', '-', '.',
-            ':', '/', ' ', '|', '{', 'é', 'ß', 'İ', '日', '🦀',
-        ]),
-        3 => prop::char::range('a', 'z'),
-        1 => prop::char::range('0', '9'),
-        2 => any::<char>(),
-    ]
-    .boxed()
-}
-
-/// Random text: unicode, control characters, NUL, SQL, empty, and long runs
-/// that cross every length limit.
-pub fn nasty_string() -> BoxedStrategy<String> {
-    prop_oneof![
-        6 => prop::collection::vec(nasty_char(), 0..40).prop_map(String::from_iter),
-        1 => Just(String::new()),
-        2 => prop::sample::select(SQL_BITS).prop_map(String::from),
-        1 => (
-            prop::sample::select(vec![64usize, 65, 128, 129, 256, 257, 1025, 16_385, 65_537, 200_000]),
-            nasty_char()
-        )
-            .prop_map(|(n, c)| c.to_string().repeat(n)),
-    ]
-    .boxed()
+fn nasty_string() -> BoxedStrategy<String> {
+    fuzz::nasty_string(TABLES)
 }
 
 fn text() -> BoxedStrategy<String> {
@@ -288,79 +141,6 @@ fn number() -> BoxedStrategy<f64> {
         4 => (-(1i64 << 49)..(1i64 << 49)).prop_map(|n| n as f64),
         1 => (-1000i32..1000).prop_map(|n| f64::from(n) / 8.0),
         1 => prop::sample::select(vec![f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0]),
-    ]
-    .boxed()
-}
-
-fn leaf() -> BoxedStrategy<Value> {
-    prop_oneof![
-        Just(Kind::NullValue(0)),
-        any::<bool>().prop_map(Kind::BoolValue),
-        number().prop_map(Kind::NumberValue),
-        text().prop_map(Kind::StringValue),
-    ]
-    .prop_map(|k| Value { kind: Some(k) })
-    .boxed()
-}
-
-fn json_value() -> BoxedStrategy<Value> {
-    leaf()
-        .prop_recursive(4, 32, 5, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..5).prop_map(|values| Value {
-                    kind: Some(Kind::ListValue(ListValue { values })),
-                }),
-                prop::collection::btree_map(text(), inner, 0..5).prop_map(|fields| Value {
-                    kind: Some(Kind::StructValue(Struct { fields })),
-                }),
-            ]
-        })
-        .boxed()
-}
-
-/// `levels` objects nested in one another around a number.
-pub fn nested(levels: usize) -> Struct {
-    let mut s = Struct {
-        fields: [(
-            "n".to_string(),
-            Value {
-                kind: Some(Kind::NumberValue(1.0)),
-            },
-        )]
-        .into_iter()
-        .collect(),
-    };
-    for _ in 1..levels {
-        s = Struct {
-            fields: [(
-                "a".to_string(),
-                Value {
-                    kind: Some(Kind::StructValue(s)),
-                },
-            )]
-            .into_iter()
-            .collect(),
-        };
-    }
-    s
-}
-
-/// Random Structs, some nested up to `max_levels` objects: one past the
-/// services' 64-level bound is 33, and prost refuses 34 in a top-level field
-/// (the jobs tests' `nesting_past_prosts_limit_is_a_decode_error` covers that).
-fn payload(max_levels: usize) -> BoxedStrategy<Struct> {
-    prop_oneof![
-        6 => prop::collection::btree_map(text(), json_value(), 0..6).prop_map(|fields| Struct { fields }),
-        1 => (1usize..=max_levels).prop_map(nested),
-    ]
-    .boxed()
-}
-
-fn small_i32(valid: std::ops::RangeInclusive<i32>) -> BoxedStrategy<i32> {
-    prop_oneof![
-        3 => valid,
-        1 => prop::sample::select(vec![-1, 0, 1, 101, 1000, 1001, i32::MAX, i32::MIN]),
-        1 => any::<i32>(),
     ]
     .boxed()
 }
@@ -408,10 +188,11 @@ fn put_memory_survives_hostile_requests() {
         key(),
         text(),
         tags(),
-        prop::option::of(payload(33)),
+        prop::option::of(fuzz::payload(33, text(), number())),
         version(),
     );
     property(
+        SERVICE,
         "PutMemory",
         128,
         &rt,
@@ -458,6 +239,7 @@ fn get_and_delete_memory_survive_hostile_requests() {
     let mem = rt.block_on(Mem::start());
     let strategy = (key(), version(), any::<bool>());
     property(
+        SERVICE,
         "GetMemory/DeleteMemory",
         128,
         &rt,
@@ -494,15 +276,6 @@ fn get_and_delete_memory_survive_hostile_requests() {
     );
 }
 
-#[derive(Debug, Clone)]
-enum PageToken {
-    Empty,
-    Real,
-    /// The right filter fingerprint around a cursor that is not a key.
-    ForgedCursor(String),
-    Text(String),
-}
-
 #[test]
 fn list_memories_survives_hostile_requests() {
     let rt = runtime();
@@ -523,13 +296,7 @@ fn list_memories_survives_hostile_requests() {
             .into_inner()
             .next_page_token
     });
-    let token = prop_oneof![
-        2 => Just(PageToken::Empty),
-        2 => Just(PageToken::Real),
-        2 => nasty_string().prop_map(PageToken::ForgedCursor),
-        2 => nasty_string().prop_map(PageToken::Text),
-        1 => "[A-Za-z0-9_-]{0,64}".prop_map(PageToken::Text),
-    ];
+    let token = fuzz::page_token(TABLES);
     let prefix = prop_oneof![
         Just(String::new()),
         Just("a_".to_string()),
@@ -544,6 +311,7 @@ fn list_memories_survives_hostile_requests() {
     ];
     let strategy = (small_i32(0..=1000), token, prefix, tag);
     property(
+        SERVICE,
         "ListMemories",
         128,
         &rt,
@@ -552,15 +320,12 @@ fn list_memories_survives_hostile_requests() {
             let mem = &mem;
             let real_token = &real_token;
             async move {
-                let page_token = match &token {
-                    PageToken::Empty => String::new(),
-                    PageToken::Real => real_token.clone(),
-                    PageToken::ForgedCursor(c) => keel_shared::paging::encode_token(
+                let page_token = token.resolve(real_token, |c| {
+                    keel_shared::paging::encode_token(
                         &keel_memory::domain::list_filter(mem.user_id, &key_prefix, &tag),
-                        c,
-                    ),
-                    PageToken::Text(t) => t.clone(),
-                };
+                        &c,
+                    )
+                });
                 let req = ListMemoriesRequest {
                     page_size,
                     page_token,
@@ -617,6 +382,7 @@ fn search_memories_survives_hostile_requests() {
             .prop_map(|parts| parts.concat()),
     ];
     property(
+        SERVICE,
         "SearchMemories",
         128,
         &rt,
@@ -643,17 +409,8 @@ fn search_memories_survives_hostile_requests() {
 fn random_credentials_are_unauthenticated_and_change_nothing() {
     let rt = runtime();
     let mem = rt.block_on(Mem::start());
-    let header = prop_oneof![
-        prop::collection::vec(prop_oneof![32u8..127, 128u8..=255, Just(b'\n')], 0..64),
-        prop::collection::vec(nasty_char(), 0..64).prop_map(|s| format!(
-            "Bearer {}",
-            String::from_iter(s)
-        )
-        .into_bytes()),
-        "[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,80}\\.[A-Za-z0-9_-]{0,90}"
-            .prop_map(|s| format!("Bearer {s}").into_bytes()),
-    ];
-    property("credentials", 128, &rt, header, |header| {
+    let header = fuzz::authorization_header();
+    property(SERVICE, "credentials", 128, &rt, header, |header| {
         let mem = &mem;
         async move {
             let Ok(value) = tonic::metadata::AsciiMetadataValue::try_from(header.as_slice()) else {
@@ -681,72 +438,6 @@ fn random_credentials_are_unauthenticated_and_change_nothing() {
 
 // ---------------------------------------------------------------------------
 // Messages the library refuses before any handler runs.
-
-/// Sends and receives message bytes as they are.
-#[derive(Clone, Copy)]
-pub struct RawCodec;
-pub struct RawEncoder;
-pub struct RawDecoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawDecoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
-    }
-}
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawEncoder;
-    type Decoder = RawDecoder;
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-    fn decoder(&mut self) -> RawDecoder {
-        RawDecoder
-    }
-}
-
-/// A length-delimited protobuf field.
-pub fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
-    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
-    out.extend_from_slice(bytes);
-    out
-}
-
-/// A Struct `{key: "<bytes>"}` whose string value is `bytes` as they are.
-pub fn struct_with_raw_string(key: &[u8], bytes: &[u8]) -> Vec<u8> {
-    let value = field(3, bytes); // Value.string_value
-    let entry = [field(1, key), field(2, &value)].concat(); // map entry
-    field(1, &entry) // Struct.fields
-}
-
-#[track_caller]
-fn assert_decode_error(what: &str, result: Result<Vec<u8>, Status>) {
-    let status = result.expect_err(what);
-    assert_eq!(status.code(), Code::Internal, "{what}: {status:?}");
-    assert!(
-        status
-            .message()
-            .starts_with("failed to decode Protobuf message"),
-        "{what}: {status:?}"
-    );
-}
 
 const PUT: &str = "/keel.memory.v1.MemoryService/PutMemory";
 
@@ -824,14 +515,7 @@ async fn nesting_past_the_bounds_is_refused_and_changes_nothing() {
     assert!(status.message().starts_with("metadata: "), "{status:?}");
     for levels in [34, 200] {
         let status = mem.put(with_metadata(nested(levels))).await.unwrap_err();
-        assert_eq!(status.code(), Code::Internal, "{status:?}");
-        assert!(
-            status
-                .message()
-                .starts_with("failed to decode Protobuf message")
-                && status.message().contains("recursion limit reached"),
-            "{status:?}"
-        );
+        assert_too_deep(&status);
     }
     assert_eq!(mem.snapshot().await, before);
     mem.assert_serving().await;

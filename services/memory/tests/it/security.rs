@@ -5,33 +5,15 @@
 //! is rate limited: see `services/auth/tests/it/login.rs`
 //! (`repeated_failures_are_rate_limited_until_the_window_passes`).
 
-use std::time::Duration;
-
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use keel_proto::memory::v1::*;
-use keel_shared::auth::{
-    AccessClaims, DEFAULT_AUDIENCE, DEFAULT_ISSUER, SigningKeyPem, TokenSigner,
-};
 use keel_shared::json::json_to_struct;
 use keel_shared::testing;
+use keel_shared::testing::fuzz::{assert_tables_exist, report};
+use keel_shared::testing::tokens::{self, claims};
 use tonic::{Code, Status};
 use uuid::Uuid;
 
-use crate::hostile::{Mem, put, report};
-
-fn claims(user: Uuid) -> AccessClaims {
-    let now = chrono::Utc::now().timestamp();
-    AccessClaims {
-        sub: user.to_string(),
-        email: "victim@example.com".into(),
-        iss: DEFAULT_ISSUER.into(),
-        aud: DEFAULT_AUDIENCE.into(),
-        iat: now,
-        exp: now + 600,
-        sid: None,
-    }
-}
+use crate::hostile::{Mem, put};
 
 /// Authorization header values that must not pass, each named, all
 /// claiming to be `user` (None: no header at all).
@@ -39,36 +21,11 @@ fn bad_headers(user: Uuid) -> Vec<(&'static str, Option<String>)> {
     let signer = &testing::keys().signer;
     let good = signer.sign_claims(&claims(user));
     let bearer = |t: String| Some(format!("Bearer {t}"));
-    let flipped = {
-        let (head, sig) = good.rsplit_once('.').unwrap();
-        let mut sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
-        sig[0] ^= 1;
-        format!("{head}.{}", URL_SAFE_NO_PAD.encode(sig))
-    };
-    let now = chrono::Utc::now().timestamp();
-    let expired = signer.sign_claims(&AccessClaims {
-        iat: now - 3600,
-        exp: now - 600,
-        ..claims(user)
-    });
-    let wrong_key = TokenSigner::from_private_pem(
-        &SigningKeyPem::generate().private_pem,
-        DEFAULT_ISSUER,
-        DEFAULT_AUDIENCE,
-        Duration::from_secs(900),
-    )
-    .unwrap()
-    .sign_claims(&claims(user));
+    let flipped = tokens::forged_signature(&good);
+    let expired = tokens::expired(signer, claims(user));
+    let wrong_key = tokens::wrong_key(&claims(user));
     let unsigned = |alg: &str, signature: &str| {
-        let header = URL_SAFE_NO_PAD.encode(
-            format!(
-                r#"{{"alg":"{alg}","typ":"JWT","kid":"{}"}}"#,
-                signer.key_id()
-            )
-            .as_bytes(),
-        );
-        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims(user)).unwrap());
-        format!("{header}.{payload}.{signature}")
+        tokens::unsigned(alg, signer.key_id(), &claims(user), signature)
     };
     vec![
         ("forged signature", bearer(flipped)),
@@ -81,24 +38,19 @@ fn bad_headers(user: Uuid) -> Vec<(&'static str, Option<String>)> {
         ),
         (
             "wrong audience",
-            bearer(signer.sign_claims(&AccessClaims {
-                aud: "somebody-else".into(),
-                ..claims(user)
-            })),
+            bearer(tokens::wrong_audience(signer, claims(user))),
         ),
         (
             "wrong issuer",
-            bearer(signer.sign_claims(&AccessClaims {
-                iss: "evil-auth".into(),
-                ..claims(user)
-            })),
+            bearer(tokens::wrong_issuer(signer, claims(user))),
         ),
         (
             "subject not a UUID",
-            bearer(signer.sign_claims(&AccessClaims {
-                sub: "'; DROP TABLE memories; --".into(),
-                ..claims(user)
-            })),
+            bearer(tokens::with_subject(
+                signer,
+                claims(user),
+                "'; DROP TABLE memories; --",
+            )),
         ),
         ("garbage", bearer("not-a-jwt".into())),
         ("empty bearer", Some("Bearer ".into())),
@@ -490,13 +442,5 @@ async fn sql_metacharacters_are_data() {
     let keys: Vec<String> = page.memories.into_iter().map(|m| m.key).collect();
     assert_eq!(keys, vec!["a_b"], "the prefix a_ matches only itself");
 
-    let client = mem.db.pool.get().await.unwrap();
-    for table in ["users", "memories", "memory_tag_counts"] {
-        let found: Option<String> = client
-            .query_one("SELECT to_regclass($1)::text", &[&table])
-            .await
-            .unwrap()
-            .get(0);
-        assert_eq!(found.as_deref(), Some(table));
-    }
+    assert_tables_exist(&mem.db, &["users", "memories", "memory_tag_counts"]).await;
 }

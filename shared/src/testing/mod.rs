@@ -6,6 +6,9 @@
 //! `postgres://postgres@127.0.0.1:5432/postgres` and `redis://127.0.0.1:6379`.
 //! `scripts/test.sh` starts temporary servers when neither answers.
 
+pub mod fuzz;
+pub mod tokens;
+
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};

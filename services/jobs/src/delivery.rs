@@ -28,6 +28,11 @@ const REAP_BATCH: i64 = 500;
 const ANNOUNCE_QUEUE: usize = 4096;
 /// Most announcements sent in one pipeline.
 const ANNOUNCE_BATCH: usize = 128;
+/// Outbox rows waiting for their immediate publication; beyond this they are
+/// left to the relay (a drop only delays delivery by a relay interval).
+const PUBLISH_QUEUE: usize = 16_384;
+/// Most outbox rows published in one transaction and one XADD pipeline.
+const PUBLISH_BATCH: usize = 500;
 
 /// A transition to publish: (channel, payload).
 pub type Announcement = (String, Vec<u8>);
@@ -42,6 +47,13 @@ pub struct Delivery {
     /// First wait before re-publishing a job that has not started.
     redeliver_after: Duration,
     announcements: mpsc::Sender<Announcement>,
+    publications: mpsc::Sender<i64>,
+}
+
+/// The queues the background tasks of a [`Delivery`] drain.
+pub struct Queues {
+    pub announcements: mpsc::Receiver<Announcement>,
+    pub publications: mpsc::Receiver<i64>,
 }
 
 impl Delivery {
@@ -50,8 +62,9 @@ impl Delivery {
         redis: deadpool_redis::Pool,
         redis_config: RedisConfig,
         redeliver_after: Duration,
-    ) -> (Self, mpsc::Receiver<Announcement>) {
-        let (announcements, queue) = mpsc::channel(ANNOUNCE_QUEUE);
+    ) -> (Self, Queues) {
+        let (announcements, announce_queue) = mpsc::channel(ANNOUNCE_QUEUE);
+        let (publications, publish_queue) = mpsc::channel(PUBLISH_QUEUE);
         let delivery = Self {
             pool,
             redis,
@@ -59,12 +72,29 @@ impl Delivery {
             group_ready: AtomicBool::new(false),
             redeliver_after,
             announcements,
+            publications,
         };
-        (delivery, queue)
+        let queues = Queues {
+            announcements: announce_queue,
+            publications: publish_queue,
+        };
+        (delivery, queues)
     }
 
     pub fn redis_config(&self) -> &RedisConfig {
         &self.redis_config
+    }
+
+    /// Queues committed outbox rows for publication as soon as possible
+    /// (see [`Delivery::run_publisher`]). Never waits: when the queue is
+    /// full the relay publishes them.
+    pub fn publish_soon(&self, outbox_ids: &[i64]) {
+        for &id in outbox_ids {
+            if self.publications.try_send(id).is_err() {
+                tracing::debug!("publication queue full; the relay will deliver");
+                return;
+            }
+        }
     }
 
     /// Publishes the given outbox rows at once if they are due and no relay
@@ -72,6 +102,28 @@ impl Delivery {
     pub async fn publish_now(&self, outbox_ids: &[i64]) -> Result<usize, JobsError> {
         self.publish_claimed(Some(outbox_ids), outbox_ids.len() as i64)
             .await
+    }
+
+    /// Publishes queued outbox rows in batches until `shutdown`: one
+    /// transaction and one XADD pipeline for all the rows that queued up
+    /// while the previous batch was out, instead of one per CreateJob.
+    pub async fn run_publisher(
+        self: Arc<Self>,
+        mut queue: mpsc::Receiver<i64>,
+        shutdown: CancellationToken,
+    ) {
+        let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        loop {
+            batch.clear();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                n = queue.recv_many(&mut batch, PUBLISH_BATCH) => if n == 0 { return },
+            }
+            if let Err(e) = self.publish_now(&batch).await {
+                tracing::debug!(error = %e, count = batch.len(),
+                    "immediate delivery failed; the relay will retry");
+            }
+        }
     }
 
     /// One relay round: publishes up to `batch` due outbox rows.
@@ -82,10 +134,13 @@ impl Delivery {
     /// Claims rows with FOR UPDATE SKIP LOCKED, XADDs them and marks them
     /// published, all inside one transaction: a crash or a Redis error before
     /// the commit leaves the rows for the next round, and two replicas never
-    /// both publish the same row.
+    /// both publish the same row. The commit does not wait for its flush:
+    /// losing it in a crash only publishes those rows again, and workers
+    /// refuse duplicates through StartJob.
     async fn publish_claimed(&self, ids: Option<&[i64]>, limit: i64) -> Result<usize, JobsError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
+        store::relax_commit(&tx).await?;
         let claimed = store::claim_outbox(&tx, ids, limit).await?;
         if claimed.is_empty() {
             return Ok(0);

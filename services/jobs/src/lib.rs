@@ -63,7 +63,7 @@ pub async fn run(
     });
 
     let authenticator = Authenticator::new(verifier, Some(worker_token));
-    let (delivery, announcements) = delivery::Delivery::new(
+    let (delivery, queues) = delivery::Delivery::new(
         pool.clone(),
         redis,
         config.redis.clone(),
@@ -98,7 +98,12 @@ pub async fn run(
     tokio::spawn(
         delivery
             .clone()
-            .run_announcer(announcements, background.clone()),
+            .run_announcer(queues.announcements, background.clone()),
+    );
+    tokio::spawn(
+        delivery
+            .clone()
+            .run_publisher(queues.publications, background.clone()),
     );
     tokio::spawn(retention::run(
         retention_pool,

@@ -76,14 +76,7 @@ impl Jobs {
         };
         drop(client);
 
-        if !due.is_empty() {
-            let delivery = self.delivery.clone();
-            tokio::spawn(async move {
-                if let Err(e) = delivery.publish_now(&due).await {
-                    tracing::debug!(error = %e, "immediate delivery failed; the relay will retry");
-                }
-            });
-        }
+        self.delivery.publish_soon(&due);
 
         with_ids
             .iter()

@@ -508,6 +508,16 @@ pub async fn claim_outbox(
         .collect()
 }
 
+/// Lets the current transaction's commit return before its WAL is flushed.
+/// Only for bookkeeping whose loss in a crash is harmless (marking outbox
+/// rows published: lost, they are published again).
+pub async fn relax_commit(client: &impl GenericClient) -> Result<(), JobsError> {
+    client
+        .batch_execute("SET LOCAL synchronous_commit = off")
+        .await?;
+    Ok(())
+}
+
 /// Marks outbox rows published. Each stays until its job starts; if that
 /// has not happened after `redeliver_after * 2^(publications - 1)` (at most
 /// 1024 times `redeliver_after`), it is published again.

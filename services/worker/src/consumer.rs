@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -17,6 +17,8 @@ use crate::stream::{JobStream, Message, StreamError};
 
 /// Most messages asked for in one read or claim.
 const BATCH: usize = 32;
+/// Most messages acknowledged in one XACK.
+const ACK_BATCH: usize = 512;
 /// Once the grace period is over and handlers are cancelled, how long the
 /// worker keeps trying to record their outcome before it leaves them to the
 /// jobs service's lease expiry.
@@ -38,6 +40,10 @@ pub(crate) struct Shared {
     pub abandon: CancellationToken,
     /// Ids of the messages this worker is working on.
     in_flight: Mutex<HashSet<String>>,
+    /// Messages to acknowledge (their outcome is recorded): one XACK for
+    /// all that queue up while the previous one is out (see [`ack_loop`]).
+    pub acks: mpsc::UnboundedSender<String>,
+    ack_queue: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
 }
 
 /// Tunables of the consumer loops.
@@ -60,6 +66,7 @@ impl Shared {
         heartbeat_interval: Duration,
         shutdown: CancellationToken,
     ) -> Self {
+        let (acks, ack_queue) = mpsc::unbounded_channel();
         Self {
             worker_id: stream.consumer().to_string(),
             stream,
@@ -70,6 +77,8 @@ impl Shared {
             hard_stop: CancellationToken::new(),
             abandon: CancellationToken::new(),
             in_flight: Mutex::new(HashSet::new()),
+            acks,
+            ack_queue: Mutex::new(Some(ack_queue)),
         }
     }
 
@@ -112,6 +121,8 @@ pub(crate) async fn run(shared: Arc<Shared>, settings: Settings) {
         done.clone(),
     ));
     let trim = tokio::spawn(trim_loop(shared.clone(), settings.clone(), done.clone()));
+    let ack_queue = shared.ack_queue.lock().expect("ack queue").take();
+    let acker = ack_queue.map(|queue| tokio::spawn(ack_loop(shared.clone(), queue, done.clone())));
     tokio::join!(read_loop(&jobs), claim_loop(&jobs, &settings));
 
     jobs.tracker.close();
@@ -152,6 +163,9 @@ pub(crate) async fn run(shared: Arc<Shared>, settings: Settings) {
     }
     done.cancel();
     let _ = tokio::join!(keepalive, trim);
+    if let Some(acker) = acker {
+        let _ = acker.await;
+    }
     tracing::info!("worker stopped");
 }
 
@@ -339,6 +353,36 @@ async fn keepalive_loop(shared: Arc<Shared>, every: Duration, done: Cancellation
         if let Err(e) = shared.stream.touch(&ids).await {
             tracing::warn!(error = %e, "cannot refresh our pending messages");
         }
+    }
+}
+
+/// Acknowledges queued messages in batches until `done`, then the rest.
+/// A message whose XACK is lost stays pending: another delivery brings it
+/// back and StartJob refuses it, so it is acknowledged then.
+async fn ack_loop(
+    shared: Arc<Shared>,
+    mut queue: mpsc::UnboundedReceiver<String>,
+    done: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    loop {
+        batch.clear();
+        tokio::select! {
+            biased;
+            n = queue.recv_many(&mut batch, ACK_BATCH) => if n == 0 { return },
+            _ = done.cancelled() => {
+                while let Ok(id) = queue.try_recv() {
+                    batch.push(id);
+                }
+                for chunk in batch.chunks(ACK_BATCH) {
+                    shared.redis_retry("XACK", || shared.stream.ack(chunk)).await;
+                }
+                return;
+            }
+        }
+        shared
+            .redis_retry("XACK", || shared.stream.ack(&batch))
+            .await;
     }
 }
 

@@ -417,14 +417,20 @@ impl Shared {
         .await
     }
 
+    /// Queues the acknowledgement (see `consumer::ack_loop`); once that loop
+    /// has ended (shutdown), acknowledges directly.
     async fn ack(&self, message: &Message) {
-        self.redis_retry("XACK", || self.stream.ack(&message.id))
+        if self.acks.send(message.id.clone()).is_err() {
+            self.redis_retry("XACK", || {
+                self.stream.ack(std::slice::from_ref(&message.id))
+            })
             .await;
+        }
     }
 
     /// A few tries with backoff; a message left pending is not lost (it comes
     /// back through XAUTOCLAIM), so this gives up rather than block.
-    async fn redis_retry<F, Fut>(&self, what: &'static str, mut f: F) -> bool
+    pub(crate) async fn redis_retry<F, Fut>(&self, what: &'static str, mut f: F) -> bool
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), crate::stream::StreamError>>,

@@ -220,12 +220,16 @@ impl JobStream {
         Ok(())
     }
 
-    pub async fn ack(&self, id: &str) -> Result<(), StreamError> {
+    /// Acknowledges messages, all in one XACK.
+    pub async fn ack(&self, ids: &[String]) -> Result<(), StreamError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.conn().await?;
         let _: u64 = redis::cmd("XACK")
             .arg(&self.stream)
             .arg(CONSUMER_GROUP)
-            .arg(id)
+            .arg(ids)
             .query_async(&mut *conn)
             .await
             .map_err(StreamError::from_redis)?;

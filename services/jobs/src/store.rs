@@ -495,13 +495,28 @@ pub async fn claim_outbox(
     ids: Option<&[i64]>,
     limit: i64,
 ) -> Result<Vec<(i64, Uuid)>, JobsError> {
-    const SQL: &str = "SELECT id, job_id FROM job_outbox
-                       WHERE deliver_at <= now() AND ($1::int8[] IS NULL OR id = ANY($1))
-                       ORDER BY priority DESC, deliver_at, id
-                       LIMIT $2
-                       FOR UPDATE SKIP LOCKED";
-    let stmt = client.prepare_cached(SQL).await?;
-    let found = client.query(&stmt, &[&ids, &limit]).await?;
+    // Two statements, so each keeps its own plan: the given rows through the
+    // primary key, any due rows through the deliver_at index.
+    const GIVEN: &str = "SELECT id, job_id FROM job_outbox
+                         WHERE id = ANY($1) AND deliver_at <= now()
+                         ORDER BY priority DESC, deliver_at, id
+                         LIMIT $2
+                         FOR UPDATE SKIP LOCKED";
+    const ANY_DUE: &str = "SELECT id, job_id FROM job_outbox
+                           WHERE deliver_at <= now()
+                           ORDER BY priority DESC, deliver_at, id
+                           LIMIT $1
+                           FOR UPDATE SKIP LOCKED";
+    let found = match ids {
+        Some(ids) => {
+            let stmt = client.prepare_cached(GIVEN).await?;
+            client.query(&stmt, &[&ids, &limit]).await?
+        }
+        None => {
+            let stmt = client.prepare_cached(ANY_DUE).await?;
+            client.query(&stmt, &[&limit]).await?
+        }
+    };
     found
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))

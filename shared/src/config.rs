@@ -33,11 +33,12 @@ impl DatabaseConfig {
         Duration::from_secs(self.db_connect_timeout_secs)
     }
 
-    /// For tests and tools that build a config in code.
+    /// For tests and tools that build a config in code: a small pool, since
+    /// many test servers share one Postgres (and its connection limit).
     pub fn from_url(url: impl Into<String>) -> Self {
         Self {
             database_url: Some(url.into()),
-            db_pool_size: 16,
+            db_pool_size: 6,
             db_connect_timeout_secs: 10,
         }
     }

@@ -20,6 +20,7 @@ async fn metrics_are_scraped_over_http_with_rpc_job_pool_and_queue_series() {
     let env = Env::start_with(|jobs| {
         jobs.runtime.metrics.metrics_addr = Some(metrics_addr);
         jobs.runtime.metrics.metrics_sample_ms = 200;
+        jobs.database.db_pool_size = 5;
     })
     .await;
     let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
@@ -125,7 +126,7 @@ async fn metrics_are_scraped_over_http_with_rpc_job_pool_and_queue_series() {
             && exactly("keel_worker_job_duration_seconds_count", &[("kind", ok)], 2.0)
             && at_least("keel_worker_dead_lettered_total", &[("reason", "invalid_message")], 1.0)
             // Sampled gauges: pools, outbox, queue.
-            && exactly("keel_pool_max_connections", &[("service", "jobs"), ("pool", "postgres")], 16.0)
+            && exactly("keel_pool_max_connections", &[("service", "jobs"), ("pool", "postgres")], 5.0)
             && at_least("keel_pool_connections", &[("service", "jobs"), ("pool", "postgres"), ("state", "idle")], 1.0)
             && present("keel_pool_connections", &[("service", "worker"), ("pool", "redis"), ("state", "in_use")])
             && present("keel_jobs_outbox_rows", &[])

@@ -101,11 +101,25 @@ pub struct RuntimeConfig {
     pub shutdown_grace_secs: u64,
     #[command(flatten)]
     pub metrics: MetricsConfig,
+    /// OTLP/gRPC collector for OpenTelemetry traces, e.g.
+    /// http://otel-collector:4317 (traces are off when unset). The standard
+    /// OTEL_* variables (OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER,
+    /// OTEL_BSP_SCHEDULE_DELAY, ...) apply.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl RuntimeConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    /// The OTLP endpoint, when traces are on.
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        self.otlp_endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
     }
 }
 
@@ -115,6 +129,7 @@ impl Default for RuntimeConfig {
             log_format: LogFormat::Human,
             shutdown_grace_secs: 10,
             metrics: MetricsConfig::default(),
+            otlp_endpoint: None,
         }
     }
 }

@@ -6,6 +6,9 @@ use crate::config::RedisConfig;
 pub const CONSUMER_GROUP: &str = "workers";
 /// Stream entry field holding the job id (the worker fetches the rest with StartJob).
 pub const FIELD_JOB_ID: &str = "job_id";
+/// Stream entry field holding the W3C trace context the job was created in
+/// (absent when tracing was off).
+pub const FIELD_TRACEPARENT: &str = crate::telemetry::TRACEPARENT;
 
 impl RedisConfig {
     /// The stream of jobs ready to run.

@@ -1,6 +1,7 @@
 //! gRPC server plumbing every service shares: transport limits, health
 //! (NOT_SERVING until ready, and again while a backend is down), reflection
-//! v1 and v1alpha, per-RPC metrics, and serving with a bounded drain on shutdown.
+//! v1 and v1alpha, per-RPC metrics and spans, and serving with a bounded drain
+//! on shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,9 +18,12 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::StartupError;
 use crate::metrics::RpcMetricsLayer;
+use crate::telemetry::RpcTraceLayer;
 
-/// Keel's layers, outermost first: per-RPC metrics, then the status fix-up.
-type KeelLayers = Stack<OversizeStatusLayer, Stack<RpcMetricsLayer, Identity>>;
+/// Keel's layers, outermost first: per-RPC metrics, the RPC's span (trace
+/// context from the caller), then the status fix-up.
+type KeelLayers =
+    Stack<OversizeStatusLayer, Stack<RpcTraceLayer, Stack<RpcMetricsLayer, Identity>>>;
 
 /// What [`builder`] makes once services are added: the server with Keel's layers.
 pub type KeelRouter = Router<KeelLayers>;
@@ -29,7 +33,7 @@ pub type KeelRouter = Router<KeelLayers>;
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The transport with Keel's limits: bounded streams per connection,
-/// HTTP/2 keepalive so dead peers are noticed, and per-RPC metrics.
+/// HTTP/2 keepalive so dead peers are noticed, per-RPC metrics and spans.
 pub fn builder() -> Server<KeelLayers> {
     Server::builder()
         .max_concurrent_streams(Some(256))
@@ -40,6 +44,7 @@ pub fn builder() -> Server<KeelLayers> {
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .tcp_nodelay(true)
         .layer(RpcMetricsLayer)
+        .layer(crate::telemetry::rpc_trace_layer())
         .layer(OversizeStatusLayer)
 }
 

@@ -68,7 +68,8 @@ impl Baseline {
                     run_at: None,
                     idempotency_key: None,
                 };
-                keel_jobs::store::insert_jobs(&client, user, &[(Uuid::now_v7(), job)]).await?;
+                keel_jobs::store::insert_jobs(&client, user, &[(Uuid::now_v7(), job)], None)
+                    .await?;
                 Ok(())
             }
         })

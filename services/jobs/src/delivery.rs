@@ -9,11 +9,10 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::domain::Status;
 use crate::error::JobsError;
@@ -145,15 +144,14 @@ impl Delivery {
         if claimed.is_empty() {
             return Ok(0);
         }
-        let job_ids: Vec<Uuid> = claimed.iter().map(|(_, j)| *j).collect();
-        self.xadd(&job_ids).await?;
-        let outbox_ids: Vec<i64> = claimed.iter().map(|(o, _)| *o).collect();
+        self.xadd(&claimed).await?;
+        let outbox_ids: Vec<i64> = claimed.iter().map(|c| c.outbox_id).collect();
         store::mark_published(&tx, &outbox_ids, self.redeliver_after).await?;
         tx.commit().await?;
         Ok(claimed.len())
     }
 
-    async fn xadd(&self, job_ids: &[Uuid]) -> Result<(), ApiError> {
+    async fn xadd(&self, claimed: &[store::Claimed]) -> Result<(), ApiError> {
         let stream = self.redis_config.jobs_stream();
         let result = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = self.redis.get().await?;
@@ -174,13 +172,17 @@ impl Delivery {
                 self.group_ready.store(true, Ordering::Relaxed);
             }
             let mut pipe = redis::pipe();
-            for id in job_ids {
-                pipe.cmd("XADD")
+            for job in claimed {
+                let cmd = pipe
+                    .cmd("XADD")
                     .arg(&stream)
                     .arg("*")
                     .arg(FIELD_JOB_ID)
-                    .arg(id.to_string())
-                    .ignore();
+                    .arg(job.job_id.to_string());
+                if let Some(tp) = &job.traceparent {
+                    cmd.arg(FIELD_TRACEPARENT).arg(tp);
+                }
+                cmd.ignore();
             }
             pipe.query_async::<()>(&mut *conn).await?;
             Ok(())
@@ -344,6 +346,7 @@ pub fn decode_announcement(bytes: &[u8]) -> Option<(i64, keel_proto::jobs::v1::J
 #[cfg(test)]
 mod tests {
     use chrono::Utc;
+    use uuid::Uuid;
 
     use super::*;
     use crate::domain::Status;

@@ -48,7 +48,9 @@ impl Jobs {
         let with_ids: Vec<(Uuid, NewJob)> =
             items.into_iter().map(|j| (Uuid::now_v7(), j)).collect();
         let client = self.pool.get().await?;
-        let inserted = store::insert_jobs(&client, user_id, &with_ids).await?;
+        let traceparent = keel_shared::telemetry::current_traceparent();
+        let inserted =
+            store::insert_jobs(&client, user_id, &with_ids, traceparent.as_deref()).await?;
         for (job, _) in &inserted {
             keel_shared::metrics::job_transition("created", &job.kind);
         }

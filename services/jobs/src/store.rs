@@ -97,12 +97,14 @@ pub struct Outboxed {
 }
 
 /// Inserts `jobs` (id, request) for `user_id` in one statement: all or nothing.
+/// `traceparent` is the creating call's trace context, handed on to workers.
 /// Returns the inserted jobs with their outbox rows; items whose idempotency
 /// key already exists are skipped (see [`jobs_by_keys`]).
 pub async fn insert_jobs(
     client: &impl GenericClient,
     user_id: Uuid,
     jobs: &[(Uuid, NewJob)],
+    traceparent: Option<&str>,
 ) -> Result<Vec<(JobRow, Outboxed)>, JobsError> {
     const SQL: &str = concat!(
         "WITH input AS (
@@ -110,9 +112,10 @@ pub async fn insert_jobs(
                                  $7::timestamptz[], $8::text[])
                    WITH ORDINALITY AS t(id, kind, payload, priority, max_attempts, run_at, idempotency_key, ord)
          ), ins AS (
-            INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at, idempotency_key)
+            INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at,
+                              idempotency_key, traceparent)
             SELECT id, $1, kind, payload, priority, max_attempts,
-                   greatest(coalesce(run_at, now()), now()), idempotency_key
+                   greatest(coalesce(run_at, now()), now()), idempotency_key, $9
             FROM input ORDER BY ord
             ON CONFLICT (user_id, idempotency_key) DO NOTHING
             RETURNING ",
@@ -151,6 +154,7 @@ pub async fn insert_jobs(
                 &max_attempts,
                 &run_ats,
                 &keys,
+                &traceparent,
             ],
         )
         .await
@@ -486,27 +490,37 @@ pub async fn reap_expired_leases(
     rows(&client.query(&stmt, &[&limit]).await?)
 }
 
+/// An outbox row claimed for publication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    pub outbox_id: i64,
+    pub job_id: Uuid,
+    /// The trace context the job was created in.
+    pub traceparent: Option<String>,
+}
+
 /// Locks due outbox rows no one else holds: the given ones (publish right
-/// after commit) or, with None, up to `limit` of any (the relay). Returns
-/// (outbox id, job id), highest priority first. Call inside a transaction;
-/// the locks last until it ends.
+/// after commit) or, with None, up to `limit` of any (the relay), highest
+/// priority first. Call inside a transaction; the locks last until it ends.
 pub async fn claim_outbox(
     client: &impl GenericClient,
     ids: Option<&[i64]>,
     limit: i64,
-) -> Result<Vec<(i64, Uuid)>, JobsError> {
+) -> Result<Vec<Claimed>, JobsError> {
     // Two statements, so each keeps its own plan: the given rows through the
     // primary key, any due rows through the deliver_at index.
-    const GIVEN: &str = "SELECT id, job_id FROM job_outbox
-                         WHERE id = ANY($1) AND deliver_at <= now()
-                         ORDER BY priority DESC, deliver_at, id
+    const GIVEN: &str = "SELECT o.id, o.job_id, j.traceparent
+                         FROM job_outbox o JOIN jobs j ON j.id = o.job_id
+                         WHERE o.id = ANY($1) AND o.deliver_at <= now()
+                         ORDER BY o.priority DESC, o.deliver_at, o.id
                          LIMIT $2
-                         FOR UPDATE SKIP LOCKED";
-    const ANY_DUE: &str = "SELECT id, job_id FROM job_outbox
-                           WHERE deliver_at <= now()
-                           ORDER BY priority DESC, deliver_at, id
+                         FOR UPDATE OF o SKIP LOCKED";
+    const ANY_DUE: &str = "SELECT o.id, o.job_id, j.traceparent
+                           FROM job_outbox o JOIN jobs j ON j.id = o.job_id
+                           WHERE o.deliver_at <= now()
+                           ORDER BY o.priority DESC, o.deliver_at, o.id
                            LIMIT $1
-                           FOR UPDATE SKIP LOCKED";
+                           FOR UPDATE OF o SKIP LOCKED";
     let found = match ids {
         Some(ids) => {
             let stmt = client.prepare_cached(GIVEN).await?;
@@ -519,7 +533,13 @@ pub async fn claim_outbox(
     };
     found
         .iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| {
+            Ok(Claimed {
+                outbox_id: r.try_get(0)?,
+                job_id: r.try_get(1)?,
+                traceparent: r.try_get(2)?,
+            })
+        })
         .collect()
 }
 

@@ -26,7 +26,6 @@ impl Handler for WordCount {
 #[tokio::main]
 async fn main() {
     let config = Config::parse();
-    keel_shared::telemetry::init(config.runtime.log_format);
     let registry = Registry::with_builtins()
         .register("word-count", WordCount)
         // Small handlers can be closures; long ones should watch ctx.cancel.
@@ -35,9 +34,12 @@ async fn main() {
             Ok(json!({ "text": text.to_uppercase() }))
         });
     let result = async {
+        let telemetry = keel_shared::telemetry::init_service("custom_worker", &config.runtime)?;
         let listener = keel_shared::server::bind(config.health_addr).await?;
         let shutdown = keel_shared::shutdown::on_signal();
-        keel_worker::run_with(config, registry, listener, shutdown).await
+        let result = keel_worker::run_with(config, registry, listener, shutdown).await;
+        telemetry.shutdown().await;
+        result
     }
     .await;
     keel_shared::error::exit_on_error("custom_worker", result);

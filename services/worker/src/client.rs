@@ -13,7 +13,8 @@ use tonic::{Code, Request, Status};
 
 pub type JobsClient = JobRunnerServiceClient<InterceptedService<Channel, Bearer>>;
 
-/// Adds `authorization: Bearer <worker token>` to every request.
+/// Adds `authorization: Bearer <worker token>` and the current trace context
+/// to every request.
 #[derive(Clone)]
 pub struct Bearer(MetadataValue<Ascii>);
 
@@ -36,6 +37,7 @@ impl Interceptor for Bearer {
         request
             .metadata_mut()
             .insert("authorization", self.0.clone());
+        keel_shared::telemetry::inject_trace_context(request.metadata_mut());
         Ok(request)
     }
 }

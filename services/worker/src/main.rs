@@ -5,10 +5,12 @@ use keel_worker::Config;
 async fn main() {
     keel_shared::server::healthcheck_command("127.0.0.1:50054").await;
     let config = Config::parse();
-    keel_shared::telemetry::init(config.runtime.log_format);
     let result = async {
+        let telemetry = keel_shared::telemetry::init_service("keel-worker", &config.runtime)?;
         let listener = keel_shared::server::bind(config.health_addr).await?;
-        keel_worker::run(config, listener, keel_shared::shutdown::on_signal()).await
+        let result = keel_worker::run(config, listener, keel_shared::shutdown::on_signal()).await;
+        telemetry.shutdown().await;
+        result
     }
     .await;
     keel_shared::error::exit_on_error("keel-worker", result);

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::client::{Answer, JobsClient, classify};
@@ -133,8 +134,21 @@ impl Outcome {
 }
 
 impl Shared {
-    /// Runs one message from the stream to its acknowledgement.
+    /// Runs one message from the stream to its acknowledgement, in a span
+    /// that continues the trace of the call that created the job.
     pub(crate) async fn process(&self, message: Message) {
+        let span = tracing::info_span!(
+            "job",
+            otel.name = "keel.worker/RunJob",
+            otel.kind = "consumer",
+            message_id = %message.id,
+            trace_id = tracing::field::Empty,
+        );
+        keel_shared::telemetry::continue_trace(&span, message.traceparent.as_deref());
+        self.process_message(message).instrument(span).await
+    }
+
+    async fn process_message(&self, message: Message) {
         let Some(job_id) = valid_job_id(&message) else {
             tracing::warn!(message_id = %message.id, "stream entry without a valid job_id: dead-lettering it");
             if self.dead_letter_entry(&message, 1, "no valid job_id").await {
@@ -211,7 +225,7 @@ impl Shared {
             cancel: cancel.clone(),
         };
         // A task of its own: a panic ends that task, not the worker.
-        let mut task = tokio::spawn(async move { handler.run(ctx).await });
+        let mut task = tokio::spawn(async move { handler.run(ctx).await }.in_current_span());
 
         let id = job_id.to_string();
         let mut heartbeat = tokio::time::interval_at(
@@ -624,6 +638,7 @@ mod tests {
         let m = |id: Option<&str>| Message {
             id: "1-0".into(),
             job_id: id.map(String::from),
+            traceparent: None,
         };
         assert!(valid_job_id(&m(None)).is_none());
         assert!(valid_job_id(&m(Some("x"))).is_none());

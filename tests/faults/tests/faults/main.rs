@@ -5,4 +5,5 @@ mod jobs_kill;
 mod load;
 mod postgres_outage;
 mod redis_outage;
+mod traces;
 mod worker_crash;

@@ -74,22 +74,28 @@ const LIST_TAGGED: &str = concat!(
      ORDER BY key LIMIT $5"
 );
 
-/// Whether a query can drive a search: it has lexemes left after stop words,
-/// and it does not match an empty document (a query made only of exclusions,
-/// or `x OR -y`, would match nearly every memory).
-const QUERY_IS_SELECTIVE: &str = "SELECT numnode(q) > 0 AND NOT (''::tsvector @@ q) AS selective \
-     FROM websearch_to_tsquery('english'::regconfig, $1) AS q";
-
+/// Search in one round trip. The query must be selective: have lexemes left
+/// after stop words, and not match an empty document (a query made only of
+/// exclusions, or `x OR -y`, would match nearly every memory). Every row
+/// carries `selective`; with no match, or an unselective query (whose
+/// memories are never scanned), there is one row with NULL memory columns.
+///
 /// ts_rank (not ts_rank_cd) so repeats of a word in content saturate: for a
 /// one-word query, a single key or tag hit (weight A, 0.61) always outranks
 /// any number of content-only hits (weight C, below 0.33).
 const SEARCH: &str = concat!(
-    "SELECT ",
+    "SELECT s.selective, m.* \
+     FROM websearch_to_tsquery('english'::regconfig, $2) AS q \
+     CROSS JOIN LATERAL (SELECT numnode(q) > 0 AND NOT (''::tsvector @@ q) AS selective) AS s \
+     LEFT JOIN LATERAL ( \
+         SELECT ",
     memory_cols!(),
     ", ts_rank(search, q) AS score \
-     FROM memories, websearch_to_tsquery('english'::regconfig, $2) AS q \
-     WHERE user_id = $1 AND search @@ q \
-     ORDER BY score DESC, key LIMIT $3"
+         FROM memories \
+         WHERE s.selective AND user_id = $1 AND search @@ q \
+         ORDER BY score DESC, key LIMIT $3 \
+     ) AS m ON true \
+     ORDER BY m.score DESC, m.key"
 );
 
 /// The whole workspace in one statement. Totals come from an index-only scan
@@ -301,15 +307,23 @@ impl Store {
         limit: i64,
     ) -> Result<Option<Vec<(MemoryRow, f32)>>, MemoryError> {
         let client = self.client().await?;
-        let check = client.prepare_cached(QUERY_IS_SELECTIVE).await?;
-        let selective: bool = client.query_one(&check, &[&query]).await?.try_get(0)?;
+        let stmt = client.prepare_cached(SEARCH).await?;
+        let rows = client.query(&stmt, &[&user_id, &query, &limit]).await?;
+        let selective = match rows.first() {
+            Some(row) => row.try_get::<_, bool>("selective")?,
+            None => false,
+        };
         if !selective {
             return Ok(None);
         }
-        let stmt = client.prepare_cached(SEARCH).await?;
-        let rows = client.query(&stmt, &[&user_id, &query, &limit]).await?;
         rows.iter()
-            .map(|row| Ok((MemoryRow::try_from(row)?, row.try_get("score")?)))
+            .filter_map(|row| match row.try_get::<_, Option<String>>("key") {
+                Ok(None) => None,
+                Ok(Some(_)) => {
+                    Some(MemoryRow::try_from(row).and_then(|m| Ok((m, row.try_get("score")?))))
+                }
+                Err(e) => Some(Err(e.into())),
+            })
             .collect::<Result<_, MemoryError>>()
             .map(Some)
     }

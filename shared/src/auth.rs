@@ -165,10 +165,18 @@ pub struct VerifiedToken {
 /// Verifies access tokens locally: EdDSA only, signature by a known key id,
 /// `exp`, `iss` and `aud` checked. Several public keys may be loaded so a key
 /// can be rotated without logging anyone out.
+///
+/// A client sends the same token on every call until it expires, so tokens
+/// that verified are remembered (by SHA-256, until their `exp`) and the
+/// signature check runs once per token rather than once per call.
 pub struct TokenVerifier {
     keys: HashMap<String, DecodingKey>,
     validation: Validation,
+    verified: quick_cache::sync::Cache<[u8; 32], VerifiedToken>,
 }
+
+/// Most verified tokens remembered (about 100 bytes each).
+const VERIFIED_CACHE_ENTRIES: usize = 10_000;
 
 impl TokenVerifier {
     pub fn from_public_pems(
@@ -194,10 +202,30 @@ impl TokenVerifier {
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
-        Ok(Self { keys, validation })
+        Ok(Self {
+            keys,
+            validation,
+            verified: quick_cache::sync::Cache::new(VERIFIED_CACHE_ENTRIES),
+        })
     }
 
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, ApiError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(known) = self.verified.get(&digest) {
+            // The same expiry rule (and leeway) as the full check below.
+            if Utc::now().timestamp()
+                <= known.expires_at.timestamp() + self.validation.leeway as i64
+            {
+                return Ok(known);
+            }
+            self.verified.remove(&digest);
+        }
+        let verified = self.verify_signed(token)?;
+        self.verified.insert(digest, verified.clone());
+        Ok(verified)
+    }
+
+    fn verify_signed(&self, token: &str) -> Result<VerifiedToken, ApiError> {
         let invalid = || ApiError::Unauthenticated("invalid or expired access token".into());
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
         if header.alg != Algorithm::EdDSA {
@@ -385,6 +413,33 @@ mod tests {
         let mut parts: Vec<String> = token.split('.').map(String::from).collect();
         parts[1] = parts[1].chars().rev().collect();
         assert!(verifier.verify(&parts.join(".")).is_err());
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let (signer, mut verifier) = pair();
+        verifier.validation.leeway = 0;
+        let id = Uuid::now_v7();
+        let now = Utc::now().timestamp();
+        let claims = |exp: i64| AccessClaims {
+            sub: id.to_string(),
+            email: "a@example.com".into(),
+            iss: DEFAULT_ISSUER.into(),
+            aud: DEFAULT_AUDIENCE.into(),
+            iat: now,
+            exp,
+            sid: None,
+        };
+        let token = signer.sign_claims(&claims(now + 1));
+        assert_eq!(verifier.verify(&token).unwrap().user_id, id);
+        assert_eq!(verifier.verify(&token).unwrap().user_id, id, "remembered");
+        std::thread::sleep(Duration::from_millis(2_100));
+        assert!(verifier.verify(&token).is_err(), "expired while remembered");
+        assert!(verifier.verify(&token).is_err());
+        // A token that never verified is not remembered as valid.
+        let expired = signer.sign_claims(&claims(now - 60));
+        assert!(verifier.verify(&expired).is_err());
+        assert!(verifier.verify(&expired).is_err());
     }
 
     #[test]

@@ -30,6 +30,10 @@ pub struct Opts {
     /// Jobs in the end-to-end scenarios.
     #[arg(long, default_value_t = 20_000)]
     pub e2e_jobs: usize,
+    /// Jobs per second offered in e2e-half-load (default: half of the
+    /// e2e-jobs throughput measured in the same run).
+    #[arg(long)]
+    pub e2e_rate: Option<f64>,
     /// Worker processes in the end-to-end scenarios.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,

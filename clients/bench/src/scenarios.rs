@@ -239,7 +239,7 @@ pub async fn run_all(opts: Opts) -> Result<()> {
     let mut results: Vec<Stats> = Vec::new();
     let mut worker_usage = None;
 
-    if opts.wants("e2e-jobs") || opts.wants("batch-e2e") {
+    if opts.wants("e2e-jobs") || opts.wants("batch-e2e") || opts.wants("e2e-half-load") {
         system
             .start_workers(opts.workers, opts.worker_concurrency)
             .await?;
@@ -248,6 +248,16 @@ pub async fn run_all(opts: Opts) -> Result<()> {
         }
         if opts.wants("batch-e2e") {
             results.push(e2e(&opts, &system, jobs_client.clone(), token.clone(), true).await?);
+        }
+        let peak = results
+            .iter()
+            .find(|s| s.name == "e2e-jobs")
+            .map(Stats::ops_per_sec);
+        if let Some(rate) = opts.e2e_rate.or(peak.map(|p| p / 2.0))
+            && opts.wants("e2e-half-load")
+        {
+            results
+                .push(e2e_paced(&opts, &system, jobs_client.clone(), token.clone(), rate).await?);
         }
         worker_usage = system.usage().pop();
         system.stop_workers();
@@ -627,6 +637,84 @@ async fn e2e(
         })
         .await
     };
+    let name = if batch { "batch-e2e" } else { "e2e-jobs" };
+    settle(opts, system, name, &marker, started, &created).await
+}
+
+/// Creates echo jobs one CreateJob each at a steady `rate` (open loop: a slow
+/// reply does not slow the next call) for the scenario's seconds, then waits
+/// until all finished. Run at half of e2e-jobs' peak, its create->start p99
+/// is the latency target's figure.
+async fn e2e_paced(
+    opts: &Opts,
+    system: &System,
+    jobs_client: Arc<impl Fn(usize) -> JobsServiceClient<Channel> + Send + Sync + 'static>,
+    token: Arc<String>,
+    rate: f64,
+) -> Result<Stats> {
+    let n = ((rate * opts.seconds as f64) as usize).max(1);
+    let marker = uuid::Uuid::new_v4().simple().to_string();
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        ticks.tick().await;
+        let (mut client, tk, m) = (jobs_client(i), token.clone(), marker.clone());
+        calls.spawn(async move {
+            client
+                .create_job(authed(
+                    &tk,
+                    CreateJobRequest {
+                        kind: "echo".into(),
+                        payload: Some(keel_shared::json::json_to_struct(
+                            &serde_json::json!({"run": m, "i": i}),
+                        )),
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map_err(|s| format!("{s:?}"))
+        });
+    }
+    let mut created = Stats {
+        name: "paced-create".into(),
+        ops: 0,
+        errors: 0,
+        elapsed: started.elapsed(),
+        latencies_us: Vec::new(),
+        baseline_ops_per_sec: None,
+        note: String::new(),
+    };
+    while let Some(result) = calls.join_next().await {
+        match result? {
+            Ok(_) => created.ops += 1,
+            Err(e) => {
+                created.errors += 1;
+                if created.note.is_empty() {
+                    created.note = format!("first error: {e}");
+                }
+            }
+        }
+    }
+    let mut stats = settle(opts, system, "e2e-half-load", &marker, started, &created).await?;
+    stats.note = format!(
+        "offered {rate:.0} jobs/s for {}s; {}",
+        opts.seconds, stats.note
+    );
+    Ok(stats)
+}
+
+/// Waits until the run's jobs all finished and turns their own timestamps
+/// into the end-to-end figures.
+async fn settle(
+    opts: &Opts,
+    system: &System,
+    name: &str,
+    marker: &str,
+    started: Instant,
+    created: &Stats,
+) -> Result<Stats> {
     let (db, conn) = tokio_postgres::connect(&system.db_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     let deadline = Instant::now() + Duration::from_secs(if opts.quick { 60 } else { 300 });
@@ -667,7 +755,7 @@ async fn e2e(
     let succeeded = rows.iter().filter(|r| r.get::<_, bool>(2)).count();
     let ms = |v: &[u64], p| stats::percentile(v, p) as f64 / 1000.0;
     Ok(Stats {
-        name: if batch { "batch-e2e" } else { "e2e-jobs" }.to_string(),
+        name: name.to_string(),
         ops: succeeded,
         errors: created.errors + (total as usize - succeeded.min(total as usize)),
         elapsed,

@@ -16,7 +16,14 @@ use uuid::Uuid;
 
 use crate::domain::{self, Passwords, RefreshDecision};
 use crate::error::AuthError;
-use crate::store::{LogoutOutcome, NewRefreshToken, NewUser, RefreshOutcome, Store, UserRow};
+use crate::store::{
+    LoginAttempt, LogoutOutcome, NewRefreshToken, NewUser, RefreshOutcome, Reservation, Store,
+    UserRow,
+};
+
+/// How long a login waits for concurrent attempts on the same email to be
+/// settled before it is refused as rate limited.
+const LOGIN_BUSY_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Everything the handlers need, built once by `run`.
 pub struct AuthApi {
@@ -85,6 +92,51 @@ impl AuthApi {
         .await
         .map_err(|e| AuthError::Internal(format!("password hashing task: {e}")))?
         .map_err(AuthError::Internal)
+    }
+
+    /// Reserves a login attempt, waiting a little while concurrent attempts
+    /// for the same email fill the limit (they are settled within a hash or
+    /// two), rather than refusing a user who signs in from several places.
+    async fn reserve_login_attempt(&self, email_hash: &[u8; 32]) -> Result<(), AuthError> {
+        let deadline = tokio::time::Instant::now() + LOGIN_BUSY_PATIENCE;
+        let mut pause = Duration::from_millis(20);
+        loop {
+            let reservation = self
+                .store
+                .reserve_login_attempt(
+                    email_hash,
+                    self.login_max_failures,
+                    self.login_failure_window,
+                )
+                .await?;
+            match reservation {
+                Reservation::Granted => return Ok(()),
+                Reservation::Busy if tokio::time::Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(250));
+                }
+                Reservation::Busy | Reservation::Refused => {
+                    tracing::info!(target: "audit", event = "login_rate_limited", email_hash = %email_tag(email_hash));
+                    return Err(AuthError::RateLimited);
+                }
+            }
+        }
+    }
+
+    /// The user whose password this is, or None (unknown email and wrong
+    /// password cost the same).
+    async fn check_credentials(
+        &self,
+        email: &str,
+        password: String,
+    ) -> Result<Option<UserRow>, AuthError> {
+        let found = self.store.find_user_by_email(email).await?;
+        let (user, hash) = match found {
+            Some((user, hash)) => (Some(user), Some(hash)),
+            None => (None, None),
+        };
+        let verified = self.verify_password(password, hash).await?;
+        Ok(user.filter(|_| verified))
     }
 
     async fn verify_password(
@@ -160,34 +212,21 @@ impl AuthService for AuthApi {
         let email_hash = domain::email_digest(&email);
 
         // Before any hashing: a limited email costs the server nothing more.
-        let allowed = self
-            .store
-            .reserve_login_attempt(
-                &email_hash,
-                self.login_max_failures,
-                self.login_failure_window,
-            )
-            .await?;
-        if !allowed {
-            tracing::info!(target: "audit", event = "login_rate_limited", email_hash = %email_tag(&email_hash));
-            return Err(AuthError::RateLimited.into());
-        }
-
-        let found = self.store.find_user_by_email(&email).await?;
-        let (user, hash) = match found {
-            Some((user, hash)) => (Some(user), Some(hash)),
-            None => (None, None),
+        self.reserve_login_attempt(&email_hash).await?;
+        let checked = self.check_credentials(&email, req.password).await;
+        let attempt = match &checked {
+            Ok(Some(_)) => LoginAttempt::Succeeded,
+            Ok(None) => LoginAttempt::Failed,
+            Err(_) => LoginAttempt::Abandoned,
         };
-        let verified = self.verify_password(req.password, hash).await?;
-        let user = match user {
-            Some(user) if verified => user,
-            _ => {
-                tracing::info!(target: "audit", event = "login_failed", email_hash = %email_tag(&email_hash));
-                return Err(AuthError::InvalidCredentials.into());
-            }
+        let settled = self.store.finish_login_attempt(&email_hash, attempt).await;
+        let Some(user) = checked? else {
+            settled?;
+            tracing::info!(target: "audit", event = "login_failed", email_hash = %email_tag(&email_hash));
+            return Err(AuthError::InvalidCredentials.into());
         };
+        settled?;
 
-        self.store.clear_login_failures(&email_hash).await?;
         let now = Utc::now();
         let refresh = self.mint_refresh(now);
         let session_id = Uuid::now_v7();

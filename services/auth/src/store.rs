@@ -64,6 +64,25 @@ pub enum LogoutOutcome {
     Unknown,
 }
 
+/// The answer to a login attempt's reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Go ahead and check the password.
+    Granted,
+    /// Attempts in flight fill the limit: try again when they are settled.
+    Busy,
+    /// The limit of failures in this window is reached.
+    Refused,
+}
+
+/// How a granted login attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginAttempt {
+    Succeeded,
+    Failed,
+    Abandoned,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
@@ -144,43 +163,84 @@ impl Store {
     }
 
     /// Counts a login attempt for this email before its password is checked
-    /// (a success clears it again). False when `limit` attempts already
-    /// failed in the current window: the window starts at its first failure
-    /// and a new one starts once it has passed. One statement, so concurrent
-    /// attempts on any replica cannot slip past the limit.
+    /// (see [`Store::finish_login_attempt`] for the other half). Refused when
+    /// `limit` attempts already failed in the current window, busy when the
+    /// failures and the attempts in flight together fill it. The window starts
+    /// with its first attempt, and again once it has passed or everything in
+    /// it succeeded. One statement, so concurrent attempts on any replica
+    /// cannot slip past the limit.
     pub async fn reserve_login_attempt(
         &self,
         email_hash: &[u8; 32],
         limit: u32,
         window: Duration,
-    ) -> Result<bool, AuthError> {
+    ) -> Result<Reservation, AuthError> {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "INSERT INTO login_failures AS f (email_hash, failures, window_started_at) \
-                 VALUES ($1, 1, now()) \
+                "INSERT INTO login_failures AS f (email_hash, failures, pending, window_started_at) \
+                 VALUES ($1, 0, 1, now()) \
                  ON CONFLICT (email_hash) DO UPDATE SET \
                    failures = CASE WHEN f.window_started_at <= now() - make_interval(secs => $3) \
-                                   THEN 1 ELSE f.failures + 1 END, \
+                                   THEN 0 ELSE f.failures END, \
+                   pending = CASE WHEN f.window_started_at <= now() - make_interval(secs => $3) \
+                                  THEN 1 ELSE f.pending + 1 END, \
                    window_started_at = CASE WHEN f.window_started_at <= now() - make_interval(secs => $3) \
-                                   THEN now() ELSE f.window_started_at END \
-                 WHERE f.window_started_at <= now() - make_interval(secs => $3) OR f.failures < $2 \
+                                              OR (f.failures = 0 AND f.pending = 0) \
+                                            THEN now() ELSE f.window_started_at END \
+                 WHERE f.window_started_at <= now() - make_interval(secs => $3) \
+                    OR f.failures + f.pending < $2 \
                  RETURNING failures",
             )
             .await?;
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let row = client
-            .query_opt(&stmt, &[&email_hash.as_slice(), &limit, &secs(window)])
+        let window = secs(window);
+        if client
+            .query_opt(&stmt, &[&email_hash.as_slice(), &limit, &window])
+            .await?
+            .is_some()
+        {
+            return Ok(Reservation::Granted);
+        }
+        let stmt = client
+            .prepare_cached("SELECT failures >= $2 FROM login_failures WHERE email_hash = $1")
             .await?;
-        Ok(row.is_some())
+        let exhausted = client
+            .query_opt(&stmt, &[&email_hash.as_slice(), &limit])
+            .await?
+            .is_some_and(|row| row.get::<_, bool>(0));
+        Ok(if exhausted {
+            Reservation::Refused
+        } else {
+            Reservation::Busy
+        })
     }
 
-    /// A successful login forgets this email's failures.
-    pub async fn clear_login_failures(&self, email_hash: &[u8; 32]) -> Result<(), AuthError> {
+    /// Settles an attempt granted by [`Store::reserve_login_attempt`]: a
+    /// failure is counted, a success forgets the failures, an attempt that
+    /// could not be checked (an internal error) only leaves.
+    pub async fn finish_login_attempt(
+        &self,
+        email_hash: &[u8; 32],
+        attempt: LoginAttempt,
+    ) -> Result<(), AuthError> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached("DELETE FROM login_failures WHERE email_hash = $1")
-            .await?;
+        let sql = match attempt {
+            // An upsert: the sweep may have removed the row meanwhile.
+            LoginAttempt::Failed => {
+                "INSERT INTO login_failures AS f (email_hash, failures, pending) VALUES ($1, 1, 0) \
+                 ON CONFLICT (email_hash) DO UPDATE \
+                 SET failures = f.failures + 1, pending = greatest(f.pending - 1, 0)"
+            }
+            LoginAttempt::Succeeded => {
+                "UPDATE login_failures SET failures = 0, pending = greatest(pending - 1, 0) \
+                 WHERE email_hash = $1"
+            }
+            LoginAttempt::Abandoned => {
+                "UPDATE login_failures SET pending = greatest(pending - 1, 0) WHERE email_hash = $1"
+            }
+        };
+        let stmt = client.prepare_cached(sql).await?;
         client.execute(&stmt, &[&email_hash.as_slice()]).await?;
         Ok(())
     }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use keel_auth::store::{LoginAttempt, Reservation};
 use tonic::Code;
 
 use crate::support::{Env, PASSWORD, Server, config, err, login_req};
@@ -113,25 +114,70 @@ async fn the_sweep_forgets_counters_whose_window_has_passed() {
     let store = keel_auth::store::Store::new(env.db.pool.clone());
     let window = Duration::from_secs(1);
     let email = keel_auth::domain::email_digest("swept@example.com");
-    assert!(
-        store
-            .reserve_login_attempt(&email, 1, window)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .reserve_login_attempt(&email, 1, window)
-            .await
-            .unwrap()
-    );
+    let reserve = || store.reserve_login_attempt(&email, 1, window);
+    assert_eq!(reserve().await.unwrap(), Reservation::Granted);
+    assert_eq!(reserve().await.unwrap(), Reservation::Busy);
+    store
+        .finish_login_attempt(&email, LoginAttempt::Failed)
+        .await
+        .unwrap();
+    assert_eq!(reserve().await.unwrap(), Reservation::Refused);
     assert_eq!(store.sweep(window).await.unwrap().0, 0);
     tokio::time::sleep(window + Duration::from_millis(100)).await;
     assert_eq!(store.sweep(window).await.unwrap().0, 1);
-    assert!(
-        store
-            .reserve_login_attempt(&email, 1, window)
-            .await
-            .unwrap()
-    );
+    assert_eq!(reserve().await.unwrap(), Reservation::Granted);
+}
+
+#[tokio::test]
+async fn simultaneous_correct_logins_all_succeed() {
+    let env = Env::with(|c| c.login.login_max_failures = 3).await;
+    env.register("busy@example.com").await;
+    let logins = (0..8).map(|_| {
+        let mut client = env.client();
+        async move { client.login(login_req("busy@example.com", PASSWORD)).await }
+    });
+    for result in futures::future::join_all(logins).await {
+        result.expect("each of 8 simultaneous correct logins succeeds");
+    }
+    // Nothing was counted against the email.
+    let mut client = env.client();
+    for _ in 0..3 {
+        let status = err(client
+            .login(login_req("busy@example.com", "wrong wrong"))
+            .await);
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+}
+
+#[tokio::test]
+async fn simultaneous_guesses_are_checked_no_more_than_the_limit() {
+    let env = Env::with(|c| c.login.login_max_failures = 3).await;
+    env.register("guessed@example.com").await;
+    let guesses = (0..10).map(|i| {
+        let mut client = env.client();
+        async move {
+            err(client
+                .login(login_req(
+                    "guessed@example.com",
+                    &format!("guess number {i}"),
+                ))
+                .await)
+            .code()
+        }
+    });
+    let codes = futures::future::join_all(guesses).await;
+    let checked = codes
+        .iter()
+        .filter(|c| **c == Code::Unauthenticated)
+        .count();
+    let limited = codes
+        .iter()
+        .filter(|c| **c == Code::ResourceExhausted)
+        .count();
+    assert_eq!((checked, limited), (3, 7), "{codes:?}");
+    let status = err(env
+        .client()
+        .login(login_req("guessed@example.com", PASSWORD))
+        .await);
+    assert_eq!(status.code(), Code::ResourceExhausted);
 }

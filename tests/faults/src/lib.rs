@@ -163,6 +163,46 @@ impl Service {
         }
     }
 
+    /// keel-jobs on a free port with [`Env::jobs`] as `tweak` adjusts it,
+    /// started and SERVING.
+    pub async fn jobs(
+        sandbox: &Sandbox,
+        database_url: &str,
+        redis: &RedisTarget,
+        tweak: impl FnOnce(Env) -> Env,
+    ) -> Self {
+        let addr = free_addr();
+        let mut jobs = Self::new(
+            sandbox,
+            "jobs",
+            addr,
+            tweak(Env::jobs(addr, database_url, redis)),
+        );
+        jobs.start();
+        jobs.wait_serving().await;
+        jobs
+    }
+
+    /// keel-worker `name` (health on a free port) for the jobs service at
+    /// `jobs`, with [`Env::worker`] as `tweak` adjusts it; started.
+    pub fn worker(
+        sandbox: &Sandbox,
+        jobs: SocketAddr,
+        redis: &RedisTarget,
+        name: &str,
+        tweak: impl FnOnce(Env) -> Env,
+    ) -> Self {
+        let addr = free_addr();
+        let mut worker = Self::new(
+            sandbox,
+            "worker",
+            addr,
+            tweak(Env::worker(addr, jobs, redis, name)),
+        );
+        worker.start();
+        worker
+    }
+
     pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.into(), value.into()));
@@ -422,6 +462,13 @@ pub async fn create_job(
         .create_job(testing::authed(request, token))
         .await
         .map(|r| r.into_inner().job.expect("CreateJob returns the job"))
+}
+
+/// A fresh database with one user, and that user's access token.
+pub async fn tenant(email: &str) -> (testing::TestDb, String) {
+    let db = testing::TestDb::new().await;
+    let user = db.create_user(email).await;
+    (db, testing::user_token(user, email))
 }
 
 /// A plain connection to a database (for the assertions' queries).

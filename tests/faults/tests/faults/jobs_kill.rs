@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use keel_faults::{
-    Env, History, RedisTarget, Sandbox, Service, channel, create_job, free_addr, logged_job_ids,
-    mixed_job, pg, report, wait_all_terminal,
+    History, RedisTarget, Sandbox, Service, channel, create_job, logged_job_ids, mixed_job, pg,
+    report, tenant, wait_all_terminal,
 };
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
-use keel_shared::testing::{self, TestDb, TestRedis};
+use keel_shared::testing::TestRedis;
 use tokio::sync::Mutex;
 
 const KILLS: usize = 3;
@@ -21,32 +21,17 @@ const PRODUCERS: usize = 3;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_job_runs_once_across_jobs_service_sigkills() {
     let sandbox = Sandbox::new("jobs-kill");
-    let db = TestDb::new().await;
+    let (db, token) = tenant("jobs-kill@example.com").await;
     let redis = TestRedis::new();
     let target = RedisTarget::shared(&redis);
-    let user = db.create_user("jobs-kill@example.com").await;
-    let token = testing::user_token(user, "jobs-kill@example.com");
 
     // Default (30 s) leases: a restart within them must not cause a second run.
-    let jobs_addr = free_addr();
-    let mut jobs = Service::new(
-        &sandbox,
-        "jobs",
-        jobs_addr,
-        Env::jobs(jobs_addr, &db.url, &target),
-    );
-    jobs.start();
-    jobs.wait_serving().await;
-    let worker_addr = free_addr();
-    let mut worker = Service::new(
-        &sandbox,
-        "worker",
-        worker_addr,
-        Env::worker(worker_addr, jobs_addr, &target, "w")
-            .set("KEEL_WORKER_CONCURRENCY", 8)
-            .set("KEEL_LOG_FORMAT", "json"),
-    );
-    worker.start();
+    let mut jobs = Service::jobs(&sandbox, &db.url, &target, |env| env).await;
+    let jobs_addr = jobs.addr;
+    let mut worker = Service::worker(&sandbox, jobs_addr, &target, "w", |env| {
+        env.set("KEEL_WORKER_CONCURRENCY", 8)
+            .set("KEEL_LOG_FORMAT", "json")
+    });
 
     let acked = Arc::new(Mutex::new(Vec::new()));
     let refused = Arc::new(Mutex::new(0usize));

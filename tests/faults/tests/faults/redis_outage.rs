@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use keel_faults::{
-    Env, History, PrivateRedis, RedisTarget, Sandbox, Service, WAIT, channel, create_job,
-    free_addr, job_request, mixed_job, pg, report, stream_channel, wait_all_terminal, wait_health,
+    History, PrivateRedis, RedisTarget, Sandbox, Service, WAIT, channel, create_job, job_request,
+    mixed_job, pg, report, stream_channel, wait_all_terminal, wait_health,
 };
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::{JobStatus, WatchJobRequest};
@@ -75,24 +75,14 @@ async fn jobs_created_while_redis_is_down_run_when_it_returns() {
         prefix: "faults".into(),
     };
 
-    let jobs_addr = free_addr();
-    let mut jobs = Service::new(
-        &sandbox,
-        "jobs",
-        jobs_addr,
-        // Entries lost with Redis's memory are published again after this.
-        Env::jobs(jobs_addr, &db.url, &target).set("KEEL_JOBS_REDELIVER_AFTER_MS", 2_000),
-    );
-    jobs.start();
-    jobs.wait_serving().await;
-    let worker_addr = free_addr();
-    let mut worker = Service::new(
-        &sandbox,
-        "worker",
-        worker_addr,
-        Env::worker(worker_addr, jobs_addr, &target, "w"),
-    );
-    worker.start();
+    // Entries lost with Redis's memory are published again after this.
+    let mut jobs = Service::jobs(&sandbox, &db.url, &target, |env| {
+        env.set("KEEL_JOBS_REDELIVER_AFTER_MS", 2_000)
+    })
+    .await;
+    let jobs_addr = jobs.addr;
+    let mut worker = Service::worker(&sandbox, jobs_addr, &target, "w", |env| env);
+    let worker_addr = worker.addr;
     worker.wait_serving().await;
 
     let client = JobsServiceClient::new(channel(jobs_addr));

@@ -6,12 +6,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_faults::{
-    Env, RedisTarget, Sandbox, Service, channel, create_job, free_addr, job_request,
-};
+use keel_faults::{Env, RedisTarget, Sandbox, Service, channel, create_job, job_request, tenant};
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::{GetJobRequest, JobStatus};
-use keel_shared::testing::{self, TestDb, TestRedis};
+use keel_shared::testing::{self, TestRedis};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -147,11 +145,9 @@ fn assert_job_trace(spans: &[Exported]) -> &Exported {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_jobs_life_is_one_trace_across_services_and_redis() {
     let sandbox = Sandbox::new("traces");
-    let db = TestDb::new().await;
+    let (db, token) = tenant("traces@example.com").await;
     let redis = TestRedis::new();
     let target = RedisTarget::shared(&redis);
-    let user = db.create_user("traces@example.com").await;
-    let token = testing::user_token(user, "traces@example.com");
 
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -172,23 +168,9 @@ async fn one_jobs_life_is_one_trace_across_services_and_redis() {
         .set("KEEL_LOG_FORMAT", "json")
     };
 
-    let jobs_addr = free_addr();
-    let mut jobs = Service::new(
-        &sandbox,
-        "jobs",
-        jobs_addr,
-        traced(Env::jobs(jobs_addr, &db.url, &target)),
-    );
-    jobs.start();
-    jobs.wait_serving().await;
-    let worker_addr = free_addr();
-    let mut worker = Service::new(
-        &sandbox,
-        "worker",
-        worker_addr,
-        traced(Env::worker(worker_addr, jobs_addr, &target, "traced")),
-    );
-    worker.start();
+    let jobs = Service::jobs(&sandbox, &db.url, &target, traced).await;
+    let jobs_addr = jobs.addr;
+    let worker = Service::worker(&sandbox, jobs_addr, &target, "traced", traced);
 
     let client = JobsServiceClient::new(channel(jobs_addr));
     // A caller already inside a trace sends its traceparent.

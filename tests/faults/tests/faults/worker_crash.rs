@@ -6,12 +6,12 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use keel_faults::{
-    Env, History, RedisTarget, Sandbox, Service, WAIT, channel, free_addr, mixed_job, pg, report,
+    History, RedisTarget, Sandbox, Service, WAIT, channel, mixed_job, pg, report, tenant,
     wait_all_terminal,
 };
 use keel_proto::jobs::v1::BatchCreateJobsRequest;
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
-use keel_shared::testing::{self, TestDb, TestRedis};
+use keel_shared::testing::{self, TestRedis};
 
 const WAVES: usize = 5;
 const JOBS_PER_WAVE: usize = 100;
@@ -19,38 +19,17 @@ const JOBS_PER_WAVE: usize = 100;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkilled_workers_lose_no_job_and_run_none_twice() {
     let sandbox = Sandbox::new("worker-crash");
-    let db = TestDb::new().await;
+    let (db, token) = tenant("crash@example.com").await;
     let redis = TestRedis::new();
     let target = RedisTarget::shared(&redis);
-    let user = db.create_user("crash@example.com").await;
-    let token = testing::user_token(user, "crash@example.com");
 
-    let jobs_addr = free_addr();
-    let mut jobs = Service::new(
-        &sandbox,
-        "jobs",
-        jobs_addr,
-        Env::jobs(jobs_addr, &db.url, &target).set("KEEL_JOBS_LEASE_MS", 2_000),
-    );
-    jobs.start();
-    jobs.wait_serving().await;
-
-    let steady_addr = free_addr();
-    let mut steady = Service::new(
-        &sandbox,
-        "worker",
-        steady_addr,
-        Env::worker(steady_addr, jobs_addr, &target, "steady"),
-    );
-    steady.start();
-    let victim_addr = free_addr();
-    let mut victim = Service::new(
-        &sandbox,
-        "worker",
-        victim_addr,
-        Env::worker(victim_addr, jobs_addr, &target, "victim-0"),
-    );
-    victim.start();
+    let jobs = Service::jobs(&sandbox, &db.url, &target, |env| {
+        env.set("KEEL_JOBS_LEASE_MS", 2_000)
+    })
+    .await;
+    let jobs_addr = jobs.addr;
+    let mut steady = Service::worker(&sandbox, jobs_addr, &target, "steady", |env| env);
+    let mut victim = Service::worker(&sandbox, jobs_addr, &target, "victim-0", |env| env);
 
     let client = JobsServiceClient::new(channel(jobs_addr));
     let history = pg(&db.url).await;

@@ -32,154 +32,12 @@ fn assert_code<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, code: 
 /// GetJob, CancelJob, WatchJob, ListJobs, CreateJob, BatchCreateJobs,
 /// StartJob, Heartbeat, CompleteJob, FailJob.
 async fn every_rpc(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str, Code)> {
-    let mut answers = user_rpcs(svc, token, job_id).await;
-    answers.extend(runner_rpcs(svc, token, job_id).await);
-    answers
-}
-
-/// The six JobsService RPCs with `token`.
-async fn user_rpcs(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str, Code)> {
-    let mut jobs = svc.jobs.clone();
-    let id = || job_id.to_string();
-    let code = |r: Result<(), Status>| r.err().map(|s| s.code()).unwrap_or(Code::Ok);
-    vec![
-        (
-            "GetJob",
-            code(
-                jobs.get_job(authed(GetJobRequest { id: id() }, token))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "CancelJob",
-            code(
-                jobs.cancel_job(authed(CancelJobRequest { id: id() }, token))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "WatchJob",
-            code(
-                jobs.watch_job(authed(WatchJobRequest { id: id() }, token))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "ListJobs",
-            code(
-                jobs.list_jobs(authed(ListJobsRequest::default(), token))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "CreateJob",
-            code(
-                jobs.create_job(authed(
-                    CreateJobRequest {
-                        kind: "echo".into(),
-                        ..Default::default()
-                    },
-                    token,
-                ))
-                .await
-                .map(|_| ()),
-            ),
-        ),
-        (
-            "BatchCreateJobs",
-            code(
-                jobs.batch_create_jobs(authed(
-                    BatchCreateJobsRequest {
-                        requests: vec![CreateJobRequest {
-                            kind: "echo".into(),
-                            ..Default::default()
-                        }],
-                    },
-                    token,
-                ))
-                .await
-                .map(|_| ()),
-            ),
-        ),
-    ]
+    every_rpc_raw_header(svc, &format!("Bearer {token}"), job_id).await
 }
 
 /// The four JobRunnerService RPCs with `token`.
 async fn runner_rpcs(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str, Code)> {
-    let mut runner = svc.runner.clone();
-    let id = || job_id.to_string();
-    let code = |r: Result<(), Status>| r.err().map(|s| s.code()).unwrap_or(Code::Ok);
-    vec![
-        (
-            "StartJob",
-            code(
-                runner
-                    .start_job(authed(
-                        StartJobRequest {
-                            id: id(),
-                            worker_id: "intruder".into(),
-                        },
-                        token,
-                    ))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "Heartbeat",
-            code(
-                runner
-                    .heartbeat(authed(
-                        HeartbeatRequest {
-                            id: id(),
-                            attempt: 1,
-                            worker_id: "intruder".into(),
-                        },
-                        token,
-                    ))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "CompleteJob",
-            code(
-                runner
-                    .complete_job(authed(
-                        CompleteJobRequest {
-                            id: id(),
-                            attempt: 1,
-                            worker_id: "intruder".into(),
-                            ..Default::default()
-                        },
-                        token,
-                    ))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-        (
-            "FailJob",
-            code(
-                runner
-                    .fail_job(authed(
-                        FailJobRequest {
-                            id: id(),
-                            attempt: 1,
-                            error: "intruder".into(),
-                            ..Default::default()
-                        },
-                        token,
-                    ))
-                    .await
-                    .map(|_| ()),
-            ),
-        ),
-    ]
+    runner_rpcs_raw_header(svc, &format!("Bearer {token}"), job_id).await
 }
 
 /// Tokens that must not pass, each named, all claiming to be `user`.
@@ -263,27 +121,27 @@ async fn bad_tokens_are_unauthenticated_on_every_rpc_and_change_nothing() {
     ));
 }
 
-/// `every_rpc` with the authorization header set to `header` as is (none
+/// A request with the authorization header set to `header` as is (none
 /// when empty).
-async fn every_rpc_raw_header(svc: &Svc, header: &str, job_id: &str) -> Vec<(&'static str, Code)> {
-    // `authed` prefixes "Bearer "; build the requests by hand instead.
-    fn with<T>(message: T, header: &str) -> tonic::Request<T> {
-        let mut req = tonic::Request::new(message);
-        if !header.is_empty() {
-            req.metadata_mut()
-                .insert("authorization", header.parse().unwrap());
-        }
-        req
+fn with<T>(message: T, header: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    if !header.is_empty() {
+        req.metadata_mut()
+            .insert("authorization", header.parse().unwrap());
     }
+    req
+}
+
+/// `every_rpc` with the authorization header set to `header` as is.
+async fn every_rpc_raw_header(svc: &Svc, header: &str, job_id: &str) -> Vec<(&'static str, Code)> {
     let mut jobs = svc.jobs.clone();
-    let mut runner = svc.runner.clone();
     let id = || job_id.to_string();
     let code = |r: Result<(), Status>| r.err().map(|s| s.code()).unwrap_or(Code::Ok);
     let create = || CreateJobRequest {
         kind: "echo".into(),
         ..Default::default()
     };
-    vec![
+    let mut answers = vec![
         (
             "GetJob",
             code(
@@ -333,6 +191,21 @@ async fn every_rpc_raw_header(svc: &Svc, header: &str, job_id: &str) -> Vec<(&'s
                 .map(|_| ()),
             ),
         ),
+    ];
+    answers.extend(runner_rpcs_raw_header(svc, header, job_id).await);
+    answers
+}
+
+/// `runner_rpcs` with the authorization header set to `header` as is.
+async fn runner_rpcs_raw_header(
+    svc: &Svc,
+    header: &str,
+    job_id: &str,
+) -> Vec<(&'static str, Code)> {
+    let mut runner = svc.runner.clone();
+    let id = || job_id.to_string();
+    let code = |r: Result<(), Status>| r.err().map(|s| s.code()).unwrap_or(Code::Ok);
+    vec![
         (
             "StartJob",
             code(

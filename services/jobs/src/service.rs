@@ -64,6 +64,10 @@ pub struct Queues {
 const CANCEL_TRIES: usize = 5;
 /// Most transitions of one kind applied in one statement.
 const TRANSITION_BATCH: usize = 256;
+/// Batches of one kind under way at once: a call arriving while one commits
+/// starts the next instead of waiting for it (measured: the same throughput
+/// as one at a time, half the queueing under saturation).
+const TRANSITION_BATCHES: usize = 2;
 /// Transitions waiting for their batch; beyond this callers wait for room.
 const TRANSITION_QUEUE: usize = 4096;
 
@@ -86,15 +90,19 @@ impl Jobs {
     }
 
     /// Applies queued StartJob calls until `shutdown`: one statement (one
-    /// commit) for all the calls that queued up while the previous one ran.
+    /// commit) for all the calls that queued up meanwhile.
     pub async fn run_starts(
         self: Arc<Self>,
         queue: batch::Queue<StartCall, Option<JobRow>>,
         shutdown: CancellationToken,
     ) {
-        batch::run(queue, TRANSITION_BATCH, shutdown, |calls| {
-            self.start_batch(calls)
-        })
+        batch::run(
+            queue,
+            TRANSITION_BATCH,
+            TRANSITION_BATCHES,
+            shutdown,
+            |calls| self.start_batch(calls),
+        )
         .await
     }
 
@@ -104,9 +112,13 @@ impl Jobs {
         queue: batch::Queue<CompleteCall, Option<JobRow>>,
         shutdown: CancellationToken,
     ) {
-        batch::run(queue, TRANSITION_BATCH, shutdown, |calls| {
-            self.complete_batch(calls)
-        })
+        batch::run(
+            queue,
+            TRANSITION_BATCH,
+            TRANSITION_BATCHES,
+            shutdown,
+            |calls| self.complete_batch(calls),
+        )
         .await
     }
 

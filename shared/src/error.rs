@@ -7,7 +7,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// The gRPC-facing error. Messages are for clients: never SQL, never secrets.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// Malformed or out-of-range input; `field` names the request field.
     #[error("{field}: {reason}")]

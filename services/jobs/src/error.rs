@@ -2,7 +2,7 @@
 
 use keel_shared::ApiError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JobsError {
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },

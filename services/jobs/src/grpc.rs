@@ -258,7 +258,7 @@ impl JobRunnerService for JobsApi {
             .map_err(|why| JobsError::invalid("output", why))?;
         let job = self
             .jobs
-            .complete(id, attempt, output.as_ref(), r.cancelled, &r.worker_id)
+            .complete(id, attempt, output, r.cancelled, &r.worker_id)
             .await?;
         Ok(Response::new(CompleteJobResponse {
             job: Some(job_to_proto(&job)),

@@ -1,5 +1,6 @@
 //! Keel jobs service: durable jobs, delivered to workers through a Redis stream.
 
+mod batch;
 pub mod config;
 pub mod delivery;
 pub mod domain;
@@ -71,17 +72,27 @@ pub async fn run(
     );
     let delivery = Arc::new(delivery);
     let retention_pool = pool.clone();
-    let jobs = Arc::new(service::Jobs {
+    let (jobs, transitions) = service::Jobs::new(
         pool,
-        delivery: delivery.clone(),
-        settings: service::Settings {
+        delivery.clone(),
+        service::Settings {
             lease: config.lease(),
             retry_base: Duration::from_millis(config.retry_base_ms),
             retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_base_ms)),
             max_payload_bytes: config.max_payload_bytes,
             watch_poll: config.watch_poll(),
         },
-    });
+    );
+    let jobs = Arc::new(jobs);
+    // Transitions are applied until the server has drained (not from the
+    // shutdown signal on), so calls still in flight during the grace period commit.
+    let drained = CancellationToken::new();
+    let _stop_transitions = drained.clone().drop_guard();
+    tokio::spawn(jobs.clone().run_starts(transitions.starts, drained.clone()));
+    tokio::spawn(
+        jobs.clone()
+            .run_completions(transitions.completions, drained),
+    );
     // Background loops stop with the server (the child token is cancelled on return too).
     let background = shutdown.child_token();
     let _stop_background = background.clone().drop_guard();

@@ -1,6 +1,7 @@
 //! Every SQL statement of the jobs service. Each transition is one statement:
 //! a conditional UPDATE on (id, status, attempt) plus, in the same statement,
-//! its history row and (when it re-queues) its outbox row.
+//! its history row and (when it re-queues) its outbox row. Starts and
+//! completions take a batch of jobs per statement.
 
 use std::time::Duration;
 
@@ -303,20 +304,29 @@ pub async fn request_cancel(
     opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
 }
 
-/// Queued and due -> running, attempt + 1, with a lease; its delivery is
-/// done. None when the job is not queued or not due.
-pub async fn start_job(
+/// Queued and due -> running, attempt + 1, with a lease, for each (id,
+/// worker id) in one statement; their deliveries are done. Returns the jobs
+/// that started; the others are not queued or not due. Ids must be distinct.
+/// Rows are locked in id order, so concurrent batches cannot deadlock.
+pub async fn start_jobs(
     client: &impl GenericClient,
-    id: Uuid,
-    worker_id: &str,
+    jobs: &[(Uuid, &str)],
     lease: Duration,
-) -> Result<Option<JobRow>, JobsError> {
+) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "WITH j AS (
+        "WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(start_id, start_worker)
+         ), locked AS MATERIALIZED (
+            SELECT id AS locked_id FROM jobs
+            WHERE id = ANY($1) AND status = 'queued' AND run_at <= now()
+            ORDER BY id
+            FOR NO KEY UPDATE
+         ), j AS (
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $3),
-                            worker_id = $2, version = version + 1
-            WHERE id = $1 AND status = 'queued' AND run_at <= now()
+                            worker_id = start_worker, version = version + 1
+            FROM locked, input
+            WHERE id = locked_id AND id = start_id AND status = 'queued' AND run_at <= now()
             RETURNING ",
         job_cols!(),
         "
@@ -328,10 +338,12 @@ pub async fn start_job(
          )
          SELECT * FROM j"
     );
+    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
+    let workers: Vec<&str> = jobs.iter().map(|(_, w)| *w).collect();
     let stmt = client.prepare_cached(SQL).await?;
-    opt_row(
-        client
-            .query_opt(&stmt, &[&id, &worker_id, &lease.as_secs_f64()])
+    rows(
+        &client
+            .query(&stmt, &[&ids, &workers, &lease.as_secs_f64()])
             .await?,
     )
 }
@@ -360,34 +372,60 @@ pub async fn heartbeat(
     }
 }
 
-/// Running attempt `attempt` -> succeeded with `output`, or cancelled.
-pub async fn complete_job(
+/// A CompleteJob to apply: running attempt `attempt` -> succeeded with
+/// `output`, or cancelled.
+#[derive(Debug, Clone, Copy)]
+pub struct Completion<'a> {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub output: Option<&'a serde_json::Value>,
+    pub cancelled: bool,
+    /// Recorded in the history row; empty: the job's own.
+    pub worker_id: &'a str,
+}
+
+/// Applies `completions` in one statement; returns the jobs that completed
+/// (the others are not running that attempt). (id, attempt) pairs must be
+/// distinct. Rows are locked in id order, so concurrent batches cannot deadlock.
+pub async fn complete_jobs(
     client: &impl GenericClient,
-    id: Uuid,
-    attempt: i32,
-    output: Option<&serde_json::Value>,
-    cancelled: bool,
-    worker_id: &str,
-) -> Result<Option<JobRow>, JobsError> {
+    completions: &[Completion<'_>],
+) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "WITH j AS (
-            UPDATE jobs SET status = CASE WHEN $4 THEN 'cancelled' ELSE 'succeeded' END,
-                            output = $3, finished_at = now(), updated_at = now(),
+        "WITH input AS (
+            SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[], $4::bool[], $5::text[])
+                   AS t(done_id, done_attempt, done_output, done_cancelled, done_worker)
+         ), locked AS MATERIALIZED (
+            SELECT id AS locked_id FROM jobs
+            WHERE id = ANY($1) AND status = 'running'
+            ORDER BY id
+            FOR NO KEY UPDATE
+         ), j AS (
+            UPDATE jobs SET status = CASE WHEN done_cancelled THEN 'cancelled' ELSE 'succeeded' END,
+                            output = done_output, finished_at = now(), updated_at = now(),
                             lease_expires_at = NULL, version = version + 1
-            WHERE id = $1 AND status = 'running' AND attempt = $2
+            FROM locked, input
+            WHERE id = locked_id AND id = done_id AND attempt = done_attempt AND status = 'running'
             RETURNING ",
         job_cols!(),
-        "
+        ", done_worker
          ), ev AS (
             INSERT INTO job_events (job_id, event, status, attempt, worker_id)
-            SELECT id, status, status, attempt, coalesce(nullif($5, ''), worker_id) FROM j
+            SELECT id, status, status, attempt, coalesce(nullif(done_worker, ''), worker_id) FROM j
          )
-         SELECT * FROM j"
+         SELECT ",
+        job_cols!(),
+        " FROM j"
     );
+    let ids: Vec<Uuid> = completions.iter().map(|c| c.id).collect();
+    let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
+    let outputs: Vec<Option<&serde_json::Value>> = completions.iter().map(|c| c.output).collect();
+    let cancelled: Vec<bool> = completions.iter().map(|c| c.cancelled).collect();
+    let workers: Vec<&str> = completions.iter().map(|c| c.worker_id).collect();
     let stmt = client.prepare_cached(SQL).await?;
-    opt_row(
-        client
-            .query_opt(&stmt, &[&id, &attempt, &output, &cancelled, &worker_id])
+    rows(
+        &client
+            .query(&stmt, &[&ids, &attempts, &outputs, &cancelled, &workers])
             .await?,
     )
 }

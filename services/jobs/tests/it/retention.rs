@@ -24,19 +24,18 @@ async fn insert(
     );
     let id = Uuid::new_v7(ts);
     let client = svc.db.pool.get().await.unwrap();
+    // One statement: the retention loop is running and must not see the job
+    // without its history row.
     client
         .execute(
-            "INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, created_at,
-                               status, attempt, finished_at)
-             VALUES ($1, $2, 'echo', '{}', 1, $3, $3, $4, 1, $5)",
+            "WITH j AS (
+                 INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, created_at,
+                                   status, attempt, finished_at)
+                 VALUES ($1, $2, 'echo', '{}', 1, $3, $3, $4, 1, $5)
+                 RETURNING id)
+             INSERT INTO job_events (job_id, event, status, attempt)
+             SELECT id, 'created', 'queued', 0 FROM j",
             &[&id, &svc.user, &created, &status, &finished_at],
-        )
-        .await
-        .unwrap();
-    client
-        .execute(
-            "INSERT INTO job_events (job_id, event, status, attempt) VALUES ($1, 'created', 'queued', 0)",
-            &[&id],
         )
         .await
         .unwrap();

@@ -68,8 +68,13 @@ impl Baseline {
                     run_at: None,
                     idempotency_key: None,
                 };
-                keel_jobs::store::insert_jobs(&client, user, &[(Uuid::now_v7(), job)], None)
-                    .await?;
+                let row = keel_jobs::store::NewRow {
+                    id: Uuid::now_v7(),
+                    user_id: user,
+                    job: &job,
+                    traceparent: None,
+                };
+                keel_jobs::store::insert_jobs(&client, &[row]).await?;
                 Ok(())
             }
         })

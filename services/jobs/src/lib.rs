@@ -88,6 +88,10 @@ pub async fn run(
     // shutdown signal on), so calls still in flight during the grace period commit.
     let drained = CancellationToken::new();
     let _stop_transitions = drained.clone().drop_guard();
+    tokio::spawn(
+        jobs.clone()
+            .run_creates(transitions.creates, drained.clone()),
+    );
     tokio::spawn(jobs.clone().run_starts(transitions.starts, drained.clone()));
     tokio::spawn(
         jobs.clone()

@@ -32,9 +32,20 @@ pub struct Jobs {
     pub pool: Pool,
     pub delivery: Arc<Delivery>,
     pub settings: Settings,
+    creates: Batcher<CreateCall, Vec<Inserted>>,
     starts: Batcher<StartCall, Option<JobRow>>,
     completions: Batcher<CompleteCall, Option<JobRow>>,
 }
+
+/// A CreateJob waiting for its batch.
+pub struct CreateCall {
+    user_id: Uuid,
+    jobs: Vec<(Uuid, NewJob)>,
+    traceparent: Option<String>,
+}
+
+/// A job a create call inserted, with its outbox row.
+type Inserted = (JobRow, store::Outboxed);
 
 /// A StartJob waiting for its batch.
 pub struct StartCall {
@@ -54,8 +65,9 @@ pub struct CompleteCall {
 /// Applied or not (then the caller reads why).
 type Applied = Result<Option<JobRow>, JobsError>;
 
-/// The queues the transition batchers of a [`Jobs`] drain.
+/// The queues the batchers of a [`Jobs`] drain.
 pub struct Queues {
+    pub creates: batch::Queue<CreateCall, Vec<Inserted>>,
     pub starts: batch::Queue<StartCall, Option<JobRow>>,
     pub completions: batch::Queue<CompleteCall, Option<JobRow>>,
 }
@@ -73,20 +85,40 @@ const TRANSITION_QUEUE: usize = 4096;
 
 impl Jobs {
     pub fn new(pool: Pool, delivery: Arc<Delivery>, settings: Settings) -> (Self, Queues) {
+        let (creates, create_queue) = Batcher::new(TRANSITION_QUEUE);
         let (starts, start_queue) = Batcher::new(TRANSITION_QUEUE);
         let (completions, complete_queue) = Batcher::new(TRANSITION_QUEUE);
         let jobs = Self {
             pool,
             delivery,
             settings,
+            creates,
             starts,
             completions,
         };
         let queues = Queues {
+            creates: create_queue,
             starts: start_queue,
             completions: complete_queue,
         };
         (jobs, queues)
+    }
+
+    /// Applies queued CreateJob calls until `shutdown`: one statement (one
+    /// commit) for all the calls that queued up meanwhile.
+    pub async fn run_creates(
+        self: Arc<Self>,
+        queue: batch::Queue<CreateCall, Vec<Inserted>>,
+        shutdown: CancellationToken,
+    ) {
+        batch::run(
+            queue,
+            TRANSITION_BATCH,
+            TRANSITION_BATCHES,
+            shutdown,
+            |calls| self.create_batch(calls),
+        )
+        .await
     }
 
     /// Applies queued StartJob calls until `shutdown`: one statement (one
@@ -125,7 +157,8 @@ impl Jobs {
     /// Creates jobs in one statement (all or nothing), resolving idempotency
     /// keys that already exist to their original job. Returns the jobs in
     /// request order. Delivery to Redis starts after the commit and never
-    /// fails the call.
+    /// fails the call. A single job (CreateJob) shares its statement with the
+    /// CreateJob calls that arrive meanwhile; a batch has one of its own.
     pub async fn create(
         &self,
         user_id: Uuid,
@@ -133,10 +166,20 @@ impl Jobs {
     ) -> Result<Vec<JobRow>, JobsError> {
         let with_ids: Vec<(Uuid, NewJob)> =
             items.into_iter().map(|j| (Uuid::now_v7(), j)).collect();
-        let client = self.pool.get().await?;
-        let traceparent = keel_shared::telemetry::current_traceparent();
-        let inserted =
-            store::insert_jobs(&client, user_id, &with_ids, traceparent.as_deref()).await?;
+        let wanted: Vec<(Uuid, Option<String>)> = with_ids
+            .iter()
+            .map(|(id, j)| (*id, j.idempotency_key.clone()))
+            .collect();
+        let call = CreateCall {
+            user_id,
+            jobs: with_ids,
+            traceparent: keel_shared::telemetry::current_traceparent(),
+        };
+        let inserted = if call.jobs.len() == 1 {
+            self.creates.call(call).await?
+        } else {
+            self.insert_call(&call).await?
+        };
         for (job, _) in &inserted {
             keel_shared::metrics::job_transition("created", &job.kind);
         }
@@ -145,37 +188,32 @@ impl Jobs {
             .filter(|(_, o)| o.due)
             .map(|(_, o)| o.outbox_id)
             .collect();
+        self.delivery.publish_soon(&due);
         let mut by_id: HashMap<Uuid, JobRow> =
             inserted.into_iter().map(|(j, _)| (j.id, j)).collect();
 
         // Only an existing idempotency key makes the insert skip an item.
-        let existing_keys: Vec<&str> = with_ids
+        let existing_keys: Vec<&str> = wanted
             .iter()
             .filter(|(id, _)| !by_id.contains_key(id))
-            .filter_map(|(_, j)| j.idempotency_key.as_deref())
+            .filter_map(|(_, key)| key.as_deref())
             .collect();
         let by_key: HashMap<String, JobRow> = if existing_keys.is_empty() {
             HashMap::new()
         } else {
+            let client = self.pool.get().await?;
             store::jobs_by_keys(&client, user_id, &existing_keys)
                 .await?
                 .into_iter()
                 .collect()
         };
-        drop(client);
 
-        self.delivery.publish_soon(&due);
-
-        with_ids
+        wanted
             .iter()
-            .map(|(id, j)| {
+            .map(|(id, key)| {
                 by_id
                     .remove(id)
-                    .or_else(|| {
-                        j.idempotency_key
-                            .as_deref()
-                            .and_then(|k| by_key.get(k).cloned())
-                    })
+                    .or_else(|| key.as_deref().and_then(|k| by_key.get(k).cloned()))
                     .ok_or_else(|| {
                         JobsError::Api(ApiError::Aborted(
                             "the job with this idempotency key changed concurrently, retry".into(),
@@ -183,6 +221,43 @@ impl Jobs {
                     })
             })
             .collect()
+    }
+
+    /// One create call in a statement of its own.
+    async fn insert_call(&self, call: &CreateCall) -> Result<Vec<Inserted>, JobsError> {
+        let client = self.pool.get().await?;
+        store::insert_jobs(&client, &new_rows(std::slice::from_ref(call))).await
+    }
+
+    /// One statement for a batch of CreateJob calls. If it fails, each call
+    /// runs again on its own, so a call that cannot succeed (its user was
+    /// deleted) fails alone.
+    async fn create_batch(&self, calls: Vec<CreateCall>) -> Vec<Result<Vec<Inserted>, JobsError>> {
+        if calls.len() > 1 {
+            let together = async {
+                let client = self.pool.get().await?;
+                store::insert_jobs(&client, &new_rows(&calls)).await
+            }
+            .await;
+            if let Ok(inserted) = together {
+                let mut by_id: HashMap<Uuid, Inserted> =
+                    inserted.into_iter().map(|i| (i.0.id, i)).collect();
+                return calls
+                    .iter()
+                    .map(|c| {
+                        Ok(c.jobs
+                            .iter()
+                            .filter_map(|(id, _)| by_id.remove(id))
+                            .collect())
+                    })
+                    .collect();
+            }
+        }
+        let mut outcomes = Vec::with_capacity(calls.len());
+        for call in &calls {
+            outcomes.push(self.insert_call(call).await);
+        }
+        outcomes
     }
 
     pub async fn get(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
@@ -416,6 +491,21 @@ impl Jobs {
 }
 
 /// Counts the transition that left `job` in its status (metrics).
+/// The rows of `calls`, for one insert statement.
+fn new_rows(calls: &[CreateCall]) -> Vec<store::NewRow<'_>> {
+    calls
+        .iter()
+        .flat_map(|c| {
+            c.jobs.iter().map(|(id, job)| store::NewRow {
+                id: *id,
+                user_id: c.user_id,
+                job,
+                traceparent: c.traceparent.as_deref(),
+            })
+        })
+        .collect()
+}
+
 fn count_transition(job: &JobRow) {
     let transition = match job.status {
         Status::Queued => "retried",

@@ -97,27 +97,37 @@ pub struct Outboxed {
     pub due: bool,
 }
 
-/// Inserts `jobs` (id, request) for `user_id` in one statement: all or nothing.
-/// `traceparent` is the creating call's trace context, handed on to workers.
-/// Returns the inserted jobs with their outbox rows; items whose idempotency
-/// key already exists are skipped (see [`jobs_by_keys`]).
+/// A job to insert: its id, owner, request and the trace context of the call
+/// that created it (handed on to workers).
+#[derive(Debug, Clone, Copy)]
+pub struct NewRow<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub job: &'a NewJob,
+    pub traceparent: Option<&'a str>,
+}
+
+/// Inserts `rows` in one statement: all or nothing. Returns the inserted jobs
+/// with their outbox rows; rows whose idempotency key already exists for
+/// their user (or earlier in `rows`) are skipped (see [`jobs_by_keys`]).
 pub async fn insert_jobs(
     client: &impl GenericClient,
-    user_id: Uuid,
-    jobs: &[(Uuid, NewJob)],
-    traceparent: Option<&str>,
+    rows: &[NewRow<'_>],
 ) -> Result<Vec<(JobRow, Outboxed)>, JobsError> {
+    // Keyed rows go in (user, key) order, so two statements inserting the
+    // same keys wait for each other instead of deadlocking.
     const SQL: &str = concat!(
         "WITH input AS (
-            SELECT * FROM unnest($2::uuid[], $3::text[], $4::jsonb[], $5::int4[], $6::int4[],
-                                 $7::timestamptz[], $8::text[])
-                   WITH ORDINALITY AS t(id, kind, payload, priority, max_attempts, run_at, idempotency_key, ord)
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int4[],
+                                 $6::int4[], $7::timestamptz[], $8::text[], $9::text[])
+                   WITH ORDINALITY AS t(id, user_id, kind, payload, priority, max_attempts, run_at,
+                                        idempotency_key, traceparent, ord)
          ), ins AS (
             INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at,
                               idempotency_key, traceparent)
-            SELECT id, $1, kind, payload, priority, max_attempts,
-                   greatest(coalesce(run_at, now()), now()), idempotency_key, $9
-            FROM input ORDER BY ord
+            SELECT id, user_id, kind, payload, priority, max_attempts,
+                   greatest(coalesce(run_at, now()), now()), idempotency_key, traceparent
+            FROM input ORDER BY user_id, idempotency_key, ord
             ON CONFLICT (user_id, idempotency_key) DO NOTHING
             RETURNING ",
         job_cols!(),
@@ -132,30 +142,32 @@ pub async fn insert_jobs(
          )
          SELECT ins.*, ob.id AS outbox_id, ob.due FROM ins JOIN ob ON ob.job_id = ins.id"
     );
-    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-    let kinds: Vec<&str> = jobs.iter().map(|(_, j)| j.kind.as_str()).collect();
-    let payloads: Vec<&serde_json::Value> = jobs.iter().map(|(_, j)| &j.payload).collect();
-    let priorities: Vec<i32> = jobs.iter().map(|(_, j)| j.priority).collect();
-    let max_attempts: Vec<i32> = jobs.iter().map(|(_, j)| j.max_attempts).collect();
-    let run_ats: Vec<Option<DateTime<Utc>>> = jobs.iter().map(|(_, j)| j.run_at).collect();
-    let keys: Vec<Option<&str>> = jobs
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let users: Vec<Uuid> = rows.iter().map(|r| r.user_id).collect();
+    let kinds: Vec<&str> = rows.iter().map(|r| r.job.kind.as_str()).collect();
+    let payloads: Vec<&serde_json::Value> = rows.iter().map(|r| &r.job.payload).collect();
+    let priorities: Vec<i32> = rows.iter().map(|r| r.job.priority).collect();
+    let max_attempts: Vec<i32> = rows.iter().map(|r| r.job.max_attempts).collect();
+    let run_ats: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.job.run_at).collect();
+    let keys: Vec<Option<&str>> = rows
         .iter()
-        .map(|(_, j)| j.idempotency_key.as_deref())
+        .map(|r| r.job.idempotency_key.as_deref())
         .collect();
+    let traceparents: Vec<Option<&str>> = rows.iter().map(|r| r.traceparent).collect();
     let stmt = client.prepare_cached(SQL).await?;
     let found = client
         .query(
             &stmt,
             &[
-                &user_id,
                 &ids,
+                &users,
                 &kinds,
                 &payloads,
                 &priorities,
                 &max_attempts,
                 &run_ats,
                 &keys,
-                &traceparent,
+                &traceparents,
             ],
         )
         .await

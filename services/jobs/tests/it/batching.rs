@@ -1,4 +1,4 @@
-//! Concurrent StartJob and CompleteJob calls share one statement (one commit)
+//! Concurrent CreateJob, StartJob and CompleteJob calls share one statement (one commit)
 //! per batch; each call still gets its own outcome.
 
 use std::collections::HashMap;
@@ -389,4 +389,122 @@ async fn replicas_starting_the_same_jobs_never_deadlock() {
             "{counts:?}"
         );
     }
+}
+
+async fn create_one(svc: &Svc, token: &str, n: usize, key: &str) -> Result<Job, tonic::Status> {
+    svc.jobs
+        .clone()
+        .create_job(keel_shared::testing::authed(
+            CreateJobRequest {
+                kind: "echo".into(),
+                payload: Some(output(n)),
+                idempotency_key: key.into(),
+                ..Default::default()
+            },
+            token,
+        ))
+        .await
+        .map(|r| r.into_inner().job.unwrap())
+}
+
+#[tokio::test]
+async fn concurrent_creates_of_two_users_share_statements_and_each_gets_its_own_job() {
+    let svc = Svc::start().await;
+    let (bob, bob_token) = svc.other_user().await;
+    let calls = (0..64).map(|n| {
+        let svc = &svc;
+        let token = if n % 2 == 0 {
+            svc.token.clone()
+        } else {
+            bob_token.clone()
+        };
+        async move { (n, create_one(svc, &token, n, "").await) }
+    });
+    let mut ids = Vec::new();
+    for (n, created) in join_all(calls).await {
+        let job = created.expect("CreateJob");
+        let owner = if n % 2 == 0 { svc.user } else { bob };
+        assert_eq!(
+            job.user_id,
+            owner.to_string(),
+            "job {n} belongs to its caller"
+        );
+        assert_eq!(job.payload, Some(output(n)), "job {n} has its own payload");
+        assert_eq!(job.status, JobStatus::Queued as i32);
+        ids.push(job.id);
+    }
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 64);
+    assert!(
+        writers(&svc, &ids).await < 64,
+        "64 concurrent CreateJob calls were not coalesced"
+    );
+    let created = event_counts(&svc, &ids, "created").await;
+    assert!(
+        ids.iter().all(|id| created.get(id) == Some(&1)),
+        "{created:?}"
+    );
+    // Each is delivered once it is committed.
+    svc.wait_delivered().await;
+    let delivered = svc.stream_counts().await;
+    assert!(
+        ids.iter().all(|id| delivered.get(id) == Some(&1)),
+        "{delivered:?}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_creates_with_one_idempotency_key_make_one_job() {
+    let svc = Svc::start().await;
+    let calls = (0..20).map(|n| create_one(&svc, &svc.token, n, "same-key"));
+    let ids: Vec<String> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("CreateJob with a key").id)
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    let client = svc.db.pool.get().await.unwrap();
+    let rows: i64 = client
+        .query_one(
+            "SELECT count(*) FROM jobs WHERE idempotency_key = 'same-key'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn a_deleted_users_create_fails_alone() {
+    let svc = Svc::start().await;
+    let (gone, gone_token) = svc.other_user().await;
+    let client = svc.db.pool.get().await.unwrap();
+    client
+        .execute("DELETE FROM users WHERE id = $1", &[&gone])
+        .await
+        .unwrap();
+    let calls = (0..40).map(|n| {
+        let svc = &svc;
+        let token = if n % 4 == 0 {
+            gone_token.clone()
+        } else {
+            svc.token.clone()
+        };
+        async move { (n, create_one(svc, &token, n, "").await) }
+    });
+    for (n, created) in join_all(calls).await {
+        if n % 4 == 0 {
+            let status = created.expect_err("a deleted user's token creates nothing");
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        } else {
+            created.expect("the other callers in its batch are not affected");
+        }
+    }
+    let jobs: i64 = client
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(jobs, 30);
 }

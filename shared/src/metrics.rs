@@ -383,7 +383,8 @@ where
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
         RpcFuture {
-            method: Some(req.uri().path().to_string()),
+            // Read only when metrics are on: no allocation per call otherwise.
+            method: enabled().then(|| req.uri().path().to_string()),
             inner: Box::pin(self.inner.call(req)),
             start: Instant::now(),
         }

@@ -114,7 +114,7 @@ fn subscriber(
 
 /// The server layer giving every RPC a span (`rpc`, named after the method)
 /// whose parent is the caller's `traceparent`, so log lines inside a call
-/// carry its method and, with tracing on, its trace id.
+/// carry its method and trace id. Only with tracing on.
 pub type RpcTraceLayer =
     TraceLayer<SharedClassifier<GrpcErrorsAsFailures>, RpcSpan, (), (), (), (), ()>;
 
@@ -134,8 +134,9 @@ pub struct RpcSpan;
 impl<B> MakeSpan<B> for RpcSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> Span {
         let method = request.uri().path().trim_start_matches('/');
-        // Probes and reflection would only add noise to traces.
-        if method.starts_with("grpc.") {
+        // Without traces the span would only cost time on every call; probes
+        // and reflection would only add noise to traces.
+        if !tracing_on() || method.starts_with("grpc.") {
             return Span::none();
         }
         let span = tracing::info_span!(
@@ -145,10 +146,8 @@ impl<B> MakeSpan<B> for RpcSpan {
             rpc.system = "grpc",
             trace_id = tracing::field::Empty,
         );
-        if tracing_on() {
-            let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
-            adopt(&span, parent);
-        }
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+        adopt(&span, parent);
         span
     }
 }

@@ -88,15 +88,7 @@ pub async fn run(
     // shutdown signal on), so calls still in flight during the grace period commit.
     let drained = CancellationToken::new();
     let _stop_transitions = drained.clone().drop_guard();
-    tokio::spawn(
-        jobs.clone()
-            .run_creates(transitions.creates, drained.clone()),
-    );
-    tokio::spawn(jobs.clone().run_starts(transitions.starts, drained.clone()));
-    tokio::spawn(
-        jobs.clone()
-            .run_completions(transitions.completions, drained),
-    );
+    jobs.spawn_batchers(transitions, drained);
     // Background loops stop with the server (the child token is cancelled on return too).
     let background = shutdown.child_token();
     let _stop_background = background.clone().drop_guard();

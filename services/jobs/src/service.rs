@@ -104,54 +104,44 @@ impl Jobs {
         (jobs, queues)
     }
 
-    /// Applies queued CreateJob calls until `shutdown`: one statement (one
-    /// commit) for all the calls that queued up meanwhile.
-    pub async fn run_creates(
-        self: Arc<Self>,
-        queue: batch::Queue<CreateCall, Vec<Inserted>>,
-        shutdown: CancellationToken,
-    ) {
-        batch::run(
-            queue,
-            TRANSITION_BATCH,
-            TRANSITION_BATCHES,
+    /// Spawns the batchers: until `shutdown`, the CreateJob, StartJob and
+    /// CompleteJob calls that queued up meanwhile are applied as one
+    /// statement (one commit) per kind.
+    pub fn spawn_batchers(self: &Arc<Self>, queues: Queues, shutdown: CancellationToken) {
+        let (max, in_flight) = (TRANSITION_BATCH, TRANSITION_BATCHES);
+        let jobs = self.clone();
+        tokio::spawn(batch::run(
+            queues.creates,
+            max,
+            in_flight,
+            shutdown.clone(),
+            move |calls| {
+                let jobs = jobs.clone();
+                async move { jobs.create_batch(calls).await }
+            },
+        ));
+        let jobs = self.clone();
+        tokio::spawn(batch::run(
+            queues.starts,
+            max,
+            in_flight,
+            shutdown.clone(),
+            move |calls| {
+                let jobs = jobs.clone();
+                async move { jobs.start_batch(calls).await }
+            },
+        ));
+        let jobs = self.clone();
+        tokio::spawn(batch::run(
+            queues.completions,
+            max,
+            in_flight,
             shutdown,
-            |calls| self.create_batch(calls),
-        )
-        .await
-    }
-
-    /// Applies queued StartJob calls until `shutdown`: one statement (one
-    /// commit) for all the calls that queued up meanwhile.
-    pub async fn run_starts(
-        self: Arc<Self>,
-        queue: batch::Queue<StartCall, Option<JobRow>>,
-        shutdown: CancellationToken,
-    ) {
-        batch::run(
-            queue,
-            TRANSITION_BATCH,
-            TRANSITION_BATCHES,
-            shutdown,
-            |calls| self.start_batch(calls),
-        )
-        .await
-    }
-
-    /// Applies queued CompleteJob calls until `shutdown`, like [`Jobs::run_starts`].
-    pub async fn run_completions(
-        self: Arc<Self>,
-        queue: batch::Queue<CompleteCall, Option<JobRow>>,
-        shutdown: CancellationToken,
-    ) {
-        batch::run(
-            queue,
-            TRANSITION_BATCH,
-            TRANSITION_BATCHES,
-            shutdown,
-            |calls| self.complete_batch(calls),
-        )
-        .await
+            move |calls| {
+                let jobs = jobs.clone();
+                async move { jobs.complete_batch(calls).await }
+            },
+        ));
     }
 
     /// Creates jobs in one statement (all or nothing), resolving idempotency

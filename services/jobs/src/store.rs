@@ -128,7 +128,7 @@ pub async fn insert_jobs(
             SELECT id, user_id, kind, payload, priority, max_attempts,
                    greatest(coalesce(run_at, now()), now()), idempotency_key, traceparent
             FROM input ORDER BY user_id, idempotency_key, ord
-            ON CONFLICT (user_id, idempotency_key) DO NOTHING
+            ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING ",
         job_cols!(),
         "

@@ -108,3 +108,56 @@ async fn finished_jobs_past_retention_are_deleted_in_batches_and_nothing_else() 
         .get(0);
     assert_eq!(events, 0, "history goes with its job");
 }
+
+#[tokio::test]
+async fn a_deleted_users_jobs_go_with_their_history_and_deliveries() {
+    let svc = Svc::start().await;
+    let (gone, gone_token) = svc.other_user().await;
+    let mut theirs = Vec::new();
+    for _ in 0..3 {
+        let job = svc
+            .jobs
+            .clone()
+            .create_job(keel_shared::testing::authed(
+                keel_proto::jobs::v1::CreateJobRequest {
+                    kind: "echo".into(),
+                    ..Default::default()
+                },
+                &gone_token,
+            ))
+            .await
+            .expect("create")
+            .into_inner()
+            .job
+            .unwrap();
+        theirs.push(Uuid::parse_str(&job.id).unwrap());
+    }
+    let mine = svc.create_kind("echo").await;
+    let mine = Uuid::parse_str(&mine.id).unwrap();
+
+    let client = svc.db.pool.get().await.unwrap();
+    client
+        .execute("DELETE FROM users WHERE id = $1", &[&gone])
+        .await
+        .unwrap();
+    let left = |table: &str| {
+        let sql = format!("SELECT count(*) FROM {table} WHERE job_id = ANY($1)");
+        let (client, theirs) = (&client, &theirs);
+        async move {
+            let theirs: i64 = client.query_one(&sql, &[theirs]).await.unwrap().get(0);
+            let mine: i64 = client.query_one(&sql, &[&vec![mine]]).await.unwrap().get(0);
+            (theirs, mine)
+        }
+    };
+    assert_eq!(
+        left("job_events").await,
+        (0, 1),
+        "history: theirs gone, mine kept"
+    );
+    assert_eq!(
+        left("job_outbox").await,
+        (0, 1),
+        "deliveries: theirs gone, mine kept"
+    );
+    assert!(exists(&svc, mine).await);
+}

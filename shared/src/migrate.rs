@@ -36,7 +36,24 @@ pub async fn run(pool: &Pool) -> Result<(), StartupError> {
     for m in report.applied_migrations() {
         tracing::info!(version = m.version(), name = m.name(), "applied migration");
     }
+    warn_if_autovacuum_off(&client).await;
     Ok(())
+}
+
+/// The services keep prepared statements per connection; Postgres re-plans
+/// them when ANALYZE refreshes a table's statistics. Without autovacuum that
+/// never happens, and plans chosen while a table was small (sequential scans)
+/// stay as it grows.
+async fn warn_if_autovacuum_off(client: &tokio_postgres::Client) {
+    if let Ok(row) = client.query_one("SHOW autovacuum", &[]).await
+        && row.get::<_, &str>(0) == "off"
+    {
+        tracing::warn!(
+            "Postgres runs with autovacuum off: table statistics go stale, and the plans of \
+             prepared statements chosen while tables were small (sequential scans) stay as they \
+             grow; turn autovacuum on, or run ANALYZE regularly"
+        );
+    }
 }
 
 /// A fingerprint of the embedded migrations (names and checksums), used by the

@@ -22,7 +22,12 @@ pub struct System {
     env: Vec<(String, String)>,
     services: Vec<(String, Child)>,
     workers: Vec<Child>,
+    /// Stands in for autovacuum's ANALYZE when the server has it off.
+    analyzer: Option<tokio::task::JoinHandle<()>>,
 }
+
+/// How often the bench runs ANALYZE when the server's autovacuum is off.
+const ANALYZE_EVERY: Duration = Duration::from_secs(2);
 
 fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -44,6 +49,18 @@ impl System {
             .batch_execute(&format!("CREATE DATABASE \"{db_name}\""))
             .await?;
         let db_url = keel_shared::db::with_dbname(admin_url, &db_name);
+        let autovacuum: String = admin.query_one("SHOW autovacuum", &[]).await?.get(0);
+        let analyzer = if autovacuum == "off" {
+            println!(
+                "keel-bench: this Postgres runs with autovacuum off; the bench runs ANALYZE on its \
+                 database every {}s instead, so the services' cached plans follow the tables' growth \
+                 as they would on a server with autovacuum",
+                ANALYZE_EVERY.as_secs()
+            );
+            Some(tokio::spawn(analyze_every(db_url.clone(), ANALYZE_EVERY)))
+        } else {
+            None
+        };
         let dir = std::env::temp_dir().join(&db_name);
         std::fs::create_dir_all(&dir)?;
         let (auth, jobs, memory) = (
@@ -89,6 +106,7 @@ impl System {
             env,
             services: Vec::new(),
             workers: Vec::new(),
+            analyzer,
         };
         for (name, addr) in [
             ("auth", system.auth.clone()),
@@ -204,6 +222,9 @@ fn proc_usage(pid: u32) -> (f64, f64) {
 
 impl Drop for System {
     fn drop(&mut self) {
+        if let Some(analyzer) = self.analyzer.take() {
+            analyzer.abort();
+        }
         self.stop_workers();
         for (_, c) in &mut self.services {
             let _ = c.kill();
@@ -229,5 +250,21 @@ impl Drop for System {
         })
         .join();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs ANALYZE on the database at `url` every `every`, as autovacuum's
+/// analyze would: it refreshes the statistics and so invalidates prepared
+/// plans chosen while the tables were small. Errors only end it.
+async fn analyze_every(url: String, every: Duration) {
+    let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+        return;
+    };
+    tokio::spawn(conn);
+    loop {
+        tokio::time::sleep(every).await;
+        if client.batch_execute("ANALYZE").await.is_err() {
+            return;
+        }
     }
 }

@@ -27,3 +27,16 @@ CREATE TRIGGER jobs_delete_dependents
 CREATE UNIQUE INDEX jobs_user_idempotency_key_idx ON jobs (user_id, idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 ALTER TABLE jobs DROP CONSTRAINT jobs_user_idempotency_key;
+
+-- History is only ever read per job, in order: one index, (job_id, id), is
+-- both the key and the lookup, instead of a key on id plus that index.
+ALTER TABLE job_events DROP CONSTRAINT job_events_pkey;
+ALTER TABLE job_events ADD PRIMARY KEY (job_id, id);
+DROP INDEX job_events_job_id_idx;
+
+-- A job has at most one outbox row (from creation or re-queueing until it
+-- starts): key the outbox by job, one index instead of two.
+DELETE FROM job_outbox a USING job_outbox b WHERE a.job_id = b.job_id AND a.id < b.id;
+ALTER TABLE job_outbox DROP COLUMN id;
+DROP INDEX job_outbox_job_id_idx;
+ALTER TABLE job_outbox ADD PRIMARY KEY (job_id);

@@ -13,10 +13,11 @@ use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::domain::Status;
 use crate::error::JobsError;
-use crate::store::{self, JobRow};
+use crate::store::{self, JobRow, Publication};
 
 /// Longest a Redis round trip may hold an outbox transaction or a handler.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
@@ -27,11 +28,16 @@ const REAP_BATCH: i64 = 500;
 const ANNOUNCE_QUEUE: usize = 4096;
 /// Most announcements sent in one pipeline.
 const ANNOUNCE_BATCH: usize = 128;
-/// Outbox rows waiting for their immediate publication; beyond this they are
-/// left to the relay (a drop only delays delivery by a relay interval).
+/// New jobs waiting for their immediate publication; beyond this they are
+/// left to the relay (a drop only delays delivery by [`PUBLISH_GRACE`]).
 const PUBLISH_QUEUE: usize = 16_384;
-/// Most outbox rows published in one transaction and one XADD pipeline.
+/// Most jobs published in one XADD pipeline.
 const PUBLISH_BATCH: usize = 500;
+/// How long the relay leaves a new job to the immediate publication of the
+/// replica that created it. Only a crash of that replica in between, or a
+/// dropped publication, makes it step in; a late one publishes twice, which
+/// workers tolerate (StartJob refuses a job that is no longer queued).
+pub const PUBLISH_GRACE: Duration = Duration::from_secs(2);
 
 /// A transition to publish: (channel, payload).
 pub type Announcement = (String, Vec<u8>);
@@ -46,13 +52,13 @@ pub struct Delivery {
     /// First wait before re-publishing a job that has not started.
     redeliver_after: Duration,
     announcements: mpsc::Sender<Announcement>,
-    publications: mpsc::Sender<i64>,
+    publications: mpsc::Sender<Publication>,
 }
 
 /// The queues the background tasks of a [`Delivery`] drain.
 pub struct Queues {
     pub announcements: mpsc::Receiver<Announcement>,
-    pub publications: mpsc::Receiver<i64>,
+    pub publications: mpsc::Receiver<Publication>,
 }
 
 impl Delivery {
@@ -84,31 +90,25 @@ impl Delivery {
         &self.redis_config
     }
 
-    /// Queues committed outbox rows for publication as soon as possible
-    /// (see [`Delivery::run_publisher`]). Never waits: when the queue is
-    /// full the relay publishes them.
-    pub fn publish_soon(&self, outbox_ids: &[i64]) {
-        for &id in outbox_ids {
-            if self.publications.try_send(id).is_err() {
+    /// Queues newly committed jobs (due now) for publication as soon as
+    /// possible (see [`Delivery::run_publisher`]). Never waits: when the
+    /// queue is full the relay publishes them after [`PUBLISH_GRACE`].
+    pub fn publish_soon(&self, jobs: impl IntoIterator<Item = Publication>) {
+        for job in jobs {
+            if self.publications.try_send(job).is_err() {
                 tracing::debug!("publication queue full; the relay will deliver");
                 return;
             }
         }
     }
 
-    /// Publishes the given outbox rows at once if they are due and no relay
-    /// holds them; best effort (the relay retries whatever is left).
-    pub async fn publish_now(&self, outbox_ids: &[i64]) -> Result<usize, JobsError> {
-        self.publish_claimed(Some(outbox_ids), outbox_ids.len() as i64)
-            .await
-    }
-
-    /// Publishes queued outbox rows in batches until `shutdown`: one
-    /// transaction and one XADD pipeline for all the rows that queued up
-    /// while the previous batch was out, instead of one per CreateJob.
+    /// Publishes queued new jobs in batches until `shutdown`: one XADD
+    /// pipeline for all the jobs that queued up while the previous batch was
+    /// out, then one (relaxed) statement marking their outbox rows published.
+    /// No lock is taken: the relay leaves new rows alone for [`PUBLISH_GRACE`].
     pub async fn run_publisher(
         self: Arc<Self>,
-        mut queue: mpsc::Receiver<i64>,
+        mut queue: mpsc::Receiver<Publication>,
         shutdown: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
@@ -118,40 +118,60 @@ impl Delivery {
                 _ = shutdown.cancelled() => return,
                 n = queue.recv_many(&mut batch, PUBLISH_BATCH) => if n == 0 { return },
             }
-            if let Err(e) = self.publish_now(&batch).await {
-                tracing::debug!(error = %e, count = batch.len(),
-                    "immediate delivery failed; the relay will retry");
+            let ids: Vec<Uuid> = batch.iter().map(|p| p.job_id).collect();
+            let outcome = match self.xadd(&batch).await {
+                Ok(()) => self.mark_published(&ids).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, count = ids.len(),
+                        "immediate delivery failed; handing the jobs to the relay");
+                    self.hand_to_relay(&ids).await
+                }
+            };
+            if let Err(e) = outcome {
+                // Unmarked rows are published again by the relay after the grace.
+                tracing::debug!(error = %e, "could not record immediate deliveries");
             }
         }
     }
 
-    /// One relay round: publishes up to `batch` due outbox rows.
-    pub async fn relay_once(&self, batch: i64) -> Result<usize, JobsError> {
-        self.publish_claimed(None, batch).await
+    async fn mark_published(&self, ids: &[Uuid]) -> Result<(), JobsError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::relax_commit(&tx).await?;
+        store::mark_published(&tx, ids, self.redeliver_after).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
+    async fn hand_to_relay(&self, ids: &[Uuid]) -> Result<(), JobsError> {
+        let client = self.pool.get().await?;
+        store::hand_to_relay(&client, ids).await
+    }
+
+    /// One relay round: publishes up to `limit` due outbox rows.
+    ///
     /// Claims rows with FOR UPDATE SKIP LOCKED, XADDs them and marks them
     /// published, all inside one transaction: a crash or a Redis error before
     /// the commit leaves the rows for the next round, and two replicas never
     /// both publish the same row. The commit does not wait for its flush:
     /// losing it in a crash only publishes those rows again, and workers
     /// refuse duplicates through StartJob.
-    async fn publish_claimed(&self, ids: Option<&[i64]>, limit: i64) -> Result<usize, JobsError> {
+    pub async fn relay_once(&self, limit: i64) -> Result<usize, JobsError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::relax_commit(&tx).await?;
-        let claimed = store::claim_outbox(&tx, ids, limit).await?;
+        let claimed = store::claim_outbox(&tx, limit).await?;
         if claimed.is_empty() {
             return Ok(0);
         }
         self.xadd(&claimed).await?;
-        let outbox_ids: Vec<i64> = claimed.iter().map(|c| c.outbox_id).collect();
-        store::mark_published(&tx, &outbox_ids, self.redeliver_after).await?;
+        let ids: Vec<Uuid> = claimed.iter().map(|c| c.job_id).collect();
+        store::mark_published(&tx, &ids, self.redeliver_after).await?;
         tx.commit().await?;
         Ok(claimed.len())
     }
 
-    async fn xadd(&self, claimed: &[store::Claimed]) -> Result<(), ApiError> {
+    async fn xadd(&self, jobs: &[Publication]) -> Result<(), ApiError> {
         let stream = self.redis_config.jobs_stream();
         let result = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = self.redis.get().await?;
@@ -172,7 +192,7 @@ impl Delivery {
                 self.group_ready.store(true, Ordering::Relaxed);
             }
             let mut pipe = redis::pipe();
-            for job in claimed {
+            for job in jobs {
                 let cmd = pipe
                     .cmd("XADD")
                     .arg(&stream)

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::batch::{self, Batcher};
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, PUBLISH_GRACE};
 use crate::domain::{self, NewJob, Status};
 use crate::error::JobsError;
 use crate::store::{self, JobRow};
@@ -32,7 +32,7 @@ pub struct Jobs {
     pub pool: Pool,
     pub delivery: Arc<Delivery>,
     pub settings: Settings,
-    creates: Batcher<CreateCall, Vec<Inserted>>,
+    creates: Batcher<CreateCall, Vec<JobRow>>,
     starts: Batcher<StartCall, Option<JobRow>>,
     completions: Batcher<CompleteCall, Option<JobRow>>,
 }
@@ -43,9 +43,6 @@ pub struct CreateCall {
     jobs: Vec<(Uuid, NewJob)>,
     traceparent: Option<String>,
 }
-
-/// A job a create call inserted, with its outbox row.
-type Inserted = (JobRow, store::Outboxed);
 
 /// A StartJob waiting for its batch.
 pub struct StartCall {
@@ -67,7 +64,7 @@ type Applied = Result<Option<JobRow>, JobsError>;
 
 /// The queues the batchers of a [`Jobs`] drain.
 pub struct Queues {
-    pub creates: batch::Queue<CreateCall, Vec<Inserted>>,
+    pub creates: batch::Queue<CreateCall, Vec<JobRow>>,
     pub starts: batch::Queue<StartCall, Option<JobRow>>,
     pub completions: batch::Queue<CompleteCall, Option<JobRow>>,
 }
@@ -160,27 +157,27 @@ impl Jobs {
             .iter()
             .map(|(id, j)| (*id, j.idempotency_key.clone()))
             .collect();
+        let traceparent = keel_shared::telemetry::current_traceparent();
         let call = CreateCall {
             user_id,
             jobs: with_ids,
-            traceparent: keel_shared::telemetry::current_traceparent(),
+            traceparent: traceparent.clone(),
         };
         let inserted = if call.jobs.len() == 1 {
             self.creates.call(call).await?
         } else {
             self.insert_call(&call).await?
         };
-        for (job, _) in &inserted {
+        for job in &inserted {
             keel_shared::metrics::job_transition("created", &job.kind);
         }
-        let due: Vec<i64> = inserted
-            .iter()
-            .filter(|(_, o)| o.due)
-            .map(|(_, o)| o.outbox_id)
-            .collect();
-        self.delivery.publish_soon(&due);
-        let mut by_id: HashMap<Uuid, JobRow> =
-            inserted.into_iter().map(|(j, _)| (j.id, j)).collect();
+        // The insert's now() is the jobs' created_at: a job due then is published now.
+        let due = inserted.iter().filter(|j| j.run_at <= j.created_at);
+        self.delivery.publish_soon(due.map(|j| store::Publication {
+            job_id: j.id,
+            traceparent: traceparent.clone(),
+        }));
+        let mut by_id: HashMap<Uuid, JobRow> = inserted.into_iter().map(|j| (j.id, j)).collect();
 
         // Only an existing idempotency key makes the insert skip an item.
         let existing_keys: Vec<&str> = wanted
@@ -214,24 +211,29 @@ impl Jobs {
     }
 
     /// One create call in a statement of its own.
-    async fn insert_call(&self, call: &CreateCall) -> Result<Vec<Inserted>, JobsError> {
+    async fn insert_call(&self, call: &CreateCall) -> Result<Vec<JobRow>, JobsError> {
         let client = self.pool.get().await?;
-        store::insert_jobs(&client, &new_rows(std::slice::from_ref(call))).await
+        store::insert_jobs(
+            &client,
+            &new_rows(std::slice::from_ref(call)),
+            PUBLISH_GRACE,
+        )
+        .await
     }
 
     /// One statement for a batch of CreateJob calls. If it fails, each call
     /// runs again on its own, so a call that cannot succeed (its user was
     /// deleted) fails alone.
-    async fn create_batch(&self, calls: Vec<CreateCall>) -> Vec<Result<Vec<Inserted>, JobsError>> {
+    async fn create_batch(&self, calls: Vec<CreateCall>) -> Vec<Result<Vec<JobRow>, JobsError>> {
         if calls.len() > 1 {
             let together = async {
                 let client = self.pool.get().await?;
-                store::insert_jobs(&client, &new_rows(&calls)).await
+                store::insert_jobs(&client, &new_rows(&calls), PUBLISH_GRACE).await
             }
             .await;
             if let Ok(inserted) = together {
-                let mut by_id: HashMap<Uuid, Inserted> =
-                    inserted.into_iter().map(|i| (i.0.id, i)).collect();
+                let mut by_id: HashMap<Uuid, JobRow> =
+                    inserted.into_iter().map(|j| (j.id, j)).collect();
                 return calls
                     .iter()
                     .map(|c| {

@@ -89,14 +89,6 @@ fn opt_row(row: Option<Row>) -> Result<Option<JobRow>, JobsError> {
     row.as_ref().map(JobRow::try_from).transpose()
 }
 
-/// An outbox row written with a new or re-queued job.
-#[derive(Debug, Clone, Copy)]
-pub struct Outboxed {
-    pub outbox_id: i64,
-    /// Deliverable now (else the relay publishes it when due).
-    pub due: bool,
-}
-
 /// A job to insert: its id, owner, request and the trace context of the call
 /// that created it (handed on to workers).
 #[derive(Debug, Clone, Copy)]
@@ -107,13 +99,16 @@ pub struct NewRow<'a> {
     pub traceparent: Option<&'a str>,
 }
 
-/// Inserts `rows` in one statement: all or nothing. Returns the inserted jobs
-/// with their outbox rows; rows whose idempotency key already exists for
-/// their user (or earlier in `rows`) are skipped (see [`jobs_by_keys`]).
+/// Inserts `rows` in one statement: all or nothing. Returns the inserted jobs;
+/// rows whose idempotency key already exists for their user (or earlier in
+/// `rows`) are skipped (see [`jobs_by_keys`]). Each job gets an outbox row,
+/// due at its `run_at`; a job due now is left to the caller to publish at
+/// once, and to the relay only if it has not started after `publish_grace`.
 pub async fn insert_jobs(
     client: &impl GenericClient,
     rows: &[NewRow<'_>],
-) -> Result<Vec<(JobRow, Outboxed)>, JobsError> {
+    publish_grace: Duration,
+) -> Result<Vec<JobRow>, JobsError> {
     // Keyed rows go in (user, key) order, so two statements inserting the
     // same keys wait for each other instead of deadlocking.
     const SQL: &str = concat!(
@@ -137,10 +132,12 @@ pub async fn insert_jobs(
             SELECT id, 'created', status, attempt FROM ins
          ), ob AS (
             INSERT INTO job_outbox (job_id, deliver_at, priority)
-            SELECT id, run_at, priority FROM ins
-            RETURNING id, job_id, deliver_at <= now() AS due
+            SELECT id, CASE WHEN run_at <= now() THEN now() + make_interval(secs => $10)
+                            ELSE run_at END,
+                   priority
+            FROM ins
          )
-         SELECT ins.*, ob.id AS outbox_id, ob.due FROM ins JOIN ob ON ob.job_id = ins.id"
+         SELECT * FROM ins"
     );
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
     let users: Vec<Uuid> = rows.iter().map(|r| r.user_id).collect();
@@ -168,6 +165,7 @@ pub async fn insert_jobs(
                 &run_ats,
                 &keys,
                 &traceparents,
+                &publish_grace.as_secs_f64(),
             ],
         )
         .await
@@ -181,18 +179,7 @@ pub async fn insert_jobs(
                 e.into()
             }
         })?;
-    found
-        .iter()
-        .map(|row| {
-            Ok((
-                JobRow::try_from(row)?,
-                Outboxed {
-                    outbox_id: row.try_get("outbox_id")?,
-                    due: row.try_get("due")?,
-                },
-            ))
-        })
-        .collect()
+    found.iter().map(JobRow::try_from).collect()
 }
 
 /// The caller's jobs with these idempotency keys.
@@ -540,54 +527,34 @@ pub async fn reap_expired_leases(
     rows(&client.query(&stmt, &[&limit]).await?)
 }
 
-/// An outbox row claimed for publication.
+/// A job to add to the stream, with the trace context it was created in.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claimed {
-    pub outbox_id: i64,
+pub struct Publication {
     pub job_id: Uuid,
-    /// The trace context the job was created in.
     pub traceparent: Option<String>,
 }
 
-/// Locks due outbox rows no one else holds: the given ones (publish right
-/// after commit) or, with None, up to `limit` of any (the relay), highest
-/// priority first. Call inside a transaction; the locks last until it ends.
+/// Locks up to `limit` due outbox rows no one else holds, highest priority
+/// first. Call inside a transaction; the locks last until it ends.
 pub async fn claim_outbox(
     client: &impl GenericClient,
-    ids: Option<&[i64]>,
     limit: i64,
-) -> Result<Vec<Claimed>, JobsError> {
-    // Two statements, so each keeps its own plan: the given rows through the
-    // primary key, any due rows through the deliver_at index.
-    const GIVEN: &str = "SELECT o.id, o.job_id, j.traceparent
-                         FROM job_outbox o JOIN jobs j ON j.id = o.job_id
-                         WHERE o.id = ANY($1) AND o.deliver_at <= now()
-                         ORDER BY o.priority DESC, o.deliver_at, o.id
-                         LIMIT $2
-                         FOR UPDATE OF o SKIP LOCKED";
-    const ANY_DUE: &str = "SELECT o.id, o.job_id, j.traceparent
-                           FROM job_outbox o JOIN jobs j ON j.id = o.job_id
-                           WHERE o.deliver_at <= now()
-                           ORDER BY o.priority DESC, o.deliver_at, o.id
-                           LIMIT $1
-                           FOR UPDATE OF o SKIP LOCKED";
-    let found = match ids {
-        Some(ids) => {
-            let stmt = client.prepare_cached(GIVEN).await?;
-            client.query(&stmt, &[&ids, &limit]).await?
-        }
-        None => {
-            let stmt = client.prepare_cached(ANY_DUE).await?;
-            client.query(&stmt, &[&limit]).await?
-        }
-    };
-    found
+) -> Result<Vec<Publication>, JobsError> {
+    const SQL: &str = "SELECT o.job_id, j.traceparent
+                       FROM job_outbox o JOIN jobs j ON j.id = o.job_id
+                       WHERE o.deliver_at <= now()
+                       ORDER BY o.priority DESC, o.deliver_at, o.job_id
+                       LIMIT $1
+                       FOR UPDATE OF o SKIP LOCKED";
+    let stmt = client.prepare_cached(SQL).await?;
+    client
+        .query(&stmt, &[&limit])
+        .await?
         .iter()
         .map(|r| {
-            Ok(Claimed {
-                outbox_id: r.try_get(0)?,
-                job_id: r.try_get(1)?,
-                traceparent: r.try_get(2)?,
+            Ok(Publication {
+                job_id: r.try_get(0)?,
+                traceparent: r.try_get(1)?,
             })
         })
         .collect()
@@ -603,22 +570,32 @@ pub async fn relax_commit(client: &impl GenericClient) -> Result<(), JobsError> 
     Ok(())
 }
 
-/// Marks outbox rows published. Each stays until its job starts; if that
-/// has not happened after `redeliver_after * 2^(publications - 1)` (at most
-/// 1024 times `redeliver_after`), it is published again.
+/// Marks the jobs' outbox rows published. Each stays until its job starts;
+/// if that has not happened after `redeliver_after * 2^(publications - 1)`
+/// (at most 1024 times `redeliver_after`), it is published again.
 pub async fn mark_published(
     client: &impl GenericClient,
-    ids: &[i64],
+    job_ids: &[Uuid],
     redeliver_after: Duration,
 ) -> Result<(), JobsError> {
     const SQL: &str = "UPDATE job_outbox
                        SET published_at = now(), publications = publications + 1,
                            deliver_at = now() + make_interval(secs => $2 * power(2, least(publications, 10)))
-                       WHERE id = ANY($1)";
+                       WHERE job_id = ANY($1)";
     let stmt = client.prepare_cached(SQL).await?;
     client
-        .execute(&stmt, &[&ids, &redeliver_after.as_secs_f64()])
+        .execute(&stmt, &[&job_ids, &redeliver_after.as_secs_f64()])
         .await?;
+    Ok(())
+}
+
+/// Makes the jobs' outbox rows due now if they were never published: an
+/// immediate publication failed, so the relay takes over at its next round.
+pub async fn hand_to_relay(client: &impl GenericClient, job_ids: &[Uuid]) -> Result<(), JobsError> {
+    const SQL: &str = "UPDATE job_outbox SET deliver_at = now()
+                       WHERE job_id = ANY($1) AND published_at IS NULL";
+    let stmt = client.prepare_cached(SQL).await?;
+    client.execute(&stmt, &[&job_ids]).await?;
     Ok(())
 }
 

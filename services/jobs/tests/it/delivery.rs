@@ -235,3 +235,44 @@ async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
         .count();
     assert_eq!(expired, 1);
 }
+
+#[tokio::test]
+async fn a_new_job_whose_publication_was_lost_is_published_by_the_relay_after_the_grace() {
+    use keel_jobs::delivery::PUBLISH_GRACE;
+    use keel_jobs::store::{NewRow, insert_jobs};
+
+    // A busy relay: it must still leave a new job to its creator's publisher.
+    let svc = Svc::start_with(|c| c.relay_interval_ms = 5).await;
+    // What a replica that crashed between its commit and its XADD leaves.
+    let job = keel_jobs::domain::NewJob {
+        kind: "echo".into(),
+        payload: serde_json::json!({}),
+        priority: 0,
+        max_attempts: 1,
+        run_at: None,
+        idempotency_key: None,
+    };
+    let id = Uuid::now_v7();
+    let row = NewRow {
+        id,
+        user_id: svc.user,
+        job: &job,
+        traceparent: None,
+    };
+    let client = svc.db.pool.get().await.unwrap();
+    let committed = std::time::Instant::now();
+    insert_jobs(&client, &[row], PUBLISH_GRACE).await.unwrap();
+
+    let id = id.to_string();
+    testing::eventually(WAIT, "the relay publishes the job", || async {
+        svc.stream_ids().await.contains(&id)
+    })
+    .await;
+    assert!(
+        committed.elapsed() >= PUBLISH_GRACE,
+        "published after {:?}, before the grace ran out",
+        committed.elapsed()
+    );
+    svc.wait_delivered().await;
+    assert_eq!(svc.stream_counts().await.get(&id), Some(&1));
+}

@@ -9,6 +9,4 @@ FROM debian:bookworm-slim
 RUN useradd --system --uid 10001 keel
 COPY --from=build /src/target/release/keel-auth /src/target/release/keel-jobs \
      /src/target/release/keel-memory /src/target/release/keel-worker /usr/local/bin/
-# glibc would otherwise keep every freed 19 MiB argon2 buffer in auth's heap.
-ENV MALLOC_MMAP_THRESHOLD_=1048576
 USER keel

@@ -42,7 +42,6 @@ export KEEL_JWT_PUBLIC_KEY_FILES="$tmp/jwt/signing.pem.pub"
 export KEEL_AUTH_ADDR="127.0.0.1:$(free_port)" KEEL_JOBS_ADDR="127.0.0.1:$(free_port)"
 export KEEL_MEMORY_ADDR="127.0.0.1:$(free_port)" KEEL_WORKER_HEALTH_ADDR="127.0.0.1:$(free_port)"
 export KEEL_JOBS_URL="http://$KEEL_JOBS_ADDR"
-export MALLOC_MMAP_THRESHOLD_=1048576   # see scripts/run.sh
 
 start() { # name addr
   "$bin/keel-$1" >"$tmp/$1.log" 2>&1 &

@@ -33,8 +33,6 @@ export KEEL_JOBS_ADDR=${KEEL_JOBS_ADDR:-127.0.0.1:50052}
 export KEEL_MEMORY_ADDR=${KEEL_MEMORY_ADDR:-127.0.0.1:50053}
 export KEEL_WORKER_HEALTH_ADDR=${KEEL_WORKER_HEALTH_ADDR:-127.0.0.1:50054}
 export KEEL_JOBS_URL="http://$KEEL_JOBS_ADDR"
-# glibc would otherwise keep every freed 19 MiB argon2 buffer in auth's heap.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-1048576}
 
 log "building (release)"
 cargo build --release --locked -p keel-auth -p keel-jobs -p keel-memory -p keel-worker

@@ -91,8 +91,6 @@ impl System {
             ("KEEL_MEMORY_ADDR".into(), memory.clone()),
             ("KEEL_JOBS_URL".into(), format!("http://{jobs}")),
             ("RUST_LOG".into(), "warn".into()),
-            // As scripts/run.sh and the images run them (argon2 buffers are returned to the OS).
-            ("MALLOC_MMAP_THRESHOLD_".into(), "1048576".into()),
         ];
         let mut system = Self {
             auth,

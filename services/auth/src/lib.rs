@@ -56,6 +56,7 @@ pub async fn run(
             login.argon2_memory_kib,
             login.argon2_iterations,
             login.argon2_parallelism,
+            login.max_concurrent_hashes(),
         )
     })
     .await

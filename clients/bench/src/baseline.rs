@@ -74,7 +74,8 @@ impl Baseline {
                     job: &job,
                     traceparent: None,
                 };
-                keel_jobs::store::insert_jobs(&client, &[row]).await?;
+                keel_jobs::store::insert_jobs(&client, &[row], keel_jobs::delivery::PUBLISH_GRACE)
+                    .await?;
                 Ok(())
             }
         })

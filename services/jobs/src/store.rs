@@ -573,6 +573,11 @@ pub async fn relax_commit(client: &impl GenericClient) -> Result<(), JobsError> 
 /// Marks the jobs' outbox rows published. Each stays until its job starts;
 /// if that has not happened after `redeliver_after * 2^(publications - 1)`
 /// (at most 1024 times `redeliver_after`), it is published again.
+///
+/// Rows another transaction holds are skipped, not waited for: a StartJob
+/// batch deleting them (the job started: nothing left to mark), or the
+/// relay (it marks them itself). Waiting could deadlock with a StartJob
+/// batch that locks the same jobs in another order.
 pub async fn mark_published(
     client: &impl GenericClient,
     job_ids: &[Uuid],
@@ -581,7 +586,8 @@ pub async fn mark_published(
     const SQL: &str = "UPDATE job_outbox
                        SET published_at = now(), publications = publications + 1,
                            deliver_at = now() + make_interval(secs => $2 * power(2, least(publications, 10)))
-                       WHERE job_id = ANY($1)";
+                       WHERE job_id IN (SELECT job_id FROM job_outbox WHERE job_id = ANY($1)
+                                        FOR UPDATE SKIP LOCKED)";
     let stmt = client.prepare_cached(SQL).await?;
     client
         .execute(&stmt, &[&job_ids, &redeliver_after.as_secs_f64()])

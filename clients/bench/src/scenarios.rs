@@ -658,8 +658,16 @@ async fn e2e_paced(
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut calls = tokio::task::JoinSet::new();
+    // The largest resident memory of each process while the load is offered.
+    let mut rss = system.rss_now();
+    let sample_every = ((rate / 5.0) as usize).max(1);
     for i in 0..n {
         ticks.tick().await;
+        if i % sample_every == 0 {
+            for ((_, max), (_, now)) in rss.iter_mut().zip(system.rss_now()) {
+                *max = f64::max(*max, now);
+            }
+        }
         let (mut client, tk, m) = (jobs_client(i), token.clone(), marker.clone());
         calls.spawn(async move {
             client
@@ -698,9 +706,15 @@ async fn e2e_paced(
         }
     }
     let mut stats = settle(opts, system, "e2e-half-load", &marker, started, &created).await?;
+    let rss: Vec<String> = rss
+        .iter()
+        .map(|(name, mib)| format!("{name} {mib:.1}"))
+        .collect();
     stats.note = format!(
-        "offered {rate:.0} jobs/s for {}s; {}",
-        opts.seconds, stats.note
+        "offered {rate:.0} jobs/s for {}s; {}; RSS MiB while offered: {}",
+        opts.seconds,
+        stats.note.trim_end(),
+        rss.join(", ")
     );
     Ok(stats)
 }

@@ -175,6 +175,24 @@ impl System {
     }
 
     /// (name, CPU seconds so far, peak RSS in MiB) of each service process and of the workers together.
+    /// Resident memory (MiB) of each service now, and the largest worker's.
+    pub fn rss_now(&self) -> Vec<(String, f64)> {
+        let mut out: Vec<(String, f64)> = self
+            .services
+            .iter()
+            .map(|(name, c)| (name.clone(), status_mib(c.id(), "VmRSS:")))
+            .collect();
+        if !self.workers.is_empty() {
+            let rss = self
+                .workers
+                .iter()
+                .map(|c| status_mib(c.id(), "VmRSS:"))
+                .fold(0.0, f64::max);
+            out.push(("worker".into(), rss));
+        }
+        out
+    }
+
     pub fn usage(&self) -> Vec<(String, f64, f64)> {
         let mut out: Vec<(String, f64, f64)> = self
             .services
@@ -209,13 +227,18 @@ fn proc_usage(pid: u32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     let cpu = (ticks(11) + ticks(12)) / 100.0; // USER_HZ is 100 on Linux
+    (cpu, status_mib(pid, "VmHWM:"))
+}
+
+/// A memory line of /proc/<pid>/status (`VmRSS:`, `VmHWM:`), in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kib = status
+    let kib = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
-    (cpu, hwm_kib / 1024.0)
+    kib / 1024.0
 }
 
 impl Drop for System {

@@ -105,7 +105,8 @@ impl Delivery {
     /// Publishes queued new jobs in batches until `shutdown`: one XADD
     /// pipeline for all the jobs that queued up while the previous batch was
     /// out, then one (relaxed) statement marking their outbox rows published.
-    /// No lock is taken: the relay leaves new rows alone for [`PUBLISH_GRACE`].
+    /// Nothing is claimed first: the relay leaves new rows alone for
+    /// [`PUBLISH_GRACE`].
     pub async fn run_publisher(
         self: Arc<Self>,
         mut queue: mpsc::Receiver<Publication>,

@@ -9,6 +9,9 @@ use keel_shared::config::RedisConfig;
 use keel_shared::testing;
 use uuid::Uuid;
 
+use keel_jobs::delivery::PUBLISH_GRACE;
+use keel_jobs::store::{NewRow, insert_jobs, mark_published};
+
 use crate::support::{Svc, WAIT, stream_ids};
 
 #[tokio::test]
@@ -236,14 +239,9 @@ async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
     assert_eq!(expired, 1);
 }
 
-#[tokio::test]
-async fn a_new_job_whose_publication_was_lost_is_published_by_the_relay_after_the_grace() {
-    use keel_jobs::delivery::PUBLISH_GRACE;
-    use keel_jobs::store::{NewRow, insert_jobs};
-
-    // A busy relay: it must still leave a new job to its creator's publisher.
-    let svc = Svc::start_with(|c| c.relay_interval_ms = 5).await;
-    // What a replica that crashed between its commit and its XADD leaves.
+/// Inserts `n` echo jobs as CreateJob commits them, without their immediate
+/// publication: what a replica that died between commit and XADD leaves.
+async fn committed_unpublished(svc: &Svc, n: usize) -> Vec<Uuid> {
     let job = keel_jobs::domain::NewJob {
         kind: "echo".into(),
         payload: serde_json::json!({}),
@@ -252,18 +250,26 @@ async fn a_new_job_whose_publication_was_lost_is_published_by_the_relay_after_th
         run_at: None,
         idempotency_key: None,
     };
-    let id = Uuid::now_v7();
-    let row = NewRow {
-        id,
-        user_id: svc.user,
-        job: &job,
-        traceparent: None,
-    };
+    let rows: Vec<NewRow> = (0..n)
+        .map(|_| NewRow {
+            id: Uuid::now_v7(),
+            user_id: svc.user,
+            job: &job,
+            traceparent: None,
+        })
+        .collect();
     let client = svc.db.pool.get().await.unwrap();
-    let committed = std::time::Instant::now();
-    insert_jobs(&client, &[row], PUBLISH_GRACE).await.unwrap();
+    insert_jobs(&client, &rows, PUBLISH_GRACE).await.unwrap();
+    rows.iter().map(|r| r.id).collect()
+}
 
-    let id = id.to_string();
+#[tokio::test]
+async fn a_new_job_whose_publication_was_lost_is_published_by_the_relay_after_the_grace() {
+    // A busy relay: it must still leave a new job to its creator's publisher.
+    let svc = Svc::start_with(|c| c.relay_interval_ms = 5).await;
+    let committed = std::time::Instant::now();
+    let id = committed_unpublished(&svc, 1).await[0].to_string();
+
     testing::eventually(WAIT, "the relay publishes the job", || async {
         svc.stream_ids().await.contains(&id)
     })
@@ -275,4 +281,47 @@ async fn a_new_job_whose_publication_was_lost_is_published_by_the_relay_after_th
     );
     svc.wait_delivered().await;
     assert_eq!(svc.stream_counts().await.get(&id), Some(&1));
+}
+
+#[tokio::test]
+async fn marking_publications_skips_a_row_a_start_holds_instead_of_deadlocking() {
+    let svc = Svc::start().await;
+    let ids = committed_unpublished(&svc, 2).await;
+    let (a, b) = (ids[0], ids[1]);
+
+    // A StartJob batch that has deleted b's outbox row and goes on to a.
+    let mut starter = svc.db.pool.get().await.unwrap();
+    let start = starter.transaction().await.unwrap();
+    start
+        .execute("DELETE FROM job_outbox WHERE job_id = $1", &[&b])
+        .await
+        .unwrap();
+
+    // The publisher marks both: it must not wait for b (waiting, while
+    // holding a, is what deadlocked with the start batch).
+    let marker = svc.db.pool.get().await.unwrap();
+    tokio::time::timeout(
+        WAIT,
+        mark_published(&marker, &[a, b], Duration::from_secs(60)),
+    )
+    .await
+    .expect("marking waited for the row the start batch holds")
+    .unwrap();
+
+    start
+        .execute("DELETE FROM job_outbox WHERE job_id = $1", &[&a])
+        .await
+        .expect("the start batch goes on");
+    start.rollback().await.unwrap();
+    let published: Vec<Uuid> = marker
+        .query(
+            "SELECT job_id FROM job_outbox WHERE published_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(published, vec![a], "a marked, b (held) skipped");
 }

@@ -619,9 +619,9 @@ pub async fn outbox_stats(client: &impl GenericClient) -> Result<(i64, i64, f64)
 }
 
 /// Deletes up to `limit` jobs that finished before `cutoff`, with their
-/// events and outbox rows (ON DELETE CASCADE); returns how many. Only jobs
-/// created before the cutoff can qualify, so the scan is bounded to the oldest
-/// ids (v7 ids sort by creation time). Replicas skip each other's rows.
+/// events and outbox rows (the `jobs_delete_dependents` trigger); returns
+/// how many. Only jobs created before the cutoff can qualify, so the scan is
+/// bounded to the oldest ids (v7 ids sort by creation time). Replicas skip each other's rows.
 pub async fn delete_finished_before(
     client: &impl GenericClient,
     cutoff: DateTime<Utc>,

@@ -1,6 +1,7 @@
 //! Keel's common crate: what every service binary needs and nothing service-specific.
 
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -25,6 +25,12 @@ impl JobsError {
     }
 }
 
+impl From<keel_shared::batch::Stopped> for JobsError {
+    fn from(_: keel_shared::batch::Stopped) -> Self {
+        Self::Api(ApiError::Unavailable("the jobs service is stopping".into()))
+    }
+}
+
 impl From<tokio_postgres::Error> for JobsError {
     fn from(e: tokio_postgres::Error) -> Self {
         Self::Api(e.into())

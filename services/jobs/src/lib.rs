@@ -1,6 +1,5 @@
 //! Keel jobs service: durable jobs, delivered to workers through a Redis stream.
 
-mod batch;
 pub mod config;
 pub mod delivery;
 pub mod domain;

@@ -9,10 +9,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use keel_shared::ApiError;
+use keel_shared::batch::{self, Batcher};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::batch::{self, Batcher};
 use crate::delivery::{Delivery, PUBLISH_GRACE};
 use crate::domain::{self, NewJob, Status};
 use crate::error::JobsError;
@@ -32,9 +32,9 @@ pub struct Jobs {
     pub pool: Pool,
     pub delivery: Arc<Delivery>,
     pub settings: Settings,
-    creates: Batcher<CreateCall, Vec<JobRow>>,
-    starts: Batcher<StartCall, Option<JobRow>>,
-    completions: Batcher<CompleteCall, Option<JobRow>>,
+    creates: Batcher<CreateCall, Vec<JobRow>, JobsError>,
+    starts: Batcher<StartCall, Option<JobRow>, JobsError>,
+    completions: Batcher<CompleteCall, Option<JobRow>, JobsError>,
 }
 
 /// A CreateJob waiting for its batch.
@@ -64,9 +64,9 @@ type Applied = Result<Option<JobRow>, JobsError>;
 
 /// The queues the batchers of a [`Jobs`] drain.
 pub struct Queues {
-    pub creates: batch::Queue<CreateCall, Vec<JobRow>>,
-    pub starts: batch::Queue<StartCall, Option<JobRow>>,
-    pub completions: batch::Queue<CompleteCall, Option<JobRow>>,
+    pub creates: batch::Queue<CreateCall, Vec<JobRow>, JobsError>,
+    pub starts: batch::Queue<StartCall, Option<JobRow>, JobsError>,
+    pub completions: batch::Queue<CompleteCall, Option<JobRow>, JobsError>,
 }
 
 /// How often CancelJob re-reads a job that changed under it before giving up.
@@ -482,7 +482,6 @@ impl Jobs {
     }
 }
 
-/// Counts the transition that left `job` in its status (metrics).
 /// The rows of `calls`, for one insert statement.
 fn new_rows(calls: &[CreateCall]) -> Vec<store::NewRow<'_>> {
     calls
@@ -498,6 +497,7 @@ fn new_rows(calls: &[CreateCall]) -> Vec<store::NewRow<'_>> {
         .collect()
 }
 
+/// Counts the transition that left `job` in its status (metrics).
 fn count_transition(job: &JobRow) {
     let transition = match job.status {
         Status::Queued => "retried",

@@ -1,46 +1,48 @@
 //! Group commit: calls that queue up while one batch is in flight run
-//! together as the next batch (one statement, one commit), each with its own reply.
+//! together as the next batch (one statement and commit, or one RPC), each
+//! with its own reply. Nothing waits for more calls, so a lone call adds no latency.
 
 use std::future::Future;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use keel_shared::ApiError;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::JobsError;
-
-type Reply<O> = oneshot::Sender<Result<O, JobsError>>;
+type Reply<O, E> = oneshot::Sender<Result<O, E>>;
 
 /// The queue of calls waiting for their batch.
-pub type Queue<I, O> = mpsc::Receiver<(I, Reply<O>)>;
+pub type Queue<I, O, E> = mpsc::Receiver<(I, Reply<O, E>)>;
 
-/// The callers' side of one batched operation.
-pub struct Batcher<I, O> {
-    queue: mpsc::Sender<(I, Reply<O>)>,
+/// A call's batcher has stopped (shutdown) before answering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("shutting down: the call was not made")]
+pub struct Stopped;
+
+impl From<Stopped> for tonic::Status {
+    fn from(e: Stopped) -> Self {
+        tonic::Status::unavailable(e.to_string())
+    }
 }
 
-impl<I, O> Batcher<I, O> {
+/// The callers' side of one batched operation.
+pub struct Batcher<I, O, E> {
+    queue: mpsc::Sender<(I, Reply<O, E>)>,
+}
+
+impl<I, O, E: From<Stopped>> Batcher<I, O, E> {
     /// At most `capacity` calls wait; further callers wait for room.
-    pub fn new(capacity: usize) -> (Self, Queue<I, O>) {
+    pub fn new(capacity: usize) -> (Self, Queue<I, O, E>) {
         let (queue, rx) = mpsc::channel(capacity);
         (Self { queue }, rx)
     }
 
     /// Queues `item` for the next batch and waits for its outcome.
-    pub async fn call(&self, item: I) -> Result<O, JobsError> {
+    pub async fn call(&self, item: I) -> Result<O, E> {
         let (reply, outcome) = oneshot::channel();
-        self.queue
-            .send((item, reply))
-            .await
-            .map_err(|_| stopped())?;
-        outcome.await.map_err(|_| stopped())?
+        self.queue.send((item, reply)).await.map_err(|_| Stopped)?;
+        outcome.await.map_err(|_| Stopped)?
     }
-}
-
-fn stopped() -> JobsError {
-    JobsError::Api(ApiError::Unavailable("the jobs service is stopping".into()))
 }
 
 /// Runs queued calls in batches of up to `max`, at most `in_flight` batches
@@ -48,15 +50,15 @@ fn stopped() -> JobsError {
 /// callers. `run_batch` gets the items in queue order and returns one outcome
 /// per item, in order. Nothing waits for more calls: a batch is whatever
 /// queued up meanwhile.
-pub async fn run<I, O, F, Fut>(
-    mut queue: Queue<I, O>,
+pub async fn run<I, O, E, F, Fut>(
+    mut queue: Queue<I, O, E>,
     max: usize,
     in_flight: usize,
     shutdown: CancellationToken,
     mut run_batch: F,
 ) where
     F: FnMut(Vec<I>) -> Fut,
-    Fut: Future<Output = Vec<Result<O, JobsError>>>,
+    Fut: Future<Output = Vec<Result<O, E>>>,
 {
     let mut running = FuturesUnordered::new();
     let mut calls = Vec::with_capacity(max);
@@ -70,7 +72,7 @@ pub async fn run<I, O, F, Fut>(
                 }
             }
         }
-        let (items, replies): (Vec<I>, Vec<Reply<O>>) = calls.drain(..).unzip();
+        let (items, replies): (Vec<I>, Vec<Reply<O, E>>) = calls.drain(..).unzip();
         let batch = run_batch(items);
         running.push(async move {
             let outcomes = batch.await;
@@ -92,17 +94,29 @@ mod tests {
 
     use super::*;
 
-    fn outcome(i: u32) -> Result<u32, JobsError> {
+    #[derive(Debug)]
+    enum TestError {
+        Odd,
+        Stopped,
+    }
+
+    impl From<Stopped> for TestError {
+        fn from(_: Stopped) -> Self {
+            TestError::Stopped
+        }
+    }
+
+    fn outcome(i: u32) -> Result<u32, TestError> {
         if i.is_multiple_of(2) {
             Ok(i * 10)
         } else {
-            Err(JobsError::NotFound)
+            Err(TestError::Odd)
         }
     }
 
     #[tokio::test]
     async fn each_caller_gets_its_own_outcome_from_coalesced_batches() {
-        let (batcher, queue) = Batcher::<u32, u32>::new(64);
+        let (batcher, queue) = Batcher::<u32, u32, TestError>::new(64);
         let batcher = Arc::new(batcher);
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let (running, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -134,7 +148,7 @@ mod tests {
             let (i, got) = call.await.unwrap();
             match (got, outcome(i)) {
                 (Ok(a), Ok(b)) => assert_eq!(a, b),
-                (Err(JobsError::NotFound), Err(_)) => {}
+                (Err(TestError::Odd), Err(_)) => {}
                 (got, _) => panic!("call {i}: {got:?}"),
             }
         }
@@ -147,12 +161,12 @@ mod tests {
         shutdown.cancel();
         task.await.unwrap();
         let err = batcher.call(1).await.unwrap_err();
-        assert!(matches!(err, JobsError::Api(ApiError::Unavailable(_))));
+        assert!(matches!(err, TestError::Stopped));
     }
 
     #[tokio::test]
     async fn a_batch_under_way_at_shutdown_still_answers() {
-        let (batcher, queue) = Batcher::<u32, u32>::new(4);
+        let (batcher, queue) = Batcher::<u32, u32, TestError>::new(4);
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let task = tokio::spawn(run(

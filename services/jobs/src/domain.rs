@@ -181,14 +181,20 @@ pub fn json_within(s: &prost_types::Struct, max_bytes: usize) -> Result<serde_js
     Ok(json)
 }
 
+/// A batched call holds 1..=MAX_BATCH items, else INVALID_ARGUMENT `requests`.
+pub fn validate_batch_len(len: usize) -> Result<(), JobsError> {
+    if len == 0 || len > MAX_BATCH {
+        return Err(JobsError::invalid("requests", "must hold 1 to 1000 items"));
+    }
+    Ok(())
+}
+
 /// Validates a batch's size, then each item.
 pub fn validate_batch(
     reqs: &[CreateJobRequest],
     max_payload_bytes: usize,
 ) -> Result<Vec<NewJob>, JobsError> {
-    if reqs.is_empty() || reqs.len() > MAX_BATCH {
-        return Err(JobsError::invalid("requests", "must hold 1 to 1000 items"));
-    }
+    validate_batch_len(reqs.len())?;
     reqs.iter()
         .enumerate()
         .map(|(i, r)| validate_create(r, &format!("requests[{i}]."), max_payload_bytes))

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
+use futures::future::join_all;
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerService;
 use keel_proto::jobs::v1::jobs_service_server::JobsService;
 use keel_proto::jobs::v1::*;
@@ -210,13 +211,7 @@ impl JobRunnerService for JobsApi {
         req: Request<StartJobRequest>,
     ) -> Result<Response<StartJobResponse>, Status> {
         worker(&req)?;
-        let r = req.get_ref();
-        let id = domain::parse_id(&r.id)?;
-        let job = self.jobs.start(id, &r.worker_id).await?;
-        Ok(Response::new(StartJobResponse {
-            lease_expires_at: opt_timestamp(job.lease_expires_at),
-            job: Some(job_to_proto(&job)),
-        }))
+        Ok(Response::new(self.start_one(req.get_ref()).await?))
     }
 
     /// Extends the lease of running attempt `attempt` by the lease length
@@ -247,22 +242,7 @@ impl JobRunnerService for JobsApi {
         req: Request<CompleteJobRequest>,
     ) -> Result<Response<CompleteJobResponse>, Status> {
         worker(&req)?;
-        let r = req.get_ref();
-        let id = domain::parse_id(&r.id)?;
-        let attempt = attempt(r.attempt)?;
-        let output = r
-            .output
-            .as_ref()
-            .map(|s| domain::json_within(s, self.jobs.settings.max_payload_bytes))
-            .transpose()
-            .map_err(|why| JobsError::invalid("output", why))?;
-        let job = self
-            .jobs
-            .complete(id, attempt, output, r.cancelled, &r.worker_id)
-            .await?;
-        Ok(Response::new(CompleteJobResponse {
-            job: Some(job_to_proto(&job)),
-        }))
+        Ok(Response::new(self.complete_one(req.get_ref()).await?))
     }
 
     /// RUNNING attempt `attempt` failed with `error`: while `retryable` and
@@ -284,5 +264,88 @@ impl JobRunnerService for JobsApi {
         Ok(Response::new(FailJobResponse {
             job: Some(job_to_proto(&job)),
         }))
+    }
+
+    /// StartJob for each item, applied and answered one by one (they share
+    /// the statements of their batch with every other start under way).
+    /// 0 or more than 1000 items -> INVALID_ARGUMENT `requests`, nothing applied.
+    async fn start_jobs(
+        &self,
+        req: Request<StartJobsRequest>,
+    ) -> Result<Response<StartJobsResponse>, Status> {
+        worker(&req)?;
+        let items = &req.get_ref().requests;
+        domain::validate_batch_len(items.len())?;
+        let outcomes = join_all(items.iter().map(|r| self.start_one(r))).await;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| StartJobResult {
+                outcome: Some(match outcome {
+                    Ok(started) => start_job_result::Outcome::Started(started),
+                    Err(status) => start_job_result::Outcome::Error(item_error(status)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(StartJobsResponse { results }))
+    }
+
+    /// CompleteJob for each item, applied and answered one by one.
+    /// 0 or more than 1000 items -> INVALID_ARGUMENT `requests`, nothing applied.
+    async fn complete_jobs(
+        &self,
+        req: Request<CompleteJobsRequest>,
+    ) -> Result<Response<CompleteJobsResponse>, Status> {
+        worker(&req)?;
+        let items = &req.get_ref().requests;
+        domain::validate_batch_len(items.len())?;
+        let outcomes = join_all(items.iter().map(|r| self.complete_one(r))).await;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| CompleteJobResult {
+                outcome: Some(match outcome {
+                    Ok(completed) => complete_job_result::Outcome::Completed(completed),
+                    Err(status) => complete_job_result::Outcome::Error(item_error(status)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(CompleteJobsResponse { results }))
+    }
+}
+
+/// The worker's transitions that have a batched form, one request each.
+impl JobsApi {
+    async fn start_one(&self, r: &StartJobRequest) -> Result<StartJobResponse, Status> {
+        let id = domain::parse_id(&r.id)?;
+        let job = self.jobs.start(id, &r.worker_id).await?;
+        Ok(StartJobResponse {
+            lease_expires_at: opt_timestamp(job.lease_expires_at),
+            job: Some(job_to_proto(&job)),
+        })
+    }
+
+    async fn complete_one(&self, r: &CompleteJobRequest) -> Result<CompleteJobResponse, Status> {
+        let id = domain::parse_id(&r.id)?;
+        let attempt = attempt(r.attempt)?;
+        let output = r
+            .output
+            .as_ref()
+            .map(|s| domain::json_within(s, self.jobs.settings.max_payload_bytes))
+            .transpose()
+            .map_err(|why| JobsError::invalid("output", why))?;
+        let job = self
+            .jobs
+            .complete(id, attempt, output, r.cancelled, &r.worker_id)
+            .await?;
+        Ok(CompleteJobResponse {
+            job: Some(job_to_proto(&job)),
+        })
+    }
+}
+
+/// One item's refusal in a batched answer: the code and message its own call would get.
+fn item_error(status: Status) -> ItemError {
+    ItemError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
     }
 }

@@ -30,12 +30,12 @@ fn assert_code<T: std::fmt::Debug>(what: &str, result: Result<T, Status>, code: 
 
 /// Every RPC of both services with `token`, each answer's code in order:
 /// GetJob, CancelJob, WatchJob, ListJobs, CreateJob, BatchCreateJobs,
-/// StartJob, Heartbeat, CompleteJob, FailJob.
+/// StartJob, Heartbeat, CompleteJob, FailJob, StartJobs, CompleteJobs.
 async fn every_rpc(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str, Code)> {
     every_rpc_raw_header(svc, &format!("Bearer {token}"), job_id).await
 }
 
-/// The four JobRunnerService RPCs with `token`.
+/// The JobRunnerService RPCs with `token`.
 async fn runner_rpcs(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str, Code)> {
     runner_rpcs_raw_header(svc, &format!("Bearer {token}"), job_id).await
 }
@@ -262,6 +262,41 @@ async fn runner_rpcs_raw_header(
                             id: id(),
                             attempt: 1,
                             ..Default::default()
+                        },
+                        header,
+                    ))
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
+            "StartJobs",
+            code(
+                runner
+                    .start_jobs(with(
+                        StartJobsRequest {
+                            requests: vec![StartJobRequest {
+                                id: id(),
+                                worker_id: "w".into(),
+                            }],
+                        },
+                        header,
+                    ))
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
+            "CompleteJobs",
+            code(
+                runner
+                    .complete_jobs(with(
+                        CompleteJobsRequest {
+                            requests: vec![CompleteJobRequest {
+                                id: id(),
+                                attempt: 1,
+                                ..Default::default()
+                            }],
                         },
                         header,
                     ))

@@ -176,6 +176,20 @@ fn adopt(span: &Span, parent: opentelemetry::Context) {
     }
 }
 
+/// Links `batch` (one call made for several jobs: a batched transition) to
+/// each member's span, so that every job's trace leads to the call.
+pub fn link_to<'a>(batch: &Span, members: impl IntoIterator<Item = &'a Span>) {
+    if !tracing_on() {
+        return;
+    }
+    for member in members {
+        let span_context = member.context().span().span_context().clone();
+        if span_context.is_valid() {
+            batch.add_link(span_context);
+        }
+    }
+}
+
 /// The current span as a `traceparent` string, to store with work that
 /// continues elsewhere (a job). None when tracing is off.
 pub fn current_traceparent() -> Option<String> {

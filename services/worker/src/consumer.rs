@@ -14,6 +14,7 @@ use crate::client::JobsClient;
 use crate::handler::Registry;
 use crate::runner::backoff;
 use crate::stream::{JobStream, Message, StreamError};
+use crate::transitions::Transitions;
 
 /// Most messages asked for in one read or claim.
 const BATCH: usize = 32;
@@ -28,6 +29,8 @@ const REPORT_WINDOW: Duration = Duration::from_secs(10);
 pub(crate) struct Shared {
     pub stream: JobStream,
     pub client: JobsClient,
+    /// StartJob and CompleteJob, batched.
+    pub transitions: Transitions,
     pub registry: Registry,
     /// Our consumer name, also our worker id for the jobs service.
     pub worker_id: String,
@@ -70,6 +73,7 @@ impl Shared {
         Self {
             worker_id: stream.consumer().to_string(),
             stream,
+            transitions: Transitions::spawn(client.clone()),
             client,
             registry,
             heartbeat_interval,

@@ -41,6 +41,7 @@ mod consumer;
 pub mod handler;
 mod runner;
 mod stream;
+mod transitions;
 
 use std::sync::Arc;
 use std::time::Duration;

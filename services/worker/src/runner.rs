@@ -7,7 +7,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use keel_proto::jobs::v1::{
-    CompleteJobRequest, FailJobRequest, HeartbeatRequest, Job, StartJobRequest,
+    CompleteJobRequest, FailJobRequest, HeartbeatRequest, Job, StartJobRequest, StartJobResponse,
 };
 use serde_json::Value;
 use tokio::time::Instant;
@@ -16,7 +16,7 @@ use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::client::{Answer, JobsClient, classify};
+use crate::client::{Answer, classify};
 use crate::consumer::Shared;
 use crate::handler::{HandlerError, JobContext};
 use crate::stream::Message;
@@ -41,20 +41,19 @@ enum CallError {
 /// Calls the jobs service, retrying transient failures with backoff until
 /// `give_up` is cancelled (always trying at least once).
 async fn call<T, F, Fut>(
-    client: &JobsClient,
     give_up: &CancellationToken,
     what: &'static str,
     job: &str,
     mut f: F,
 ) -> Result<T, CallError>
 where
-    F: FnMut(JobsClient) -> Fut,
-    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
 {
     let mut failures = 0u32;
     loop {
-        match f(client.clone()).await {
-            Ok(response) => return Ok(response.into_inner()),
+        match f().await {
+            Ok(response) => return Ok(response),
             Err(status) => match classify(&status) {
                 Answer::Refused => return Err(CallError::Refused(status)),
                 Answer::Rejected => return Err(CallError::Rejected(status)),
@@ -158,14 +157,7 @@ impl Shared {
             return;
         };
         let id = job_id.to_string();
-        let start = call(&self.client, &self.shutdown, "StartJob", &id, |mut c| {
-            let req = StartJobRequest {
-                id: id.clone(),
-                worker_id: self.worker_id.clone(),
-            };
-            async move { c.start_job(req).await }
-        })
-        .await;
+        let start = self.start(&id).await;
         let job = match start {
             Ok(started) => started.job.unwrap_or_default(),
             Err(CallError::Refused(status) | CallError::Rejected(status)) => {
@@ -188,6 +180,17 @@ impl Shared {
         if recorded && ack {
             self.ack(&message).await;
         }
+    }
+
+    /// StartJob, retried while the jobs service is unreachable until shutdown.
+    async fn start(&self, id: &str) -> Result<StartJobResponse, CallError> {
+        call(&self.shutdown, "StartJob", id, || {
+            self.transitions.start(StartJobRequest {
+                id: id.to_string(),
+                worker_id: self.worker_id.clone(),
+            })
+        })
+        .await
     }
 
     /// Runs the handler of a started job. Returns what to record, and whether
@@ -314,9 +317,8 @@ impl Shared {
                     cancelled,
                     worker_id: self.worker_id.clone(),
                 };
-                let res = call(&self.client, &self.abandon, "CompleteJob", id, |mut c| {
-                    let req = req.clone();
-                    async move { c.complete_job(req).await }
+                let res = call(&self.abandon, "CompleteJob", id, || {
+                    self.transitions.complete(req.clone())
                 })
                 .await;
                 match res {
@@ -352,9 +354,9 @@ impl Shared {
             retryable,
             worker_id: self.worker_id.clone(),
         };
-        let res = call(&self.client, &self.abandon, "FailJob", id, |mut c| {
-            let req = req.clone();
-            async move { c.fail_job(req).await }
+        let res = call(&self.abandon, "FailJob", id, || {
+            let (mut c, req) = (self.client.clone(), req.clone());
+            async move { c.fail_job(req).await.map(|r| r.into_inner()) }
         })
         .await;
         match res {
@@ -394,14 +396,7 @@ impl Shared {
         );
         if let Some(job_id) = valid_job_id(&message) {
             let id = job_id.to_string();
-            let start = call(&self.client, &self.shutdown, "StartJob", &id, |mut c| {
-                let req = StartJobRequest {
-                    id: id.clone(),
-                    worker_id: self.worker_id.clone(),
-                };
-                async move { c.start_job(req).await }
-            })
-            .await;
+            let start = self.start(&id).await;
             match start {
                 Ok(started) => {
                     let attempt = started.job.map(|j| j.attempt).unwrap_or_default();

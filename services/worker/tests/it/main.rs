@@ -9,3 +9,4 @@ mod replicas;
 mod shutdown;
 mod startup;
 mod support;
+mod transitions;

@@ -2,6 +2,7 @@
 //! (Postgres -> Redis stream, nothing lost, re-published while not started),
 //! the lease reaper, and the per-job pub/sub announcements.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use keel_shared::config::RedisConfig;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use prost::Message;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -38,6 +40,10 @@ const PUBLISH_BATCH: usize = 500;
 /// dropped publication, makes it step in; a late one publishes twice, which
 /// workers tolerate (StartJob refuses a job that is no longer queued).
 pub const PUBLISH_GRACE: Duration = Duration::from_secs(2);
+/// How long after its XADD a new job's outbox row is marked published. By
+/// then most jobs have started and their rows are gone, so the mark writes
+/// nothing for them; the rest are marked well before [`PUBLISH_GRACE`] ends.
+const MARK_AFTER: Duration = Duration::from_millis(500);
 
 /// A transition to publish: (channel, payload).
 pub type Announcement = (String, Vec<u8>);
@@ -104,44 +110,68 @@ impl Delivery {
 
     /// Publishes queued new jobs in batches until `shutdown`: one XADD
     /// pipeline for all the jobs that queued up while the previous batch was
-    /// out, then one (relaxed) statement marking their outbox rows published.
-    /// Nothing is claimed first: the relay leaves new rows alone for
-    /// [`PUBLISH_GRACE`].
+    /// out. Their outbox rows are marked published [`MARK_AFTER`] later, in
+    /// one (relaxed) statement per round, and at shutdown. Nothing is claimed
+    /// first: the relay leaves new rows alone for [`PUBLISH_GRACE`].
     pub async fn run_publisher(
         self: Arc<Self>,
         mut queue: mpsc::Receiver<Publication>,
         shutdown: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        // Published jobs waiting for their mark, oldest first.
+        let mut unmarked: VecDeque<(Instant, Vec<Uuid>)> = VecDeque::new();
         loop {
             batch.clear();
+            let mark_at = unmarked.front().map(|(at, _)| *at);
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                n = queue.recv_many(&mut batch, PUBLISH_BATCH) => if n == 0 { return },
+                _ = shutdown.cancelled() => break,
+                _ = sleep_until(mark_at) => {
+                    let now = Instant::now();
+                    let mut ids = Vec::new();
+                    while unmarked.front().is_some_and(|(at, _)| *at <= now) {
+                        ids.extend(unmarked.pop_front().into_iter().flat_map(|(_, ids)| ids));
+                    }
+                    self.mark_published(&ids).await;
+                    continue;
+                }
+                n = queue.recv_many(&mut batch, PUBLISH_BATCH) => if n == 0 { break },
             }
             let ids: Vec<Uuid> = batch.iter().map(|p| p.job_id).collect();
-            let outcome = match self.xadd(&batch).await {
-                Ok(()) => self.mark_published(&ids).await,
+            match self.xadd(&batch).await {
+                Ok(()) => unmarked.push_back((Instant::now() + MARK_AFTER, ids)),
                 Err(e) => {
                     tracing::debug!(error = %e, count = ids.len(),
                         "immediate delivery failed; handing the jobs to the relay");
-                    self.hand_to_relay(&ids).await
+                    if let Err(e) = self.hand_to_relay(&ids).await {
+                        // They are published by the relay after the grace.
+                        tracing::debug!(error = %e, "could not hand the jobs to the relay");
+                    }
                 }
-            };
-            if let Err(e) = outcome {
-                // Unmarked rows are published again by the relay after the grace.
-                tracing::debug!(error = %e, "could not record immediate deliveries");
             }
+        }
+        // Unmarked rows would be published again by the relay.
+        let ids: Vec<Uuid> = unmarked.into_iter().flat_map(|(_, ids)| ids).collect();
+        if !ids.is_empty() {
+            self.mark_published(&ids).await;
         }
     }
 
-    async fn mark_published(&self, ids: &[Uuid]) -> Result<(), JobsError> {
-        let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::relax_commit(&tx).await?;
-        store::mark_published(&tx, ids, self.redeliver_after).await?;
-        tx.commit().await?;
-        Ok(())
+    /// Marks published jobs' outbox rows; a failure leaves them to the relay
+    /// (published again after the grace, which workers tolerate).
+    async fn mark_published(&self, ids: &[Uuid]) {
+        let marked = async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            store::relax_commit(&tx).await?;
+            store::mark_published(&tx, ids, self.redeliver_after).await?;
+            tx.commit().await?;
+            Ok::<_, JobsError>(())
+        }
+        .await;
+        if let Err(e) = marked {
+            tracing::debug!(error = %e, count = ids.len(), "could not record immediate deliveries");
+        }
     }
 
     async fn hand_to_relay(&self, ids: &[Uuid]) -> Result<(), JobsError> {
@@ -362,6 +392,14 @@ pub fn decode_announcement(bytes: &[u8]) -> Option<(i64, keel_proto::jobs::v1::J
     let (version, rest) = bytes.split_first_chunk::<8>()?;
     let job = keel_proto::jobs::v1::Job::decode(rest).ok()?;
     Some((i64::from_be_bytes(*version), job))
+}
+
+/// Sleeps until `at`; forever when there is no `at`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

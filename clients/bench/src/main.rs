@@ -37,8 +37,12 @@ pub struct Opts {
     /// Worker processes in the end-to-end scenarios.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Handlers per worker process.
+    /// Concurrent clients creating jobs in e2e-jobs and batch-e2e (32 clients
+    /// leave the pipeline waiting on CreateJob's commit: see BENCHMARKS.md).
     #[arg(long, default_value_t = 64)]
+    pub e2e_clients: usize,
+    /// Handlers per worker process.
+    #[arg(long, default_value_t = 128)]
     pub worker_concurrency: usize,
     /// Memories seeded before memory-search.
     #[arg(long, default_value_t = 100_000)]
@@ -64,6 +68,7 @@ impl Opts {
             self.e2e_jobs = self.e2e_jobs.min(500);
             self.search_corpus = self.search_corpus.min(1_000);
             self.concurrency = self.concurrency.min(16);
+            self.e2e_clients = self.e2e_clients.min(16);
             self.worker_concurrency = self.worker_concurrency.min(16);
         }
         self

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_proto::jobs::v1::{BatchCreateJobsRequest, CreateJobRequest, JobStatus, ListJobsRequest};
+use keel_proto::jobs::v1::{JobStatus, ListJobsRequest};
 use keel_shared::queue::FIELD_JOB_ID;
 use keel_shared::testing::{self, eventually};
 use keel_worker::Registry;
@@ -78,24 +78,9 @@ async fn two_workers_share_the_load() {
     let a = env.start_worker(config.clone(), registry("a")).await;
     let b = env.start_worker(config, registry("b")).await;
 
-    let requests = (0..40)
-        .map(|i| CreateJobRequest {
-            kind: "echo".into(),
-            payload: Some(keel_shared::json::json_to_struct(&json!({"i": i}))),
-            ..Default::default()
-        })
-        .collect();
     let created = env
-        .jobs
-        .clone()
-        .batch_create_jobs(testing::authed(
-            BatchCreateJobsRequest { requests },
-            &env.token,
-        ))
-        .await
-        .expect("BatchCreateJobs")
-        .into_inner()
-        .jobs;
+        .create_many("echo", (0..40).map(|i| json!({"i": i})))
+        .await;
     assert_eq!(created.len(), 40);
 
     let succeeded = || async {

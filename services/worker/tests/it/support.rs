@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
-use keel_proto::jobs::v1::{CancelJobRequest, CreateJobRequest, GetJobRequest, Job, JobStatus};
+use keel_proto::jobs::v1::{
+    BatchCreateJobsRequest, CancelJobRequest, CreateJobRequest, GetJobRequest, Job, JobStatus,
+};
 use keel_shared::StartupError;
 use keel_shared::testing::{self, TestDb, TestRedis};
 use keel_worker::{Config, Registry};
@@ -144,6 +146,32 @@ impl Env {
             .into_inner()
             .job
             .expect("job")
+    }
+
+    /// Creates one `kind` job per payload in one BatchCreateJobs call.
+    pub async fn create_many(
+        &self,
+        kind: &str,
+        payloads: impl IntoIterator<Item = Value>,
+    ) -> Vec<Job> {
+        let requests = payloads
+            .into_iter()
+            .map(|payload| CreateJobRequest {
+                kind: kind.into(),
+                payload: Some(keel_shared::json::json_to_struct(&payload)),
+                ..Default::default()
+            })
+            .collect();
+        self.jobs
+            .clone()
+            .batch_create_jobs(testing::authed(
+                BatchCreateJobsRequest { requests },
+                &self.token,
+            ))
+            .await
+            .expect("BatchCreateJobs")
+            .into_inner()
+            .jobs
     }
 
     pub async fn get(&self, id: &str) -> Job {

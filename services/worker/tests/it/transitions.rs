@@ -141,24 +141,9 @@ async fn run_echo_jobs(env: &Env, jobs_url: String, n: usize) {
         Ok(ctx.payload)
     });
     let worker = env.start_worker(config, registry).await;
-    let requests = (0..n)
-        .map(|i| CreateJobRequest {
-            kind: "echo".into(),
-            payload: Some(keel_shared::json::json_to_struct(&json!({ "i": i }))),
-            ..Default::default()
-        })
-        .collect();
     let created = env
-        .jobs
-        .clone()
-        .batch_create_jobs(testing::authed(
-            BatchCreateJobsRequest { requests },
-            &env.token,
-        ))
-        .await
-        .expect("BatchCreateJobs")
-        .into_inner()
-        .jobs;
+        .create_many("echo", (0..n).map(|i| json!({"i": i})))
+        .await;
     for job in &created {
         let done = env.wait_for(&job.id, JobStatus::Succeeded).await;
         assert_eq!(done.output, job.payload, "job {} output", job.id);

@@ -1,4 +1,5 @@
-//! Conversions between chrono times and `google.protobuf.Timestamp`.
+//! Conversions between chrono times and `google.protobuf.Timestamp`, and a
+//! deadline that may be absent.
 
 use chrono::{DateTime, Utc};
 use prost_types::Timestamp;
@@ -26,6 +27,15 @@ pub fn from_timestamp(ts: &Timestamp) -> Option<DateTime<Utc>> {
         return None;
     }
     DateTime::from_timestamp(ts.seconds, ts.nanos as u32)
+}
+
+/// Sleeps until `at`; forever when there is no `at` (a `select!` branch for
+/// a deadline that may not be set).
+pub async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use deadpool_postgres::Pool;
 use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
+use keel_shared::time::sleep_until;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -392,14 +393,6 @@ pub fn decode_announcement(bytes: &[u8]) -> Option<(i64, keel_proto::jobs::v1::J
     let (version, rest) = bytes.split_first_chunk::<8>()?;
     let job = keel_proto::jobs::v1::Job::decode(rest).ok()?;
     Some((i64::from_be_bytes(*version), job))
-}
-
-/// Sleeps until `at`; forever when there is no `at`.
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

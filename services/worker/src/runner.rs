@@ -9,6 +9,7 @@ use std::time::Duration;
 use keel_proto::jobs::v1::{
     CompleteJobRequest, FailJobRequest, HeartbeatRequest, Job, StartJobRequest, StartJobResponse,
 };
+use keel_shared::time::sleep_until;
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -465,13 +466,6 @@ fn valid_job_id(message: &Message) -> Option<Uuid> {
         .job_id
         .as_deref()
         .and_then(|s| Uuid::parse_str(s.trim()).ok())
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// What to record for a handler's result, and whether to acknowledge the

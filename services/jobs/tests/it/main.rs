@@ -4,6 +4,7 @@ mod access;
 mod batched_rpcs;
 mod batching;
 mod cancel;
+mod claims;
 mod create;
 mod delivery;
 mod hostile;

@@ -9,6 +9,7 @@ mod delivery;
 mod hostile;
 mod lifecycle;
 mod listing;
+mod redis_proxy;
 mod retention;
 mod security;
 mod startup;

@@ -10,6 +10,7 @@ mod delivery;
 mod hostile;
 mod lifecycle;
 mod listing;
+mod redis_proxy;
 mod retention;
 mod security;
 mod startup;

@@ -1,4 +1,5 @@
 //! Integration tests of the shared crate against a real Postgres.
 
+mod config;
 mod health;
 mod migrations;

@@ -1,7 +1,16 @@
-//! Start-up: serve health and reflection when ready.
+//! Start-up: serve health and reflection when ready; run the real binary
+//! with blank optional settings.
 
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::CommandFactory;
 use keel_shared::testing::{self, TestDb};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keel-memory");
 
 #[tokio::test]
 async fn serves_health_and_reflection_once_ready() {
@@ -13,4 +22,55 @@ async fn serves_health_and_reflection_once_ready() {
     testing::assert_serving_with_reflection(addr, &["keel.memory.v1.MemoryService"]).await;
     shutdown.cancel();
     server.await.unwrap().expect("clean shutdown");
+}
+
+/// Compose files and manifests pass `${VAR:-}` for settings they leave
+/// alone: every variable the binary reads, set but empty, means its default.
+#[tokio::test]
+async fn blank_settings_count_as_unset_and_the_binary_serves() {
+    let db = TestDb::new().await;
+    let given = [
+        ("DATABASE_URL", db.url.clone()),
+        (
+            "KEEL_JWT_PUBLIC_KEY_FILES",
+            testing::keys().public_key_file.display().to_string(),
+        ),
+        ("KEEL_MEMORY_ADDR", "127.0.0.1:0".to_string()),
+    ];
+    let mut command = tokio::process::Command::new(BIN);
+    for arg in keel_memory::Config::command().get_arguments() {
+        if let Some(name) = arg.get_env() {
+            command.env(name, "");
+        }
+    }
+    let mut child = command
+        .envs(given)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            // "... keel-memory serving addr=Some(127.0.0.1:PORT)"
+            if line.contains("keel-memory serving") {
+                let (_, rest) = line.split_once("Some(").expect("address in line");
+                let (addr, _) = rest.split_once(')').unwrap();
+                return Some(addr.parse::<SocketAddr>().unwrap());
+            }
+            seen.push(line);
+        }
+        None
+    })
+    .await
+    .expect("keel-memory did not come up in time");
+    let Some(addr) = addr else {
+        let status = child.wait().await.unwrap();
+        panic!("keel-memory exited ({status}):\n{}", seen.join("\n"));
+    };
+    testing::assert_serving_with_reflection(addr, &["keel.memory.v1.MemoryService"]).await;
+    child.kill().await.unwrap();
 }

@@ -74,3 +74,53 @@ async fn blank_settings_count_as_unset_and_the_binary_serves() {
     testing::assert_serving_with_reflection(addr, &["keel.memory.v1.MemoryService"]).await;
     child.kill().await.unwrap();
 }
+
+/// An applied migration that differs from the embedded one (here: its
+/// recorded checksum, which is what an edited migration file looks like)
+/// stops the binary with one line naming it, before it serves anything.
+#[tokio::test]
+async fn a_changed_applied_migration_stops_the_binary_with_one_line() {
+    let db = TestDb::new().await;
+    let row = db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "UPDATE refinery_schema_history SET checksum = '1' \
+             WHERE version = (SELECT min(version) FROM refinery_schema_history) \
+             RETURNING version, name",
+            &[],
+        )
+        .await
+        .unwrap();
+    let name = format!("V{}__{}", row.get::<_, i32>(0), row.get::<_, &str>(1));
+    let child = tokio::process::Command::new(BIN)
+        .env("DATABASE_URL", &db.url)
+        .env(
+            "KEEL_JWT_PUBLIC_KEY_FILES",
+            &testing::keys().public_key_file,
+        )
+        .env("KEEL_MEMORY_ADDR", "127.0.0.1:0")
+        .env_remove("KEEL_METRICS_ADDR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // A binary that accepted the migrations would serve until killed.
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("keel-memory started despite a changed migration")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.trim_end().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(&format!(
+            "keel-memory: database migration failed: migration {name} applied to this database \
+             differs from the {name} built into this binary"
+        )),
+        "{stderr}"
+    );
+}

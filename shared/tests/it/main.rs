@@ -3,3 +3,4 @@
 mod config;
 mod health;
 mod migrations;
+mod redis_keys;

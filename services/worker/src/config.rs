@@ -10,6 +10,7 @@ const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 const DEFAULT_MAX_DELIVERIES: u32 = 5;
 const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
 const DEFAULT_STREAM_MAXLEN: usize = 100_000;
+const DEFAULT_DEAD_LETTER_MAXLEN: usize = 10_000;
 const DEFAULT_JOB_GRACE_MS: u64 = 30_000;
 const DEFAULT_TRIM_INTERVAL_MS: u64 = 30_000;
 const DEFAULT_CONSUMER_TTL_MS: u64 = 3_600_000;
@@ -47,6 +48,10 @@ pub struct Config {
     /// The job stream is trimmed to about this many entries (XTRIM MAXLEN ~).
     #[arg(long, env = "KEEL_WORKER_STREAM_MAXLEN", default_value_t = DEFAULT_STREAM_MAXLEN)]
     pub stream_maxlen: usize,
+    /// The dead-letter stream keeps about this many entries: each XADD to it
+    /// trims the oldest (MAXLEN ~).
+    #[arg(long, env = "KEEL_WORKER_DEAD_LETTER_MAXLEN", default_value_t = DEFAULT_DEAD_LETTER_MAXLEN)]
+    pub dead_letter_maxlen: usize,
     /// How often (ms) the job stream is trimmed.
     #[arg(long, env = "KEEL_WORKER_TRIM_INTERVAL_MS", default_value_t = DEFAULT_TRIM_INTERVAL_MS)]
     pub trim_interval_ms: u64,
@@ -82,6 +87,7 @@ impl Config {
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
             stream_maxlen: DEFAULT_STREAM_MAXLEN,
+            dead_letter_maxlen: DEFAULT_DEAD_LETTER_MAXLEN,
             trim_interval_ms: DEFAULT_TRIM_INTERVAL_MS,
             consumer_ttl_ms: DEFAULT_CONSUMER_TTL_MS,
             job_grace_ms: DEFAULT_JOB_GRACE_MS,
@@ -145,6 +151,12 @@ impl Config {
         if self.stream_maxlen == 0 {
             return Err(StartupError::InvalidVar {
                 var: "KEEL_WORKER_STREAM_MAXLEN",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.dead_letter_maxlen == 0 {
+            return Err(StartupError::InvalidVar {
+                var: "KEEL_WORKER_DEAD_LETTER_MAXLEN",
                 reason: "must be at least 1".into(),
             });
         }

@@ -1,6 +1,7 @@
-//! `keel`: the common Keel calls from a shell, printing JSON. The session
-//! (tokens) is kept in the user's config dir with 0600 permissions and the
-//! access token is refreshed when it is about to expire.
+//! `keel`: the common Keel calls from a shell, printing readable tables or
+//! (`-o json`) JSON. The session (tokens) is kept in the user's config dir
+//! with 0600 permissions and the access token is refreshed when it is about
+//! to expire.
 
 mod output;
 mod session;
@@ -12,16 +13,19 @@ use clap::{Parser, Subcommand};
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
 use keel_proto::auth::v1::{
     GetCurrentUserRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest, TokenPair,
+    User,
 };
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::{
-    CancelJobRequest, CreateJobRequest, GetJobRequest, JobStatus, ListJobsRequest, WatchJobRequest,
+    CancelJobRequest, CreateJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
+    WatchJobRequest,
 };
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::{
     DeleteMemoryRequest, GetMemoryRequest, GetWorkspaceRequest, ListMemoriesRequest,
     PutMemoryRequest, SearchMemoriesRequest,
 };
+use output::Format;
 use serde_json::{Value, json};
 use session::Session;
 use tonic::transport::Channel;
@@ -50,6 +54,15 @@ struct Cli {
         global = true
     )]
     memory_url: String,
+    /// Output format: a readable table, or JSON for scripts.
+    #[arg(
+        long,
+        short = 'o',
+        value_enum,
+        default_value_t = Format::Table,
+        global = true
+    )]
+    output: Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,7 +124,8 @@ enum JobsCommand {
         #[arg(long, default_value = "")]
         page_token: String,
     },
-    /// Print each update until the job ends.
+    /// Print each update until the job ends: one line each (one JSON object
+    /// per line with -o json).
     Watch {
         id: String,
     },
@@ -233,7 +247,15 @@ fn authed<T>(s: &Session, message: T) -> Result<tonic::Request<T>> {
     Ok(req)
 }
 
+fn signed_in(format: Format, user: &User, tokens: &Option<TokenPair>) {
+    format.emit(
+        || json!({"user": output::user(user), "tokens": tokens.as_ref().map(output::tokens)}),
+        || output::fields(&output::user_fields(user)),
+    );
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    let format = cli.output;
     match &cli.command {
         Command::Register { email, name } => {
             let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
@@ -247,9 +269,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             let user = resp.user.unwrap_or_default();
             store(&user.email, &resp.tokens)?;
-            output::print(
-                &json!({"user": output::user(&user), "tokens": resp.tokens.as_ref().map(output::tokens)}),
-            );
+            signed_in(format, &user, &resp.tokens);
         }
         Command::Login { email } => {
             let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
@@ -262,9 +282,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             let user = resp.user.unwrap_or_default();
             store(&user.email, &resp.tokens)?;
-            output::print(
-                &json!({"user": output::user(&user), "tokens": resp.tokens.as_ref().map(output::tokens)}),
-            );
+            signed_in(format, &user, &resp.tokens);
         }
         Command::Logout => {
             let s = session::load()?;
@@ -274,7 +292,10 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             session::clear()?;
-            output::print(&json!({"signed_out": s.email}));
+            format.emit(
+                || json!({"signed_out": s.email}),
+                || format!("signed out {}", s.email),
+            );
         }
         Command::Whoami => {
             let s = current_session(&cli).await?;
@@ -283,7 +304,11 @@ async fn run(cli: Cli) -> Result<()> {
                 .get_current_user(authed(&s, GetCurrentUserRequest {})?)
                 .await?
                 .into_inner();
-            output::print(&output::user(&resp.user.unwrap_or_default()));
+            let user = resp.user.unwrap_or_default();
+            format.emit(
+                || output::user(&user),
+                || output::fields(&output::user_fields(&user)),
+            );
         }
         Command::Jobs(cmd) => jobs(&cli, cmd).await?,
         Command::Memories(cmd) => memories(&cli, cmd).await?,
@@ -294,21 +319,25 @@ async fn run(cli: Cli) -> Result<()> {
                 .get_workspace(authed(&s, GetWorkspaceRequest {})?)
                 .await?
                 .into_inner();
-            output::print(&output::workspace(&resp.workspace.unwrap_or_default()));
+            let workspace = resp.workspace.unwrap_or_default();
+            format.emit(
+                || output::workspace(&workspace),
+                || output::workspace_fields(&workspace),
+            );
         }
         Command::Health => {
             let mut all = true;
             let mut report = serde_json::Map::new();
+            let mut table = output::Table::new(&["SERVER", "STATUS"]);
             for url in [&cli.auth_url, &cli.jobs_url, &cli.memory_url] {
                 let addr = url.trim_start_matches("http://");
                 let ok = keel_shared::server::probe(addr).await;
                 all &= ok;
-                report.insert(
-                    url.clone(),
-                    json!(if ok { "SERVING" } else { "NOT_SERVING" }),
-                );
+                let status = if ok { "SERVING" } else { "NOT_SERVING" };
+                report.insert(url.clone(), json!(status));
+                table.row(vec![url.clone(), status.into()]);
             }
-            output::print(&Value::Object(report));
+            format.emit(|| Value::Object(report), || table.render());
             if !all {
                 std::process::exit(1);
             }
@@ -317,7 +346,14 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// One job: in full as a table, or as JSON.
+fn show_job(format: Format, job: &Option<Job>) {
+    let job = job.clone().unwrap_or_default();
+    format.emit(|| output::job(&job), || output::job_fields(&job));
+}
+
 async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
+    let format = cli.output;
     let s = current_session(cli).await?;
     let mut client = JobsServiceClient::new(connect(&cli.jobs_url).await?);
     match cmd {
@@ -346,7 +382,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 idempotency_key: idempotency_key.clone(),
             };
             let job = client.create_job(authed(&s, req)?).await?.into_inner().job;
-            output::print(&output::job(&job.unwrap_or_default()));
+            show_job(format, &job);
         }
         JobsCommand::Get { id } => {
             let job = client
@@ -354,7 +390,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .await?
                 .into_inner()
                 .job;
-            output::print(&output::job(&job.unwrap_or_default()));
+            show_job(format, &job);
         }
         JobsCommand::List {
             status,
@@ -382,10 +418,16 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!({
-                "jobs": resp.jobs.iter().map(output::job).collect::<Vec<_>>(),
-                "next_page_token": resp.next_page_token,
-            }));
+            format.emit(
+                || {
+                    json!({
+                        "jobs": resp.jobs.iter().map(output::job).collect::<Vec<_>>(),
+                        "next_page_token": resp.next_page_token,
+                    })
+                },
+                || output::jobs_table(&resp.jobs),
+            );
+            next_page_hint(format, &resp.next_page_token);
         }
         JobsCommand::Watch { id } => {
             let mut stream = client
@@ -394,7 +436,10 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .into_inner();
             while let Some(update) = stream.message().await? {
                 let job = update.job.unwrap_or_default();
-                println!("{}", output::job(&job));
+                match format {
+                    Format::Json => println!("{}", output::job(&job)),
+                    Format::Table => println!("{}", output::watch_line(&job)),
+                }
             }
         }
         JobsCommand::Cancel { id } => {
@@ -403,13 +448,21 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .await?
                 .into_inner()
                 .job;
-            output::print(&output::job(&job.unwrap_or_default()));
+            show_job(format, &job);
         }
     }
     Ok(())
 }
 
+/// Tables show the rows only: the next page's token goes to stderr.
+fn next_page_hint(format: Format, token: &str) {
+    if format == Format::Table && !token.is_empty() {
+        eprintln!("more: --page-token {token}");
+    }
+}
+
 async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
+    let format = cli.output;
     let s = current_session(cli).await?;
     let mut client = MemoryServiceClient::new(connect(&cli.memory_url).await?);
     match cmd {
@@ -441,10 +494,14 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!({
-                "created": resp.created,
-                "memory": output::memory(&resp.memory.unwrap_or_default()),
-            }));
+            let memory = resp.memory.unwrap_or_default();
+            format.emit(
+                || json!({"created": resp.created, "memory": output::memory(&memory)}),
+                || {
+                    let done = if resp.created { "created" } else { "updated" };
+                    format!("{done} {} (version {})", memory.key, memory.version)
+                },
+            );
         }
         MemoriesCommand::Get { key } => {
             let memory = client
@@ -452,7 +509,11 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 .await?
                 .into_inner()
                 .memory;
-            output::print(&output::memory(&memory.unwrap_or_default()));
+            let memory = memory.unwrap_or_default();
+            format.emit(
+                || output::memory(&memory),
+                || output::memory_fields(&memory),
+            );
         }
         MemoriesCommand::List {
             prefix,
@@ -472,10 +533,16 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!({
-                "memories": resp.memories.iter().map(output::memory).collect::<Vec<_>>(),
-                "next_page_token": resp.next_page_token,
-            }));
+            format.emit(
+                || {
+                    json!({
+                        "memories": resp.memories.iter().map(output::memory).collect::<Vec<_>>(),
+                        "next_page_token": resp.next_page_token,
+                    })
+                },
+                || output::memories_table(&resp.memories),
+            );
+            next_page_hint(format, &resp.next_page_token);
         }
         MemoriesCommand::Search { query, limit } => {
             let resp = client
@@ -488,11 +555,22 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!(resp
+            let results: Vec<_> = resp
                 .results
-                .iter()
-                .map(|r| json!({"score": r.score, "memory": output::memory(&r.memory.clone().unwrap_or_default())}))
-                .collect::<Vec<_>>()));
+                .into_iter()
+                .map(|r| (r.score, r.memory.unwrap_or_default()))
+                .collect();
+            format.emit(
+                || {
+                    json!(
+                        results
+                            .iter()
+                            .map(|(score, m)| json!({"score": score, "memory": output::memory(m)}))
+                            .collect::<Vec<_>>()
+                    )
+                },
+                || output::search_table(&results),
+            );
         }
         MemoriesCommand::Delete {
             key,
@@ -507,7 +585,7 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                     },
                 )?)
                 .await?;
-            output::print(&json!({"deleted": key}));
+            format.emit(|| json!({"deleted": key}), || format!("deleted {key}"));
         }
     }
     Ok(())

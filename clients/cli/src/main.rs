@@ -1,8 +1,9 @@
 //! `keel`: the common Keel calls from a shell, printing readable tables or
 //! (`-o json`) JSON. The session (tokens) is kept in the user's config dir
 //! with 0600 permissions and the access token is refreshed when it is about
-//! to expire.
+//! to expire. `keel dead-letters` talks to Redis directly (the admin path).
 
+mod dead_letters;
 mod output;
 mod session;
 
@@ -25,6 +26,7 @@ use keel_proto::memory::v1::{
     DeleteMemoryRequest, GetMemoryRequest, GetWorkspaceRequest, ListMemoriesRequest,
     PutMemoryRequest, SearchMemoriesRequest,
 };
+use keel_shared::config::RedisConfig;
 use output::Format;
 use serde_json::{Value, json};
 use session::Session;
@@ -91,6 +93,35 @@ enum Command {
     Workspace,
     /// Health of each server (exit 1 unless all are SERVING).
     Health,
+    /// The worker's dead-letter stream: list and replay. Reaches Redis
+    /// directly: REDIS_URL and KEEL_REDIS_PREFIX, as the services use them.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// Entries, oldest first.
+    List {
+        /// Show at most this many (0: all).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        redis: RedisConfig,
+    },
+    /// Put each entry's job back on the stream it came from (a job that can
+    /// no longer run is refused by the jobs service and acknowledged by the
+    /// worker, so replaying is harmless), then remove the entry.
+    Replay {
+        /// Entry ids, as `list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every entry present now.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        redis: RedisConfig,
+    },
 }
 
 #[derive(Subcommand)]
@@ -312,6 +343,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Jobs(cmd) => jobs(&cli, cmd).await?,
         Command::Memories(cmd) => memories(&cli, cmd).await?,
+        Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
         Command::Workspace => {
             let s = current_session(&cli).await?;
             let mut client = MemoryServiceClient::new(connect(&cli.memory_url).await?);
@@ -586,6 +618,39 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?;
             format.emit(|| json!({"deleted": key}), || format!("deleted {key}"));
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letters(format: Format, cmd: &DeadLettersCommand) -> Result<()> {
+    match cmd {
+        DeadLettersCommand::List { limit, redis } => {
+            let mut conn = dead_letters::connect(redis).await?;
+            let entries = dead_letters::list(&mut *conn, redis, *limit).await?;
+            format.emit(
+                || json!(entries.iter().map(|e| e.to_json()).collect::<Vec<_>>()),
+                || dead_letters::table(&entries),
+            );
+        }
+        DeadLettersCommand::Replay { ids, all, redis } => {
+            let mut conn = dead_letters::connect(redis).await?;
+            let ids = (!*all).then_some(ids.as_slice());
+            let results = dead_letters::replay(&mut *conn, redis, ids).await?;
+            format.emit(
+                || json!(results.iter().map(|r| r.to_json()).collect::<Vec<_>>()),
+                || dead_letters::replay_table(&results),
+            );
+            let missing: Vec<&str> = results
+                .iter()
+                .filter_map(|r| match r {
+                    dead_letters::Replay::NotFound { entry } => Some(entry.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if !missing.is_empty() {
+                bail!("not in the dead-letter stream: {}", missing.join(", "));
+            }
         }
     }
     Ok(())

@@ -20,6 +20,8 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub enum Servers {
     /// auth, jobs, memory and a worker.
     All,
+    /// auth, jobs and memory; a worker when the test says (`start_worker`).
+    NoWorker,
     /// None: the dead-letter commands need Redis only.
     RedisOnly,
 }
@@ -163,6 +165,10 @@ impl Env {
     /// Registers a user through the CLI, which signs it in.
     pub async fn sign_in(&self, email: &str) {
         self.ok(&["register", email, "--name", "CLI"]).await;
+    }
+
+    pub async fn redis(&self) -> deadpool_redis::Connection {
+        self.redis.pool().get().await.expect("redis connection")
     }
 }
 

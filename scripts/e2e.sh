@@ -85,17 +85,18 @@ keel=$bin/keel
 cli_email="cli-$$@example.com"
 cli_check "register" env KEEL_PASSWORD="correct horse battery" "$keel" register "$cli_email" --name CLI
 cli_check "session file is 0600" test "$(stat -c %a "$KEEL_CONFIG_DIR/session.json")" = 600
-cli_check "whoami" test "$("$keel" whoami | json 'd["email"]')" = "$cli_email"
+cli_check "whoami" test "$("$keel" -o json whoami | json 'd["email"]')" = "$cli_email"
 cli_check "login" env KEEL_PASSWORD="correct horse battery" "$keel" login "$cli_email"
 cli_check "memories put" "$keel" memories put notes/cli --content "the command line client" --tag cli
-cli_check "memories get" test "$("$keel" memories get notes/cli | json 'd["version"]')" = 1
-cli_check "memories list" test "$("$keel" memories list --prefix notes/ | json 'len(d["memories"])')" = 1
-cli_check "memories search" test "$("$keel" memories search "command line" | json 'd[0]["memory"]["key"]')" = notes/cli
-cli_check "workspace" test "$("$keel" workspace | json 'd["memory_count"]')" = 1
-job_id=$("$keel" jobs create echo --payload '{"x": 1}' | json 'd["id"]') || job_id=
-cli_check "jobs watch to SUCCEEDED" test "$("$keel" jobs watch "$job_id" | tail -n 1 | json 'd["status"]')" = SUCCEEDED
-cli_check "jobs get" test "$("$keel" jobs get "$job_id" | json 'd["output"]["x"]')" = 1.0
-cli_check "jobs list" test "$("$keel" jobs list --kind echo | json 'd["jobs"][0]["id"]')" = "$job_id"
+cli_check "memories get" test "$("$keel" -o json memories get notes/cli | json 'd["version"]')" = 1
+cli_check "memories list" test "$("$keel" -o json memories list --prefix notes/ | json 'len(d["memories"])')" = 1
+cli_check "memories search" test "$("$keel" -o json memories search "command line" | json 'd[0]["memory"]["key"]')" = notes/cli
+cli_check "workspace" test "$("$keel" -o json workspace | json 'd["memory_count"]')" = 1
+job_id=$("$keel" -o json jobs create echo --payload '{"x": 1}' | json 'd["id"]') || job_id=
+cli_check "jobs watch to SUCCEEDED" test "$("$keel" -o json jobs watch "$job_id" | tail -n 1 | json 'd["status"]')" = SUCCEEDED
+cli_check "jobs get" test "$("$keel" -o json jobs get "$job_id" | json 'd["output"]["x"]')" = 1
+cli_check "jobs list table" bash -c "'$keel' jobs list --kind echo | head -n 1 | grep -Eq '^ID +KIND +STATUS +ATTEMPT +CREATED$'"
+cli_check "jobs list" test "$("$keel" -o json jobs list --kind echo | json 'd["jobs"][0]["id"]')" = "$job_id"
 cli_check "cancel of a finished job is refused" bash -c "! '$keel' jobs cancel '$job_id'"
 cli_check "health" "$keel" health
 cli_check "logout" "$keel" logout

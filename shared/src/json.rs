@@ -45,9 +45,7 @@ fn value_to_json(v: &Value, depth: usize) -> Result<serde_json::Value, JsonError
     Ok(match &v.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            serde_json::Value::Number(Number::from_f64(*n).ok_or(JsonError::NonFinite)?)
-        }
+        Some(Kind::NumberValue(n)) => serde_json::Value::Number(number(*n)?),
         Some(Kind::StringValue(s)) if s.contains('\0') => return Err(JsonError::Nul),
         Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
         Some(Kind::StructValue(s)) => fields_to_json(s, depth + 1)?,
@@ -58,6 +56,19 @@ fn value_to_json(v: &Value, depth: usize) -> Result<serde_json::Value, JsonError
                 .collect::<Result<_, _>>()?,
         ),
     })
+}
+
+/// A Struct number as JSON. Struct numbers are doubles, so `{"n": 1}` arrives
+/// as 1.0; like the protobuf JSON mapping, a whole number is written as a JSON
+/// integer (`1`, not `1.0`) whenever an i64 holds it exactly, and any other
+/// finite number as a float.
+fn number(n: f64) -> Result<Number, JsonError> {
+    // 2^63: the first whole double an i64 cannot hold.
+    const I64_END: f64 = 9_223_372_036_854_775_808.0;
+    if n.fract() == 0.0 && (-I64_END..I64_END).contains(&n) {
+        return Ok(Number::from(n as i64));
+    }
+    Number::from_f64(n).ok_or(JsonError::NonFinite)
 }
 
 /// A JSON value as a Struct; a non-object becomes `{"value": ...}`.
@@ -98,6 +109,41 @@ mod tests {
         let json = serde_json::json!({"n": 1.5, "s": "x'; DROP TABLE jobs;--", "l": [true, null, {"a": []}]});
         let back = struct_to_json(&json_to_struct(&json)).unwrap();
         assert_eq!(back, json);
+    }
+
+    #[test]
+    fn whole_numbers_become_json_integers() {
+        let value = json_to_struct(&serde_json::json!({
+            "one": 1, "float_one": 1.0, "neg": -42, "zero": -0.0, "half": 0.5,
+            "big": 9007199254740993u64, "huge": 1e300, "list": [3, 2.25],
+        }));
+        let json = struct_to_json(&value).unwrap();
+        let text = |key: &str| serde_json::to_string(&json[key]).unwrap();
+        assert_eq!(text("one"), "1");
+        assert_eq!(text("float_one"), "1");
+        assert_eq!(text("neg"), "-42");
+        assert_eq!(text("zero"), "0");
+        assert_eq!(text("half"), "0.5");
+        // Beyond 2^53 the double already rounded: the nearest one is printed.
+        assert_eq!(text("big"), "9007199254740992");
+        assert_eq!(text("huge"), "1e+300");
+        assert_eq!(text("list"), "[3,2.25]");
+        assert!(json["one"].is_i64() && json["half"].is_f64());
+        let n = |n: f64| {
+            struct_to_json(&json_to_struct(&serde_json::json!({ "n": n }))).unwrap()["n"].clone()
+        };
+        assert!(n(i64::MIN as f64).is_i64());
+        assert!(n(-(i64::MIN as f64)).is_f64(), "2^63 does not fit an i64");
+        let non_finite = Struct {
+            fields: [(
+                "n".to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]
+            .into(),
+        };
+        assert_eq!(struct_to_json(&non_finite), Err(JsonError::NonFinite));
     }
 
     #[test]

@@ -24,6 +24,22 @@ pub const SERVED_KIND_TTL: Duration = Duration::from_secs(60);
 /// How often a stream worker announces its kinds.
 pub const ANNOUNCE_KINDS_EVERY: Duration = Duration::from_secs(10);
 
+/// Fields of a dead-letter entry besides [`FIELD_JOB_ID`] (empty when the
+/// message had none) and [`FIELD_TRACEPARENT`] (when the message had one).
+pub mod dead_letter {
+    /// The stream key the message was read from (entries written before this
+    /// field existed lack it: they came from the jobs stream).
+    pub const FIELD_STREAM: &str = "stream";
+    /// The message's entry id in that stream.
+    pub const FIELD_MESSAGE_ID: &str = "message_id";
+    /// How many times it was delivered.
+    pub const FIELD_DELIVERIES: &str = "deliveries";
+    /// The consumer (worker) that dead-lettered it.
+    pub const FIELD_CONSUMER: &str = "consumer";
+    /// Why it was dead-lettered.
+    pub const FIELD_REASON: &str = "reason";
+}
+
 impl RedisConfig {
     /// The stream of ready jobs of one kind: `<prefix>:jobs:stream:{<kind>}`.
     /// The braces make the kind a Redis Cluster hash tag, so each kind's

@@ -1,7 +1,9 @@
-//! `keel`: the common Keel calls from a shell, printing JSON. The session
-//! (tokens) is kept in the user's config dir with 0600 permissions and the
-//! access token is refreshed when it is about to expire.
+//! `keel`: the common Keel calls from a shell, printing readable tables or
+//! (`-o json`) JSON. The session (tokens) is kept in the user's config dir
+//! with 0600 permissions and the access token is refreshed when it is about
+//! to expire. `keel dead-letters` talks to Redis directly (the admin path).
 
+mod dead_letters;
 mod output;
 mod session;
 
@@ -12,16 +14,20 @@ use clap::{Parser, Subcommand};
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
 use keel_proto::auth::v1::{
     GetCurrentUserRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest, TokenPair,
+    User,
 };
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::{
-    CancelJobRequest, CreateJobRequest, GetJobRequest, JobStatus, ListJobsRequest, WatchJobRequest,
+    CancelJobRequest, CreateJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
+    WatchJobRequest,
 };
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::{
     DeleteMemoryRequest, GetMemoryRequest, GetWorkspaceRequest, ListMemoriesRequest,
     PutMemoryRequest, SearchMemoriesRequest,
 };
+use keel_shared::config::RedisConfig;
+use output::Format;
 use serde_json::{Value, json};
 use session::Session;
 use tonic::transport::Channel;
@@ -50,6 +56,15 @@ struct Cli {
         global = true
     )]
     memory_url: String,
+    /// Output format: a readable table, or JSON for scripts.
+    #[arg(
+        long,
+        short = 'o',
+        value_enum,
+        default_value_t = Format::Table,
+        global = true
+    )]
+    output: Format,
     #[command(subcommand)]
     command: Command,
 }
@@ -78,6 +93,35 @@ enum Command {
     Workspace,
     /// Health of each server (exit 1 unless all are SERVING).
     Health,
+    /// The worker's dead-letter stream: list and replay. Reaches Redis
+    /// directly: REDIS_URL and KEEL_REDIS_PREFIX, as the services use them.
+    #[command(subcommand)]
+    DeadLetters(DeadLettersCommand),
+}
+
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// Entries, oldest first.
+    List {
+        /// Show at most this many (0: all).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[command(flatten)]
+        redis: RedisConfig,
+    },
+    /// Put each entry's job back on the stream it came from (a job that can
+    /// no longer run is refused by the jobs service and acknowledged by the
+    /// worker, so replaying is harmless), then remove the entry.
+    Replay {
+        /// Entry ids, as `list` shows them.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Every entry present now.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        redis: RedisConfig,
+    },
 }
 
 #[derive(Subcommand)]
@@ -111,7 +155,8 @@ enum JobsCommand {
         #[arg(long, default_value = "")]
         page_token: String,
     },
-    /// Print each update until the job ends.
+    /// Print each update until the job ends: one line each (one JSON object
+    /// per line with -o json).
     Watch {
         id: String,
     },
@@ -233,7 +278,15 @@ fn authed<T>(s: &Session, message: T) -> Result<tonic::Request<T>> {
     Ok(req)
 }
 
+fn signed_in(format: Format, user: &User, tokens: &Option<TokenPair>) {
+    format.emit(
+        || json!({"user": output::user(user), "tokens": tokens.as_ref().map(output::tokens)}),
+        || output::fields(&output::user_fields(user)),
+    );
+}
+
 async fn run(cli: Cli) -> Result<()> {
+    let format = cli.output;
     match &cli.command {
         Command::Register { email, name } => {
             let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
@@ -247,9 +300,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             let user = resp.user.unwrap_or_default();
             store(&user.email, &resp.tokens)?;
-            output::print(
-                &json!({"user": output::user(&user), "tokens": resp.tokens.as_ref().map(output::tokens)}),
-            );
+            signed_in(format, &user, &resp.tokens);
         }
         Command::Login { email } => {
             let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
@@ -262,9 +313,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             let user = resp.user.unwrap_or_default();
             store(&user.email, &resp.tokens)?;
-            output::print(
-                &json!({"user": output::user(&user), "tokens": resp.tokens.as_ref().map(output::tokens)}),
-            );
+            signed_in(format, &user, &resp.tokens);
         }
         Command::Logout => {
             let s = session::load()?;
@@ -274,7 +323,10 @@ async fn run(cli: Cli) -> Result<()> {
             })
             .await?;
             session::clear()?;
-            output::print(&json!({"signed_out": s.email}));
+            format.emit(
+                || json!({"signed_out": s.email}),
+                || format!("signed out {}", s.email),
+            );
         }
         Command::Whoami => {
             let s = current_session(&cli).await?;
@@ -283,10 +335,15 @@ async fn run(cli: Cli) -> Result<()> {
                 .get_current_user(authed(&s, GetCurrentUserRequest {})?)
                 .await?
                 .into_inner();
-            output::print(&output::user(&resp.user.unwrap_or_default()));
+            let user = resp.user.unwrap_or_default();
+            format.emit(
+                || output::user(&user),
+                || output::fields(&output::user_fields(&user)),
+            );
         }
         Command::Jobs(cmd) => jobs(&cli, cmd).await?,
         Command::Memories(cmd) => memories(&cli, cmd).await?,
+        Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
         Command::Workspace => {
             let s = current_session(&cli).await?;
             let mut client = MemoryServiceClient::new(connect(&cli.memory_url).await?);
@@ -294,21 +351,25 @@ async fn run(cli: Cli) -> Result<()> {
                 .get_workspace(authed(&s, GetWorkspaceRequest {})?)
                 .await?
                 .into_inner();
-            output::print(&output::workspace(&resp.workspace.unwrap_or_default()));
+            let workspace = resp.workspace.unwrap_or_default();
+            format.emit(
+                || output::workspace(&workspace),
+                || output::workspace_fields(&workspace),
+            );
         }
         Command::Health => {
             let mut all = true;
             let mut report = serde_json::Map::new();
+            let mut table = output::Table::new(&["SERVER", "STATUS"]);
             for url in [&cli.auth_url, &cli.jobs_url, &cli.memory_url] {
                 let addr = url.trim_start_matches("http://");
                 let ok = keel_shared::server::probe(addr).await;
                 all &= ok;
-                report.insert(
-                    url.clone(),
-                    json!(if ok { "SERVING" } else { "NOT_SERVING" }),
-                );
+                let status = if ok { "SERVING" } else { "NOT_SERVING" };
+                report.insert(url.clone(), json!(status));
+                table.row(vec![url.clone(), status.into()]);
             }
-            output::print(&Value::Object(report));
+            format.emit(|| Value::Object(report), || table.render());
             if !all {
                 std::process::exit(1);
             }
@@ -317,7 +378,14 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// One job: in full as a table, or as JSON.
+fn show_job(format: Format, job: &Option<Job>) {
+    let job = job.clone().unwrap_or_default();
+    format.emit(|| output::job(&job), || output::job_fields(&job));
+}
+
 async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
+    let format = cli.output;
     let s = current_session(cli).await?;
     let mut client = JobsServiceClient::new(connect(&cli.jobs_url).await?);
     match cmd {
@@ -346,7 +414,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 idempotency_key: idempotency_key.clone(),
             };
             let job = client.create_job(authed(&s, req)?).await?.into_inner().job;
-            output::print(&output::job(&job.unwrap_or_default()));
+            show_job(format, &job);
         }
         JobsCommand::Get { id } => {
             let job = client
@@ -354,7 +422,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .await?
                 .into_inner()
                 .job;
-            output::print(&output::job(&job.unwrap_or_default()));
+            show_job(format, &job);
         }
         JobsCommand::List {
             status,
@@ -382,10 +450,16 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!({
-                "jobs": resp.jobs.iter().map(output::job).collect::<Vec<_>>(),
-                "next_page_token": resp.next_page_token,
-            }));
+            format.emit(
+                || {
+                    json!({
+                        "jobs": resp.jobs.iter().map(output::job).collect::<Vec<_>>(),
+                        "next_page_token": resp.next_page_token,
+                    })
+                },
+                || output::jobs_table(&resp.jobs),
+            );
+            next_page_hint(format, &resp.next_page_token);
         }
         JobsCommand::Watch { id } => {
             let mut stream = client
@@ -394,7 +468,10 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .into_inner();
             while let Some(update) = stream.message().await? {
                 let job = update.job.unwrap_or_default();
-                println!("{}", output::job(&job));
+                match format {
+                    Format::Json => println!("{}", output::job(&job)),
+                    Format::Table => println!("{}", output::watch_line(&job)),
+                }
             }
         }
         JobsCommand::Cancel { id } => {
@@ -403,13 +480,21 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .await?
                 .into_inner()
                 .job;
-            output::print(&output::job(&job.unwrap_or_default()));
+            show_job(format, &job);
         }
     }
     Ok(())
 }
 
+/// Tables show the rows only: the next page's token goes to stderr.
+fn next_page_hint(format: Format, token: &str) {
+    if format == Format::Table && !token.is_empty() {
+        eprintln!("more: --page-token {token}");
+    }
+}
+
 async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
+    let format = cli.output;
     let s = current_session(cli).await?;
     let mut client = MemoryServiceClient::new(connect(&cli.memory_url).await?);
     match cmd {
@@ -441,10 +526,14 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!({
-                "created": resp.created,
-                "memory": output::memory(&resp.memory.unwrap_or_default()),
-            }));
+            let memory = resp.memory.unwrap_or_default();
+            format.emit(
+                || json!({"created": resp.created, "memory": output::memory(&memory)}),
+                || {
+                    let done = if resp.created { "created" } else { "updated" };
+                    format!("{done} {} (version {})", memory.key, memory.version)
+                },
+            );
         }
         MemoriesCommand::Get { key } => {
             let memory = client
@@ -452,7 +541,11 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 .await?
                 .into_inner()
                 .memory;
-            output::print(&output::memory(&memory.unwrap_or_default()));
+            let memory = memory.unwrap_or_default();
+            format.emit(
+                || output::memory(&memory),
+                || output::memory_fields(&memory),
+            );
         }
         MemoriesCommand::List {
             prefix,
@@ -472,10 +565,16 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!({
-                "memories": resp.memories.iter().map(output::memory).collect::<Vec<_>>(),
-                "next_page_token": resp.next_page_token,
-            }));
+            format.emit(
+                || {
+                    json!({
+                        "memories": resp.memories.iter().map(output::memory).collect::<Vec<_>>(),
+                        "next_page_token": resp.next_page_token,
+                    })
+                },
+                || output::memories_table(&resp.memories),
+            );
+            next_page_hint(format, &resp.next_page_token);
         }
         MemoriesCommand::Search { query, limit } => {
             let resp = client
@@ -488,11 +587,22 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            output::print(&json!(resp
+            let results: Vec<_> = resp
                 .results
-                .iter()
-                .map(|r| json!({"score": r.score, "memory": output::memory(&r.memory.clone().unwrap_or_default())}))
-                .collect::<Vec<_>>()));
+                .into_iter()
+                .map(|r| (r.score, r.memory.unwrap_or_default()))
+                .collect();
+            format.emit(
+                || {
+                    json!(
+                        results
+                            .iter()
+                            .map(|(score, m)| json!({"score": score, "memory": output::memory(m)}))
+                            .collect::<Vec<_>>()
+                    )
+                },
+                || output::search_table(&results),
+            );
         }
         MemoriesCommand::Delete {
             key,
@@ -507,7 +617,40 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                     },
                 )?)
                 .await?;
-            output::print(&json!({"deleted": key}));
+            format.emit(|| json!({"deleted": key}), || format!("deleted {key}"));
+        }
+    }
+    Ok(())
+}
+
+async fn dead_letters(format: Format, cmd: &DeadLettersCommand) -> Result<()> {
+    match cmd {
+        DeadLettersCommand::List { limit, redis } => {
+            let mut conn = dead_letters::connect(redis).await?;
+            let entries = dead_letters::list(&mut *conn, redis, *limit).await?;
+            format.emit(
+                || json!(entries.iter().map(|e| e.to_json()).collect::<Vec<_>>()),
+                || dead_letters::table(&entries),
+            );
+        }
+        DeadLettersCommand::Replay { ids, all, redis } => {
+            let mut conn = dead_letters::connect(redis).await?;
+            let ids = (!*all).then_some(ids.as_slice());
+            let results = dead_letters::replay(&mut *conn, redis, ids).await?;
+            format.emit(
+                || json!(results.iter().map(|r| r.to_json()).collect::<Vec<_>>()),
+                || dead_letters::replay_table(&results),
+            );
+            let missing: Vec<&str> = results
+                .iter()
+                .filter_map(|r| match r {
+                    dead_letters::Replay::NotFound { entry } => Some(entry.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if !missing.is_empty() {
+                bail!("not in the dead-letter stream: {}", missing.join(", "));
+            }
         }
     }
     Ok(())

@@ -1,11 +1,114 @@
-//! Keel messages as JSON for printing (field names as in the proto, snake_case).
+//! How results are printed: readable tables (the default) or JSON (`-o json`,
+//! field names as in the proto, snake_case) for scripts.
 
+use chrono::SecondsFormat;
 use keel_proto::auth::v1::{TokenPair, User};
 use keel_proto::jobs::v1::{Job, JobStatus};
 use keel_proto::memory::v1::{Memory, Workspace};
 use keel_shared::json::struct_to_json;
 use prost_types::{Struct, Timestamp};
 use serde_json::{Value, json};
+
+/// `--output` / `-o`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// JSON for scripts (one object per line for `jobs watch`).
+    Json,
+}
+
+impl Format {
+    /// Prints `json()` as pretty JSON, or `table()` as is.
+    pub fn emit(self, json: impl FnOnce() -> Value, table: impl FnOnce() -> String) {
+        match self {
+            Format::Json => print(&json()),
+            Format::Table => {
+                let text = table();
+                if text.ends_with('\n') {
+                    print!("{text}");
+                } else {
+                    println!("{text}");
+                }
+            }
+        }
+    }
+}
+
+pub fn print(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values print")
+    );
+}
+
+/// Rows under a header, columns left-aligned and three spaces apart (the
+/// kubectl layout). Widths count characters.
+pub struct Table {
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            rows: vec![header.iter().map(|h| h.to_string()).collect()],
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
+        let widths: Vec<usize> = (0..columns)
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|cell| cell.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (c, cell) in row.iter().enumerate() {
+                // Cells are one line each: a newline would break the columns.
+                let cell = cell.replace(['\n', '\r', '\t'], " ");
+                line.push_str(&cell);
+                if c + 1 < row.len() {
+                    let pad = widths[c] - cell.chars().count() + 3;
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// One object as `NAME   value` lines, names aligned (for get, create, ...).
+pub fn fields(pairs: &[(&str, String)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (name, value) in pairs {
+        let value = if value.is_empty() { "-" } else { value };
+        out.push_str(&format!("{name:<width$}   {value}\n"));
+    }
+    out
+}
+
+/// A timestamp for tables: RFC 3339 in UTC to the second, `-` when unset.
+pub fn when(ts: &Option<Timestamp>) -> String {
+    ts.as_ref()
+        .and_then(keel_shared::time::from_timestamp)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
+        .unwrap_or_else(|| "-".into())
+}
 
 fn time(ts: &Option<Timestamp>) -> Value {
     ts.as_ref()
@@ -20,8 +123,25 @@ fn object(s: &Option<Struct>) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// A Struct as one line of JSON, `-` when unset.
+fn compact(s: &Option<Struct>) -> String {
+    match object(s) {
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
 pub fn user(u: &User) -> Value {
     json!({"id": u.id, "email": u.email, "display_name": u.display_name, "created_at": time(&u.created_at)})
+}
+
+pub fn user_fields(u: &User) -> Vec<(&'static str, String)> {
+    vec![
+        ("ID", u.id.clone()),
+        ("EMAIL", u.email.clone()),
+        ("NAME", u.display_name.clone()),
+        ("CREATED", when(&u.created_at)),
+    ]
 }
 
 /// Tokens are never printed: only when they expire.
@@ -53,11 +173,132 @@ pub fn job(j: &Job) -> Value {
     })
 }
 
+fn attempt(j: &Job) -> String {
+    format!("{}/{}", j.attempt, j.max_attempts)
+}
+
+pub const JOB_COLUMNS: &[&str] = &["ID", "KIND", "STATUS", "ATTEMPT", "CREATED"];
+
+pub fn job_row(j: &Job) -> Vec<String> {
+    vec![
+        j.id.clone(),
+        j.kind.clone(),
+        status_name(j.status),
+        attempt(j),
+        when(&j.created_at),
+    ]
+}
+
+pub fn jobs_table(jobs: &[Job]) -> String {
+    let mut table = Table::new(JOB_COLUMNS);
+    for j in jobs {
+        table.row(job_row(j));
+    }
+    table.render()
+}
+
+/// One job in full.
+pub fn job_fields(j: &Job) -> String {
+    fields(&[
+        ("ID", j.id.clone()),
+        ("KIND", j.kind.clone()),
+        ("STATUS", status_name(j.status)),
+        ("ATTEMPT", attempt(j)),
+        ("PRIORITY", j.priority.to_string()),
+        ("PAYLOAD", compact(&j.payload)),
+        ("OUTPUT", compact(&j.output)),
+        ("ERROR", j.error.clone()),
+        (
+            "CANCEL REQUESTED",
+            if j.cancel_requested { "yes" } else { "no" }.into(),
+        ),
+        ("RUN AT", when(&j.run_at)),
+        ("CREATED", when(&j.created_at)),
+        ("STARTED", when(&j.started_at)),
+        ("FINISHED", when(&j.finished_at)),
+        ("UPDATED", when(&j.updated_at)),
+    ])
+}
+
+/// One line of `jobs watch`: time (of the update, to the millisecond),
+/// status, attempt, and the error when there is one.
+pub fn watch_line(j: &Job) -> String {
+    let at = j
+        .updated_at
+        .as_ref()
+        .and_then(keel_shared::time::from_timestamp)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| "-".into());
+    let mut line = format!(
+        "{at}   {:<9}   attempt {}",
+        status_name(j.status),
+        attempt(j)
+    );
+    if j.cancel_requested {
+        line.push_str("   cancel requested");
+    }
+    if !j.error.is_empty() {
+        line.push_str("   error: ");
+        line.push_str(&j.error.replace(['\n', '\r'], " "));
+    }
+    line
+}
+
 pub fn memory(m: &Memory) -> Value {
     json!({
         "key": m.key, "content": m.content, "tags": m.tags, "metadata": object(&m.metadata),
         "version": m.version, "created_at": time(&m.created_at), "updated_at": time(&m.updated_at),
     })
+}
+
+fn tags(m: &Memory) -> String {
+    if m.tags.is_empty() {
+        "-".into()
+    } else {
+        m.tags.join(",")
+    }
+}
+
+pub fn memories_table(memories: &[Memory]) -> String {
+    let mut table = Table::new(&["KEY", "VERSION", "TAGS", "UPDATED"]);
+    for m in memories {
+        table.row(vec![
+            m.key.clone(),
+            m.version.to_string(),
+            tags(m),
+            when(&m.updated_at),
+        ]);
+    }
+    table.render()
+}
+
+pub fn search_table(results: &[(f64, Memory)]) -> String {
+    let mut table = Table::new(&["SCORE", "KEY", "VERSION", "TAGS", "UPDATED"]);
+    for (score, m) in results {
+        table.row(vec![
+            format!("{score:.4}"),
+            m.key.clone(),
+            m.version.to_string(),
+            tags(m),
+            when(&m.updated_at),
+        ]);
+    }
+    table.render()
+}
+
+/// One memory in full: its fields, then its content after a blank line.
+pub fn memory_fields(m: &Memory) -> String {
+    let mut out = fields(&[
+        ("KEY", m.key.clone()),
+        ("VERSION", m.version.to_string()),
+        ("TAGS", tags(m)),
+        ("METADATA", compact(&m.metadata)),
+        ("CREATED", when(&m.created_at)),
+        ("UPDATED", when(&m.updated_at)),
+    ]);
+    out.push('\n');
+    out.push_str(&m.content);
+    out
 }
 
 pub fn workspace(w: &Workspace) -> Value {
@@ -68,9 +309,49 @@ pub fn workspace(w: &Workspace) -> Value {
     })
 }
 
-pub fn print(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).expect("JSON values print")
-    );
+pub fn workspace_fields(w: &Workspace) -> String {
+    let mut tag_counts: Vec<_> = w.tag_counts.iter().collect();
+    tag_counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut out = fields(&[
+        ("MEMORIES", w.memory_count.to_string()),
+        ("CONTENT BYTES", w.total_content_bytes.to_string()),
+        ("LAST UPDATED", when(&w.last_updated_at)),
+        (
+            "TAGS",
+            tag_counts
+                .iter()
+                .map(|(t, n)| format!("{t}={n}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    ]);
+    if !w.recent.is_empty() {
+        out.push_str("\nRECENT\n");
+        out.push_str(&memories_table(&w.recent));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns_by_characters() {
+        let mut table = Table::new(&["KEY", "VERSION", "TAGS"]);
+        table.row(vec!["notes/é".into(), "12".into(), "-".into()]);
+        table.row(vec!["a".into(), "1".into(), "x,y".into()]);
+        assert_eq!(
+            table.render(),
+            "KEY       VERSION   TAGS\nnotes/é   12        -\na         1         x,y\n"
+        );
+    }
+
+    #[test]
+    fn fields_align_names_and_mark_empty_values() {
+        assert_eq!(
+            fields(&[("ID", "1".into()), ("ERROR", String::new())]),
+            "ID      1\nERROR   -\n"
+        );
+    }
 }

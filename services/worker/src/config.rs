@@ -9,6 +9,7 @@ use keel_shared::config::{RedisConfig, RuntimeConfig};
 const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 const DEFAULT_MAX_DELIVERIES: u32 = 5;
 const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
+const DEFAULT_DEAD_LETTER_MAXLEN: usize = 10_000;
 const DEFAULT_JOB_GRACE_MS: u64 = 30_000;
 const DEFAULT_TRIM_INTERVAL_MS: u64 = 30_000;
 const DEFAULT_CONSUMER_TTL_MS: u64 = 3_600_000;
@@ -43,6 +44,10 @@ pub struct Config {
     /// How often (ms) a running job's lease is extended and its cancellation checked.
     #[arg(long, env = "KEEL_WORKER_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS)]
     pub heartbeat_ms: u64,
+    /// The dead-letter stream keeps about this many entries: each XADD to it
+    /// trims the oldest (MAXLEN ~).
+    #[arg(long, env = "KEEL_WORKER_DEAD_LETTER_MAXLEN", default_value_t = DEFAULT_DEAD_LETTER_MAXLEN)]
+    pub dead_letter_maxlen: usize,
     /// How often (ms) the job streams are trimmed of entries every consumer
     /// group has read and acknowledged.
     #[arg(long, env = "KEEL_WORKER_TRIM_INTERVAL_MS", default_value_t = DEFAULT_TRIM_INTERVAL_MS)]
@@ -78,6 +83,7 @@ impl Config {
             claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
+            dead_letter_maxlen: DEFAULT_DEAD_LETTER_MAXLEN,
             trim_interval_ms: DEFAULT_TRIM_INTERVAL_MS,
             consumer_ttl_ms: DEFAULT_CONSUMER_TTL_MS,
             job_grace_ms: DEFAULT_JOB_GRACE_MS,
@@ -135,6 +141,12 @@ impl Config {
         if self.max_deliveries == 0 {
             return Err(StartupError::InvalidVar {
                 var: "KEEL_WORKER_MAX_DELIVERIES",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.dead_letter_maxlen == 0 {
+            return Err(StartupError::InvalidVar {
+                var: "KEEL_WORKER_DEAD_LETTER_MAXLEN",
                 reason: "must be at least 1".into(),
             });
         }

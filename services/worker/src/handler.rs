@@ -136,7 +136,8 @@ impl Sleep {
         let ms = payload.get("ms").ok_or_else(|| {
             HandlerError::Permanent("payload.ms: required (milliseconds to sleep)".into())
         })?;
-        // Struct numbers arrive as floats: accept whole non-negative ones.
+        // Whole numbers arrive as integers; accept whole floats too (a payload
+        // built by hand as JSON may hold 5.0).
         let ms = ms
             .as_u64()
             .or_else(|| {

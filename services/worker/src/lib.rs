@@ -91,7 +91,8 @@ pub async fn run_with(
     .map_err(|e| StartupError::InvalidVar {
         var: "REDIS_URL",
         reason: e.to_string(),
-    })?;
+    })?
+    .with_dead_letter_maxlen(config.dead_letter_maxlen);
 
     let every = config.runtime.metrics.sample_every();
     keel_shared::metrics::sample_pools(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use deadpool_redis::Pool;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT, dead_letter};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
@@ -79,6 +79,7 @@ pub struct JobStream {
     kinds: Vec<String>,
     served_kinds: String,
     dead_letter: String,
+    dead_letter_maxlen: Option<usize>,
     consumer: String,
     block: Duration,
 }
@@ -98,6 +99,7 @@ impl JobStream {
             kinds,
             served_kinds: config.served_kinds(),
             dead_letter: config.dead_letter_stream(),
+            dead_letter_maxlen: None,
             consumer,
             block,
         })
@@ -289,7 +291,16 @@ impl JobStream {
         Ok(())
     }
 
-    /// Copies a message to the dead-letter stream, saying why.
+    /// Bounds the dead-letter stream to about `maxlen` entries (unbounded
+    /// unless set).
+    pub fn with_dead_letter_maxlen(mut self, maxlen: usize) -> Self {
+        self.dead_letter_maxlen = Some(maxlen);
+        self
+    }
+
+    /// Copies a message to the dead-letter stream, saying why and which stream
+    /// it came from (and with its trace context), so that it can be replayed.
+    /// `MAXLEN ~` drops the oldest entries beyond the bound.
     pub async fn dead_letter(
         &self,
         message: &Message,
@@ -297,23 +308,28 @@ impl JobStream {
         reason: &str,
     ) -> Result<(), StreamError> {
         let mut conn = self.conn().await?;
-        let _: String = redis::cmd("XADD")
-            .arg(&self.dead_letter)
-            .arg("*")
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&self.dead_letter);
+        if let Some(maxlen) = self.dead_letter_maxlen {
+            xadd.arg("MAXLEN").arg("~").arg(maxlen);
+        }
+        xadd.arg("*")
             .arg(FIELD_JOB_ID)
             .arg(message.job_id.as_deref().unwrap_or(""))
-            .arg("message_id")
-            .arg(&message.id)
-            .arg("stream")
+            .arg(dead_letter::FIELD_STREAM)
             .arg(&message.stream)
-            .arg("deliveries")
+            .arg(dead_letter::FIELD_MESSAGE_ID)
+            .arg(&message.id)
+            .arg(dead_letter::FIELD_DELIVERIES)
             .arg(deliveries)
-            .arg("consumer")
+            .arg(dead_letter::FIELD_CONSUMER)
             .arg(&self.consumer)
-            .arg("reason")
-            .arg(reason)
-            .query_async(&mut *conn)
-            .await?;
+            .arg(dead_letter::FIELD_REASON)
+            .arg(reason);
+        if let Some(traceparent) = &message.traceparent {
+            xadd.arg(FIELD_TRACEPARENT).arg(traceparent);
+        }
+        let _: String = xadd.query_async(&mut *conn).await?;
         Ok(())
     }
 

@@ -19,7 +19,8 @@ fn code_keys() -> Vec<String> {
     let redis = RedisConfig::new("redis://unused", "keel");
     let job = uuid::Uuid::nil();
     vec![
-        redis.jobs_stream(),
+        redis.jobs_stream("<>"),
+        redis.served_kinds(),
         redis.dead_letter_stream(),
         redis
             .job_updates_channel(&job)

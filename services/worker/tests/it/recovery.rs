@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keel_proto::jobs::v1::JobStatus;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, dead_letter};
 use keel_shared::testing::eventually;
 use keel_worker::Registry;
 use redis::streams::{StreamRangeReply, StreamReadReply};
@@ -67,8 +67,15 @@ async fn a_message_delivered_too_often_is_dead_lettered_and_its_job_failed() {
         Some(job.id.as_str())
     );
     assert_eq!(
-        dead.ids[0].get::<String>("message_id").as_deref(),
+        dead.ids[0]
+            .get::<String>(dead_letter::FIELD_MESSAGE_ID)
+            .as_deref(),
         Some(message_id.as_str())
+    );
+    assert_eq!(
+        dead.ids[0].get::<String>(dead_letter::FIELD_STREAM),
+        Some(stream.clone()),
+        "the entry names the stream it came from"
     );
     env.wait_drained().await;
     worker.stop().await;
@@ -91,7 +98,7 @@ async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
     assert_eq!(job.attempt, 2, "the second attempt finished it");
     assert_eq!(
         keel_shared::json::struct_to_json(job.output.as_ref().unwrap()).unwrap(),
-        json!({"slept_ms": 3000.0})
+        json!({"slept_ms": 3000})
     );
     // The dead worker's message is taken over and settled too.
     env.wait_drained().await;
@@ -229,6 +236,61 @@ async fn trimming_never_drops_a_backlog_before_it_is_read() {
             <= 100
     })
     .await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_dead_letter_stream_is_bounded() {
+    let env = Env::start().await;
+    let stream = env.redis.config.jobs_stream("echo");
+    let dead = env.redis.config.dead_letter_stream();
+    let mut conn = env.redis().await;
+    // 250 poison entries (no valid job id): each one is dead-lettered.
+    let mut pipe = redis::pipe();
+    for n in 0..250 {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(FIELD_JOB_ID)
+            .arg(format!("poison-{n}"))
+            .ignore();
+    }
+    let () = pipe.query_async(&mut *conn).await.unwrap();
+
+    let mut config = env.worker_config();
+    config.dead_letter_maxlen = 10;
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+    env.wait_drained().await;
+    // MAXLEN ~ drops whole stream nodes only, so the bound is 10 plus at most
+    // one node's entries.
+    let (node_entries, length): (Vec<String>, u64) = redis::pipe()
+        .cmd("CONFIG")
+        .arg("GET")
+        .arg("stream-node-max-entries")
+        .cmd("XLEN")
+        .arg(&dead)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    let node_entries: u64 = node_entries[1].parse().unwrap();
+    assert!(
+        (10..=10 + node_entries).contains(&length) && length < 250,
+        "dead-letter stream has {length} entries (nodes of {node_entries})"
+    );
+    // The newest entries are the ones kept.
+    let newest: StreamRangeReply = redis::cmd("XREVRANGE")
+        .arg(&dead)
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(1)
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        newest.ids[0].get::<String>(FIELD_JOB_ID).as_deref(),
+        Some("poison-249")
+    );
     worker.stop().await;
 }
 

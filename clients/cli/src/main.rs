@@ -207,7 +207,7 @@ enum MemoriesCommand {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let cli = Cli::parse();
+    let cli = keel_shared::config::parse_config::<Cli>();
     if let Err(e) = run(cli).await {
         match e.downcast_ref::<tonic::Status>() {
             Some(status) => eprintln!("keel: {:?}: {}", status.code(), status.message()),
@@ -412,6 +412,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 max_attempts: *max_attempts,
                 run_at,
                 idempotency_key: idempotency_key.clone(),
+                ..Default::default()
             };
             let job = client.create_job(authed(&s, req)?).await?.into_inner().job;
             show_job(format, &job);

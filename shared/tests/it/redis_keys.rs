@@ -92,10 +92,17 @@ fn mentions(line: &str) -> Vec<String> {
     found
 }
 
-/// `<job_id>`-style placeholders (and a literal job id) stand for any job.
+/// `<job_id>`-style placeholders (and a literal job id) stand for any job,
+/// and a hash tag (`{echo}`, a kind) for any kind.
 fn normalized(key: &str) -> String {
     let mut out = String::new();
-    let mut rest = key;
+    let tagged = match (key.find('{'), key.rfind('}')) {
+        (Some(open), Some(close)) if open < close => {
+            format!("{}{{<>}}{}", &key[..open], &key[close + 1..])
+        }
+        _ => key.to_string(),
+    };
+    let mut rest = tagged.as_str();
     while let Some(open) = rest.find('<') {
         out.push_str(&rest[..open]);
         let close = rest[open..].find('>').map_or(rest.len(), |i| open + i + 1);

@@ -222,10 +222,11 @@ class Worker:
             await self._claim_loop()
             if self._running:
                 log.info("shutting down: waiting up to %.1fs for %d running job(s)", self.shutdown_grace, len(self._running))
-                try:
-                    await asyncio.wait_for(self._hard_stop.wait(), self.shutdown_grace)
-                except asyncio.TimeoutError:
-                    pass
+                hard = asyncio.ensure_future(self._hard_stop.wait())
+                finished = asyncio.ensure_future(asyncio.wait(list(self._running.values())))
+                await asyncio.wait([hard, finished], timeout=self.shutdown_grace, return_when=asyncio.FIRST_COMPLETED)
+                hard.cancel()
+                finished.cancel()
                 self._hard_stop.set()
                 if self._running:
                     await asyncio.wait(list(self._running.values()))

@@ -17,6 +17,8 @@ pub const DEFAULT_WATCH_POLL_MS: u64 = 2_000;
 pub const DEFAULT_REDELIVER_AFTER_MS: u64 = 300_000;
 pub const DEFAULT_RETENTION_BATCH: i64 = 1_000;
 pub const DEFAULT_RETENTION_INTERVAL_MS: u64 = 3_600_000;
+pub const DEFAULT_SCHEDULE_TIMEOUT_SECS: u64 = 3_600;
+pub const DEFAULT_CLAIM_POLL_MS: u64 = 250;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-jobs", about = "Keel jobs service", version)]
@@ -78,6 +80,15 @@ pub struct Config {
     /// How often the retention job runs (when KEEL_JOBS_RETENTION_DAYS is set).
     #[arg(long, env = "KEEL_JOBS_RETENTION_INTERVAL_MS", default_value_t = DEFAULT_RETENTION_INTERVAL_MS)]
     pub retention_interval_ms: u64,
+    /// How long a queued job may wait past its run_at for a worker of its
+    /// kind when CreateJob names no schedule_timeout; then it fails (not
+    /// retried) with an error naming the kind.
+    #[arg(long, env = "KEEL_JOBS_SCHEDULE_TIMEOUT_SECS", default_value_t = DEFAULT_SCHEDULE_TIMEOUT_SECS)]
+    pub schedule_timeout_secs: u64,
+    /// A ClaimJobs call waiting for work looks at Postgres again this often
+    /// (jobs created or re-queued on the same replica wake it at once).
+    #[arg(long, env = "KEEL_JOBS_CLAIM_POLL_MS", default_value_t = DEFAULT_CLAIM_POLL_MS)]
+    pub claim_poll_ms: u64,
 }
 
 impl Config {
@@ -108,6 +119,8 @@ impl Config {
             retention_days: 0,
             retention_batch: DEFAULT_RETENTION_BATCH,
             retention_interval_ms: DEFAULT_RETENTION_INTERVAL_MS,
+            schedule_timeout_secs: DEFAULT_SCHEDULE_TIMEOUT_SECS,
+            claim_poll_ms: DEFAULT_CLAIM_POLL_MS,
         }
     }
 
@@ -129,6 +142,14 @@ impl Config {
 
     pub fn retention_interval(&self) -> Duration {
         Duration::from_millis(self.retention_interval_ms.max(10))
+    }
+
+    pub fn schedule_timeout(&self) -> Duration {
+        Duration::from_secs(self.schedule_timeout_secs.max(1))
+    }
+
+    pub fn claim_poll(&self) -> Duration {
+        Duration::from_millis(self.claim_poll_ms.max(10))
     }
 
     pub fn watch_poll(&self) -> Duration {

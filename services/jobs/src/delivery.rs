@@ -16,7 +16,6 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::domain::Status;
 use crate::error::JobsError;
@@ -121,7 +120,7 @@ impl Delivery {
     ) {
         let mut batch = Vec::with_capacity(PUBLISH_BATCH);
         // Published jobs waiting for their mark, oldest first.
-        let mut unmarked: VecDeque<(Instant, Vec<Uuid>)> = VecDeque::new();
+        let mut unmarked: VecDeque<(Instant, Vec<Publication>)> = VecDeque::new();
         loop {
             batch.clear();
             let mark_at = unmarked.front().map(|(at, _)| *at);
@@ -129,22 +128,23 @@ impl Delivery {
                 _ = shutdown.cancelled() => break,
                 _ = sleep_until(mark_at) => {
                     let now = Instant::now();
-                    let mut ids = Vec::new();
+                    let mut due = Vec::new();
                     while unmarked.front().is_some_and(|(at, _)| *at <= now) {
-                        ids.extend(unmarked.pop_front().into_iter().flat_map(|(_, ids)| ids));
+                        due.extend(unmarked.pop_front().into_iter().flat_map(|(_, p)| p));
                     }
-                    self.mark_published(&ids).await;
+                    self.mark_published(&due).await;
                     continue;
                 }
                 n = queue.recv_many(&mut batch, PUBLISH_BATCH) => if n == 0 { break },
             }
-            let ids: Vec<Uuid> = batch.iter().map(|p| p.job_id).collect();
             match self.xadd(&batch).await {
-                Ok(()) => unmarked.push_back((Instant::now() + MARK_AFTER, ids)),
+                Ok(()) => {
+                    unmarked.push_back((Instant::now() + MARK_AFTER, std::mem::take(&mut batch)))
+                }
                 Err(e) => {
-                    tracing::debug!(error = %e, count = ids.len(),
+                    tracing::debug!(error = %e, count = batch.len(),
                         "immediate delivery failed; handing the jobs to the relay");
-                    if let Err(e) = self.hand_to_relay(&ids).await {
+                    if let Err(e) = self.hand_to_relay(&batch).await {
                         // They are published by the relay after the grace.
                         tracing::debug!(error = %e, "could not hand the jobs to the relay");
                     }
@@ -152,32 +152,32 @@ impl Delivery {
             }
         }
         // Unmarked rows would be published again by the relay.
-        let ids: Vec<Uuid> = unmarked.into_iter().flat_map(|(_, ids)| ids).collect();
-        if !ids.is_empty() {
-            self.mark_published(&ids).await;
+        let published: Vec<Publication> = unmarked.into_iter().flat_map(|(_, p)| p).collect();
+        if !published.is_empty() {
+            self.mark_published(&published).await;
         }
     }
 
     /// Marks published jobs' outbox rows; a failure leaves them to the relay
     /// (published again after the grace, which workers tolerate).
-    async fn mark_published(&self, ids: &[Uuid]) {
+    async fn mark_published(&self, published: &[Publication]) {
         let marked = async {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             store::relax_commit(&tx).await?;
-            store::mark_published(&tx, ids, self.redeliver_after).await?;
+            store::mark_published(&tx, published, self.redeliver_after).await?;
             tx.commit().await?;
             Ok::<_, JobsError>(())
         }
         .await;
         if let Err(e) = marked {
-            tracing::debug!(error = %e, count = ids.len(), "could not record immediate deliveries");
+            tracing::debug!(error = %e, count = published.len(), "could not record immediate deliveries");
         }
     }
 
-    async fn hand_to_relay(&self, ids: &[Uuid]) -> Result<(), JobsError> {
+    async fn hand_to_relay(&self, unpublished: &[Publication]) -> Result<(), JobsError> {
         let client = self.pool.get().await?;
-        store::hand_to_relay(&client, ids).await
+        store::hand_to_relay(&client, unpublished).await
     }
 
     /// One relay round: publishes up to `limit` due outbox rows.
@@ -197,8 +197,7 @@ impl Delivery {
             return Ok(0);
         }
         self.xadd(&claimed).await?;
-        let ids: Vec<Uuid> = claimed.iter().map(|c| c.job_id).collect();
-        store::mark_published(&tx, &ids, self.redeliver_after).await?;
+        store::mark_published(&tx, &claimed, self.redeliver_after).await?;
         tx.commit().await?;
         Ok(claimed.len())
     }
@@ -325,18 +324,26 @@ impl Delivery {
         }
     }
 
-    /// Returns jobs with expired leases to the queue every `interval` until `shutdown`.
+    /// Every `interval` until `shutdown`: returns jobs with expired leases
+    /// to the queue, and fails queued jobs past their schedule deadline.
     pub async fn run_reaper(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         loop {
             match self.reap_once().await {
-                Ok(reaped) => {
+                Ok((reaped, unscheduled)) => {
                     for job in &reaped {
                         tracing::info!(job_id = %job.id, attempt = job.attempt,
                             status = job.status.as_str(), "lease expired");
                         count_reaped(job);
                         self.announce(job);
                     }
-                    if reaped.len() as i64 == REAP_BATCH && !shutdown.is_cancelled() {
+                    for job in &unscheduled {
+                        tracing::info!(job_id = %job.id, kind = %job.kind,
+                            "no worker took the job within its schedule timeout");
+                        keel_shared::metrics::job_transition("failed", &job.kind);
+                        self.announce(job);
+                    }
+                    let full = reaped.len().max(unscheduled.len()) as i64 == REAP_BATCH;
+                    if full && !shutdown.is_cancelled() {
                         continue;
                     }
                 }
@@ -349,9 +356,11 @@ impl Delivery {
         }
     }
 
-    async fn reap_once(&self) -> Result<Vec<JobRow>, JobsError> {
+    async fn reap_once(&self) -> Result<(Vec<JobRow>, Vec<JobRow>), JobsError> {
         let client = self.pool.get().await?;
-        store::reap_expired_leases(&client, REAP_BATCH).await
+        let reaped = store::reap_expired_leases(&client, REAP_BATCH).await?;
+        let unscheduled = store::fail_unscheduled(&client, REAP_BATCH).await?;
+        Ok((reaped, unscheduled))
     }
 }
 
@@ -426,6 +435,7 @@ mod tests {
             lease_expires_at: Some(now),
             worker_id: Some("w".into()),
             version: 7,
+            progress: Some(serde_json::json!({"done": 3})),
         };
         let (version, proto) = decode_announcement(&encode_announcement(&job)).unwrap();
         assert_eq!(version, 7);

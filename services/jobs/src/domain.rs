@@ -18,6 +18,15 @@ pub const MAX_BATCH: usize = 1000;
 /// Longer worker error messages are truncated (rejecting them would strand the job).
 pub const MAX_ERROR_BYTES: usize = 16 * 1024;
 pub const MAX_WORKER_ID_BYTES: usize = 256;
+pub const MAX_DELIVERY_ID_BYTES: usize = 128;
+/// A job's schedule timeout: at least a second, at most 30 days.
+pub const MIN_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// ClaimJobs: most kinds one worker names, most jobs one call returns, and
+/// longest wait.
+pub const MAX_CLAIM_KINDS: usize = 64;
+pub const MAX_CLAIM_JOBS: i32 = 1000;
+pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 /// Where a job is in its life; the text form is what Postgres stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +98,8 @@ pub struct NewJob {
     /// None: now (by the database clock).
     pub run_at: Option<DateTime<Utc>>,
     pub idempotency_key: Option<String>,
+    /// How long it may wait for a worker; None: the server default.
+    pub schedule_timeout: Option<Duration>,
 }
 
 /// Validates one CreateJob request; `prefix` names it inside a batch
@@ -144,6 +155,14 @@ pub fn validate_create(
         }
         k => Some(k.to_string()),
     };
+    let schedule_timeout = req
+        .schedule_timeout
+        .as_ref()
+        .map(|d| {
+            duration_within(d, MIN_SCHEDULE_TIMEOUT..=MAX_SCHEDULE_TIMEOUT)
+                .map_err(|why| JobsError::invalid(field("schedule_timeout"), why))
+        })
+        .transpose()?;
     Ok(NewJob {
         kind: req.kind.clone(),
         payload,
@@ -151,6 +170,70 @@ pub fn validate_create(
         max_attempts,
         run_at,
         idempotency_key,
+        schedule_timeout,
+    })
+}
+
+/// A protobuf Duration as a std one, within `range`.
+pub fn duration_within(
+    d: &prost_types::Duration,
+    range: std::ops::RangeInclusive<Duration>,
+) -> Result<Duration, String> {
+    let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000);
+    let secs = u64::try_from(d.seconds).ok();
+    let (Some(secs), Some(nanos)) = (secs, nanos) else {
+        return Err("must be a non-negative duration".into());
+    };
+    let value = Duration::new(secs, nanos);
+    if !range.contains(&value) {
+        return Err(format!(
+            "must be between {:?} and {:?}",
+            range.start(),
+            range.end()
+        ));
+    }
+    Ok(value)
+}
+
+/// A validated ClaimJobs request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    pub worker_id: String,
+    /// Distinct, in the order given.
+    pub kinds: Vec<String>,
+    pub max_jobs: i32,
+    pub wait: Duration,
+}
+
+/// worker_id 1..=256 bytes; kinds 1..=64 valid kinds (repeats ignored);
+/// max_jobs 1..=1000; wait 0..=30 s (unset: 0).
+pub fn validate_claim(req: &keel_proto::jobs::v1::ClaimJobsRequest) -> Result<Claim, JobsError> {
+    if req.worker_id.is_empty() || req.worker_id.len() > MAX_WORKER_ID_BYTES {
+        return Err(JobsError::invalid("worker_id", "must be 1 to 256 bytes"));
+    }
+    if req.kinds.is_empty() || req.kinds.len() > MAX_CLAIM_KINDS {
+        return Err(JobsError::invalid("kinds", "must name 1 to 64 kinds"));
+    }
+    let mut kinds: Vec<String> = Vec::with_capacity(req.kinds.len());
+    for (i, kind) in req.kinds.iter().enumerate() {
+        validate_kind(kind).map_err(|why| JobsError::invalid(format!("kinds[{i}]"), why))?;
+        if !kinds.contains(kind) {
+            kinds.push(kind.clone());
+        }
+    }
+    if !(1..=MAX_CLAIM_JOBS).contains(&req.max_jobs) {
+        return Err(JobsError::invalid("max_jobs", "must be between 1 and 1000"));
+    }
+    let wait = match &req.wait {
+        Some(d) => duration_within(d, Duration::ZERO..=MAX_CLAIM_WAIT)
+            .map_err(|why| JobsError::invalid("wait", why))?,
+        None => Duration::ZERO,
+    };
+    Ok(Claim {
+        worker_id: req.worker_id.clone(),
+        kinds,
+        max_jobs: req.max_jobs,
+        wait,
     })
 }
 

@@ -61,6 +61,7 @@ pub fn job_to_proto(j: &JobRow) -> Job {
         started_at: opt_timestamp(j.started_at),
         finished_at: opt_timestamp(j.finished_at),
         cancel_requested: j.cancel_requested,
+        progress: j.progress.as_ref().map(json_to_struct),
     }
 }
 
@@ -226,8 +227,16 @@ impl JobRunnerService for JobsApi {
         worker(&req)?;
         let r = req.get_ref();
         let id = domain::parse_id(&r.id)?;
-        let (lease_expires_at, cancel_requested) =
-            self.jobs.heartbeat(id, attempt(r.attempt)?).await?;
+        let progress = r
+            .progress
+            .as_ref()
+            .map(|s| domain::json_within(s, self.jobs.settings.max_payload_bytes))
+            .transpose()
+            .map_err(|why| JobsError::invalid("progress", why))?;
+        let (lease_expires_at, cancel_requested) = self
+            .jobs
+            .heartbeat(id, attempt(r.attempt)?, progress)
+            .await?;
         Ok(Response::new(HeartbeatResponse {
             lease_expires_at: Some(to_timestamp(lease_expires_at)),
             cancel_requested,
@@ -310,13 +319,46 @@ impl JobRunnerService for JobsApi {
             .collect();
         Ok(Response::new(CompleteJobsResponse { results }))
     }
+
+    /// Starts up to `max_jobs` due jobs of `kinds` for the caller, waiting
+    /// up to `wait` for one. Bad kinds, max_jobs or wait -> INVALID_ARGUMENT
+    /// naming the field, nothing claimed.
+    async fn claim_jobs(
+        &self,
+        req: Request<ClaimJobsRequest>,
+    ) -> Result<Response<ClaimJobsResponse>, Status> {
+        worker(&req)?;
+        let claim = domain::validate_claim(req.get_ref())?;
+        let jobs = self
+            .jobs
+            .claim(
+                &claim.worker_id,
+                &claim.kinds,
+                i64::from(claim.max_jobs),
+                claim.wait,
+                &self.shutdown,
+            )
+            .await?;
+        Ok(Response::new(ClaimJobsResponse {
+            jobs: jobs
+                .iter()
+                .map(|job| ClaimedJob {
+                    lease_expires_at: opt_timestamp(job.lease_expires_at),
+                    job: Some(job_to_proto(job)),
+                })
+                .collect(),
+        }))
+    }
 }
 
 /// The worker's transitions that have a batched form, one request each.
 impl JobsApi {
     async fn start_one(&self, r: &StartJobRequest) -> Result<StartJobResponse, Status> {
         let id = domain::parse_id(&r.id)?;
-        let job = self.jobs.start(id, &r.worker_id).await?;
+        if r.delivery_id.len() > domain::MAX_DELIVERY_ID_BYTES {
+            return Err(JobsError::invalid("delivery_id", "at most 128 bytes").into());
+        }
+        let job = self.jobs.start(id, &r.worker_id, &r.delivery_id).await?;
         Ok(StartJobResponse {
             lease_expires_at: opt_timestamp(job.lease_expires_at),
             job: Some(job_to_proto(&job)),

@@ -80,6 +80,8 @@ pub async fn run(
             retry_max: Duration::from_millis(config.retry_max_ms.max(config.retry_base_ms)),
             max_payload_bytes: config.max_payload_bytes,
             watch_poll: config.watch_poll(),
+            schedule_timeout: config.schedule_timeout(),
+            claim_poll: config.claim_poll(),
         },
     );
     let jobs = Arc::new(jobs);

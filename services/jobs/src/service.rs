@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use keel_shared::ApiError;
 use keel_shared::batch::{self, Batcher};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -26,6 +27,10 @@ pub struct Settings {
     pub retry_max: Duration,
     pub max_payload_bytes: usize,
     pub watch_poll: Duration,
+    /// How long a job may wait for a worker when its request names no limit.
+    pub schedule_timeout: Duration,
+    /// How often a waiting ClaimJobs looks again without being woken.
+    pub claim_poll: Duration,
 }
 
 pub struct Jobs {
@@ -35,6 +40,8 @@ pub struct Jobs {
     creates: Batcher<CreateCall, Vec<JobRow>, JobsError>,
     starts: Batcher<StartCall, Option<JobRow>, JobsError>,
     completions: Batcher<CompleteCall, Option<JobRow>, JobsError>,
+    /// Wakes waiting ClaimJobs calls when jobs become due here.
+    jobs_due: Notify,
 }
 
 /// A CreateJob waiting for its batch.
@@ -48,6 +55,7 @@ pub struct CreateCall {
 pub struct StartCall {
     id: Uuid,
     worker_id: String,
+    delivery_id: String,
 }
 
 /// A CompleteJob waiting for its batch.
@@ -92,6 +100,7 @@ impl Jobs {
             creates,
             starts,
             completions,
+            jobs_due: Notify::new(),
         };
         let queues = Queues {
             creates: create_queue,
@@ -175,8 +184,13 @@ impl Jobs {
         let due = inserted.iter().filter(|j| j.run_at <= j.created_at);
         self.delivery.publish_soon(due.map(|j| store::Publication {
             job_id: j.id,
+            kind: j.kind.clone(),
+            attempt: 0,
             traceparent: traceparent.clone(),
         }));
+        if !inserted.is_empty() {
+            self.jobs_due.notify_waiters();
+        }
         let mut by_id: HashMap<Uuid, JobRow> = inserted.into_iter().map(|j| (j.id, j)).collect();
 
         // Only an existing idempotency key makes the insert skip an item.
@@ -215,7 +229,7 @@ impl Jobs {
         let client = self.pool.get().await?;
         store::insert_jobs(
             &client,
-            &new_rows(std::slice::from_ref(call)),
+            &new_rows(std::slice::from_ref(call), self.settings.schedule_timeout),
             PUBLISH_GRACE,
         )
         .await
@@ -228,7 +242,8 @@ impl Jobs {
         if calls.len() > 1 {
             let together = async {
                 let client = self.pool.get().await?;
-                store::insert_jobs(&client, &new_rows(&calls), PUBLISH_GRACE).await
+                let rows = new_rows(&calls, self.settings.schedule_timeout);
+                store::insert_jobs(&client, &rows, PUBLISH_GRACE).await
             }
             .await;
             if let Ok(inserted) = together {
@@ -314,10 +329,22 @@ impl Jobs {
         )))
     }
 
-    /// Queued and due -> running with a new attempt and a lease.
-    pub async fn start(&self, id: Uuid, worker_id: &str) -> Result<JobRow, JobsError> {
+    /// Queued and due -> running with a new attempt and a lease. The same
+    /// worker repeating its start of the same delivery gets that attempt
+    /// back (its first answer was lost).
+    pub async fn start(
+        &self,
+        id: Uuid,
+        worker_id: &str,
+        delivery_id: &str,
+    ) -> Result<JobRow, JobsError> {
         let worker_id = domain::clip(worker_id, domain::MAX_WORKER_ID_BYTES);
-        match self.starts.call(StartCall { id, worker_id }).await? {
+        let call = StartCall {
+            id,
+            worker_id: worker_id.clone(),
+            delivery_id: delivery_id.to_string(),
+        };
+        match self.starts.call(call).await? {
             Some(job) => {
                 count_transition(&job);
                 self.delivery.announce(&job);
@@ -325,6 +352,14 @@ impl Jobs {
             }
             None => {
                 let client = self.pool.get().await?;
+                let start = store::Start {
+                    id,
+                    worker_id: &worker_id,
+                    delivery_id,
+                };
+                if let Some(job) = store::resume_start(&client, start, self.settings.lease).await? {
+                    return Ok(job);
+                }
                 let job = store::job(&client, id).await?.ok_or(JobsError::NotFound)?;
                 Err(JobsError::WrongState(domain::start_refusal(
                     job.status,
@@ -340,10 +375,14 @@ impl Jobs {
     /// would be right after it.
     async fn start_batch(&self, calls: Vec<StartCall>) -> Vec<Applied> {
         let mut seen = HashSet::new();
-        let distinct: Vec<(Uuid, &str)> = calls
+        let distinct: Vec<store::Start> = calls
             .iter()
             .filter(|c| seen.insert(c.id))
-            .map(|c| (c.id, c.worker_id.as_str()))
+            .map(|c| store::Start {
+                id: c.id,
+                worker_id: &c.worker_id,
+                delivery_id: &c.delivery_id,
+            })
             .collect();
         let started = async {
             let client = self.pool.get().await?;
@@ -360,17 +399,66 @@ impl Jobs {
         }
     }
 
-    /// Extends the lease of running attempt `attempt`; says whether
-    /// cancellation was requested.
+    /// Extends the lease of running attempt `attempt` and records its
+    /// progress (announced to watchers); says whether cancellation was
+    /// requested.
     pub async fn heartbeat(
         &self,
         id: Uuid,
         attempt: i32,
+        progress: Option<serde_json::Value>,
     ) -> Result<(DateTime<Utc>, bool), JobsError> {
         let client = self.pool.get().await?;
-        match store::heartbeat(&client, id, attempt, self.settings.lease).await? {
-            Some(lease) => Ok(lease),
+        let lease = self.settings.lease;
+        match store::heartbeat(&client, id, attempt, lease, progress.as_ref()).await? {
+            Some(job) => {
+                if progress.is_some() {
+                    self.delivery.announce(&job);
+                }
+                let lease_expires_at = job.lease_expires_at.unwrap_or_else(Utc::now);
+                Ok((lease_expires_at, job.cancel_requested))
+            }
             None => Err(self.attempt_refusal(&client, id, attempt).await),
+        }
+    }
+
+    /// Starts up to `max_jobs` due jobs of `kinds` for `worker_id`, highest
+    /// priority first, then oldest. When none is due, waits up to `wait` for
+    /// one (woken when jobs are created or re-queued here, and looking again
+    /// every claim poll for those of other replicas and delayed ones).
+    pub async fn claim(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        max_jobs: i64,
+        wait: Duration,
+        shutdown: &CancellationToken,
+    ) -> Result<Vec<JobRow>, JobsError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let woken = self.jobs_due.notified();
+            tokio::pin!(woken);
+            // Registered before looking, so a wake-up during the query counts.
+            woken.as_mut().enable();
+            let claimed = {
+                let client = self.pool.get().await?;
+                let lease = self.settings.lease;
+                store::claim_jobs(&client, kinds, worker_id, max_jobs, lease).await?
+            };
+            let now = tokio::time::Instant::now();
+            if !claimed.is_empty() || now >= deadline {
+                for job in &claimed {
+                    count_transition(job);
+                    self.delivery.announce(job);
+                }
+                return Ok(claimed);
+            }
+            let next_look = deadline.min(now + self.settings.claim_poll);
+            tokio::select! {
+                _ = woken => {}
+                _ = tokio::time::sleep_until(next_look) => {}
+                _ = shutdown.cancelled() => return Ok(Vec::new()),
+            }
         }
     }
 
@@ -460,6 +548,9 @@ impl Jobs {
             Some(job) => {
                 count_transition(&job);
                 self.delivery.announce(&job);
+                if job.status == Status::Queued && delay.is_zero() {
+                    self.jobs_due.notify_waiters();
+                }
                 Ok(job)
             }
             None => Err(self.attempt_refusal(&client, id, attempt).await),
@@ -483,7 +574,7 @@ impl Jobs {
 }
 
 /// The rows of `calls`, for one insert statement.
-fn new_rows(calls: &[CreateCall]) -> Vec<store::NewRow<'_>> {
+fn new_rows(calls: &[CreateCall], default_schedule_timeout: Duration) -> Vec<store::NewRow<'_>> {
     calls
         .iter()
         .flat_map(|c| {
@@ -491,6 +582,7 @@ fn new_rows(calls: &[CreateCall]) -> Vec<store::NewRow<'_>> {
                 id: *id,
                 user_id: c.user_id,
                 job,
+                schedule_timeout: job.schedule_timeout.unwrap_or(default_schedule_timeout),
                 traceparent: c.traceparent.as_deref(),
             })
         })

@@ -19,7 +19,7 @@ macro_rules! job_cols {
     () => {
         "id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
          run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
-         lease_expires_at, worker_id, version"
+         lease_expires_at, worker_id, version, progress"
     };
 }
 
@@ -44,8 +44,10 @@ pub struct JobRow {
     pub cancel_requested: bool,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub worker_id: Option<String>,
-    /// Grows by one on every transition.
+    /// Grows by one on every transition (and progress report).
     pub version: i64,
+    /// The running attempt's latest reported progress.
+    pub progress: Option<serde_json::Value>,
 }
 
 impl TryFrom<&Row> for JobRow {
@@ -77,6 +79,7 @@ impl TryFrom<&Row> for JobRow {
             lease_expires_at: row.try_get("lease_expires_at")?,
             worker_id: row.try_get("worker_id")?,
             version: row.try_get("version")?,
+            progress: row.try_get("progress")?,
         })
     }
 }
@@ -89,13 +92,14 @@ fn opt_row(row: Option<Row>) -> Result<Option<JobRow>, JobsError> {
     row.as_ref().map(JobRow::try_from).transpose()
 }
 
-/// A job to insert: its id, owner, request and the trace context of the call
-/// that created it (handed on to workers).
+/// A job to insert: its id, owner, request, how long it may wait for a worker
+/// and the trace context of the call that created it (handed on to workers).
 #[derive(Debug, Clone, Copy)]
 pub struct NewRow<'a> {
     pub id: Uuid,
     pub user_id: Uuid,
     pub job: &'a NewJob,
+    pub schedule_timeout: Duration,
     pub traceparent: Option<&'a str>,
 }
 
@@ -113,15 +117,17 @@ pub async fn insert_jobs(
     // same keys wait for each other instead of deadlocking.
     const SQL: &str = concat!(
         "WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int4[],
-                                 $6::int4[], $7::timestamptz[], $8::text[], $9::text[])
+            SELECT *, make_interval(secs => timeout_secs) AS timeout,
+                   greatest(coalesce(run_at, now()), now()) AS due_at
+            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int4[],
+                        $6::int4[], $7::timestamptz[], $8::text[], $9::text[], $11::float8[])
                    WITH ORDINALITY AS t(id, user_id, kind, payload, priority, max_attempts, run_at,
-                                        idempotency_key, traceparent, ord)
+                                        idempotency_key, traceparent, timeout_secs, ord)
          ), ins AS (
             INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at,
-                              idempotency_key, traceparent)
-            SELECT id, user_id, kind, payload, priority, max_attempts,
-                   greatest(coalesce(run_at, now()), now()), idempotency_key, traceparent
+                              idempotency_key, traceparent, schedule_timeout, schedule_deadline)
+            SELECT id, user_id, kind, payload, priority, max_attempts, due_at,
+                   idempotency_key, traceparent, timeout, due_at + timeout
             FROM input ORDER BY user_id, idempotency_key, ord
             ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING ",
@@ -151,6 +157,10 @@ pub async fn insert_jobs(
         .map(|r| r.job.idempotency_key.as_deref())
         .collect();
     let traceparents: Vec<Option<&str>> = rows.iter().map(|r| r.traceparent).collect();
+    let timeouts: Vec<f64> = rows
+        .iter()
+        .map(|r| r.schedule_timeout.as_secs_f64())
+        .collect();
     let stmt = client.prepare_cached(SQL).await?;
     let found = client
         .query(
@@ -166,6 +176,7 @@ pub async fn insert_jobs(
                 &keys,
                 &traceparents,
                 &publish_grace.as_secs_f64(),
+                &timeouts,
             ],
         )
         .await
@@ -303,18 +314,28 @@ pub async fn request_cancel(
     opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
 }
 
-/// Queued and due -> running, attempt + 1, with a lease, for each (id,
-/// worker id) in one statement; their deliveries are done. Returns the jobs
-/// that started; the others are not queued or not due. Ids must be distinct.
-/// Rows are locked in id order, so concurrent batches cannot deadlock.
+/// A StartJob to apply: the job, the worker, and the delivery that brought
+/// the job to it (empty: none named).
+#[derive(Debug, Clone, Copy)]
+pub struct Start<'a> {
+    pub id: Uuid,
+    pub worker_id: &'a str,
+    pub delivery_id: &'a str,
+}
+
+/// Queued and due -> running, attempt + 1, with a lease, for each start in
+/// one statement; their deliveries are done. Returns the jobs that started;
+/// the others are not queued or not due. Ids must be distinct. Rows are
+/// locked in id order, so concurrent batches cannot deadlock.
 pub async fn start_jobs(
     client: &impl GenericClient,
-    jobs: &[(Uuid, &str)],
+    starts: &[Start<'_>],
     lease: Duration,
 ) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
         "WITH input AS (
-            SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(start_id, start_worker)
+            SELECT * FROM unnest($1::uuid[], $2::text[], $4::text[])
+                   AS t(start_id, start_worker, start_delivery)
          ), locked AS MATERIALIZED (
             SELECT id AS locked_id FROM jobs
             WHERE id = ANY($1) AND status = 'queued' AND run_at <= now()
@@ -323,7 +344,8 @@ pub async fn start_jobs(
          ), j AS (
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $3),
-                            worker_id = start_worker, version = version + 1
+                            worker_id = start_worker, delivery_id = nullif(start_delivery, ''),
+                            progress = NULL, version = version + 1
             FROM locked, input
             WHERE id = locked_id AND id = start_id AND status = 'queued' AND run_at <= now()
             RETURNING ",
@@ -337,38 +359,126 @@ pub async fn start_jobs(
          )
          SELECT * FROM j"
     );
-    let ids: Vec<Uuid> = jobs.iter().map(|(id, _)| *id).collect();
-    let workers: Vec<&str> = jobs.iter().map(|(_, w)| *w).collect();
+    let ids: Vec<Uuid> = starts.iter().map(|s| s.id).collect();
+    let workers: Vec<&str> = starts.iter().map(|s| s.worker_id).collect();
+    let deliveries: Vec<&str> = starts.iter().map(|s| s.delivery_id).collect();
     let stmt = client.prepare_cached(SQL).await?;
     rows(
         &client
-            .query(&stmt, &[&ids, &workers, &lease.as_secs_f64()])
+            .query(&stmt, &[&ids, &workers, &lease.as_secs_f64(), &deliveries])
             .await?,
     )
 }
 
-/// Extends the lease of running attempt `attempt`: (lease_expires_at, cancel_requested).
-/// Not a transition, so no history row and no new version.
+/// The running attempt that `start` itself started (same worker, same
+/// delivery), with its lease renewed: a repeated StartJob whose first answer
+/// was lost. None when the job is not running for that delivery.
+pub async fn resume_start(
+    client: &impl GenericClient,
+    start: Start<'_>,
+    lease: Duration,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
+         WHERE id = $1 AND status = 'running' AND worker_id = $2 AND delivery_id = $3
+         RETURNING ",
+        job_cols!()
+    );
+    if start.delivery_id.is_empty() {
+        return Ok(None);
+    }
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(
+        client
+            .query_opt(
+                &stmt,
+                &[
+                    &start.id,
+                    &start.worker_id,
+                    &start.delivery_id,
+                    &lease.as_secs_f64(),
+                ],
+            )
+            .await?,
+    )
+}
+
+/// Up to `limit` due queued jobs of `kinds`, highest priority first, then
+/// oldest, started for `worker_id` in one statement (rows other claims
+/// hold are skipped). Returns them in that order.
+pub async fn claim_jobs(
+    client: &impl GenericClient,
+    kinds: &[String],
+    worker_id: &str,
+    limit: i64,
+    lease: Duration,
+) -> Result<Vec<JobRow>, JobsError> {
+    // Per kind, the index (kind, priority DESC, run_at, id) yields the best
+    // candidates in order; the best `limit` of those are started.
+    const SQL: &str = concat!(
+        "WITH candidates AS MATERIALIZED (
+            SELECT c.* FROM unnest($1::text[]) AS k(claim_kind),
+            LATERAL (SELECT id AS claim_id, priority AS claim_priority, run_at AS claim_run_at
+                     FROM jobs
+                     WHERE kind = claim_kind AND status = 'queued' AND run_at <= now()
+                     ORDER BY priority DESC, run_at, id
+                     LIMIT $3
+                     FOR NO KEY UPDATE SKIP LOCKED) c
+         ), picked AS (
+            SELECT claim_id FROM candidates
+            ORDER BY claim_priority DESC, claim_run_at, claim_id
+            LIMIT $3
+         ), j AS (
+            UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
+                            updated_at = now(), lease_expires_at = now() + make_interval(secs => $4),
+                            worker_id = $2, delivery_id = NULL, progress = NULL,
+                            version = version + 1
+            FROM picked
+            WHERE id = claim_id AND status = 'queued'
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id)
+            SELECT id, 'started', status, attempt, worker_id FROM j
+         ), ob AS (
+            DELETE FROM job_outbox WHERE job_id IN (SELECT id FROM j)
+         )
+         SELECT * FROM j ORDER BY priority DESC, run_at, id"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    rows(
+        &client
+            .query(&stmt, &[&kinds, &worker_id, &limit, &lease.as_secs_f64()])
+            .await?,
+    )
+}
+
+/// Extends the lease of running attempt `attempt` and records its
+/// `progress` when given. Not a transition, so no history row; a progress
+/// report is a new version (watchers see it), a bare heartbeat is not.
 pub async fn heartbeat(
     client: &impl GenericClient,
     id: Uuid,
     attempt: i32,
     lease: Duration,
-) -> Result<Option<(DateTime<Utc>, bool)>, JobsError> {
-    const SQL: &str = "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
-                       WHERE id = $1 AND status = 'running' AND attempt = $2
-                       RETURNING lease_expires_at, cancel_requested";
+    progress: Option<&serde_json::Value>,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3),
+                         progress = coalesce($4, progress),
+                         version = version + CASE WHEN $4 IS NULL THEN 0 ELSE 1 END,
+                         updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE now() END
+         WHERE id = $1 AND status = 'running' AND attempt = $2
+         RETURNING ",
+        job_cols!()
+    );
     let stmt = client.prepare_cached(SQL).await?;
-    match client
-        .query_opt(&stmt, &[&id, &attempt, &lease.as_secs_f64()])
-        .await?
-    {
-        Some(row) => Ok(Some((
-            row.try_get("lease_expires_at")?,
-            row.try_get("cancel_requested")?,
-        ))),
-        None => Ok(None),
-    }
+    opt_row(
+        client
+            .query_opt(&stmt, &[&id, &attempt, &lease.as_secs_f64(), &progress])
+            .await?,
+    )
 }
 
 /// A CompleteJob to apply: running attempt `attempt` -> succeeded with
@@ -449,6 +559,7 @@ pub async fn fail_job(
                               ELSE 'failed' END,
                 run_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
                               THEN now() + make_interval(secs => $5) ELSE run_at END,
+                schedule_deadline = now() + make_interval(secs => $5) + schedule_timeout,
                 finished_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
                                    THEN NULL ELSE now() END,
                 error = $3, updated_at = now(), lease_expires_at = NULL, version = version + 1
@@ -461,8 +572,8 @@ pub async fn fail_job(
             SELECT id, CASE status WHEN 'queued' THEN 'retry_scheduled' ELSE status END,
                    status, attempt, coalesce(nullif($6, ''), worker_id), error FROM j
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority)
-            SELECT id, run_at, priority FROM j WHERE status = 'queued'
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
+            SELECT id, run_at, priority, attempt FROM j WHERE status = 'queued'
          )
          SELECT * FROM j"
     );
@@ -505,6 +616,7 @@ pub async fn reap_expired_leases(
                               ELSE 'failed' END,
                 run_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                               THEN now() ELSE run_at END,
+                schedule_deadline = now() + schedule_timeout,
                 finished_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                                    THEN NULL ELSE now() END,
                 error = 'lease expired: the worker stopped heartbeating',
@@ -518,8 +630,8 @@ pub async fn reap_expired_leases(
             INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)
             SELECT id, 'lease_expired', status, attempt, worker_id, error FROM j
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority)
-            SELECT id, run_at, priority FROM j WHERE status = 'queued'
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
+            SELECT id, run_at, priority, attempt FROM j WHERE status = 'queued'
          )
          SELECT * FROM j"
     );
@@ -527,10 +639,50 @@ pub async fn reap_expired_leases(
     rows(&client.query(&stmt, &[&limit]).await?)
 }
 
-/// A job to add to the stream, with the trace context it was created in.
+/// Queued jobs that no worker took before their schedule deadline fail
+/// (not retried), up to `limit` per call; rows others hold are skipped.
+pub async fn fail_unscheduled(
+    client: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH expired AS (
+            SELECT id AS expired_id FROM jobs
+            WHERE status = 'queued' AND schedule_deadline < now()
+            ORDER BY schedule_deadline
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         ), j AS (
+            UPDATE jobs SET status = 'failed', finished_at = now(), updated_at = now(),
+                            error = format('no worker took the job within its schedule timeout '
+                                           '(%s): is a worker for kind \"%s\" running?',
+                                           schedule_timeout, kind),
+                            version = version + 1
+            FROM expired
+            WHERE id = expired_id AND status = 'queued'
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, error)
+            SELECT id, 'schedule_timeout', status, attempt, error FROM j
+         ), ob AS (
+            DELETE FROM job_outbox WHERE job_id IN (SELECT id FROM j)
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    rows(&client.query(&stmt, &[&limit]).await?)
+}
+
+/// A job to add to its kind's stream: which of its outbox rows (the job's
+/// attempt count when the row was written) and the trace context it was
+/// created in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
     pub job_id: Uuid,
+    pub kind: String,
+    pub attempt: i32,
     pub traceparent: Option<String>,
 }
 
@@ -540,7 +692,7 @@ pub async fn claim_outbox(
     client: &impl GenericClient,
     limit: i64,
 ) -> Result<Vec<Publication>, JobsError> {
-    const SQL: &str = "SELECT o.job_id, j.traceparent
+    const SQL: &str = "SELECT o.job_id, j.kind, o.attempt, j.traceparent
                        FROM job_outbox o JOIN jobs j ON j.id = o.job_id
                        WHERE o.deliver_at <= now()
                        ORDER BY o.priority DESC, o.deliver_at, o.job_id
@@ -554,7 +706,9 @@ pub async fn claim_outbox(
         .map(|r| {
             Ok(Publication {
                 job_id: r.try_get(0)?,
-                traceparent: r.try_get(1)?,
+                kind: r.try_get(1)?,
+                attempt: r.try_get(2)?,
+                traceparent: r.try_get(3)?,
             })
         })
         .collect()
@@ -570,9 +724,12 @@ pub async fn relax_commit(client: &impl GenericClient) -> Result<(), JobsError> 
     Ok(())
 }
 
-/// Marks the jobs' outbox rows published. Each stays until its job starts;
-/// if that has not happened after `redeliver_after * 2^(publications - 1)`
-/// (at most 1024 times `redeliver_after`), it is published again.
+/// Marks these publications' outbox rows published. Each stays until its
+/// job starts; if that has not happened after `redeliver_after *
+/// 2^(publications - 1)` (at most 1024 times `redeliver_after`), it is
+/// published again. A row is only the publication's own when its attempt
+/// matches: a job that started and was re-queued meanwhile (a retry) has a
+/// new row, not yet published, which must stay due.
 ///
 /// Rows another transaction holds are skipped, not waited for: a StartJob
 /// batch deleting them (the job started: nothing left to mark), or the
@@ -580,29 +737,41 @@ pub async fn relax_commit(client: &impl GenericClient) -> Result<(), JobsError> 
 /// batch that locks the same jobs in another order.
 pub async fn mark_published(
     client: &impl GenericClient,
-    job_ids: &[Uuid],
+    published: &[Publication],
     redeliver_after: Duration,
 ) -> Result<(), JobsError> {
     const SQL: &str = "UPDATE job_outbox
                        SET published_at = now(), publications = publications + 1,
-                           deliver_at = now() + make_interval(secs => $2 * power(2, least(publications, 10)))
-                       WHERE job_id IN (SELECT job_id FROM job_outbox WHERE job_id = ANY($1)
+                           deliver_at = now() + make_interval(secs => $3 * power(2, least(publications, 10)))
+                       WHERE job_id IN (SELECT job_id FROM job_outbox
+                                        WHERE (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))
                                         FOR UPDATE SKIP LOCKED)";
+    let (ids, attempts) = ids_and_attempts(published);
     let stmt = client.prepare_cached(SQL).await?;
     client
-        .execute(&stmt, &[&job_ids, &redeliver_after.as_secs_f64()])
+        .execute(&stmt, &[&ids, &attempts, &redeliver_after.as_secs_f64()])
         .await?;
     Ok(())
 }
 
-/// Makes the jobs' outbox rows due now if they were never published: an
-/// immediate publication failed, so the relay takes over at its next round.
-pub async fn hand_to_relay(client: &impl GenericClient, job_ids: &[Uuid]) -> Result<(), JobsError> {
+/// Makes these publications' outbox rows due now if they were never
+/// published: an immediate publication failed, so the relay takes over at
+/// its next round.
+pub async fn hand_to_relay(
+    client: &impl GenericClient,
+    unpublished: &[Publication],
+) -> Result<(), JobsError> {
     const SQL: &str = "UPDATE job_outbox SET deliver_at = now()
-                       WHERE job_id = ANY($1) AND published_at IS NULL";
+                       WHERE (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))
+                         AND published_at IS NULL";
+    let (ids, attempts) = ids_and_attempts(unpublished);
     let stmt = client.prepare_cached(SQL).await?;
-    client.execute(&stmt, &[&job_ids]).await?;
+    client.execute(&stmt, &[&ids, &attempts]).await?;
     Ok(())
+}
+
+fn ids_and_attempts(publications: &[Publication]) -> (Vec<Uuid>, Vec<i32>) {
+    publications.iter().map(|p| (p.job_id, p.attempt)).unzip()
 }
 
 /// Outbox size for metrics: all rows, rows due for (re)publication, and how

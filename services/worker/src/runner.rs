@@ -158,7 +158,7 @@ impl Shared {
             return;
         };
         let id = job_id.to_string();
-        let start = self.start(&id).await;
+        let start = self.start(&id, &message.id).await;
         let job = match start {
             Ok(started) => started.job.unwrap_or_default(),
             Err(CallError::Refused(status) | CallError::Rejected(status)) => {
@@ -183,12 +183,15 @@ impl Shared {
         }
     }
 
-    /// StartJob, retried while the jobs service is unreachable until shutdown.
-    async fn start(&self, id: &str) -> Result<StartJobResponse, CallError> {
+    /// StartJob for this delivery (stream entry), retried while the jobs
+    /// service is unreachable until shutdown. A retry whose first call was
+    /// applied but not answered gets the same attempt back (same delivery).
+    async fn start(&self, id: &str, delivery_id: &str) -> Result<StartJobResponse, CallError> {
         call(&self.shutdown, "StartJob", id, || {
             self.transitions.start(StartJobRequest {
                 id: id.to_string(),
                 worker_id: self.worker_id.clone(),
+                delivery_id: delivery_id.to_string(),
             })
         })
         .await
@@ -291,6 +294,7 @@ impl Shared {
             id: id.to_string(),
             attempt,
             worker_id: self.worker_id.clone(),
+            progress: None,
         };
         match self.client.clone().heartbeat(req).await {
             Ok(r) => Ok(r.into_inner().cancel_requested),
@@ -397,7 +401,7 @@ impl Shared {
         );
         if let Some(job_id) = valid_job_id(&message) {
             let id = job_id.to_string();
-            let start = self.start(&id).await;
+            let start = self.start(&id, &message.id).await;
             match start {
                 Ok(started) => {
                     let attempt = started.job.map(|j| j.attempt).unwrap_or_default();

@@ -82,6 +82,7 @@ async fn the_runner_needs_the_worker_credential_and_users_need_a_user_token() {
         .start_job(svc.u(StartJobRequest {
             id: job.id.clone(),
             worker_id: "sneaky".into(),
+            ..Default::default()
         }))
         .await;
     assert_eq!(code(as_user), Code::PermissionDenied);
@@ -117,6 +118,7 @@ async fn the_runner_needs_the_worker_credential_and_users_need_a_user_token() {
         .start_job(tonic::Request::new(StartJobRequest {
             id: job.id.clone(),
             worker_id: "w".into(),
+            ..Default::default()
         }))
         .await;
     assert_eq!(code(anonymous), Code::Unauthenticated);

@@ -13,6 +13,7 @@ fn start_req(id: &str) -> StartJobRequest {
     StartJobRequest {
         id: id.into(),
         worker_id: "w-batch".into(),
+        ..Default::default()
     }
 }
 

@@ -42,6 +42,7 @@ async fn start(
             StartJobRequest {
                 id: id.into(),
                 worker_id: worker_id.into(),
+                ..Default::default()
             },
             WORKER_TOKEN,
         ))

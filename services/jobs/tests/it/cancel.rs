@@ -20,6 +20,7 @@ async fn heartbeat(svc: &Svc, id: &str, attempt: i32) -> HeartbeatResponse {
             id: id.into(),
             attempt,
             worker_id: "w-1".into(),
+            ..Default::default()
         }))
         .await
         .unwrap()

@@ -10,7 +10,7 @@ use keel_shared::testing;
 use uuid::Uuid;
 
 use keel_jobs::delivery::PUBLISH_GRACE;
-use keel_jobs::store::{NewRow, insert_jobs, mark_published};
+use keel_jobs::store::{NewRow, Publication, insert_jobs, mark_published};
 
 use crate::support::{Svc, WAIT, stream_ids};
 
@@ -227,6 +227,7 @@ async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
         .start_job(svc.w(StartJobRequest {
             id: ids[0].clone(),
             worker_id: "w-2".into(),
+            ..Default::default()
         }))
         .await
         .unwrap();
@@ -243,6 +244,16 @@ async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
     assert_eq!(expired, 1);
 }
 
+/// The immediate publication of a new echo job.
+fn new_publication(job_id: Uuid) -> Publication {
+    Publication {
+        job_id,
+        kind: "echo".into(),
+        attempt: 0,
+        traceparent: None,
+    }
+}
+
 /// Inserts `n` echo jobs as CreateJob commits them, without their immediate
 /// publication: what a replica that died between commit and XADD leaves.
 async fn committed_unpublished(svc: &Svc, n: usize) -> Vec<Uuid> {
@@ -253,12 +264,14 @@ async fn committed_unpublished(svc: &Svc, n: usize) -> Vec<Uuid> {
         max_attempts: 1,
         run_at: None,
         idempotency_key: None,
+        schedule_timeout: None,
     };
     let rows: Vec<NewRow> = (0..n)
         .map(|_| NewRow {
             id: Uuid::now_v7(),
             user_id: svc.user,
             job: &job,
+            schedule_timeout: Duration::from_secs(3600),
             traceparent: None,
         })
         .collect();
@@ -306,7 +319,11 @@ async fn marking_publications_skips_a_row_a_start_holds_instead_of_deadlocking()
     let marker = svc.db.pool.get().await.unwrap();
     tokio::time::timeout(
         WAIT,
-        mark_published(&marker, &[a, b], Duration::from_secs(60)),
+        mark_published(
+            &marker,
+            &[new_publication(a), new_publication(b)],
+            Duration::from_secs(60),
+        ),
     )
     .await
     .expect("marking waited for the row the start batch holds")

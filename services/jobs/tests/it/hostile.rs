@@ -123,6 +123,7 @@ fn create_request(max_levels: usize) -> BoxedStrategy<CreateJobRequest> {
                 max_attempts,
                 run_at,
                 idempotency_key,
+                ..Default::default()
             },
         )
         .boxed()
@@ -386,6 +387,7 @@ fn start_job_survives_hostile_requests() {
                 let req = StartJobRequest {
                     id: id.resolve(&target.id),
                     worker_id,
+                    ..Default::default()
                 };
                 let r = checked(
                     &svc.db,
@@ -483,6 +485,7 @@ fn heartbeat_complete_and_fail_survive_hostile_requests() {
                             id: id.resolve(&target.id),
                             attempt,
                             worker_id,
+                            ..Default::default()
                         };
                         let _ = checked(&svc.db, "Heartbeat", runner.heartbeat(svc.w(req))).await;
                     }
@@ -567,6 +570,7 @@ fn random_credentials_are_unauthenticated_and_change_nothing() {
             let mut req = tonic::Request::new(StartJobRequest {
                 id: Uuid::now_v7().to_string(),
                 worker_id: "w".into(),
+                ..Default::default()
             });
             req.metadata_mut().insert("authorization", value);
             let r = checked(&svc.db, "StartJob", svc.runner.clone().start_job(req)).await;
@@ -617,6 +621,7 @@ async fn nul_in_stored_text_is_invalid_argument_not_internal() {
         svc.runner.clone().start_job(svc.w(StartJobRequest {
             id: queued.id.clone(),
             worker_id: "w\0x".into(),
+            ..Default::default()
         })),
     )
     .await;

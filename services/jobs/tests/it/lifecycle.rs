@@ -57,6 +57,7 @@ async fn a_job_runs_to_success_and_late_calls_are_refused() {
             id: job.id.clone(),
             attempt: 1,
             worker_id: "w-1".into(),
+            ..Default::default()
         }))
         .await
         .unwrap()
@@ -97,6 +98,7 @@ async fn a_job_runs_to_success_and_late_calls_are_refused() {
             id: job.id.clone(),
             attempt: 1,
             worker_id: "w-1".into(),
+            ..Default::default()
         }))
         .await;
     assert_eq!(code(beat), Code::FailedPrecondition);

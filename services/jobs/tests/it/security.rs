@@ -214,6 +214,7 @@ async fn runner_rpcs_raw_header(
                         StartJobRequest {
                             id: id(),
                             worker_id: "w".into(),
+                            ..Default::default()
                         },
                         header,
                     ))
@@ -278,6 +279,7 @@ async fn runner_rpcs_raw_header(
                             requests: vec![StartJobRequest {
                                 id: id(),
                                 worker_id: "w".into(),
+                                ..Default::default()
                             }],
                         },
                         header,
@@ -533,6 +535,7 @@ async fn sql_metacharacters_are_data() {
             .start_job(svc.w(StartJobRequest {
                 id: job.id.clone(),
                 worker_id: s.to_string(),
+                ..Default::default()
             }))
             .await
             .unwrap();

@@ -124,6 +124,7 @@ impl Svc {
             .start_job(self.w(StartJobRequest {
                 id: id.into(),
                 worker_id: "w-1".into(),
+                ..Default::default()
             }))
             .await
             .map(|r| r.into_inner())

@@ -215,6 +215,7 @@ async fn three_jobs_replicas_and_three_workers_share_a_mixed_load() {
             StartJobRequest {
                 id: manual.id.clone(),
                 worker_id: "manual-through-b".into(),
+                ..Default::default()
             },
             WORKER_TOKEN,
         ))

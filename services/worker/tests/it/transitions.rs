@@ -108,6 +108,13 @@ impl JobRunnerService for Proxy {
             .fetch_add(items, Ordering::SeqCst);
         self.upstream.clone().complete_jobs(forward(req)).await
     }
+
+    async fn claim_jobs(
+        &self,
+        req: Request<ClaimJobsRequest>,
+    ) -> Result<Response<ClaimJobsResponse>, Status> {
+        self.upstream.clone().claim_jobs(forward(req)).await
+    }
 }
 
 /// A proxy to `env`'s jobs service; returns its URL and its call counts.

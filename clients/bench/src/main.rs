@@ -44,6 +44,9 @@ pub struct Opts {
     /// Handlers per worker process.
     #[arg(long, default_value_t = 128)]
     pub worker_concurrency: usize,
+    /// Concurrent WatchJob streams in the watch scenario (10 per job).
+    #[arg(long, default_value_t = 10_000)]
+    pub watchers: usize,
     /// Memories seeded before memory-search.
     #[arg(long, default_value_t = 100_000)]
     pub search_corpus: usize,
@@ -67,6 +70,7 @@ impl Opts {
             self.seconds = 2;
             self.e2e_jobs = self.e2e_jobs.min(500);
             self.search_corpus = self.search_corpus.min(1_000);
+            self.watchers = self.watchers.min(200);
             self.concurrency = self.concurrency.min(16);
             self.e2e_clients = self.e2e_clients.min(16);
             self.worker_concurrency = self.worker_concurrency.min(16);

@@ -20,6 +20,7 @@ pub struct System {
     bin_dir: PathBuf,
     dir: PathBuf,
     env: Vec<(String, String)>,
+    redis_url: String,
     services: Vec<(String, Child)>,
     workers: Vec<Child>,
     /// Stands in for autovacuum's ANALYZE when the server has it off.
@@ -102,6 +103,7 @@ impl System {
             bin_dir: bin_dir.to_path_buf(),
             dir,
             env,
+            redis_url: redis_url.to_string(),
             services: Vec::new(),
             workers: Vec::new(),
             analyzer,
@@ -193,6 +195,43 @@ impl System {
         out
     }
 
+    /// Redis connections a service holds now: (all, in pub/sub mode). Its
+    /// sockets come from /proc; Redis's `CLIENT LIST` says which subscribe.
+    pub async fn redis_connections(&self, name: &str) -> Result<(usize, usize)> {
+        let pid = self
+            .services
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.id())
+            .context("no such service")?;
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let redis_port = match client.get_connection_info().addr() {
+            redis::ConnectionAddr::Tcp(_, port) => *port,
+            _ => bail!("counting Redis connections needs a TCP REDIS_URL"),
+        };
+        let ports = tcp_ports_to(pid, redis_port);
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn)
+            .await?;
+        let (mut all, mut pubsub) = (0, 0);
+        for line in list.lines() {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+            };
+            let port = field("addr")
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok());
+            if port.is_some_and(|p| ports.contains(&p)) {
+                all += 1;
+                pubsub += usize::from(field("flags").is_some_and(|f| f.contains('P')));
+            }
+        }
+        Ok((all, pubsub))
+    }
+
     pub fn usage(&self) -> Vec<(String, f64, f64)> {
         let mut out: Vec<(String, f64, f64)> = self
             .services
@@ -228,6 +267,42 @@ fn proc_usage(pid: u32) -> (f64, f64) {
     };
     let cpu = (ticks(11) + ticks(12)) / 100.0; // USER_HZ is 100 on Linux
     (cpu, status_mib(pid, "VmHWM:"))
+}
+
+/// Local ports of the process's TCP connections to `remote_port`, from its
+/// socket inodes (/proc/<pid>/fd) and the kernel's socket tables.
+fn tcp_ports_to(pid: u32, remote_port: u16) -> std::collections::HashSet<u16> {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(
+                link.strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let port = |hex_addr: &str| u16::from_str_radix(hex_addr.rsplit_once(':')?.1, 16).ok();
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/{pid}/net/{t}")).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let (local, remote, inode) = (f.get(1)?, f.get(2)?, f.get(9)?);
+                    (inodes.contains(*inode) && port(remote)? == remote_port)
+                        .then(|| port(local))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// A memory line of /proc/<pid>/status (`VmRSS:`, `VmHWM:`), in MiB.

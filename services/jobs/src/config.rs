@@ -14,6 +14,7 @@ pub const DEFAULT_RELAY_BATCH: i64 = 500;
 pub const DEFAULT_REAPER_INTERVAL_MS: u64 = 1_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_WATCH_POLL_MS: u64 = 2_000;
+pub const DEFAULT_MAX_WATCHERS: usize = 10_000;
 pub const DEFAULT_REDELIVER_AFTER_MS: u64 = 300_000;
 pub const DEFAULT_RETENTION_BATCH: i64 = 1_000;
 pub const DEFAULT_RETENTION_INTERVAL_MS: u64 = 3_600_000;
@@ -63,6 +64,10 @@ pub struct Config {
     /// (announcements can be lost), and polls at this pace when Redis is down.
     #[arg(long, env = "KEEL_JOBS_WATCH_POLL_MS", default_value_t = DEFAULT_WATCH_POLL_MS)]
     pub watch_poll_ms: u64,
+    /// Most WatchJob streams this process serves at once; one more is
+    /// answered RESOURCE_EXHAUSTED until a watcher leaves.
+    #[arg(long, env = "KEEL_JOBS_MAX_WATCHERS", default_value_t = DEFAULT_MAX_WATCHERS)]
+    pub max_watchers: usize,
     /// A job added to the stream but still not started this long after is
     /// added again (its entry may have been lost, e.g. Redis restarted
     /// empty); the wait doubles with each re-publication. Workers refuse
@@ -115,6 +120,7 @@ impl Config {
             reaper_interval_ms: DEFAULT_REAPER_INTERVAL_MS,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             watch_poll_ms: DEFAULT_WATCH_POLL_MS,
+            max_watchers: DEFAULT_MAX_WATCHERS,
             redeliver_after_ms: DEFAULT_REDELIVER_AFTER_MS,
             retention_days: 0,
             retention_batch: DEFAULT_RETENTION_BATCH,

@@ -21,23 +21,24 @@ use crate::domain::{self, Status as JobState};
 use crate::error::JobsError;
 use crate::service::Jobs;
 use crate::store::JobRow;
+use crate::subscriptions::Subscriptions;
 
 pub struct JobsApi {
     jobs: Arc<Jobs>,
-    /// For WatchJob's dedicated pub/sub connections (None: WatchJob polls).
-    pubsub: Option<redis::Client>,
+    /// WatchJob's shared pub/sub connection and watcher cap.
+    subscriptions: Arc<Subscriptions>,
     shutdown: CancellationToken,
 }
 
 impl JobsApi {
     pub fn new(
         jobs: Arc<Jobs>,
-        pubsub: Option<redis::Client>,
+        subscriptions: Arc<Subscriptions>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             jobs,
-            pubsub,
+            subscriptions,
             shutdown,
         }
     }
@@ -177,7 +178,9 @@ impl JobsService for JobsApi {
 
     type WatchJobStream = WatchStream;
 
-    /// The current state first, then each newer state, ending after a terminal one.
+    /// The current state first, then each newer state, ending after a
+    /// terminal one. Beyond KEEL_JOBS_MAX_WATCHERS streams at once in this
+    /// process: RESOURCE_EXHAUSTED.
     async fn watch_job(
         &self,
         req: Request<WatchJobRequest>,
@@ -186,7 +189,7 @@ impl JobsService for JobsApi {
         let id = domain::parse_id(&req.get_ref().id)?;
         let rx = crate::watch::watch(
             self.jobs.clone(),
-            self.pubsub.clone(),
+            self.subscriptions.clone(),
             user_id,
             id,
             self.shutdown.clone(),

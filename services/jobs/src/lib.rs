@@ -8,6 +8,7 @@ pub mod grpc;
 mod retention;
 pub mod service;
 pub mod store;
+mod subscriptions;
 mod watch;
 
 use std::sync::Arc;
@@ -122,8 +123,20 @@ pub async fn run(
         },
         background.clone(),
     ));
-    let pubsub = redis::Client::open(config.redis.redis_url.as_str()).ok();
-    let api = Arc::new(grpc::JobsApi::new(jobs, pubsub, background));
+    // WatchJob's one pub/sub connection (without it watchers poll Postgres).
+    let (subscriptions, changes) =
+        subscriptions::Subscriptions::new(config.redis.clone(), config.max_watchers);
+    match redis::Client::open(config.redis.redis_url.as_str()) {
+        Ok(client) => {
+            tokio::spawn(
+                subscriptions
+                    .clone()
+                    .run(client, changes, background.clone()),
+            );
+        }
+        Err(_) => subscriptions.went_down(),
+    }
+    let api = Arc::new(grpc::JobsApi::new(jobs, subscriptions, background));
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,76 +1,45 @@
-//! WatchJob: subscribe to the job's announcements first, then read and send
-//! the current state, then forward each newer state until a terminal one.
+//! WatchJob: join the job's announcements first (one shared pub/sub
+//! connection per process, see subscriptions.rs), then read and send the
+//! current state, then forward each newer state until a terminal one.
 //! Postgres is re-read periodically too, so a lost announcement (or Redis
 //! being down) only delays an update, never hangs the stream.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::StreamExt;
 use keel_proto::jobs::v1::WatchJobResponse;
+use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
-use crate::delivery::decode_announcement;
 use crate::error::JobsError;
 use crate::grpc::job_to_proto;
 use crate::service::Jobs;
 use crate::store::{self, JobRow};
-
-/// Longest we wait for Redis to accept the subscription before polling instead.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+use crate::subscriptions::{Membership, Subscriptions, Update};
 
 type Sink = mpsc::Sender<Result<WatchJobResponse, Status>>;
 
 pub async fn watch(
     jobs: Arc<Jobs>,
-    redis: Option<redis::Client>,
+    subscriptions: Arc<Subscriptions>,
     user_id: Uuid,
     id: Uuid,
     shutdown: CancellationToken,
 ) -> Result<mpsc::Receiver<Result<WatchJobResponse, Status>>, JobsError> {
-    let channel = jobs.delivery.redis_config().job_updates_channel(&id);
-    // Subscribing before the first read means no transition can slip between them.
-    let subscription = match redis {
-        Some(client) => subscribe(client, channel).await,
-        None => None,
-    };
+    // Joining (subscribed) before the first read means no transition can
+    // slip between them. It takes one of the process's watcher slots.
+    let membership = subscriptions.join(id).await?;
     let current = jobs.get(user_id, id).await?;
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(forward(jobs, subscription, user_id, current, tx, shutdown));
+    tokio::spawn(forward(jobs, membership, user_id, current, tx, shutdown));
     Ok(rx)
-}
-
-struct Subscription {
-    // Held so the connection stays subscribed.
-    _sink: redis::aio::PubSubSink,
-    messages: redis::aio::PubSubStream,
-}
-
-async fn subscribe(client: redis::Client, channel: String) -> Option<Subscription> {
-    let attempt = async {
-        let pubsub = client.get_async_pubsub().await?;
-        let (mut sink, messages) = pubsub.split();
-        sink.subscribe(&channel).await?;
-        Ok::<_, redis::RedisError>(Subscription {
-            _sink: sink,
-            messages,
-        })
-    };
-    match tokio::time::timeout(SUBSCRIBE_TIMEOUT, attempt).await {
-        Ok(Ok(sub)) => Some(sub),
-        _ => {
-            tracing::debug!("cannot subscribe to job updates; WatchJob polls Postgres instead");
-            None
-        }
-    }
 }
 
 async fn forward(
     jobs: Arc<Jobs>,
-    mut subscription: Option<Subscription>,
+    mut membership: Membership,
     user_id: Uuid,
     current: JobRow,
     tx: Sink,
@@ -83,11 +52,14 @@ async fn forward(
     let mut poll = tokio::time::interval(jobs.settings.watch_poll);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await; // the first tick is immediate
+    // False once the announcements ended (never while the membership lives).
+    let mut announced = true;
     loop {
         let next = async {
-            match subscription.as_mut() {
-                Some(s) => s.messages.next().await,
-                None => std::future::pending().await,
+            if announced {
+                membership.updates.recv().await
+            } else {
+                std::future::pending().await
             }
         };
         // Biased: an announcement already received wins over a re-read, so an
@@ -99,14 +71,17 @@ async fn forward(
                 let _ = tx.send(Err(Status::unavailable("server shutting down"))).await;
                 return;
             }
-            message = next => match message {
-                Some(msg) => match decode_announcement(msg.get_payload_bytes()) {
-                    Some((version, job)) => Step::Update(version, Box::new(job)),
-                    None => reread(&jobs, user_id, current.id, &tx).await,
-                },
-                None => {
-                    // The subscription dropped (Redis went away): poll from now on.
-                    subscription = None;
+            update = next => match update {
+                Ok(Update::Job(update)) => {
+                    let (version, job) = &*update;
+                    Step::Update(*version, Box::new(job.clone()))
+                }
+                // Announcements were missed (a reconnection, or this watcher fell behind).
+                Ok(Update::Resync) | Err(RecvError::Lagged(_)) => {
+                    reread(&jobs, user_id, current.id, &tx).await
+                }
+                Err(RecvError::Closed) => {
+                    announced = false;
                     reread(&jobs, user_id, current.id, &tx).await
                 }
             },

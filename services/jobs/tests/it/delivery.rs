@@ -346,3 +346,32 @@ async fn marking_publications_skips_a_row_a_start_holds_instead_of_deadlocking()
         .collect();
     assert_eq!(published, vec![a], "a marked, b (held) skipped");
 }
+
+#[tokio::test]
+async fn a_job_failed_retryably_just_after_creation_is_published_again_after_its_backoff() {
+    // The retry is due in about a second (after the new job's deferred
+    // "published" mark, 500 ms after its XADD); re-publication of a lost
+    // entry would take ten minutes. Before the fix, that mark landed on the
+    // retry's outbox row and held it for the latter.
+    let svc = Svc::start_with(|c| {
+        c.retry_base_ms = 1_000;
+        c.retry_max_ms = 1_000;
+        c.redeliver_after_ms = 600_000;
+    })
+    .await;
+    let job = svc.create_kind("echo").await;
+    testing::eventually(WAIT, "the new job is published", || async {
+        svc.stream_ids().await.contains(&job.id)
+    })
+    .await;
+    svc.start_job(&job.id).await.unwrap();
+    let queued = svc.fail_job(&job.id, 1, true).await.unwrap();
+    assert_eq!(queued.status(), JobStatus::Queued);
+
+    testing::eventually(WAIT, "the retry is published to the stream", || async {
+        svc.stream_counts().await.get(&job.id) == Some(&2)
+    })
+    .await;
+    let restarted = svc.start_when_due(&job.id).await.job.unwrap();
+    assert_eq!(restarted.attempt, 2);
+}

@@ -20,6 +20,7 @@ from google.protobuf import struct_pb2
 from keel_worker.pb import auth_pb2, auth_pb2_grpc, jobs_pb2, jobs_pb2_grpc
 
 HERE = pathlib.Path(__file__).resolve().parent
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 NEEDED = ("KEEL_AUTH_ADDR", "KEEL_JOBS_ADDR", "KEEL_WORKER_TOKEN", "KEEL_TS_CLIENT_DIR")
 
 
@@ -62,27 +63,23 @@ class Keel:
         return self.stub.CancelJob(jobs_pb2.CancelJobRequest(id=job_id), metadata=self.md, timeout=10).job
 
     def wait(self, job_id, what, cond, timeout=20.0):
-        """Polls GetJob until cond(job); fails naming `what` and the last state."""
+        """Polls GetJob until cond(job); fails naming `what` and the last
+        state after `timeout` seconds, or at once when the job ended without
+        meeting it."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.get(job_id)
             if cond(job):
                 return job
+            if status_name(job) in TERMINAL:
+                pytest.fail(f"the job ended while waiting for {what}: {describe(job)}")
             if time.monotonic() > deadline:
                 pytest.fail(f"after {timeout:.0f}s, still waiting for {what}: {describe(job)}")
             time.sleep(0.1)
 
     def wait_status(self, job_id, status, timeout=20.0):
         """Waits for a status; fails at once on another terminal one."""
-        terminal = {"SUCCEEDED", "FAILED", "CANCELLED"}
-
-        def cond(job):
-            name = status_name(job)
-            if name in terminal and name != status:
-                pytest.fail(f"expected {status}, got {describe(job)}")
-            return name == status
-
-        return self.wait(job_id, status, cond, timeout)
+        return self.wait(job_id, status, lambda job: status_name(job) == status, timeout)
 
 
 @pytest.fixture(scope="session")

@@ -344,6 +344,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 max_attempts: *max_attempts,
                 run_at,
                 idempotency_key: idempotency_key.clone(),
+                ..Default::default()
             };
             let job = client.create_job(authed(&s, req)?).await?.into_inner().job;
             output::print(&output::job(&job.unwrap_or_default()));

@@ -55,6 +55,19 @@ def test_typescript_handler_is_cancelled_through_its_heartbeat(keel, procs):
     assert job.output["partial"] is True, describe(job)
 
 
+def test_sigterm_on_a_typescript_worker_fails_its_job_back_and_another_completes_it(keel, procs):
+    a = procs.start("ts-a", ts_example(), KEEL_WORKER_SHUTDOWN_GRACE_MS="500")
+    job_id = keel.create("report.render", {"title": "T", "sections": [str(i) for i in range(30)], "page_ms": 100})
+    keel.wait(job_id, "progress from the TypeScript handler", lambda j: progress(j).get("rendered", 0) >= 1)
+    a.send_signal(signal.SIGTERM)
+    assert procs.wait_exit(a, 15) == 0
+    job = keel.get(job_id)
+    assert status_name(job) == "QUEUED" and job.attempt == 1 and job.error == "worker shutting down", describe(job)
+    procs.start("ts-b", ts_example())
+    job = keel.wait_status(job_id, "SUCCEEDED")
+    assert job.attempt == 2 and job.output["pages"] == 30, describe(job)
+
+
 def test_retryable_failure_then_success_and_a_permanent_failure(keel, procs):
     procs.python_app("a")
     flaky = keel.create("py.flaky", {}, max_attempts=2)

@@ -10,6 +10,7 @@ const w = new Worker({
   url: process.env.KEEL_JOBS_URL ?? "127.0.0.1:50052",
   token: process.env.KEEL_WORKER_TOKEN ?? "",
   concurrency: Number(process.env.KEEL_WORKER_CONCURRENCY ?? 4),
+  shutdownGraceMs: Number(process.env.KEEL_WORKER_SHUTDOWN_GRACE_MS ?? 10000),
 });
 
 w.handle("report.render", async (job, ctx) => {

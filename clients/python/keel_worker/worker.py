@@ -354,6 +354,9 @@ class Worker:
         lease = self._lease_seconds(job)
         last_beat = time.monotonic()
         next_beat = last_beat + self._beat_interval(lease)
+        # The first progress report goes out at once, later ones at most
+        # once per MIN_PROGRESS_INTERVAL.
+        progress_gate = last_beat - MIN_PROGRESS_INTERVAL
         abort_at: Optional[float] = None
         sent_seq = 0
         try:
@@ -361,7 +364,7 @@ class Worker:
                 now = time.monotonic()
                 due = next_beat
                 if job._progress_seq != sent_seq:
-                    due = min(due, last_beat + MIN_PROGRESS_INTERVAL)
+                    due = min(due, progress_gate + MIN_PROGRESS_INTERVAL)
                 if abort_at is not None:
                     due = min(due, abort_at)
                 job._wake.clear()
@@ -379,10 +382,10 @@ class Worker:
                 if hard_stop.done() and job._stop is None:
                     log.warning("job %s: grace period over: stopping the handler", job.id)
                     job._stop = _Stop.SHUTDOWN
-                if now >= next_beat or (job._progress_seq != sent_seq and now >= last_beat + MIN_PROGRESS_INTERVAL):
+                if now >= next_beat or (job._progress_seq != sent_seq and now >= progress_gate + MIN_PROGRESS_INTERVAL):
                     seq = job._progress_seq
                     beat = await self._heartbeat(job, send_progress=seq != sent_seq)
-                    last_beat = time.monotonic()
+                    last_beat = progress_gate = time.monotonic()
                     if beat is _LOST:
                         if job._stop is None:
                             log.warning("job %s: lease lost: stopping the handler", job.id)

@@ -101,9 +101,9 @@ def test_job_of_a_killed_worker_completes_on_another_after_its_lease(keel, procs
 
 
 def test_sigterm_fails_the_running_job_back_and_another_worker_completes_it(keel, procs):
-    a = procs.python_app("a", APP_KINDS="py.term", APP_GRACE="2")
+    a = procs.python_app("a", APP_KINDS="py.term", APP_GRACE="3")
     held = keel.create("py.term", {"hold_on": "a"}, max_attempts=3)
-    quick = keel.create("py.sleep", {"ms": 800})
+    quick = keel.create("py.sleep", {"ms": 2000})
     keel.wait(held, "worker a holding the job", lambda j: progress(j).get("worker") == "a")
     keel.wait_status(quick, "RUNNING")
     a.send_signal(signal.SIGTERM)

@@ -436,6 +436,9 @@ export class Worker {
     const lease = this.leaseMs(a);
     let lastBeat = Date.now();
     let nextBeat = lastBeat + this.beatInterval(lease);
+    // The first progress report goes out at once, later ones at most once
+    // per MIN_PROGRESS_INTERVAL_MS.
+    let progressGate = lastBeat - MIN_PROGRESS_INTERVAL_MS;
     let abortAt: number | null = null;
     let sentSeq = 0;
     for (;;) {
@@ -443,7 +446,7 @@ export class Worker {
       if (r) return r;
       let now = Date.now();
       let due = nextBeat;
-      if (a.progressSeq !== sentSeq) due = Math.min(due, lastBeat + MIN_PROGRESS_INTERVAL_MS);
+      if (a.progressSeq !== sentSeq) due = Math.min(due, progressGate + MIN_PROGRESS_INTERVAL_MS);
       if (abortAt !== null) due = Math.min(due, abortAt);
       a.wake.reset();
       const t = timer(due - now);
@@ -459,7 +462,7 @@ export class Worker {
         this.opts.logger.warn(`job ${job.id}: grace period over: stopping the handler`);
         a.stop = "worker shutting down";
       }
-      if (now >= nextBeat || (a.progressSeq !== sentSeq && now >= lastBeat + MIN_PROGRESS_INTERVAL_MS)) {
+      if (now >= nextBeat || (a.progressSeq !== sentSeq && now >= progressGate + MIN_PROGRESS_INTERVAL_MS)) {
         const seq = a.progressSeq;
         const req: HeartbeatRequest = { id: job.id, attempt: job.attempt, workerId: this.workerId };
         if (seq !== sentSeq && a.progressValue) req.progress = toStruct(a.progressValue);
@@ -481,7 +484,7 @@ export class Worker {
             this.opts.logger.warn(`job ${job.id}: heartbeat failed (${describe(e)})`);
           }
         }
-        lastBeat = Date.now();
+        lastBeat = progressGate = Date.now();
         nextBeat = lastBeat + this.beatInterval(lease);
       }
       if (a.stop !== null && !a.signal.aborted) {

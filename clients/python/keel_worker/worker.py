@@ -156,7 +156,6 @@ class Worker:
         self.call_timeout = call_timeout
         self._handlers: Dict[str, Handler] = {}
         self._running: Dict[str, asyncio.Task] = {}
-        self._jobs: Dict[str, Job] = {}
         self._stopping: Optional[asyncio.Event] = None
         self._hard_stop: Optional[asyncio.Event] = None
         self._slot_free: Optional[asyncio.Event] = None
@@ -313,13 +312,11 @@ class Worker:
         for claimed in claimed_jobs:
             job = Job(claimed)
             log.info("job %s (%s) attempt %d claimed", job.id, job.kind, job.attempt)
-            self._jobs[job.id] = job
             task = asyncio.ensure_future(self._run_job(job))
             self._running[job.id] = task
 
             def done(_t: asyncio.Task, job_id: str = job.id) -> None:
                 self._running.pop(job_id, None)
-                self._jobs.pop(job_id, None)
                 self._slot_free.set()
 
             task.add_done_callback(done)

@@ -6,10 +6,6 @@ use crate::config::RedisConfig;
 pub const CONSUMER_GROUP: &str = "workers";
 /// Stream entry field holding the job id (the worker fetches the rest with StartJob).
 pub const FIELD_JOB_ID: &str = "job_id";
-/// Stream entry field holding the job's kind. A worker with no handler for
-/// it leaves the job queued for one that has (a worker in another language
-/// takes it with ClaimJobs) instead of starting it.
-pub const FIELD_KIND: &str = "kind";
 /// Stream entry field holding the W3C trace context the job was created in
 /// (absent when tracing was off).
 pub const FIELD_TRACEPARENT: &str = crate::telemetry::TRACEPARENT;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_KIND, FIELD_TRACEPARENT};
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use keel_shared::time::sleep_until;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -229,9 +229,7 @@ impl Delivery {
                     .arg(&stream)
                     .arg("*")
                     .arg(FIELD_JOB_ID)
-                    .arg(job.job_id.to_string())
-                    .arg(FIELD_KIND)
-                    .arg(&job.kind);
+                    .arg(job.job_id.to_string());
                 if let Some(tp) = &job.traceparent {
                     cmd.arg(FIELD_TRACEPARENT).arg(tp);
                 }

@@ -158,17 +158,6 @@ impl Shared {
             return;
         };
         let id = job_id.to_string();
-        if let Some(kind) = message
-            .kind
-            .as_deref()
-            .filter(|k| self.registry.get(k).is_none())
-        {
-            // Another worker's kind (one in another language claims it with
-            // ClaimJobs): starting it here would only fail it.
-            tracing::debug!(job_id = %id, kind, "no handler for this kind here: leaving the job queued");
-            self.ack(&message).await;
-            return;
-        }
         let start = self.start(&id, &message.id).await;
         let job = match start {
             Ok(started) => started.job.unwrap_or_default(),
@@ -642,7 +631,6 @@ mod tests {
         let m = |id: Option<&str>| Message {
             id: "1-0".into(),
             job_id: id.map(String::from),
-            kind: None,
             traceparent: None,
         };
         assert!(valid_job_id(&m(None)).is_none());

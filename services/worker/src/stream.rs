@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use deadpool_redis::Pool;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_KIND, FIELD_TRACEPARENT};
+use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
@@ -21,8 +21,6 @@ pub struct Message {
     pub id: String,
     /// The `job_id` field, when the entry has one.
     pub job_id: Option<String>,
-    /// The job's kind, when the entry names it.
-    pub kind: Option<String>,
     /// The trace context the job was created in, when tracing was on.
     pub traceparent: Option<String>,
 }
@@ -32,7 +30,6 @@ impl Message {
         Self {
             id: entry.id.clone(),
             job_id: entry.get::<String>(FIELD_JOB_ID),
-            kind: entry.get::<String>(FIELD_KIND),
             traceparent: entry.get::<String>(FIELD_TRACEPARENT),
         }
     }

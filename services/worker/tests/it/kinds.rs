@@ -87,17 +87,15 @@ async fn a_retried_job_can_succeed_later() {
 }
 
 #[tokio::test]
-async fn unknown_kinds_are_left_queued_for_a_worker_of_their_kind() {
-    // Another worker (ClaimJobs, any language) may serve the kind: this one
-    // does not start the job, which fails only at its schedule timeout.
-    let env = Env::start_with(|c| c.schedule_timeout_secs = 1).await;
+async fn unknown_kinds_fail_at_once() {
+    let env = Env::start().await;
     let worker = env
         .start_worker(env.worker_config(), Registry::with_builtins())
         .await;
 
     let job = env.create("no-such-kind", json!({}), 5).await;
     let job = env.wait_for(&job.id, JobStatus::Failed).await;
-    assert_eq!(job.attempt, 0, "never started");
+    assert_eq!(job.attempt, 1, "not retried");
     assert!(job.error.contains("no-such-kind"), "{}", job.error);
 
     env.wait_drained().await;

@@ -1,10 +1,50 @@
 //! Config pieces shared by the binaries, parsed by clap from flags or env vars.
-//! Each binary flattens the pieces it needs into its own one typed `Config`.
+//! Each binary flattens the pieces it needs into its own one typed `Config`
+//! and reads it with [`parse_config`].
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::StartupError;
+
+/// Parses a binary's config from its flags and environment, or exits with
+/// clap's message, as `T::parse()` does, except that an environment variable
+/// set to an empty (or all-whitespace) value counts as unset: compose files
+/// and manifests pass `${VAR:-}` for options they leave alone, and
+/// `KEEL_METRICS_ADDR=` must mean "no metrics listener", not "invalid
+/// address ''". Every binary reads its config through here.
+pub fn parse_config<T: clap::Parser>() -> T {
+    try_parse_config_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// [`parse_config`] over the given command line (the first item is the
+/// binary's name), returning clap's error instead of exiting.
+pub fn try_parse_config_from<T, I, S>(args: I) -> Result<T, clap::Error>
+where
+    T: clap::Parser,
+    I: IntoIterator<Item = S>,
+    S: Into<OsString> + Clone,
+{
+    let mut command = without_blank_env(T::command());
+    let mut matches = command.try_get_matches_from_mut(args)?;
+    T::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))
+}
+
+/// Unbinds every argument (in subcommands too) whose environment variable
+/// is set but blank, so clap falls back to the argument's default (or
+/// reports it missing when required) as if the variable were absent.
+fn without_blank_env(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| {
+            let blank = arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|value| value.to_str().is_some_and(|v| v.trim().is_empty()));
+            if blank { arg.env(None) } else { arg }
+        })
+        .mut_subcommands(without_blank_env)
+}
 
 /// Postgres settings.
 #[derive(Debug, Clone, clap::Args)]

@@ -32,12 +32,31 @@ pub async fn run(pool: &Pool) -> Result<(), StartupError> {
     let _ = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await;
-    let report = result.map_err(|e| StartupError::Migration(e.to_string()))?;
+    let report = result.map_err(refusal)?;
     for m in report.applied_migrations() {
         tracing::info!(version = m.version(), name = m.name(), "applied migration");
     }
     warn_if_autovacuum_off(&client).await;
     Ok(())
+}
+
+/// One line that names the migration and says what to do about it.
+fn refusal(err: refinery::Error) -> StartupError {
+    use refinery::error::Kind;
+    StartupError::Migration(match err.kind() {
+        Kind::DivergentVersion(applied, embedded) => format!(
+            "migration {applied} applied to this database differs from the {embedded} built into \
+             this binary (checksum {} applied, {} built in); refusing to start: an applied \
+             migration must never change, add a new one instead",
+            applied.checksum(),
+            embedded.checksum()
+        ),
+        Kind::MissingVersion(migration) => format!(
+            "migration {migration} is applied to this database but not built into this binary, \
+             or is numbered below the newest applied one; refusing to start"
+        ),
+        _ => err.to_string(),
+    })
 }
 
 /// The services keep prepared statements per connection; Postgres re-plans

@@ -35,3 +35,24 @@ pub async fn ping(pool: &Pool) -> bool {
         .await
         .is_ok()
 }
+
+/// `XGROUP CREATE <stream> workers 0 MKSTREAM`: the job stream's consumer
+/// group, reading from the stream's start (entries added before any worker
+/// read them are delivered too); an existing group is fine.
+pub async fn ensure_group(
+    conn: &mut impl redis::aio::ConnectionLike,
+    stream: &str,
+) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(crate::queue::CONSUMER_GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}

@@ -85,7 +85,7 @@ impl Opts {
 
 #[tokio::main]
 async fn main() {
-    let opts = Opts::parse().quickened();
+    let opts = keel_shared::config::parse_config::<Opts>().quickened();
     if let Err(e) = scenarios::run_all(opts).await {
         eprintln!("keel-bench: {e:#}");
         std::process::exit(1);

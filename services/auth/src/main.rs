@@ -1,10 +1,9 @@
-use clap::Parser;
 use keel_auth::Config;
 
 #[tokio::main]
 async fn main() {
     keel_shared::server::healthcheck_command("127.0.0.1:50051").await;
-    let config = Config::parse();
+    let config = keel_shared::config::parse_config::<Config>();
     let result = async {
         let telemetry = keel_shared::telemetry::init_service("keel-auth", &config.runtime)?;
         let listener = keel_shared::server::bind(config.listen_addr).await?;

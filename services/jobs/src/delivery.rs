@@ -2,15 +2,14 @@
 //! (Postgres -> Redis stream, nothing lost, re-published while not started),
 //! the lease reaper, and the per-job pub/sub announcements.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
+use keel_shared::queue::{FIELD_JOB_ID, FIELD_TRACEPARENT};
 use keel_shared::time::sleep_until;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -19,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::Status;
 use crate::error::JobsError;
+use crate::routing::ServedKinds;
 use crate::store::{self, JobRow, Publication};
 
 /// Longest a Redis round trip may hold an outbox transaction or a handler.
@@ -52,9 +52,11 @@ pub struct Delivery {
     pool: Pool,
     redis: deadpool_redis::Pool,
     redis_config: RedisConfig,
-    /// The consumer group exists (we create it at id 0, so entries added
-    /// before any worker ever started are still delivered).
-    group_ready: AtomicBool,
+    /// Streams whose consumer group exists (we create it at id 0, so entries
+    /// added before any worker read them are still delivered).
+    groups_ready: Mutex<HashSet<String>>,
+    /// The kinds stream workers serve: only those are added to streams.
+    served: Arc<ServedKinds>,
     /// First wait before re-publishing a job that has not started.
     redeliver_after: Duration,
     announcements: mpsc::Sender<Announcement>,
@@ -73,6 +75,7 @@ impl Delivery {
         redis: deadpool_redis::Pool,
         redis_config: RedisConfig,
         redeliver_after: Duration,
+        served: Arc<ServedKinds>,
     ) -> (Self, Queues) {
         let (announcements, announce_queue) = mpsc::channel(ANNOUNCE_QUEUE);
         let (publications, publish_queue) = mpsc::channel(PUBLISH_QUEUE);
@@ -80,7 +83,8 @@ impl Delivery {
             pool,
             redis,
             redis_config,
-            group_ready: AtomicBool::new(false),
+            groups_ready: Mutex::new(HashSet::new()),
+            served,
             redeliver_after,
             announcements,
             publications,
@@ -137,6 +141,12 @@ impl Delivery {
                 }
                 n = queue.recv_many(&mut batch, PUBLISH_BATCH) => if n == 0 { break },
             }
+            // A kind no stream worker serves is left to the relay (it defers
+            // it after the grace) and to ClaimJobs.
+            batch.retain(|p| self.served.contains(&p.kind));
+            if batch.is_empty() {
+                continue;
+            }
             match self.xadd(&batch).await {
                 Ok(()) => {
                     unmarked.push_back((Instant::now() + MARK_AFTER, std::mem::take(&mut batch)))
@@ -187,7 +197,8 @@ impl Delivery {
     /// the commit leaves the rows for the next round, and two replicas never
     /// both publish the same row. The commit does not wait for its flush:
     /// losing it in a crash only publishes those rows again, and workers
-    /// refuse duplicates through StartJob.
+    /// refuse duplicates through StartJob. Rows of kinds no stream worker
+    /// serves are put off instead (still unpublished).
     pub async fn relay_once(&self, limit: i64) -> Result<usize, JobsError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
@@ -196,37 +207,41 @@ impl Delivery {
         if claimed.is_empty() {
             return Ok(0);
         }
-        self.xadd(&claimed).await?;
-        store::mark_published(&tx, &claimed, self.redeliver_after).await?;
+        let (served, unserved): (Vec<Publication>, Vec<Publication>) = claimed
+            .iter()
+            .cloned()
+            .partition(|p| self.served.contains(&p.kind));
+        if !served.is_empty() {
+            self.xadd(&served).await?;
+            store::mark_published(&tx, &served, self.redeliver_after).await?;
+        }
+        if !unserved.is_empty() {
+            store::defer_unpublished(&tx, &unserved, self.redeliver_after).await?;
+        }
         tx.commit().await?;
         Ok(claimed.len())
     }
 
+    /// Adds each job to its kind's stream, in one pipeline.
     async fn xadd(&self, jobs: &[Publication]) -> Result<(), ApiError> {
-        let stream = self.redis_config.jobs_stream();
         let result = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = self.redis.get().await?;
-            if !self.group_ready.load(Ordering::Relaxed) {
-                let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&stream)
-                    .arg(CONSUMER_GROUP)
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async(&mut *conn)
-                    .await;
-                match created {
-                    Ok(()) => {}
-                    Err(e) if e.code() == Some("BUSYGROUP") => {}
-                    Err(e) => return Err(ApiError::from(e)),
+            let streams: HashSet<String> = jobs
+                .iter()
+                .map(|j| self.redis_config.jobs_stream(&j.kind))
+                .collect();
+            for stream in streams {
+                if self.groups_ready.lock().expect("groups").contains(&stream) {
+                    continue;
                 }
-                self.group_ready.store(true, Ordering::Relaxed);
+                keel_shared::redis::ensure_group(&mut *conn, &stream).await?;
+                self.groups_ready.lock().expect("groups").insert(stream);
             }
             let mut pipe = redis::pipe();
             for job in jobs {
                 let cmd = pipe
                     .cmd("XADD")
-                    .arg(&stream)
+                    .arg(self.redis_config.jobs_stream(&job.kind))
                     .arg("*")
                     .arg(FIELD_JOB_ID)
                     .arg(job.job_id.to_string());
@@ -241,8 +256,8 @@ impl Delivery {
         .await
         .unwrap_or_else(|_| Err(ApiError::Unavailable("redis timed out".into())));
         if result.is_err() {
-            // Redis may have restarted empty: make sure the group exists again.
-            self.group_ready.store(false, Ordering::Relaxed);
+            // Redis may have restarted empty: make sure the groups exist again.
+            self.groups_ready.lock().expect("groups").clear();
         }
         result
     }

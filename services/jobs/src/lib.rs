@@ -6,6 +6,7 @@ pub mod domain;
 pub mod error;
 pub mod grpc;
 mod retention;
+mod routing;
 pub mod service;
 pub mod store;
 mod subscriptions;
@@ -64,11 +65,25 @@ pub async fn run(
     });
 
     let authenticator = Authenticator::new(verifier, Some(worker_token));
+    // Read the served kinds once before serving (a short wait at most), so
+    // the first jobs go straight to the streams of kinds already served.
+    let served = Arc::new(routing::ServedKinds::default());
+    if let Err(e) = served.refresh(&redis, &config.redis).await {
+        tracing::warn!(error = %e, "cannot read the kinds stream workers serve yet; will retry");
+    }
+    tokio::spawn(routing::run_refresher(
+        served.clone(),
+        pool.clone(),
+        redis.clone(),
+        config.redis.clone(),
+        shutdown.clone(),
+    ));
     let (delivery, queues) = delivery::Delivery::new(
         pool.clone(),
         redis,
         config.redis.clone(),
         config.redeliver_after(),
+        served,
     );
     let delivery = Arc::new(delivery);
     let retention_pool = pool.clone();

@@ -770,6 +770,40 @@ pub async fn hand_to_relay(
     Ok(())
 }
 
+/// Puts off these never-published rows (no stream worker serves their kind)
+/// for `redeliver_after * 2^n` like a publication, still unpublished, so a
+/// kind that becomes served gets them at once ([`hand_kind_to_relay`]).
+pub async fn defer_unpublished(
+    client: &impl GenericClient,
+    unserved: &[Publication],
+    redeliver_after: Duration,
+) -> Result<(), JobsError> {
+    const SQL: &str = "UPDATE job_outbox
+                       SET publications = publications + 1,
+                           deliver_at = now() + make_interval(secs => $3 * power(2, least(publications, 10)))
+                       WHERE (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))";
+    let (ids, attempts) = ids_and_attempts(unserved);
+    let stmt = client.prepare_cached(SQL).await?;
+    client
+        .execute(&stmt, &[&ids, &attempts, &redeliver_after.as_secs_f64()])
+        .await?;
+    Ok(())
+}
+
+/// Makes the outbox rows of `kind` that were put off, never published
+/// ([`defer_unpublished`]), due now: a stream worker serves the kind from
+/// now on. New rows still in their publication grace are left alone.
+/// Returns how many.
+pub async fn hand_kind_to_relay(client: &impl GenericClient, kind: &str) -> Result<u64, JobsError> {
+    const SQL: &str = "UPDATE job_outbox o SET deliver_at = now()
+                       FROM jobs j
+                       WHERE j.id = o.job_id AND j.kind = $1
+                         AND o.published_at IS NULL AND o.publications > 0
+                         AND o.deliver_at > now()";
+    let stmt = client.prepare_cached(SQL).await?;
+    Ok(client.execute(&stmt, &[&kind]).await?)
+}
+
 fn ids_and_attempts(publications: &[Publication]) -> (Vec<Uuid>, Vec<i32>) {
     publications.iter().map(|p| (p.job_id, p.attempt)).unzip()
 }

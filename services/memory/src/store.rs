@@ -19,27 +19,48 @@ macro_rules! memory_cols {
     };
 }
 
-/// Upsert. A new memory gets version 1 and created_at = updated_at; an update
-/// bumps the version. `clock_timestamp()` in the update is read after the row
-/// lock is taken, so updated_at never goes backwards under concurrent writers.
+/// Upsert. The version comes from `memory_versions` (see V8): the key's last
+/// version plus one, or 1 for a key never written, also when the memory was
+/// deleted meanwhile. Taking it locks that row first, so puts of one key
+/// queue there and a re-created memory numbers on after the deleted one. A
+/// new memory gets created_at = updated_at. `clock_timestamp()` in the update
+/// is read after the row lock is taken, so updated_at never goes backwards
+/// under concurrent writers. `xmax = 0` only on a row this statement inserted.
 const PUT_UNCONDITIONAL: &str = concat!(
-    "INSERT INTO memories AS m (user_id, key, content, tags, metadata, created_at, updated_at) \
-     SELECT $1, $2, $3, $4, $5, now.t, now.t FROM (SELECT clock_timestamp() AS t) AS now \
+    "WITH issued AS ( \
+         INSERT INTO memory_versions AS v (user_id, key, version) VALUES ($1, $2, 1) \
+         ON CONFLICT (user_id, key) DO UPDATE SET version = v.version + 1 \
+         RETURNING v.version AS next_version \
+     ) \
+     INSERT INTO memories AS m (user_id, key, content, tags, metadata, version, created_at, updated_at) \
+     SELECT $1, $2, $3, $4, $5, issued.next_version, now.t, now.t \
+     FROM issued, (SELECT clock_timestamp() AS t) AS now \
      ON CONFLICT (user_id, key) DO UPDATE \
         SET content = EXCLUDED.content, tags = EXCLUDED.tags, metadata = EXCLUDED.metadata, \
-            version = m.version + 1, updated_at = clock_timestamp() \
-     RETURNING ",
+            version = EXCLUDED.version, updated_at = clock_timestamp() \
+     RETURNING (m.xmax = 0) AS created, ",
     memory_cols!()
 );
 
-/// Update only if the stored version is the expected one. Concurrent callers
-/// with the same expectation queue on the row lock; after the first commits,
-/// the others re-check `version` against the new row and match nothing.
+/// Update only if the stored version is the expected one. A live memory's
+/// version is its key's `memory_versions` row, so the next number is taken
+/// there, under that row's lock, and only while both still say the expected
+/// version: concurrent callers with the same expectation queue on the lock,
+/// and after the first commits the others match nothing (and take nothing).
+/// The memory is re-checked on its own row too (a delete only locks that).
 const PUT_CONDITIONAL: &str = concat!(
-    "UPDATE memories AS m \
-        SET content = $3, tags = $4, metadata = $5, version = m.version + 1, \
+    "WITH issued AS ( \
+         UPDATE memory_versions AS v SET version = v.version + 1 \
+          WHERE v.user_id = $1 AND v.key = $2 AND v.version = $6 \
+            AND EXISTS (SELECT 1 FROM memories \
+                        WHERE user_id = $1 AND key = $2 AND version = $6) \
+         RETURNING v.version AS next_version \
+     ) \
+     UPDATE memories AS m \
+        SET content = $3, tags = $4, metadata = $5, version = issued.next_version, \
             updated_at = clock_timestamp() \
-      WHERE user_id = $1 AND key = $2 AND version = $6 \
+       FROM issued \
+      WHERE m.user_id = $1 AND m.key = $2 AND m.version = $6 \
      RETURNING ",
     memory_cols!()
 );
@@ -187,7 +208,7 @@ impl Store {
         memory: &NewMemory,
     ) -> Result<(MemoryRow, bool), MemoryError> {
         let client = self.client().await?;
-        let row = if memory.expected_version == 0 {
+        let (row, created) = if memory.expected_version == 0 {
             let stmt = client.prepare_cached(PUT_UNCONDITIONAL).await?;
             let row = client
                 .query_one(
@@ -202,10 +223,11 @@ impl Store {
                 )
                 .await
                 .map_err(write_error)?;
-            Some(row)
+            let created = row.try_get("created")?;
+            (Some(row), created)
         } else {
             let stmt = client.prepare_cached(PUT_CONDITIONAL).await?;
-            client
+            let row = client
                 .query_opt(
                     &stmt,
                     &[
@@ -218,15 +240,11 @@ impl Store {
                     ],
                 )
                 .await
-                .map_err(write_error)?
+                .map_err(write_error)?;
+            (row, false)
         };
         match row {
-            Some(row) => {
-                let memory = MemoryRow::try_from(&row)?;
-                // Versions start at 1 and only grow, so version 1 means this call inserted it.
-                let created = memory.version == 1;
-                Ok((memory, created))
-            }
+            Some(row) => Ok((MemoryRow::try_from(&row)?, created)),
             None => Err(MemoryError::VersionMismatch {
                 expected: memory.expected_version,
                 current: current_version(&client, user_id, &memory.key).await?,

@@ -9,7 +9,6 @@ use keel_shared::config::{RedisConfig, RuntimeConfig};
 const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 const DEFAULT_MAX_DELIVERIES: u32 = 5;
 const DEFAULT_HEARTBEAT_MS: u64 = 10_000;
-const DEFAULT_STREAM_MAXLEN: usize = 100_000;
 const DEFAULT_JOB_GRACE_MS: u64 = 30_000;
 const DEFAULT_TRIM_INTERVAL_MS: u64 = 30_000;
 const DEFAULT_CONSUMER_TTL_MS: u64 = 3_600_000;
@@ -44,10 +43,8 @@ pub struct Config {
     /// How often (ms) a running job's lease is extended and its cancellation checked.
     #[arg(long, env = "KEEL_WORKER_HEARTBEAT_MS", default_value_t = DEFAULT_HEARTBEAT_MS)]
     pub heartbeat_ms: u64,
-    /// The job stream is trimmed to about this many entries (XTRIM MAXLEN ~).
-    #[arg(long, env = "KEEL_WORKER_STREAM_MAXLEN", default_value_t = DEFAULT_STREAM_MAXLEN)]
-    pub stream_maxlen: usize,
-    /// How often (ms) the job stream is trimmed.
+    /// How often (ms) the job streams are trimmed of entries every consumer
+    /// group has read and acknowledged.
     #[arg(long, env = "KEEL_WORKER_TRIM_INTERVAL_MS", default_value_t = DEFAULT_TRIM_INTERVAL_MS)]
     pub trim_interval_ms: u64,
     /// A consumer (a stopped worker) with no pending message, unseen for this
@@ -81,7 +78,6 @@ impl Config {
             claim_idle_ms: DEFAULT_CLAIM_IDLE_MS,
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             heartbeat_ms: DEFAULT_HEARTBEAT_MS,
-            stream_maxlen: DEFAULT_STREAM_MAXLEN,
             trim_interval_ms: DEFAULT_TRIM_INTERVAL_MS,
             consumer_ttl_ms: DEFAULT_CONSUMER_TTL_MS,
             job_grace_ms: DEFAULT_JOB_GRACE_MS,
@@ -139,12 +135,6 @@ impl Config {
         if self.max_deliveries == 0 {
             return Err(StartupError::InvalidVar {
                 var: "KEEL_WORKER_MAX_DELIVERIES",
-                reason: "must be at least 1".into(),
-            });
-        }
-        if self.stream_maxlen == 0 {
-            return Err(StartupError::InvalidVar {
-                var: "KEEL_WORKER_STREAM_MAXLEN",
                 reason: "must be at least 1".into(),
             });
         }

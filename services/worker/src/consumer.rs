@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use keel_shared::queue::ANNOUNCE_KINDS_EVERY;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::client::JobsClient;
 use crate::handler::Registry;
 use crate::runner::backoff;
-use crate::stream::{JobStream, Message, StreamError};
+use crate::stream::{JobStream, Message, MessageKey, StreamError};
 use crate::transitions::Transitions;
 
 /// Most messages asked for in one read or claim.
@@ -41,12 +42,12 @@ pub(crate) struct Shared {
     pub hard_stop: CancellationToken,
     /// Stop retrying to record outcomes.
     pub abandon: CancellationToken,
-    /// Ids of the messages this worker is working on.
-    in_flight: Mutex<HashSet<String>>,
+    /// The messages this worker is working on.
+    in_flight: Mutex<HashSet<MessageKey>>,
     /// Messages to acknowledge (their outcome is recorded): one XACK for
     /// all that queue up while the previous one is out (see [`ack_loop`]).
-    pub acks: mpsc::UnboundedSender<String>,
-    ack_queue: Mutex<Option<mpsc::UnboundedReceiver<String>>>,
+    pub acks: mpsc::UnboundedSender<MessageKey>,
+    ack_queue: Mutex<Option<mpsc::UnboundedReceiver<MessageKey>>>,
 }
 
 /// Tunables of the consumer loops.
@@ -55,7 +56,6 @@ pub(crate) struct Settings {
     pub concurrency: usize,
     pub claim_idle: Duration,
     pub max_deliveries: u64,
-    pub stream_maxlen: usize,
     pub trim_interval: Duration,
     pub consumer_ttl: Duration,
     pub job_grace: Duration,
@@ -86,7 +86,7 @@ impl Shared {
         }
     }
 
-    fn in_flight_ids(&self) -> Vec<String> {
+    fn in_flight_ids(&self) -> Vec<MessageKey> {
         self.in_flight
             .lock()
             .expect("in-flight set")
@@ -225,7 +225,7 @@ impl Jobs {
             .in_flight
             .lock()
             .expect("in-flight set")
-            .insert(message.id.clone())
+            .insert(message.key())
         {
             return false;
         }
@@ -234,7 +234,7 @@ impl Jobs {
         // Taken now when free, so that the next read asks for no more than fit.
         let permit = self.permits.clone().try_acquire_owned().ok();
         self.tracker.spawn(async move {
-            let id = message.id.clone();
+            let key = message.key();
             let permit = match permit {
                 Some(p) => Ok(p),
                 None => permits.acquire_owned().await,
@@ -247,7 +247,7 @@ impl Jobs {
                     }
                 }
             }
-            shared.in_flight.lock().expect("in-flight set").remove(&id);
+            shared.in_flight.lock().expect("in-flight set").remove(&key);
         });
         true
     }
@@ -309,53 +309,71 @@ async fn claim_loop(jobs: &Jobs, settings: &Settings) {
     let shared = &jobs.shared;
     let every = claim_interval(settings.claim_idle);
     while pause(&shared.shutdown, every).await {
-        let mut cursor = "0-0".to_string();
-        loop {
-            let slots = jobs.permits.available_permits().min(BATCH);
-            if slots == 0 {
+        for stream in shared.stream.streams() {
+            claim_stream(jobs, settings, stream).await;
+        }
+    }
+}
+
+/// One XAUTOCLAIM scan of `stream`, as far as free slots allow.
+async fn claim_stream(jobs: &Jobs, settings: &Settings, stream: &str) {
+    let shared = &jobs.shared;
+    let mut cursor = "0-0".to_string();
+    loop {
+        let slots = jobs.permits.available_permits().min(BATCH);
+        if slots == 0 {
+            break;
+        }
+        match shared
+            .stream
+            .autoclaim(stream, settings.claim_idle, &cursor, slots)
+            .await
+        {
+            Ok((claimed, next)) => {
+                for (message, deliveries) in claimed {
+                    tracing::info!(message_id = %message.id, job_id = ?message.job_id, deliveries, "took over an idle message");
+                    let work = if deliveries > settings.max_deliveries {
+                        Work::DeadLetter { deliveries }
+                    } else {
+                        Work::Run
+                    };
+                    jobs.spawn(message, work);
+                }
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+            Err(StreamError::NoGroup) => {
+                if let Err(e) = shared.stream.ensure_group().await {
+                    tracing::warn!(error = %e, "cannot create the consumer group");
+                }
                 break;
             }
-            match shared
-                .stream
-                .autoclaim(settings.claim_idle, &cursor, slots)
-                .await
-            {
-                Ok((claimed, next)) => {
-                    for (message, deliveries) in claimed {
-                        tracing::info!(message_id = %message.id, job_id = ?message.job_id, deliveries, "took over an idle message");
-                        let work = if deliveries > settings.max_deliveries {
-                            Work::DeadLetter { deliveries }
-                        } else {
-                            Work::Run
-                        };
-                        jobs.spawn(message, work);
-                    }
-                    if next == "0-0" {
-                        break;
-                    }
-                    cursor = next;
-                }
-                Err(StreamError::NoGroup) => {
-                    if let Err(e) = shared.stream.ensure_group().await {
-                        tracing::warn!(error = %e, "cannot create the consumer group");
-                    }
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "XAUTOCLAIM failed; trying again later");
-                    break;
-                }
+            Err(e) => {
+                tracing::warn!(error = %e, "XAUTOCLAIM failed; trying again later");
+                break;
             }
         }
     }
 }
 
-/// Resets the idle time of the messages we are working on, until `done`.
+/// Until `done`: resets the idle time of the messages we are working on,
+/// and announces our kinds (so the jobs service keeps publishing them).
 async fn keepalive_loop(shared: Arc<Shared>, every: Duration, done: CancellationToken) {
+    let mut announced = tokio::time::Instant::now();
     while pause(&done, every).await {
         let ids = shared.in_flight_ids();
-        if let Err(e) = shared.stream.touch(&ids).await {
+        if !ids.is_empty()
+            && let Err(e) = shared.stream.touch(&ids).await
+        {
             tracing::warn!(error = %e, "cannot refresh our pending messages");
+        }
+        if announced.elapsed() >= ANNOUNCE_KINDS_EVERY.min(every * 2) {
+            announced = tokio::time::Instant::now();
+            if let Err(e) = shared.stream.announce_kinds().await {
+                tracing::warn!(error = %e, "cannot announce the kinds we serve");
+            }
         }
     }
 }
@@ -365,7 +383,7 @@ async fn keepalive_loop(shared: Arc<Shared>, every: Duration, done: Cancellation
 /// back and StartJob refuses it, so it is acknowledged then.
 async fn ack_loop(
     shared: Arc<Shared>,
-    mut queue: mpsc::UnboundedReceiver<String>,
+    mut queue: mpsc::UnboundedReceiver<MessageKey>,
     done: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
@@ -390,11 +408,11 @@ async fn ack_loop(
     }
 }
 
-/// Housekeeping every trim interval until `done`: XTRIM MAXLEN ~, and
-/// removal of long-gone consumers.
+/// Housekeeping every trim interval until `done`: trimming what every
+/// group has read and acknowledged, and removal of long-gone consumers.
 async fn trim_loop(shared: Arc<Shared>, settings: Settings, done: CancellationToken) {
     while pause(&done, settings.trim_interval).await {
-        match shared.stream.trim(settings.stream_maxlen).await {
+        match shared.stream.trim().await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(trimmed = n, "trimmed the job stream"),
             Err(e) => tracing::warn!(error = %e, "cannot trim the job stream"),

@@ -84,6 +84,7 @@ pub async fn run_with(
     let stream = stream::JobStream::new(
         redis.clone(),
         &config.redis,
+        registry.kinds().map(str::to_string).collect(),
         config.consumer_name(),
         READ_BLOCK,
     )
@@ -133,7 +134,6 @@ pub async fn run_with(
         concurrency: config.concurrency(),
         claim_idle: config.claim_idle(),
         max_deliveries: u64::from(config.max_deliveries),
-        stream_maxlen: config.stream_maxlen,
         trim_interval: config.trim_interval(),
         consumer_ttl: config.consumer_ttl(),
         job_grace: config.job_grace(),

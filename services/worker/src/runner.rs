@@ -434,11 +434,10 @@ impl Shared {
     /// Queues the acknowledgement (see `consumer::ack_loop`); once that loop
     /// has ended (shutdown), acknowledges directly.
     async fn ack(&self, message: &Message) {
-        if self.acks.send(message.id.clone()).is_err() {
-            self.redis_retry("XACK", || {
-                self.stream.ack(std::slice::from_ref(&message.id))
-            })
-            .await;
+        if self.acks.send(message.key()).is_err() {
+            let key = message.key();
+            self.redis_retry("XACK", || self.stream.ack(std::slice::from_ref(&key)))
+                .await;
         }
     }
 
@@ -629,6 +628,7 @@ mod tests {
     #[test]
     fn job_ids_must_be_uuids() {
         let m = |id: Option<&str>| Message {
+            stream: "keel:jobs:stream:{echo}".into(),
             id: "1-0".into(),
             job_id: id.map(String::from),
             traceparent: None,

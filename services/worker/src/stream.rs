@@ -10,13 +10,15 @@ use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
-    StreamPendingCountReply, StreamReadReply,
+    StreamPendingCountReply, StreamPendingReply, StreamReadReply,
 };
 use redis::{AsyncConnectionConfig, RedisError};
 
 /// One stream entry handed to this consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
+    /// The stream it came from (its kind's stream).
+    pub stream: String,
     /// The stream entry id.
     pub id: String,
     /// The `job_id` field, when the entry has one.
@@ -26,14 +28,23 @@ pub struct Message {
 }
 
 impl Message {
-    fn from_entry(entry: &StreamId) -> Self {
+    fn from_entry(stream: &str, entry: &StreamId) -> Self {
         Self {
+            stream: stream.to_string(),
             id: entry.id.clone(),
             job_id: entry.get::<String>(FIELD_JOB_ID),
             traceparent: entry.get::<String>(FIELD_TRACEPARENT),
         }
     }
+
+    /// What identifies it for XACK and XCLAIM: (stream, entry id).
+    pub fn key(&self) -> MessageKey {
+        (self.stream.clone(), self.id.clone())
+    }
 }
+
+/// A message's stream and entry id (entry ids are only unique per stream).
+pub type MessageKey = (String, String);
 
 /// What went wrong talking to Redis, as the loops need to know it.
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +69,15 @@ impl StreamError {
     }
 }
 
-/// The job stream as this consumer sees it.
+/// The job streams of this worker's kinds, as this consumer sees them.
 #[derive(Clone)]
 pub struct JobStream {
     pool: Pool,
     client: redis::Client,
-    stream: String,
+    /// One per kind this worker serves, in the kinds' order.
+    streams: Vec<String>,
+    kinds: Vec<String>,
+    served_kinds: String,
     dead_letter: String,
     consumer: String,
     block: Duration,
@@ -73,13 +87,16 @@ impl JobStream {
     pub fn new(
         pool: Pool,
         config: &RedisConfig,
+        kinds: Vec<String>,
         consumer: String,
         block: Duration,
     ) -> Result<Self, RedisError> {
         Ok(Self {
             pool,
             client: redis::Client::open(config.redis_url.as_str())?,
-            stream: config.jobs_stream(),
+            streams: kinds.iter().map(|k| config.jobs_stream(k)).collect(),
+            kinds,
+            served_kinds: config.served_kinds(),
             dead_letter: config.dead_letter_stream(),
             consumer,
             block,
@@ -90,26 +107,45 @@ impl JobStream {
         &self.consumer
     }
 
+    /// The streams this worker reads, one per kind.
+    pub fn streams(&self) -> &[String] {
+        &self.streams
+    }
+
     async fn conn(&self) -> Result<deadpool_redis::Connection, StreamError> {
         Ok(self.pool.get().await?)
     }
 
-    /// `XGROUP CREATE <stream> workers 0 MKSTREAM`; an existing group is fine.
+    /// The consumer group of every stream we read (an existing one is fine),
+    /// then tells the jobs service which kinds we serve.
     pub async fn ensure_group(&self) -> Result<(), StreamError> {
         let mut conn = self.conn().await?;
-        let res: Result<(), RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.stream)
-            .arg(CONSUMER_GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut *conn)
-            .await;
-        match res {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
+        for stream in &self.streams {
+            keel_shared::redis::ensure_group(&mut *conn, stream).await?;
         }
+        drop(conn);
+        self.announce_kinds().await
+    }
+
+    /// Records that our kinds are served now (see `keel_shared::queue`): the
+    /// jobs service adds a kind's jobs to its stream only while some worker
+    /// announced it recently. Repeated every `ANNOUNCE_KINDS_EVERY`.
+    pub async fn announce_kinds(&self) -> Result<(), StreamError> {
+        if self.kinds.is_empty() {
+            return Ok(());
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(&self.served_kinds);
+        for kind in &self.kinds {
+            cmd.arg(now_ms).arg(kind);
+        }
+        let mut conn = self.conn().await?;
+        let _: u64 = cmd.query_async(&mut *conn).await?;
+        Ok(())
     }
 
     /// A connection of its own for blocking reads: the pool's connections
@@ -124,14 +160,19 @@ impl JobStream {
             .await?)
     }
 
-    /// New messages for this consumer, up to `count`, waiting at most the block time.
+    /// New messages for this consumer from any of our streams, up to `count`
+    /// per stream, waiting at most the block time.
     pub async fn read(
         &self,
         reader: &mut MultiplexedConnection,
         count: usize,
     ) -> Result<Vec<Message>, StreamError> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        if self.streams.is_empty() {
+            tokio::time::sleep(self.block).await;
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
             .arg(CONSUMER_GROUP)
             .arg(&self.consumer)
             .arg("COUNT")
@@ -139,8 +180,11 @@ impl JobStream {
             .arg("BLOCK")
             .arg(self.block.as_millis().max(1) as u64)
             .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(">")
+            .arg(&self.streams);
+        for _ in &self.streams {
+            cmd.arg(">");
+        }
+        let reply: Option<StreamReadReply> = cmd
             .query_async(reader)
             .await
             .map_err(StreamError::from_redis)?;
@@ -148,24 +192,26 @@ impl JobStream {
             .map(|r| {
                 r.keys
                     .iter()
-                    .flat_map(|k| k.ids.iter().map(Message::from_entry))
+                    .flat_map(|k| k.ids.iter().map(|e| Message::from_entry(&k.key, e)))
                     .collect()
             })
             .unwrap_or_default())
     }
 
-    /// Takes over up to `count` messages idle for at least `min_idle`, scanning
-    /// from `cursor`. Returns them with their delivery counts (this one
-    /// included) and the cursor for the next scan ("0-0" when done).
+    /// Takes over up to `count` messages of `stream` idle for at least
+    /// `min_idle`, scanning from `cursor`. Returns them with their delivery
+    /// counts (this one included) and the cursor for the next scan ("0-0"
+    /// when done).
     pub async fn autoclaim(
         &self,
+        stream: &str,
         min_idle: Duration,
         cursor: &str,
         count: usize,
     ) -> Result<(Vec<(Message, u64)>, String), StreamError> {
         let mut conn = self.conn().await?;
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(&self.stream)
+            .arg(stream)
             .arg(CONSUMER_GROUP)
             .arg(&self.consumer)
             .arg(min_idle.as_millis() as u64)
@@ -178,13 +224,14 @@ impl JobStream {
         if !reply.deleted_ids.is_empty() {
             tracing::warn!(
                 count = reply.deleted_ids.len(),
-                "pending messages were trimmed from the stream before anyone acknowledged them"
+                stream,
+                "pending messages were deleted from the stream before anyone acknowledged them"
             );
         }
         let mut claimed = Vec::with_capacity(reply.claimed.len());
         for entry in &reply.claimed {
             let pending: StreamPendingCountReply = redis::cmd("XPENDING")
-                .arg(&self.stream)
+                .arg(stream)
                 .arg(CONSUMER_GROUP)
                 .arg(&entry.id)
                 .arg(&entry.id)
@@ -197,7 +244,7 @@ impl JobStream {
                 .first()
                 .map(|p| p.times_delivered as u64)
                 .unwrap_or(1);
-            claimed.push((Message::from_entry(entry), deliveries));
+            claimed.push((Message::from_entry(stream, entry), deliveries));
         }
         Ok((claimed, reply.next_stream_id))
     }
@@ -205,35 +252,38 @@ impl JobStream {
     /// Resets the idle time of messages this consumer is still working on
     /// (XCLAIM .. JUSTID does not count as a delivery), so that no other
     /// worker takes them over while we are alive.
-    pub async fn touch(&self, ids: &[String]) -> Result<(), StreamError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
+    pub async fn touch(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
         let mut conn = self.conn().await?;
-        let _: Vec<String> = redis::cmd("XCLAIM")
-            .arg(&self.stream)
-            .arg(CONSUMER_GROUP)
-            .arg(&self.consumer)
-            .arg(0)
-            .arg(ids)
-            .arg("JUSTID")
-            .query_async(&mut *conn)
-            .await
-            .map_err(StreamError::from_redis)?;
+        for (stream, ids) in by_stream(messages) {
+            let _: Vec<String> = redis::cmd("XCLAIM")
+                .arg(stream)
+                .arg(CONSUMER_GROUP)
+                .arg(&self.consumer)
+                .arg(0)
+                .arg(ids)
+                .arg("JUSTID")
+                .query_async(&mut *conn)
+                .await
+                .map_err(StreamError::from_redis)?;
+        }
         Ok(())
     }
 
-    /// Acknowledges messages, all in one XACK.
-    pub async fn ack(&self, ids: &[String]) -> Result<(), StreamError> {
-        if ids.is_empty() {
+    /// Acknowledges messages: one XACK per stream, in one pipeline.
+    pub async fn ack(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
+        if messages.is_empty() {
             return Ok(());
         }
+        let mut pipe = redis::pipe();
+        for (stream, ids) in by_stream(messages) {
+            pipe.cmd("XACK")
+                .arg(stream)
+                .arg(CONSUMER_GROUP)
+                .arg(ids)
+                .ignore();
+        }
         let mut conn = self.conn().await?;
-        let _: u64 = redis::cmd("XACK")
-            .arg(&self.stream)
-            .arg(CONSUMER_GROUP)
-            .arg(ids)
-            .query_async(&mut *conn)
+        pipe.query_async::<()>(&mut *conn)
             .await
             .map_err(StreamError::from_redis)?;
         Ok(())
@@ -254,6 +304,8 @@ impl JobStream {
             .arg(message.job_id.as_deref().unwrap_or(""))
             .arg("message_id")
             .arg(&message.id)
+            .arg("stream")
+            .arg(&message.stream)
             .arg("deliveries")
             .arg(deliveries)
             .arg("consumer")
@@ -265,16 +317,27 @@ impl JobStream {
         Ok(())
     }
 
-    /// `XTRIM <stream> MAXLEN ~ <maxlen>`: bounds Redis memory under sustained load.
-    pub async fn trim(&self, maxlen: usize) -> Result<u64, StreamError> {
+    /// Trims each of our streams up to what every consumer group has both
+    /// delivered and acknowledged (`XTRIM MINID ~`): below the oldest entry
+    /// still pending in a group and below the last one it delivered, so no
+    /// unread or unacknowledged entry is ever removed, however long the
+    /// backlog. Returns how many entries went.
+    pub async fn trim(&self) -> Result<u64, StreamError> {
         let mut conn = self.conn().await?;
-        Ok(redis::cmd("XTRIM")
-            .arg(&self.stream)
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(maxlen)
-            .query_async(&mut *conn)
-            .await?)
+        let mut trimmed = 0;
+        for stream in &self.streams {
+            let Some(min_id) = trim_point(&mut conn, stream).await? else {
+                continue;
+            };
+            trimmed += redis::cmd("XTRIM")
+                .arg(stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(min_id.to_string())
+                .query_async::<u64>(&mut *conn)
+                .await?;
+        }
+        Ok(trimmed)
     }
 
     /// Removes consumers that own no pending message and have not been seen
@@ -282,62 +345,154 @@ impl JobStream {
     /// its own, so the group would otherwise grow with every restart).
     pub async fn prune_consumers(&self, idle: Duration) -> Result<Vec<String>, StreamError> {
         let mut conn = self.conn().await?;
-        let consumers: StreamInfoConsumersReply = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(&self.stream)
-            .arg(CONSUMER_GROUP)
-            .query_async(&mut *conn)
-            .await
-            .map_err(StreamError::from_redis)?;
         let mut removed = Vec::new();
-        for c in consumers.consumers {
-            if c.pending == 0 && c.idle as u128 >= idle.as_millis() && c.name != self.consumer {
-                let _: u64 = redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(&self.stream)
-                    .arg(CONSUMER_GROUP)
-                    .arg(&c.name)
-                    .query_async(&mut *conn)
-                    .await
-                    .map_err(StreamError::from_redis)?;
-                removed.push(c.name);
+        for stream in &self.streams {
+            let consumers: StreamInfoConsumersReply = redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(stream)
+                .arg(CONSUMER_GROUP)
+                .query_async(&mut *conn)
+                .await
+                .map_err(StreamError::from_redis)?;
+            for c in consumers.consumers {
+                if c.pending == 0 && c.idle as u128 >= idle.as_millis() && c.name != self.consumer {
+                    let _: u64 = redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(stream)
+                        .arg(CONSUMER_GROUP)
+                        .arg(&c.name)
+                        .query_async(&mut *conn)
+                        .await
+                        .map_err(StreamError::from_redis)?;
+                    removed.push(c.name);
+                }
             }
         }
         Ok(removed)
     }
 
-    /// Stream and dead-letter lengths and our group's pending count, lag and
-    /// consumers (`XINFO GROUPS`; lag needs Redis 7), for metrics.
+    /// Our streams' total length, the dead-letter length, and our group's
+    /// pending count, lag and consumers summed over the streams
+    /// (`XINFO GROUPS`; lag needs Redis 7), for metrics.
     pub async fn queue_stats(&self) -> Result<keel_shared::metrics::QueueStats, StreamError> {
         let mut conn = self.conn().await?;
-        let (stream_length, dead_letter_length): (u64, u64) = redis::pipe()
-            .cmd("XLEN")
-            .arg(&self.stream)
-            .cmd("XLEN")
+        let dead_letter_length: u64 = redis::cmd("XLEN")
             .arg(&self.dead_letter)
             .query_async(&mut *conn)
             .await
             .map_err(StreamError::from_redis)?;
         let mut stats = keel_shared::metrics::QueueStats {
-            stream_length,
             dead_letter_length,
             ..Default::default()
         };
-        if stream_length == 0 {
-            // XINFO GROUPS fails on a stream that does not exist yet.
-            return Ok(stats);
-        }
-        let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(&self.stream)
-            .query_async(&mut *conn)
-            .await
-            .map_err(StreamError::from_redis)?;
-        if let Some(group) = groups.groups.iter().find(|g| g.name == CONSUMER_GROUP) {
-            stats.pending = group.pending as u64;
-            stats.lag = group.lag.map(|l| l as u64);
-            stats.consumers = group.consumers as u64;
+        for stream in &self.streams {
+            let length: u64 = redis::cmd("XLEN")
+                .arg(stream)
+                .query_async(&mut *conn)
+                .await
+                .map_err(StreamError::from_redis)?;
+            stats.stream_length += length;
+            if length == 0 {
+                // XINFO GROUPS fails on a stream that does not exist yet.
+                continue;
+            }
+            let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut *conn)
+                .await
+                .map_err(StreamError::from_redis)?;
+            if let Some(group) = groups.groups.iter().find(|g| g.name == CONSUMER_GROUP) {
+                stats.pending += group.pending as u64;
+                stats.consumers = stats.consumers.max(group.consumers as u64);
+                if let Some(lag) = group.lag {
+                    stats.lag = Some(stats.lag.unwrap_or(0) + lag as u64);
+                }
+            }
         }
         Ok(stats)
+    }
+}
+
+/// A stream entry id, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EntryId(u64, u64);
+
+impl std::str::FromStr for EntryId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        Ok(Self(
+            ms.parse().map_err(|_| ())?,
+            seq.parse().map_err(|_| ())?,
+        ))
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// The lowest id any group of `stream` still needs: for each group, its
+/// oldest pending entry, else its last delivered one. None when the stream
+/// has no group (nothing is known to be read: keep everything).
+async fn trim_point(
+    conn: &mut deadpool_redis::Connection,
+    stream: &str,
+) -> Result<Option<EntryId>, StreamError> {
+    let groups: StreamInfoGroupsReply = match redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(&mut **conn)
+        .await
+    {
+        Ok(groups) => groups,
+        // No such stream yet.
+        Err(e) if e.code() == Some("ERR") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut point: Option<EntryId> = None;
+    for group in &groups.groups {
+        let delivered: EntryId = group.last_delivered_id.parse().unwrap_or(EntryId(0, 0));
+        let pending: StreamPendingReply = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&group.name)
+            .query_async(&mut **conn)
+            .await
+            .map_err(StreamError::from_redis)?;
+        let oldest_pending = match &pending {
+            StreamPendingReply::Data(data) => data.start_id.parse().ok(),
+            _ => None,
+        };
+        let needed = oldest_pending.map_or(delivered, |p: EntryId| p.min(delivered));
+        point = Some(point.map_or(needed, |p| p.min(needed)));
+    }
+    Ok(point)
+}
+
+/// Entry ids grouped by their stream.
+fn by_stream(messages: &[MessageKey]) -> std::collections::BTreeMap<&str, Vec<&str>> {
+    let mut grouped = std::collections::BTreeMap::<&str, Vec<&str>>::new();
+    for (stream, id) in messages {
+        grouped.entry(stream).or_default().push(id);
+    }
+    grouped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entry_ids_order_as_redis_orders_them() {
+        let id = |s: &str| s.parse::<EntryId>().unwrap();
+        assert!(id("9-5") < id("10-0"));
+        assert!(id("10-0") < id("10-1"));
+        assert_eq!(id("10"), id("10-0"));
+        assert_eq!(id("1700000000000-3").to_string(), "1700000000000-3");
+        assert!("x-1".parse::<EntryId>().is_err());
     }
 }

@@ -1,4 +1,6 @@
 //! Integration tests of the shared crate against a real Postgres.
 
+mod config;
 mod health;
 mod migrations;
+mod redis_keys;

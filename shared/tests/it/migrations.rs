@@ -72,3 +72,38 @@ async fn fresh_database_migrates_concurrently() {
         .await
         .unwrap();
 }
+
+/// Makes the database's record of its first applied migration differ from
+/// the embedded one (what an edited migration file looks like to refinery);
+/// returns that migration's name as refinery prints it (`V1__name`).
+async fn tamper_first_migration(pool: &deadpool_postgres::Pool) -> String {
+    let client = pool.get().await.unwrap();
+    let row = client
+        .query_one(
+            "UPDATE refinery_schema_history SET checksum = '1' \
+             WHERE version = (SELECT min(version) FROM refinery_schema_history) \
+             RETURNING version, name",
+            &[],
+        )
+        .await
+        .unwrap();
+    format!("V{}__{}", row.get::<_, i32>(0), row.get::<_, &str>(1))
+}
+
+#[tokio::test]
+async fn a_changed_applied_migration_is_refused_naming_it() {
+    let db = TestDb::new().await;
+    let name = tamper_first_migration(&db.pool).await;
+    let err = keel_shared::migrate::run(&db.pool)
+        .await
+        .expect_err("a divergent migration is refused");
+    let message = err.to_string();
+    assert!(!message.contains('\n'), "one line: {message}");
+    assert!(
+        message.starts_with(&format!(
+            "database migration failed: migration {name} applied to this database differs from \
+             the {name} built into this binary"
+        )),
+        "{message}"
+    );
+}

@@ -12,15 +12,15 @@ use uuid::Uuid;
 use keel_jobs::delivery::PUBLISH_GRACE;
 use keel_jobs::store::{NewRow, Publication, insert_jobs, mark_published};
 
-use crate::support::{Svc, WAIT, stream_ids};
+use crate::support::{Svc, WAIT, announce_kinds, stream_ids};
 
 #[tokio::test]
 async fn every_job_is_added_to_the_stream_exactly_once() {
     // A busy relay races the publish that follows each commit.
     let svc = Svc::start_with(|c| c.relay_interval_ms = 5).await;
     let mut ids = Vec::new();
-    for i in 0..20 {
-        ids.push(svc.create_kind(&format!("k{i}")).await.id);
+    for _ in 0..20 {
+        ids.push(svc.create_kind("echo").await.id);
     }
     let batch = svc
         .jobs
@@ -53,7 +53,7 @@ async fn every_job_is_added_to_the_stream_exactly_once() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
         .arg("GROUPS")
-        .arg(svc.redis_config.jobs_stream())
+        .arg(svc.redis_config.jobs_stream("echo"))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -141,8 +141,10 @@ async fn jobs_created_while_redis_is_down_are_delivered_once_it_is_back() {
     let redis_config = RedisConfig::new(format!("redis://127.0.0.1:{port}"), prefix);
     let svc = Svc::start_with(|c| c.redis = redis_config.clone()).await;
 
-    // Redis up: delivered at once.
+    // Redis up: delivered at once (a worker serving echo announced it).
     let mut redis = start_redis(port).await.expect("start redis-server");
+    announce_kinds(&redis_config, &["echo"]).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     let first = svc.create_kind("echo").await;
     testing::eventually(WAIT, "first job delivered", || async {
         stream_ids(&redis_config).await == vec![first.id.clone()]
@@ -163,8 +165,10 @@ async fn jobs_created_while_redis_is_down_are_delivered_once_it_is_back() {
     })
     .await;
 
-    // Redis back (empty: it kept nothing): the relay delivers each of them once.
+    // Redis back (empty: it kept nothing, so the worker announces its kinds
+    // again): the relay delivers each of them once.
     let _redis = start_redis(port).await.expect("restart redis-server");
+    announce_kinds(&redis_config, &["echo"]).await;
     svc.wait_delivered().await;
     assert_eq!(stream_ids(&redis_config).await, waiting);
 }
@@ -198,13 +202,13 @@ async fn replicas_share_the_outbox_and_the_reaper_without_double_work() {
         })
         .await;
     let mut ids = Vec::new();
-    for i in 0..15 {
-        ids.push(svc.create_kind(&format!("a{i}")).await.id);
+    for _ in 0..15 {
+        ids.push(svc.create_kind("echo").await.id);
         let job = replica
             .jobs
             .clone()
             .create_job(svc.u(CreateJobRequest {
-                kind: format!("b{i}"),
+                kind: "echo".into(),
                 ..Default::default()
             }))
             .await

@@ -17,6 +17,8 @@ use uuid::Uuid;
 
 pub const WORKER_TOKEN: &str = "test-worker-token";
 pub const WAIT: Duration = Duration::from_secs(15);
+/// The kinds a stream worker serves in these tests.
+pub const STREAM_KINDS: &[&str] = &["echo", "batch", "fail", "flaky", "later", "now", "crashy"];
 
 pub struct Svc {
     pub db: TestDb,
@@ -50,6 +52,9 @@ impl Svc {
         );
         config.relay_interval_ms = 50;
         config.reaper_interval_ms = 50;
+        // As stream workers serving these kinds would: the service publishes
+        // their jobs to their streams (other kinds' only to ClaimJobs).
+        announce_kinds(&redis.config, STREAM_KINDS).await;
         tweak(&mut config);
         let redis_config = config.redis.clone();
         let shutdown = CancellationToken::new();
@@ -283,21 +288,44 @@ impl Drop for Svc {
     }
 }
 
+/// Records `kinds` as served by stream workers now (see `keel_shared::queue`).
+pub async fn announce_kinds(config: &RedisConfig, kinds: &[&str]) {
+    let client = redis::Client::open(config.redis_url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    for kind in kinds {
+        let _: u64 = redis::cmd("ZADD")
+            .arg(config.served_kinds())
+            .arg(now_ms)
+            .arg(kind)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// Job ids in the streams of [`STREAM_KINDS`], in the order they were
+/// added (XRANGE under this test's prefix).
 pub async fn stream_ids(config: &RedisConfig) -> Vec<String> {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(config.jobs_stream())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    entries
-        .ids
-        .iter()
-        .map(|e| e.get::<String>(keel_shared::queue::FIELD_JOB_ID).unwrap())
-        .collect()
+    let mut entries: Vec<((u64, u64), String)> = Vec::new();
+    for kind in STREAM_KINDS {
+        let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(config.jobs_stream(kind))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for e in range.ids {
+            let (ms, seq) = e.id.split_once('-').unwrap();
+            let job = e.get::<String>(keel_shared::queue::FIELD_JOB_ID).unwrap();
+            entries.push(((ms.parse().unwrap(), seq.parse().unwrap()), job));
+        }
+    }
+    entries.sort();
+    entries.into_iter().map(|(_, job)| job).collect()
 }
 
 pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {

@@ -74,13 +74,14 @@ async fn put_get_update_delete_round_trip() {
     assert_code(env.get(&alice, "prefs/editor").await, Code::NotFound);
     assert_code(env.delete(&alice, "prefs/editor", 0).await, Code::NotFound);
 
-    // Re-created after a delete: a new memory again.
+    // Re-created after a delete: a new memory again, numbered on after the
+    // deleted one (versions are never given twice to one key).
     let again = env
         .put(&alice, put_req("prefs/editor", "fresh", &[]))
         .await
         .unwrap();
     assert!(again.created);
-    assert_eq!(again.memory.unwrap().version, 1);
+    assert_eq!(again.memory.unwrap().version, 3);
 }
 
 #[tokio::test]

@@ -75,19 +75,20 @@ impl Mem {
             .map(|r| r.into_inner().memory.expect("memory"))
     }
 
-    /// Every memory and tag count, as one comparable value.
-    pub async fn snapshot(&self) -> (i64, String, String) {
+    /// Every memory, tag count and key's last version, as one comparable value.
+    pub async fn snapshot(&self) -> (i64, String, String, String) {
         let client = self.db.pool.get().await.unwrap();
         let row = client
             .query_one(
                 "SELECT (SELECT count(*) FROM memories),
                         (SELECT coalesce(md5(string_agg(m::text, '|' ORDER BY m::text)), '') FROM memories m),
-                        (SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM memory_tag_counts t)",
+                        (SELECT coalesce(md5(string_agg(t::text, '|' ORDER BY t::text)), '') FROM memory_tag_counts t),
+                        (SELECT coalesce(md5(string_agg(v::text, '|' ORDER BY v::text)), '') FROM memory_versions v)",
                 &[],
             )
             .await
             .unwrap();
-        (row.get(0), row.get(1), row.get(2))
+        (row.get(0), row.get(1), row.get(2), row.get(3))
     }
 
     /// Runs `call` and asserts a clean code, and that an error changed nothing.

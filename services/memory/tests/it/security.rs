@@ -313,8 +313,10 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
         .await;
     assert!(deleted.is_ok(), "bob deletes his own: {deleted:?}");
 
-    // Alice's data reads back exactly as before.
-    assert_eq!(mem.snapshot().await, before);
+    // Alice's data reads back exactly as before (bob's key keeps its last
+    // version in memory_versions: his own row).
+    let after = mem.snapshot().await;
+    assert_eq!((after.0, after.1, after.2), (before.0, before.1, before.2));
     assert_eq!(mem.get("shared/key").await.unwrap(), original);
     assert_eq!(mem.get("shared/other").await.unwrap(), second);
     let page = mem
@@ -442,5 +444,9 @@ async fn sql_metacharacters_are_data() {
     let keys: Vec<String> = page.memories.into_iter().map(|m| m.key).collect();
     assert_eq!(keys, vec!["a_b"], "the prefix a_ matches only itself");
 
-    assert_tables_exist(&mem.db, &["users", "memories", "memory_tag_counts"]).await;
+    assert_tables_exist(
+        &mem.db,
+        &["users", "memories", "memory_tag_counts", "memory_versions"],
+    )
+    .await;
 }

@@ -113,3 +113,105 @@ async fn concurrent_unconditional_puts_all_apply_in_some_order() {
     assert_eq!(versions, (1..=8).collect::<Vec<_>>());
     assert_eq!(env.get(&alice, "shared").await.unwrap().version, 8);
 }
+
+/// A writer that read version 1 before the memory was deleted and re-created
+/// must not overwrite (or delete) the new memory: versions continue across a
+/// delete instead of starting again at 1.
+#[tokio::test]
+async fn a_stale_expected_version_fails_across_delete_and_re_create() {
+    let env = Env::start().await;
+    let alice = env.user("alice").await;
+    let first = env.put(&alice, put_req("k", "first", &[])).await.unwrap();
+    assert!(first.created);
+    let stale = first.memory.unwrap().version;
+    assert_eq!(stale, 1);
+
+    env.delete(&alice, "k", 0).await.unwrap();
+    let again = env.put(&alice, put_req("k", "second", &[])).await.unwrap();
+    assert!(again.created, "re-created after the delete");
+    let second = again.memory.unwrap();
+    assert!(second.version > stale, "{second:?}");
+
+    let message = assert_code(
+        env.put(&alice, conditional("k", "stale writer", stale))
+            .await,
+        Code::Aborted,
+    );
+    assert!(
+        message.contains(&format!("version {}", second.version)),
+        "{message}"
+    );
+    assert_code(env.delete(&alice, "k", stale).await, Code::Aborted);
+    assert_eq!(env.get(&alice, "k").await.unwrap(), second);
+
+    // Updates, deletes and re-creates keep numbering on; the current version
+    // still works for a conditional write.
+    let updated = env.put_ok(&alice, "k", "third", &[]).await;
+    assert_eq!(updated.version, second.version + 1);
+    assert!(
+        !env.put(&alice, put_req("k", "fourth", &[]))
+            .await
+            .unwrap()
+            .created
+    );
+    env.delete(&alice, "k", updated.version + 1).await.unwrap();
+    let after = env.put(&alice, put_req("k", "fifth", &[])).await.unwrap();
+    assert!(after.created);
+    let after = after.memory.unwrap();
+    assert_eq!(after.version, updated.version + 2);
+    for stale in 1..after.version {
+        assert_code(
+            env.put(&alice, conditional("k", "stale", stale)).await,
+            Code::Aborted,
+        );
+    }
+    let current = env
+        .put(&alice, conditional("k", "sixth", after.version))
+        .await
+        .unwrap();
+    assert_eq!(current.memory.unwrap().version, after.version + 1);
+
+    // Another user's key of the same name numbers on its own.
+    let bob = env.user("bob").await;
+    assert_eq!(env.put_ok(&bob, "k", "bob's", &[]).await.version, 1);
+}
+
+/// Puts and deletes of one key racing each other never hand out a version
+/// twice (and never deadlock).
+#[tokio::test]
+async fn racing_puts_and_deletes_never_give_a_version_twice() {
+    let env = Env::start().await;
+    let alice = env.user("alice").await;
+    let writers = (0..6).map(|i| {
+        let env = &env;
+        let alice = alice.clone();
+        async move {
+            let mut versions = Vec::new();
+            for round in 0..10 {
+                let put = env
+                    .put(&alice, put_req("churn", &format!("{i}/{round}"), &[]))
+                    .await
+                    .expect("unconditional put");
+                versions.push(put.memory.unwrap().version);
+                match env.delete(&alice, "churn", 0).await {
+                    Ok(_) => {}
+                    Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+                }
+            }
+            versions
+        }
+    });
+    let mut versions: Vec<i64> = futures::future::join_all(writers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let puts = versions.len();
+    versions.sort();
+    versions.dedup();
+    assert_eq!(
+        versions.len(),
+        puts,
+        "a version was given twice: {versions:?}"
+    );
+}

@@ -138,7 +138,7 @@ async fn tag_counts_stay_exact_under_concurrent_writes() {
 }
 
 #[tokio::test]
-async fn deleting_a_user_removes_their_memories_and_counts() {
+async fn deleting_a_user_removes_their_memories_counts_and_versions() {
     let env = Env::start().await;
     let alice = env.user("alice").await;
     let bob = env.user("bob").await;
@@ -155,6 +155,12 @@ async fn deleting_a_user_removes_their_memories_and_counts() {
         .unwrap()
         .get(0);
     assert_eq!(left, 1);
+    let versions: i64 = client
+        .query_one("SELECT count(*) FROM memory_versions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1, "only bob's key's version is left");
     let ws = env.workspace(&bob).await.unwrap();
     assert_eq!(ws.tag_counts, HashMap::from([("shared".to_string(), 1)]));
 }

@@ -16,8 +16,11 @@ use crate::support::{Env, WAIT};
 #[tokio::test]
 async fn a_duplicated_message_runs_the_handler_once() {
     let env = Env::start().await;
+    // As if a worker serving `count` had come and gone: its jobs are published.
+    env.announce_kinds(&["count"]).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     let job = env.create("count", json!({}), 3).await;
-    let stream = env.redis.config.jobs_stream();
+    let stream = env.redis.config.jobs_stream("count");
     eventually(WAIT, "the job to reach the stream", || async {
         let mut conn = env.redis().await;
         redis::cmd("XLEN")

@@ -1,7 +1,12 @@
-//! Built-in kinds, retries and unknown kinds, as a user sees them through
-//! JobsService.
+//! Built-in kinds, retries, and routing by kind (each worker runs only the
+//! kinds it serves; a kind nobody serves waits for its schedule timeout), as
+//! a user sees them through JobsService.
 
-use keel_proto::jobs::v1::JobStatus;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use keel_proto::jobs::v1::{CreateJobRequest, JobStatus};
 use keel_worker::Registry;
 use serde_json::json;
 
@@ -87,18 +92,110 @@ async fn a_retried_job_can_succeed_later() {
 }
 
 #[tokio::test]
-async fn unknown_kinds_fail_at_once() {
+async fn a_kind_no_worker_serves_waits_queued_then_fails_at_its_schedule_timeout() {
     let env = Env::start().await;
     let worker = env
         .start_worker(env.worker_config(), Registry::with_builtins())
         .await;
+    let echo = env.create("echo", json!({}), 1).await;
+    let request = CreateJobRequest {
+        kind: "no-such-kind".into(),
+        max_attempts: 5,
+        schedule_timeout: Some(prost_types::Duration {
+            seconds: 2,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let job = env
+        .jobs
+        .clone()
+        .create_job(keel_shared::testing::authed(request, &env.token))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    env.wait_for(&echo.id, JobStatus::Succeeded).await;
+    // The worker never sees it: it waits, untouched.
+    let waiting = env.get(&job.id).await;
+    assert_eq!((waiting.status(), waiting.attempt), (JobStatus::Queued, 0));
 
-    let job = env.create("no-such-kind", json!({}), 5).await;
     let job = env.wait_for(&job.id, JobStatus::Failed).await;
-    assert_eq!(job.attempt, 1, "not retried");
+    assert_eq!(job.attempt, 0, "never started");
     assert!(job.error.contains("no-such-kind"), "{}", job.error);
-
+    assert!(
+        !env.streams()
+            .await
+            .iter()
+            .any(|s| s.contains("no-such-kind")),
+        "nothing was published for a kind no stream worker serves"
+    );
     env.wait_drained().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn each_worker_runs_only_its_own_kinds_in_a_mixed_fleet() {
+    let env = Env::start().await;
+    let ran_by_b = Arc::new(AtomicU32::new(0));
+    let counter = ran_by_b.clone();
+    let a = env
+        .start_worker(env.worker_config(), Registry::with_builtins())
+        .await;
+    let b = env
+        .start_worker(
+            env.worker_config(),
+            Registry::new().register_fn("agent.summarize", move |ctx| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    Ok(json!({"summary": ctx.payload["text"]}))
+                }
+            }),
+        )
+        .await;
+    let echoes = env
+        .create_many("echo", (0..20).map(|n| json!({"n": n})))
+        .await;
+    let summaries = env
+        .create_many("agent.summarize", (0..20).map(|n| json!({"text": n})))
+        .await;
+    for job in echoes.iter().chain(&summaries) {
+        let done = env.wait_for(&job.id, JobStatus::Succeeded).await;
+        assert_eq!(
+            done.attempt, 1,
+            "{} failed once on a worker lacking its kind",
+            done.kind
+        );
+    }
+    assert_eq!(ran_by_b.load(Ordering::SeqCst), 20);
+    env.wait_drained().await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn jobs_created_before_any_worker_serves_their_kind_run_once_one_starts() {
+    // Re-publication is ten minutes away: only the hand-over when the kind
+    // becomes served can bring these jobs to the new worker in time.
+    let env = Env::start_with(|c| c.redeliver_after_ms = 600_000).await;
+    let jobs = env
+        .create_many("late.kind", (0..5).map(|n| json!({"n": n})))
+        .await;
+    // Past the publication grace: the relay has put them off.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(env.get(&jobs[0].id).await.status(), JobStatus::Queued);
+
+    let worker = env
+        .start_worker(
+            env.worker_config(),
+            Registry::new().register_fn("late.kind", |ctx| async move { Ok(ctx.payload) }),
+        )
+        .await;
+    for job in &jobs {
+        env.wait_for(&job.id, JobStatus::Succeeded).await;
+    }
     worker.stop().await;
 }
 

@@ -66,7 +66,7 @@ async fn metrics_are_scraped_over_http_with_rpc_job_pool_and_queue_series() {
     assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
     // A poison entry (no job id) is dead-lettered by the worker.
     let _: String = redis::cmd("XADD")
-        .arg(env.redis.config.jobs_stream())
+        .arg(env.redis.config.jobs_stream("echo"))
         .arg("*")
         .arg(FIELD_JOB_ID)
         .arg("not-a-uuid")

@@ -1,6 +1,8 @@
 //! Recovery: messages of dead consumers are taken over, poison messages are
 //! dead-lettered, and a SIGKILLed worker's job completes elsewhere.
 
+use std::time::Duration;
+
 use keel_proto::jobs::v1::JobStatus;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID};
 use keel_shared::testing::eventually;
@@ -13,7 +15,10 @@ use crate::support::{Env, WAIT};
 #[tokio::test]
 async fn a_message_delivered_too_often_is_dead_lettered_and_its_job_failed() {
     let env = Env::start().await;
-    let stream = env.redis.config.jobs_stream();
+    // A worker serving echo was here: echo jobs are published to its stream.
+    env.announce_kinds(&["echo"]).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let stream = env.redis.config.jobs_stream("echo");
     let mut conn = env.redis().await;
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
@@ -141,7 +146,7 @@ async fn the_worker_recreates_its_group_when_the_stream_vanishes() {
     // As after a Redis restart without persistence: stream and group are gone.
     let mut conn = env.redis().await;
     let _: u64 = redis::cmd("DEL")
-        .arg(env.redis.config.jobs_stream())
+        .arg(env.redis.config.jobs_stream("echo"))
         .query_async(&mut *conn)
         .await
         .unwrap();
@@ -153,7 +158,7 @@ async fn the_worker_recreates_its_group_when_the_stream_vanishes() {
 #[tokio::test]
 async fn the_stream_is_trimmed() {
     let env = Env::start().await;
-    let stream = env.redis.config.jobs_stream();
+    let stream = env.redis.config.jobs_stream("echo");
     let mut conn = env.redis().await;
     // 250 entries the group has already consumed (nothing for the worker to run).
     let mut pipe = redis::pipe();
@@ -174,10 +179,10 @@ async fn the_stream_is_trimmed() {
     let () = pipe.query_async(&mut *conn).await.unwrap();
 
     let mut config = env.worker_config();
-    config.stream_maxlen = 10;
     config.trim_interval_ms = 50;
     let worker = env.start_worker(config, Registry::with_builtins()).await;
-    // MAXLEN ~ trims whole stream nodes (100 entries by default), so "about 10".
+    // MINID ~ trims whole stream nodes (100 entries by default): what is left
+    // is at most the node holding the last entry read.
     eventually(WAIT, "the stream to be trimmed", || async {
         let mut conn = env.redis().await;
         redis::cmd("XLEN")
@@ -195,9 +200,42 @@ async fn the_stream_is_trimmed() {
 }
 
 #[tokio::test]
+async fn trimming_never_drops_a_backlog_before_it_is_read() {
+    // 400 jobs queue up in the stream while two slots work through them and
+    // the stream is trimmed every 20 ms. An entry trimmed before it was read
+    // would leave its job waiting for re-publication (five minutes here),
+    // far beyond the wait.
+    let env = Env::start().await;
+    let mut config = env.worker_config();
+    config.concurrency = Some(2);
+    config.trim_interval_ms = 20;
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+    let jobs = env
+        .create_many("sleep", (0..400).map(|_| json!({"ms": 5})))
+        .await;
+    for job in &jobs {
+        let done = env.wait_for(&job.id, JobStatus::Succeeded).await;
+        assert_eq!(done.attempt, 1, "job {} was delivered again", job.id);
+    }
+    // Read and acknowledged, the entries go.
+    let stream = env.redis.config.jobs_stream("sleep");
+    eventually(WAIT, "the stream to be trimmed", || async {
+        let mut conn = env.redis().await;
+        redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async::<u64>(&mut *conn)
+            .await
+            .unwrap()
+            <= 100
+    })
+    .await;
+    worker.stop().await;
+}
+
+#[tokio::test]
 async fn consumers_of_stopped_workers_are_removed_unless_they_hold_messages() {
     let env = Env::start().await;
-    let stream = env.redis.config.jobs_stream();
+    let stream = env.redis.config.jobs_stream("echo");
     let mut conn = env.redis().await;
     let () = redis::pipe()
         .cmd("XGROUP")

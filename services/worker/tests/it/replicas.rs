@@ -162,20 +162,22 @@ impl Cluster {
         (first, rest)
     }
 
-    /// Stream entries per job id.
+    /// Stream entries per job id, over the built-in kinds' streams.
     async fn stream_entries(&self) -> HashMap<String, usize> {
         let mut conn = self.redis.pool().get().await.unwrap();
-        let entries: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(self.redis.config.jobs_stream())
-            .arg("-")
-            .arg("+")
-            .query_async(&mut *conn)
-            .await
-            .unwrap();
         let mut counts = HashMap::new();
-        for entry in entries.ids {
-            let id: String = entry.get(FIELD_JOB_ID).expect("job_id field");
-            *counts.entry(id).or_default() += 1;
+        for kind in ["echo", "sleep", "fail"] {
+            let entries: StreamRangeReply = redis::cmd("XRANGE")
+                .arg(self.redis.config.jobs_stream(kind))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut *conn)
+                .await
+                .unwrap();
+            for entry in entries.ids {
+                let id: String = entry.get(FIELD_JOB_ID).expect("job_id field");
+                *counts.entry(id).or_default() += 1;
+            }
         }
         counts
     }
@@ -200,8 +202,23 @@ async fn three_jobs_replicas_and_three_workers_share_a_mixed_load() {
     const C: usize = 2;
     let cluster = Cluster::start(3).await;
 
-    // Before any worker runs: created through C, watched on A, started and
-    // completed through B by hand.
+    // Before any worker runs (but with echo served, as if a worker had
+    // announced it): created through C, watched on A, started and completed
+    // through B by hand.
+    let mut conn = cluster.redis.pool().get().await.unwrap();
+    let _: u64 = redis::cmd("ZADD")
+        .arg(cluster.redis.config.served_kinds())
+        .arg(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64,
+        )
+        .arg("echo")
+        .query_async(&mut *conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;
     let manual = cluster.create(C, "echo", json!({"manual": true}), 1).await;
     eventually(WAIT, "the job published to the stream", || async {
         cluster.stream_entries().await.contains_key(&manual.id)

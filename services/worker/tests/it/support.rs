@@ -215,50 +215,94 @@ impl Env {
         self.redis.pool().get().await.expect("redis connection")
     }
 
-    /// Messages of the consumer group not yet acknowledged.
-    pub async fn pending(&self) -> u64 {
+    /// The job streams that exist under this test's prefix (one per kind).
+    pub async fn streams(&self) -> Vec<String> {
         let mut conn = self.redis().await;
-        let reply: redis::Value = redis::cmd("XPENDING")
-            .arg(self.redis.config.jobs_stream())
-            .arg(keel_shared::queue::CONSUMER_GROUP)
+        let pattern = self.redis.config.jobs_stream("*").replace("{*}", "*");
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
             .query_async(&mut *conn)
             .await
-            .expect("XPENDING");
-        match reply {
-            redis::Value::Array(items) => match items.first() {
-                Some(redis::Value::Int(n)) => *n as u64,
-                _ => 0,
-            },
-            _ => 0,
-        }
+            .expect("KEYS");
+        keys.sort();
+        keys
     }
 
-    /// Waits until the stream is fully read and acknowledged by the group.
+    /// Messages of the consumer group not yet acknowledged, over every stream.
+    pub async fn pending(&self) -> u64 {
+        let mut total = 0;
+        for stream in self.streams().await {
+            let mut conn = self.redis().await;
+            let reply: redis::Value = redis::cmd("XPENDING")
+                .arg(&stream)
+                .arg(keel_shared::queue::CONSUMER_GROUP)
+                .query_async(&mut *conn)
+                .await
+                .expect("XPENDING");
+            if let redis::Value::Array(items) = reply
+                && let Some(redis::Value::Int(n)) = items.first()
+            {
+                total += *n as u64;
+            }
+        }
+        total
+    }
+
+    /// Waits until every stream is fully read and acknowledged by the group.
     pub async fn wait_drained(&self) {
         testing::eventually(WAIT, "every stream entry read and acknowledged", || async {
-            let mut conn = self.redis().await;
-            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(self.redis.config.jobs_stream())
-                .query_async(&mut *conn)
-                .await
-                .expect("XINFO GROUPS");
-            let Some(group) = groups.groups.first() else {
-                return false;
-            };
-            let top: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
-                .arg(self.redis.config.jobs_stream())
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut *conn)
-                .await
-                .expect("XREVRANGE");
-            let newest = top.ids.first().map(|e| e.id.clone()).unwrap_or_default();
-            group.pending == 0 && group.last_delivered_id == newest
+            for stream in self.streams().await {
+                if !self.drained(&stream).await {
+                    return false;
+                }
+            }
+            true
         })
         .await;
+    }
+
+    async fn drained(&self, stream: &str) -> bool {
+        let mut conn = self.redis().await;
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(stream)
+            .query_async(&mut *conn)
+            .await
+            .expect("XINFO GROUPS");
+        let Some(group) = groups.groups.first() else {
+            return false;
+        };
+        let top: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+            .arg(stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut *conn)
+            .await
+            .expect("XREVRANGE");
+        let newest = top.ids.first().map(|e| e.id.clone()).unwrap_or_default();
+        // An empty stream (a kind with nothing published yet) is drained.
+        group.pending == 0 && (newest.is_empty() || group.last_delivered_id == newest)
+    }
+
+    /// Records `kinds` as served by a stream worker now, as a worker does
+    /// when it starts: the jobs service then publishes their jobs.
+    pub async fn announce_kinds(&self, kinds: &[&str]) {
+        let mut conn = self.redis().await;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        for kind in kinds {
+            let _: u64 = redis::cmd("ZADD")
+                .arg(self.redis.config.served_kinds())
+                .arg(now_ms)
+                .arg(kind)
+                .query_async(&mut *conn)
+                .await
+                .expect("ZADD");
+        }
     }
 }
 

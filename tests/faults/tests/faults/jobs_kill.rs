@@ -83,7 +83,7 @@ async fn every_acknowledged_job_runs_once_across_jobs_service_sigkills() {
     let h = History::read(&history).await;
     let mut conn = redis.pool().get().await.expect("redis");
     let entries: i64 = redis::cmd("XLEN")
-        .arg(redis.config.jobs_stream())
+        .arg(redis.config.jobs_stream("echo"))
         .query_async(&mut *conn)
         .await
         .expect("XLEN");

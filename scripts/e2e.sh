@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # End-to-end check of the real binaries from outside Rust: starts auth, jobs,
 # memory and a worker on free ports against a fresh database and Redis prefix,
-# then runs the Python client session and the reflection-only check.
+# then runs the Python client session, the reflection-only check, the keel CLI,
+# and the worker libraries' system tests (clients/python/tests: Python and
+# TypeScript workers beside the Rust worker).
 # Expects DATABASE_URL and REDIS_URL (scripts/test.sh sets them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +15,9 @@ if [ ! -x "$py/.venv/bin/python" ]; then
   python3 -m venv "$py/.venv" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
 fi
 "$py/.venv/bin/pip" install -q --disable-pip-version-check -r "$py/requirements.txt"
+# The keel_worker package, its stubs generated from proto/ as it is built
+# (grpcio-tools and setuptools come from requirements.txt).
+"$py/.venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "./$py"
 "$py/.venv/bin/python" "$py/check_compose.py" compose.yaml Dockerfile
 "$py/.venv/bin/python" deploy/check_manifests.py deploy/k8s
 
@@ -42,6 +47,9 @@ export KEEL_JWT_PUBLIC_KEY_FILES="$tmp/jwt/signing.pem.pub"
 export KEEL_AUTH_ADDR="127.0.0.1:$(free_port)" KEEL_JOBS_ADDR="127.0.0.1:$(free_port)"
 export KEEL_MEMORY_ADDR="127.0.0.1:$(free_port)" KEEL_WORKER_HEALTH_ADDR="127.0.0.1:$(free_port)"
 export KEEL_JOBS_URL="http://$KEEL_JOBS_ADDR"
+# Short leases (heartbeats to match) and retries, so the worker tests see a
+# killed worker's job handed on, and a retry, within seconds.
+export KEEL_JOBS_LEASE_MS=2000 KEEL_WORKER_HEARTBEAT_MS=500 KEEL_JOBS_RETRY_BASE_MS=100
 
 start() { # name addr
   "$bin/keel-$1" >"$tmp/$1.log" 2>&1 &
@@ -102,6 +110,21 @@ cli_check "health" "$keel" health
 cli_check "logout" "$keel" logout
 cli_check "signed out" bash -c "! '$keel' whoami"
 echo "keel CLI: $cli_passed passed, $cli_failed failed"
+
+# The worker libraries: TypeScript built (types generated) and unit-tested,
+# then both run real jobs beside the Rust worker.
+ts=clients/typescript
+if (cd "$ts" && npm ci --no-audit --no-fund --loglevel=error >/dev/null && npm test --silent); then
+  pytest_status=0
+  KEEL_TS_CLIENT_DIR="$PWD/$ts" "$py/.venv/bin/python" -m pytest -q -p no:cacheprovider "$py/tests" || pytest_status=$?
+  case $pytest_status in
+    0) ;;
+    5) log "worker tests: pytest collected no tests"; status=1 ;;
+    *) log "worker tests failed (pytest exit $pytest_status)"; status=1 ;;
+  esac
+else
+  log "clients/typescript: npm ci / build / unit tests failed"; status=1
+fi
 
 # No secret may reach a log line: passwords, tokens, the worker credential.
 for f in "$tmp"/*.log; do

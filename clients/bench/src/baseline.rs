@@ -67,11 +67,13 @@ impl Baseline {
                     max_attempts: 3,
                     run_at: None,
                     idempotency_key: None,
+                    schedule_timeout: None,
                 };
                 let row = keel_jobs::store::NewRow {
                     id: Uuid::now_v7(),
                     user_id: user,
                     job: &job,
+                    schedule_timeout: std::time::Duration::from_secs(3600),
                     traceparent: None,
                 };
                 keel_jobs::store::insert_jobs(&client, &[row], keel_jobs::delivery::PUBLISH_GRACE)

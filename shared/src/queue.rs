@@ -40,12 +40,51 @@ pub mod dead_letter {
     pub const FIELD_REASON: &str = "reason";
 }
 
+/// Which of its kind's streams a job goes to, by priority: a worker reads a
+/// kind's high stream before its normal one, and that before its low one,
+/// so priority takes effect behind a backlog (within a band, entries run in
+/// publication order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Band {
+    /// Priority above 0.
+    High,
+    /// Priority 0 (the default).
+    Normal,
+    /// Priority below 0.
+    Low,
+}
+
+impl Band {
+    /// In the order workers read them.
+    pub const ALL: [Band; 3] = [Band::High, Band::Normal, Band::Low];
+
+    pub fn of(priority: i32) -> Self {
+        match priority {
+            p if p > 0 => Band::High,
+            0 => Band::Normal,
+            _ => Band::Low,
+        }
+    }
+}
+
 impl RedisConfig {
-    /// The stream of ready jobs of one kind: `<prefix>:jobs:stream:{<kind>}`.
-    /// The braces make the kind a Redis Cluster hash tag, so each kind's
-    /// stream lives in one slot and kinds spread over the masters.
+    /// The stream of ready jobs of one kind with the default priority:
+    /// `<prefix>:jobs:stream:{<kind>}`. The braces make the kind a Redis
+    /// Cluster hash tag, so each kind's streams live in one slot and kinds
+    /// spread over the masters.
     pub fn jobs_stream(&self, kind: &str) -> String {
         self.key(&format!("jobs:stream:{{{kind}}}"))
+    }
+
+    /// The stream of ready jobs of one kind and priority band: the normal
+    /// one, or it with `:high` / `:low` appended.
+    pub fn jobs_band_stream(&self, kind: &str, band: Band) -> String {
+        let stream = self.jobs_stream(kind);
+        match band {
+            Band::High => format!("{stream}:high"),
+            Band::Normal => stream,
+            Band::Low => format!("{stream}:low"),
+        }
     }
 
     /// The kinds stream workers serve: a sorted set, kind -> last seen (ms).
@@ -73,5 +112,17 @@ mod tests {
         let config = RedisConfig::new("redis://127.0.0.1:6379", "keel");
         assert_eq!(config.jobs_stream("echo"), "keel:jobs:stream:{echo}");
         assert_eq!(config.served_kinds(), "keel:jobs:kinds");
+        assert_eq!(
+            config.jobs_band_stream("echo", Band::of(5)),
+            "keel:jobs:stream:{echo}:high"
+        );
+        assert_eq!(
+            config.jobs_band_stream("echo", Band::of(0)),
+            "keel:jobs:stream:{echo}"
+        );
+        assert_eq!(
+            config.jobs_band_stream("echo", Band::of(-1)),
+            "keel:jobs:stream:{echo}:low"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{FIELD_JOB_ID, FIELD_TRACEPARENT};
+use keel_shared::queue::{Band, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use keel_shared::time::sleep_until;
 use prost::Message;
 use tokio::sync::mpsc;
@@ -222,14 +222,17 @@ impl Delivery {
         Ok(claimed.len())
     }
 
+    /// The stream of the job's kind and priority band.
+    fn stream_of(&self, job: &Publication) -> String {
+        self.redis_config
+            .jobs_band_stream(&job.kind, Band::of(job.priority))
+    }
+
     /// Adds each job to its kind's stream, in one pipeline.
     async fn xadd(&self, jobs: &[Publication]) -> Result<(), ApiError> {
         let result = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = self.redis.get().await?;
-            let streams: HashSet<String> = jobs
-                .iter()
-                .map(|j| self.redis_config.jobs_stream(&j.kind))
-                .collect();
+            let streams: HashSet<String> = jobs.iter().map(|j| self.stream_of(j)).collect();
             for stream in streams {
                 if self.groups_ready.lock().expect("groups").contains(&stream) {
                     continue;
@@ -241,7 +244,7 @@ impl Delivery {
             for job in jobs {
                 let cmd = pipe
                     .cmd("XADD")
-                    .arg(self.redis_config.jobs_stream(&job.kind))
+                    .arg(self.stream_of(job))
                     .arg("*")
                     .arg(FIELD_JOB_ID)
                     .arg(job.job_id.to_string());

@@ -185,6 +185,7 @@ impl Jobs {
         self.delivery.publish_soon(due.map(|j| store::Publication {
             job_id: j.id,
             kind: j.kind.clone(),
+            priority: j.priority,
             attempt: 0,
             traceparent: traceparent.clone(),
         }));

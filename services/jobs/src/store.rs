@@ -682,6 +682,8 @@ pub async fn fail_unscheduled(
 pub struct Publication {
     pub job_id: Uuid,
     pub kind: String,
+    /// Picks the kind's stream (its priority band).
+    pub priority: i32,
     pub attempt: i32,
     pub traceparent: Option<String>,
 }
@@ -692,7 +694,7 @@ pub async fn claim_outbox(
     client: &impl GenericClient,
     limit: i64,
 ) -> Result<Vec<Publication>, JobsError> {
-    const SQL: &str = "SELECT o.job_id, j.kind, o.attempt, j.traceparent
+    const SQL: &str = "SELECT o.job_id, j.kind, o.attempt, j.traceparent, j.priority
                        FROM job_outbox o JOIN jobs j ON j.id = o.job_id
                        WHERE o.deliver_at <= now()
                        ORDER BY o.priority DESC, o.deliver_at, o.job_id
@@ -709,6 +711,7 @@ pub async fn claim_outbox(
                 kind: r.try_get(1)?,
                 attempt: r.try_get(2)?,
                 traceparent: r.try_get(3)?,
+                priority: r.try_get(4)?,
             })
         })
         .collect()

@@ -1,4 +1,6 @@
-//! Keel worker: reads jobs from the Redis stream, runs their handlers, and
+//! Keel worker: reads jobs of the kinds it has handlers for from their Redis
+//! streams (one stream per kind; it announces its kinds so the jobs service
+//! publishes them, and never sees other kinds), runs their handlers, and
 //! records each transition with the jobs service.
 //!
 //! The `keel-worker` binary runs the built-in kinds (`echo`, `sleep`,

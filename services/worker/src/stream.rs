@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use deadpool_redis::Pool;
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT, dead_letter};
+use keel_shared::queue::{Band, CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT, dead_letter};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
@@ -74,7 +74,8 @@ impl StreamError {
 pub struct JobStream {
     pool: Pool,
     client: redis::Client,
-    /// One per kind this worker serves, in the kinds' order.
+    /// Three per kind this worker serves (one per priority band): every
+    /// kind's high stream first, then the normal ones, then the low ones.
     streams: Vec<String>,
     kinds: Vec<String>,
     served_kinds: String,
@@ -95,7 +96,10 @@ impl JobStream {
         Ok(Self {
             pool,
             client: redis::Client::open(config.redis_url.as_str())?,
-            streams: kinds.iter().map(|k| config.jobs_stream(k)).collect(),
+            streams: Band::ALL
+                .iter()
+                .flat_map(|band| kinds.iter().map(|k| config.jobs_band_stream(k, *band)))
+                .collect(),
             kinds,
             served_kinds: config.served_kinds(),
             dead_letter: config.dead_letter_stream(),
@@ -109,7 +113,7 @@ impl JobStream {
         &self.consumer
     }
 
-    /// The streams this worker reads, one per kind.
+    /// The streams this worker reads, three per kind.
     pub fn streams(&self) -> &[String] {
         &self.streams
     }
@@ -162,8 +166,10 @@ impl JobStream {
             .await?)
     }
 
-    /// New messages for this consumer from any of our streams, up to `count`
-    /// per stream, waiting at most the block time.
+    /// New messages for this consumer, up to `count` per stream: from the
+    /// highest priority band that has any (a lower band is read only while
+    /// the higher ones are empty), else whatever arrives first within the
+    /// block time.
     pub async fn read(
         &self,
         reader: &mut MultiplexedConnection,
@@ -173,17 +179,35 @@ impl JobStream {
             tokio::time::sleep(self.block).await;
             return Ok(Vec::new());
         }
+        for band in self.streams.chunks(self.streams.len() / Band::ALL.len()) {
+            let read = self.read_from(reader, band, count, None).await?;
+            if !read.is_empty() {
+                return Ok(read);
+            }
+        }
+        self.read_from(reader, &self.streams, count, Some(self.block))
+            .await
+    }
+
+    /// One XREADGROUP of new entries of `streams`, blocking for `block` if given.
+    async fn read_from(
+        &self,
+        reader: &mut MultiplexedConnection,
+        streams: &[String],
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Message>, StreamError> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(CONSUMER_GROUP)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count.max(1))
-            .arg("BLOCK")
-            .arg(self.block.as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(&self.streams);
-        for _ in &self.streams {
+            .arg(count.max(1));
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        cmd.arg("STREAMS").arg(streams);
+        for _ in streams {
             cmd.arg(">");
         }
         let reply: Option<StreamReadReply> = cmd

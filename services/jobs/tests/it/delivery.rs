@@ -253,6 +253,7 @@ fn new_publication(job_id: Uuid) -> Publication {
     Publication {
         job_id,
         kind: "echo".into(),
+        priority: 0,
         attempt: 0,
         traceparent: None,
     }

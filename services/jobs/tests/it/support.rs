@@ -304,15 +304,18 @@ pub async fn announce_kinds(config: &RedisConfig, kinds: &[&str]) {
     }
 }
 
-/// Job ids in the streams of [`STREAM_KINDS`], in the order they were
-/// added (XRANGE under this test's prefix).
+/// Job ids in the streams of [`STREAM_KINDS`] (every priority band), in the
+/// order they were added (XRANGE under this test's prefix).
 pub async fn stream_ids(config: &RedisConfig) -> Vec<String> {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut entries: Vec<((u64, u64), String)> = Vec::new();
-    for kind in STREAM_KINDS {
+    let streams = STREAM_KINDS.iter().flat_map(|kind| {
+        keel_shared::queue::Band::ALL.map(|band| config.jobs_band_stream(kind, band))
+    });
+    for stream in streams {
         let range: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-            .arg(config.jobs_stream(kind))
+            .arg(stream)
             .arg("-")
             .arg("+")
             .query_async(&mut conn)

@@ -117,12 +117,11 @@ async fn a_kind_no_worker_serves_waits_queued_then_fails_at_its_schedule_timeout
         .job
         .unwrap();
     env.wait_for(&echo.id, JobStatus::Succeeded).await;
-    // The worker never sees it: it waits, untouched.
-    let waiting = env.get(&job.id).await;
-    assert_eq!((waiting.status(), waiting.attempt), (JobStatus::Queued, 0));
-
+    // The worker never sees it (it used to start it and fail it at once):
+    // it waits untouched until its schedule timeout.
     let job = env.wait_for(&job.id, JobStatus::Failed).await;
     assert_eq!(job.attempt, 0, "never started");
+    assert!(job.error.contains("schedule timeout"), "{}", job.error);
     assert!(job.error.contains("no-such-kind"), "{}", job.error);
     assert!(
         !env.streams()
@@ -236,5 +235,56 @@ async fn cancelling_a_running_sleep_job_ends_it_cancelled() {
     assert_eq!(job.attempt, 1);
 
     env.wait_drained().await;
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_higher_priority_starts_before_a_backlog_of_its_kind() {
+    let env = Env::start().await;
+    let mut config = env.worker_config();
+    config.concurrency = Some(1);
+    let worker = env.start_worker(config, Registry::with_builtins()).await;
+    // Once the jobs service knows the worker serves `sleep`, the backlog goes
+    // straight into the stream (not through the relay, which would publish
+    // the urgent job first anyway).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let backlog = env
+        .create_many("sleep", (0..60).map(|_| json!({"ms": 20})))
+        .await;
+    let urgent = env
+        .jobs
+        .clone()
+        .create_job(keel_shared::testing::authed(
+            CreateJobRequest {
+                kind: "sleep".into(),
+                priority: 10,
+                payload: Some(keel_shared::json::json_to_struct(&json!({"ms": 1}))),
+                ..Default::default()
+            },
+            &env.token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let urgent = env.wait_for(&urgent.id, JobStatus::Succeeded).await;
+    let mut after = 0;
+    for job in &backlog {
+        let job = env.wait_for(&job.id, JobStatus::Succeeded).await;
+        let started = |j: &keel_proto::jobs::v1::Job| {
+            let t = j.started_at.unwrap();
+            (t.seconds, t.nanos)
+        };
+        if started(&job) > started(&urgent) {
+            after += 1;
+        }
+    }
+    // One slot, 60 jobs of 20 ms queued first: without priority the urgent
+    // one would start last. It waits only for what the worker had read.
+    assert!(
+        after >= 50,
+        "only {after} of the 60 queued jobs started after the urgent one"
+    );
     worker.stop().await;
 }

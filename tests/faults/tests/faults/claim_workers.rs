@@ -23,10 +23,21 @@ use tokio::task::JoinHandle;
 
 const CLAIM_WORKER: &str = env!("CARGO_BIN_EXE_keel-faults-claim-worker");
 
-/// Jobs per CreateJob batch, and the pause between batches: about 20 jobs a
-/// second of 200..500 ms each, for three claiming workers with 4 slots each.
+/// Jobs per CreateJob batch, and the pause between batches: 16 jobs a
+/// second, for three claiming workers with 4 slots each (about 8 of the 12
+/// busy).
 const BATCH: usize = 8;
-const BATCH_EVERY: Duration = Duration::from_millis(400);
+const BATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// How long the n-th job runs: 200..500 ms, but every 16th 2.5 s, longer
+/// than a 2 s lease (its worker must heartbeat to keep it).
+fn job_ms(n: usize) -> usize {
+    if n % 16 == 15 {
+        2_500
+    } else {
+        200 + (n * 53) % 301
+    }
+}
 
 /// Creates batches of `faults.claim` jobs until stopped, keeping the ids of
 /// those acknowledged and counting the calls refused.
@@ -49,7 +60,7 @@ impl Producer {
             while !s.load(Ordering::Relaxed) {
                 let requests = (i..i + BATCH)
                     .map(|n| {
-                        let ms = 200 + (n * 53) % 301;
+                        let ms = job_ms(n);
                         job_request(CLAIM_KIND, &serde_json::json!({ "ms": ms, "n": n }), 20)
                     })
                     .collect();
@@ -221,7 +232,7 @@ async fn sigkilled_claim_workers_lose_no_job_and_run_none_twice() {
     for kill in 0..WORKER_KILLS {
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         // Kill the victim while it runs a job it started just now (at least
-        // 100 ms of the job's 200..500 are left, so the kill interrupts it).
+        // 100 ms of the job's 200 or more are left, so the kill interrupts it).
         let name = format!("victim-{kill}");
         testing::eventually(WAIT, &format!("{name} to run a job"), || async {
             let running: i64 = history

@@ -17,6 +17,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The worker credential of every stack the suite starts.
 pub const WORKER_TOKEN: &str = "faults-worker-token";
+/// The kind only the suite's claiming worker serves: no stream worker
+/// reads it, so its jobs are reachable through ClaimJobs alone.
+pub const CLAIM_KIND: &str = "faults.claim";
 /// Bound on every wait for recovery: generous, this is a 2-core CI machine.
 pub const WAIT: Duration = Duration::from_secs(120);
 /// The deadline a client gives each call.
@@ -143,6 +146,10 @@ impl Drop for Proc {
 pub struct Service {
     pub name: &'static str,
     pub addr: SocketAddr,
+    /// The executable when it is not `keel-<name>` (see [`binary`]).
+    program: Option<PathBuf>,
+    /// Its logs are `<log_name>-<n>.log`.
+    log_name: String,
     env: Vec<(String, String)>,
     log_dir: PathBuf,
     starts: u32,
@@ -156,6 +163,8 @@ impl Service {
         Self {
             name,
             addr,
+            program: None,
+            log_name: name.into(),
             env: env.0,
             log_dir: sandbox.dir.clone(),
             starts: 0,
@@ -203,6 +212,31 @@ impl Service {
         worker
     }
 
+    /// The claiming worker `program` (the suite's `keel-faults-claim-worker`)
+    /// as worker `worker_id` of the jobs service at `jobs`, with
+    /// [`Env::claim_worker`] as `tweak` adjusts it; started. It serves
+    /// nothing (its `addr` is unspecified) and logs to
+    /// `claim-<label>-<n>.log`.
+    pub fn claim_worker(
+        sandbox: &Sandbox,
+        program: &Path,
+        jobs: SocketAddr,
+        label: &str,
+        worker_id: &str,
+        tweak: impl FnOnce(Env) -> Env,
+    ) -> Self {
+        let mut worker = Self::new(
+            sandbox,
+            "claim-worker",
+            SocketAddr::from(([0, 0, 0, 0], 0)),
+            tweak(Env::claim_worker(jobs, worker_id)),
+        );
+        worker.program = Some(program.to_path_buf());
+        worker.log_name = format!("claim-{label}");
+        worker.start();
+        worker
+    }
+
     pub fn set_env(&mut self, key: &str, value: impl Into<String>) {
         self.env.retain(|(k, _)| k != key);
         self.env.push((key.into(), value.into()));
@@ -211,7 +245,8 @@ impl Service {
     pub fn start(&mut self) {
         assert!(self.proc.is_none(), "{} already running", self.name);
         self.starts += 1;
-        let mut command = Command::new(binary(self.name));
+        let program = self.program.clone().unwrap_or_else(|| binary(self.name));
+        let mut command = Command::new(program);
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -220,7 +255,7 @@ impl Service {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let log = self
             .log_dir
-            .join(format!("{}-{}.log", self.name, self.starts));
+            .join(format!("{}-{}.log", self.log_name, self.starts));
         self.proc = Some(Proc::spawn(command, &log));
     }
 
@@ -255,7 +290,7 @@ impl Service {
     /// The log files of every start so far.
     pub fn logs(&self) -> Vec<PathBuf> {
         (1..=self.starts)
-            .map(|n| self.log_dir.join(format!("{}-{n}.log", self.name)))
+            .map(|n| self.log_dir.join(format!("{}-{n}.log", self.log_name)))
             .collect()
     }
 
@@ -334,6 +369,19 @@ impl Env {
             .set("KEEL_WORKER_CLAIM_IDLE_MS", 1_000)
             .set("KEEL_WORKER_MAX_DELIVERIES", 50)
             .set("KEEL_WORKER_TRIM_INTERVAL_MS", 1_000)
+    }
+
+    /// The suite's claiming worker, as `worker_id` of the jobs service at
+    /// `jobs`, taking `faults.claim` jobs four at a time.
+    pub fn claim_worker(jobs: SocketAddr, worker_id: &str) -> Self {
+        Self::default()
+            .set("KEEL_JOBS_URL", format!("http://{jobs}"))
+            .set("KEEL_WORKER_TOKEN", WORKER_TOKEN)
+            .set("KEEL_CLAIM_WORKER_ID", worker_id)
+            .set("KEEL_CLAIM_KINDS", CLAIM_KIND)
+            .set("KEEL_CLAIM_CONCURRENCY", 4)
+            .set("KEEL_CLAIM_WAIT_MS", 2_000)
+            .set("KEEL_CLAIM_HEARTBEAT_MS", 300)
     }
 
     /// keel-memory on `addr`.

@@ -1,6 +1,7 @@
 //! The fault-injection suite: real `keel-*` processes, real Postgres and
 //! Redis, and faults injected from outside (SIGKILL, stopped servers).
 
+mod claim_workers;
 mod jobs_kill;
 mod load;
 mod postgres_outage;

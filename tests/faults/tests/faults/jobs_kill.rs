@@ -31,6 +31,9 @@ async fn every_acknowledged_job_runs_once_across_jobs_service_sigkills() {
     let mut worker = Service::worker(&sandbox, jobs_addr, &target, "w", |env| {
         env.set("KEEL_WORKER_CONCURRENCY", 8)
             .set("KEEL_LOG_FORMAT", "json")
+            // No trimming during the test: the stream's length is the count
+            // of publications reported below.
+            .set("KEEL_WORKER_TRIM_INTERVAL_MS", 3_600_000)
     });
 
     let acked = Arc::new(Mutex::new(Vec::new()));

@@ -56,3 +56,25 @@ pub async fn ensure_group(
         other => other,
     }
 }
+
+/// Records `kinds` as served by a stream worker as of now: `ZADD
+/// <prefix>:jobs:kinds <now ms> <kind>...` (see [`crate::queue`]).
+pub async fn announce_kinds(
+    conn: &mut impl redis::aio::ConnectionLike,
+    config: &crate::config::RedisConfig,
+    kinds: &[impl AsRef<str>],
+) -> redis::RedisResult<()> {
+    if kinds.is_empty() {
+        return Ok(());
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let mut cmd = redis::cmd("ZADD");
+    cmd.arg(config.served_kinds());
+    for kind in kinds {
+        cmd.arg(now_ms).arg(kind.as_ref());
+    }
+    cmd.query_async::<u64>(conn).await.map(drop)
+}

@@ -78,7 +78,7 @@ pub struct JobStream {
     /// kind's high stream first, then the normal ones, then the low ones.
     streams: Vec<String>,
     kinds: Vec<String>,
-    served_kinds: String,
+    config: RedisConfig,
     dead_letter: String,
     dead_letter_maxlen: Option<usize>,
     consumer: String,
@@ -101,7 +101,7 @@ impl JobStream {
                 .flat_map(|band| kinds.iter().map(|k| config.jobs_band_stream(k, *band)))
                 .collect(),
             kinds,
-            served_kinds: config.served_kinds(),
+            config: config.clone(),
             dead_letter: config.dead_letter_stream(),
             dead_letter_maxlen: None,
             consumer,
@@ -137,20 +137,8 @@ impl JobStream {
     /// jobs service adds a kind's jobs to its stream only while some worker
     /// announced it recently. Repeated every `ANNOUNCE_KINDS_EVERY`.
     pub async fn announce_kinds(&self) -> Result<(), StreamError> {
-        if self.kinds.is_empty() {
-            return Ok(());
-        }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64;
-        let mut cmd = redis::cmd("ZADD");
-        cmd.arg(&self.served_kinds);
-        for kind in &self.kinds {
-            cmd.arg(now_ms).arg(kind);
-        }
         let mut conn = self.conn().await?;
-        let _: u64 = cmd.query_async(&mut *conn).await?;
+        keel_shared::redis::announce_kinds(&mut *conn, &self.config, &self.kinds).await?;
         Ok(())
     }
 

@@ -43,15 +43,7 @@ async fn a_dead_lettered_job_is_listed_and_replayed_onto_its_stream() {
         .await
         .unwrap();
     // A stream worker serving echo was here: echo jobs go to their stream.
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let _: u64 = redis::cmd("ZADD")
-        .arg(env.redis.config.served_kinds())
-        .arg(now_ms)
-        .arg("echo")
-        .query_async(&mut *conn)
+    keel_shared::redis::announce_kinds(&mut *conn, &env.redis.config, &["echo"])
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;

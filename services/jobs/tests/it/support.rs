@@ -292,16 +292,9 @@ impl Drop for Svc {
 pub async fn announce_kinds(config: &RedisConfig, kinds: &[&str]) {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    for kind in kinds {
-        let _: u64 = redis::cmd("ZADD")
-            .arg(config.served_kinds())
-            .arg(now_ms)
-            .arg(kind)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    keel_shared::redis::announce_kinds(&mut conn, config, kinds)
+        .await
+        .expect("announce kinds");
 }
 
 /// Job ids in the streams of [`STREAM_KINDS`] (every priority band), in the

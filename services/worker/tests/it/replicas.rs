@@ -206,16 +206,7 @@ async fn three_jobs_replicas_and_three_workers_share_a_mixed_load() {
     // announced it): created through C, watched on A, started and completed
     // through B by hand.
     let mut conn = cluster.redis.pool().get().await.unwrap();
-    let _: u64 = redis::cmd("ZADD")
-        .arg(cluster.redis.config.served_kinds())
-        .arg(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_millis() as u64,
-        )
-        .arg("echo")
-        .query_async(&mut *conn)
+    keel_shared::redis::announce_kinds(&mut *conn, &cluster.redis.config, &["echo"])
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(1_200)).await;

@@ -290,19 +290,9 @@ impl Env {
     /// when it starts: the jobs service then publishes their jobs.
     pub async fn announce_kinds(&self, kinds: &[&str]) {
         let mut conn = self.redis().await;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
-        for kind in kinds {
-            let _: u64 = redis::cmd("ZADD")
-                .arg(self.redis.config.served_kinds())
-                .arg(now_ms)
-                .arg(kind)
-                .query_async(&mut *conn)
-                .await
-                .expect("ZADD");
-        }
+        keel_shared::redis::announce_kinds(&mut *conn, &self.redis.config, kinds)
+            .await
+            .expect("announce kinds");
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -26,6 +26,32 @@ pub struct JobContext {
     /// and the grace period is over. A handler should return soon after; what
     /// it returns then is not recorded as success.
     pub cancel: CancellationToken,
+    /// Where the handler reports how far it got: sent with the attempt's
+    /// next heartbeat, shown on `Job.progress` and to WatchJob watchers.
+    pub progress: Progress,
+}
+
+/// The latest progress a handler reported, waiting for the next heartbeat.
+#[derive(Debug, Clone, Default)]
+pub struct Progress(Arc<Mutex<Option<Value>>>);
+
+impl Progress {
+    /// Records `progress` (a JSON object; other values are wrapped as
+    /// `{"value": ..}`) for the next heartbeat; a report not sent yet is
+    /// replaced.
+    pub fn report(&self, progress: Value) {
+        *self.0.lock().expect("progress") = Some(progress);
+    }
+
+    /// The report not sent yet, if any.
+    pub(crate) fn take(&self) -> Option<Value> {
+        self.0.lock().expect("progress").take()
+    }
+
+    /// Puts back a report whose heartbeat failed, unless a newer one came.
+    pub(crate) fn restore(&self, progress: Value) {
+        self.0.lock().expect("progress").get_or_insert(progress);
+    }
 }
 
 /// Why a handler failed.
@@ -211,6 +237,7 @@ mod tests {
             max_attempts: 3,
             payload,
             cancel: CancellationToken::new(),
+            progress: Progress::default(),
         }
     }
 

@@ -29,7 +29,8 @@
 //!
 //! How a message is handled: StartJob (refused -> acknowledged and skipped),
 //! the handler in a task of its own with heartbeats every heartbeat interval
-//! (cancellation requested -> the handler's token is cancelled and the job
+//! (each carrying what the handler last reported with `ctx.progress.report`;
+//! cancellation requested -> the handler's token is cancelled and the job
 //! ends CANCELLED), then CompleteJob or FailJob (retryable or not, as the
 //! handler says; a panic is a retryable failure), then XACK. Messages left
 //! pending by a dead worker are taken over with XAUTOCLAIM after the claim
@@ -53,7 +54,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use handler::{FnHandler, Handler, HandlerError, JobContext, Registry};
+pub use handler::{FnHandler, Handler, HandlerError, JobContext, Progress, Registry};
 
 /// How long one XREADGROUP waits for new messages (and so, at most, how long
 /// shutdown waits for the reader).

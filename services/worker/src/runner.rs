@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use crate::client::{Answer, classify};
 use crate::consumer::Shared;
-use crate::handler::{HandlerError, JobContext};
+use crate::handler::{HandlerError, JobContext, Progress};
 use crate::stream::Message;
 
 /// After a handler's token is cancelled, how long it gets to return before
@@ -223,6 +223,7 @@ impl Shared {
             );
         };
         let cancel = CancellationToken::new();
+        let progress = Progress::default();
         let ctx = JobContext {
             id: job_id,
             kind: job.kind.clone(),
@@ -230,6 +231,7 @@ impl Shared {
             max_attempts: job.max_attempts,
             payload,
             cancel: cancel.clone(),
+            progress: progress.clone(),
         };
         // A task of its own: a panic ends that task, not the worker.
         let mut task = tokio::spawn(async move { handler.run(ctx).await }.in_current_span());
@@ -247,7 +249,7 @@ impl Shared {
                 biased;
                 res = &mut task => break res,
                 _ = heartbeat.tick() => {
-                    match self.heartbeat(&id, job.attempt).await {
+                    match self.heartbeat(&id, job.attempt, &progress).await {
                         Ok(true) if stop != Some(Stop::CancelRequested) => {
                             tracing::info!(job_id = %id, "cancellation requested: stopping the handler");
                             stop = Some(Stop::CancelRequested);
@@ -287,16 +289,23 @@ impl Shared {
         outcome(stop, result)
     }
 
-    /// One heartbeat. `Ok(cancel_requested)`, or `Err(())` when the attempt
-    /// is no longer ours. Transient failures are logged and look like "no news".
-    async fn heartbeat(&self, id: &str, attempt: i32) -> Result<bool, ()> {
+    /// One heartbeat, carrying the handler's progress report if it made a
+    /// new one. `Ok(cancel_requested)`, or `Err(())` when the attempt is no
+    /// longer ours. Transient failures are logged and look like "no news"
+    /// (the report is sent with the next one).
+    async fn heartbeat(&self, id: &str, attempt: i32, progress: &Progress) -> Result<bool, ()> {
+        let report = progress.take();
         let req = HeartbeatRequest {
             id: id.to_string(),
             attempt,
             worker_id: self.worker_id.clone(),
-            progress: None,
+            progress: report.as_ref().map(keel_shared::json::json_to_struct),
         };
-        match self.client.clone().heartbeat(req).await {
+        let answer = self.client.clone().heartbeat(req).await;
+        if let (Err(_), Some(report)) = (&answer, report) {
+            progress.restore(report);
+        }
+        match answer {
             Ok(r) => Ok(r.into_inner().cancel_requested),
             Err(status) => match classify(&status) {
                 Answer::Refused => Err(()),

@@ -10,7 +10,7 @@ use keel_proto::jobs::v1::{CreateJobRequest, JobStatus};
 use keel_worker::Registry;
 use serde_json::json;
 
-use crate::support::Env;
+use crate::support::{Env, WAIT};
 
 fn output(job: &keel_proto::jobs::v1::Job) -> serde_json::Value {
     keel_shared::json::struct_to_json(job.output.as_ref().expect("output")).unwrap()
@@ -286,5 +286,29 @@ async fn a_higher_priority_starts_before_a_backlog_of_its_kind() {
         after >= 50,
         "only {after} of the 60 queued jobs started after the urgent one"
     );
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn a_handler_reports_progress_that_shows_on_the_running_job() {
+    let env = Env::start().await;
+    let registry =
+        Registry::new().register_fn("pages", |ctx: keel_worker::JobContext| async move {
+            ctx.progress.report(json!({"pages": 3, "of": 10}));
+            // Until cancelled: the test reads the progress meanwhile.
+            ctx.cancel.cancelled().await;
+            Ok(json!({}))
+        });
+    let worker = env.start_worker(env.worker_config(), registry).await;
+    let job = env.create("pages", json!({}), 1).await;
+    keel_shared::testing::eventually(WAIT, "the progress on the running job", || async {
+        let job = env.get(&job.id).await;
+        job.status() == JobStatus::Running
+            && job.progress.as_ref().map(keel_shared::json::struct_to_json)
+                == Some(Ok(json!({"pages": 3, "of": 10})))
+    })
+    .await;
+    env.cancel(&job.id).await;
+    env.wait_for(&job.id, JobStatus::Cancelled).await;
     worker.stop().await;
 }

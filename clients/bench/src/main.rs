@@ -44,6 +44,14 @@ pub struct Opts {
     /// Handlers per worker process.
     #[arg(long, default_value_t = 128)]
     pub worker_concurrency: usize,
+    /// Claiming workers in claim-e2e: in-process ClaimJobs clients, each
+    /// with its own HTTP/2 connection.
+    #[arg(long, default_value_t = 2)]
+    pub claim_workers: usize,
+    /// Jobs a claiming worker holds at once (1..=1000): it claims up to its
+    /// free capacity per ClaimJobs call.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub claim_batch: u16,
     /// Concurrent WatchJob streams in the watch scenario (10 per job).
     #[arg(long, default_value_t = 10_000)]
     pub watchers: usize,

@@ -9,15 +9,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
 use keel_proto::auth::v1::{GetCurrentUserRequest, LoginRequest, RegisterRequest};
+use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::{
-    BatchCreateJobsRequest, CreateJobRequest, GetJobRequest, JobStatus, ListJobsRequest,
-    WatchJobRequest,
+    BatchCreateJobsRequest, ClaimJobsRequest, CompleteJobRequest, CompleteJobsRequest,
+    CreateJobRequest, GetJobRequest, JobStatus, ListJobsRequest, WatchJobRequest,
+    complete_job_result,
 };
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::{
     GetMemoryRequest, GetWorkspaceRequest, PutMemoryRequest, SearchMemoriesRequest,
 };
+use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
 use crate::Opts;
@@ -110,8 +113,7 @@ where
 {
     let op = Arc::new(op);
     let next = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(AtomicUsize::new(0));
-    let first_error = Arc::new(Mutex::new(None::<String>));
+    let errors = Arc::new(Errors::default());
     let started = Instant::now();
     let deadline = match limit {
         Limit::Time(d) => Some(started + d),
@@ -122,12 +124,7 @@ where
         Limit::Time(_) => usize::MAX,
     };
     let tasks = (0..concurrency).map(|_| {
-        let (op, next, errors, first_error) = (
-            op.clone(),
-            next.clone(),
-            errors.clone(),
-            first_error.clone(),
-        );
+        let (op, next, errors) = (op.clone(), next.clone(), errors.clone());
         tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -141,10 +138,7 @@ where
                 let t = Instant::now();
                 match op(i).await {
                     Ok(()) => latencies.push(t.elapsed().as_micros() as u64),
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error.lock().unwrap().get_or_insert(format!("{e:#}"));
-                    }
+                    Err(e) => errors.record(format!("{e:#}")),
                 }
             }
             latencies
@@ -155,20 +149,38 @@ where
         latencies_us.extend(t.expect("bench task"));
     }
     let elapsed = started.elapsed();
-    let note = first_error
-        .lock()
-        .unwrap()
-        .take()
-        .map(|e| format!("first error: {e}"))
-        .unwrap_or_default();
     Stats {
         name: name.to_string(),
         ops: latencies_us.len(),
-        errors: errors.load(Ordering::Relaxed),
+        errors: errors.count(),
         elapsed,
         latencies_us,
         baseline_ops_per_sec: None,
-        note,
+        note: errors.first().unwrap_or_default(),
+    }
+}
+
+/// Errors seen by concurrent tasks: how many, and the first one's text.
+#[derive(Default)]
+struct Errors {
+    count: AtomicUsize,
+    first: Mutex<Option<String>>,
+}
+
+impl Errors {
+    fn record(&self, error: String) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.first.lock().unwrap().get_or_insert(error);
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// "first error: ..." when there was one.
+    fn first(&self) -> Option<String> {
+        let first = self.first.lock().unwrap();
+        first.as_ref().map(|e| format!("first error: {e}"))
     }
 }
 
@@ -244,8 +256,9 @@ pub async fn run_all(opts: Opts) -> Result<()> {
         system
             .start_workers(opts.workers, opts.worker_concurrency)
             .await?;
+        warm_up(jobs_client(0), &token).await?;
         if opts.wants("e2e-jobs") {
-            results.push(e2e(&opts, &system, jobs_client.clone(), token.clone(), false).await?);
+            results.push(e2e(&opts, &system, &jobs_client, &token, E2e::OneEach).await?);
         }
         let peak = results
             .iter()
@@ -260,10 +273,15 @@ pub async fn run_all(opts: Opts) -> Result<()> {
         // After half-load: the RSS that scenario reports must not include
         // what batch-e2e's 500-job calls leave in the allocator.
         if opts.wants("batch-e2e") {
-            results.push(e2e(&opts, &system, jobs_client.clone(), token.clone(), true).await?);
+            results.push(e2e(&opts, &system, &jobs_client, &token, E2e::Batched).await?);
         }
         worker_usage = system.usage().pop();
         system.stop_workers();
+    }
+    // No stream worker runs now: claim-e2e's jobs go to the bench's own
+    // claiming workers only, and the figures hold no idle stream worker.
+    if opts.wants("claim-e2e") {
+        results.push(e2e(&opts, &system, &jobs_client, &token, E2e::Claimed).await?);
     }
 
     if opts.wants("watch") {
@@ -583,20 +601,107 @@ pub async fn run_all(opts: Opts) -> Result<()> {
     Ok(())
 }
 
-/// Creates N echo jobs from `c` clients (one CreateJob per job, or batches of
-/// 500) and waits until all SUCCEEDED; latencies come from the jobs' own times.
+/// Waits until an echo job has gone through the stream workers just
+/// started. keel-jobs reads the kinds stream workers serve once a second and
+/// publishes a kind's jobs only once it knows the kind is served (the others
+/// reach the stream through the relay, later): without this the first jobs
+/// of e2e-jobs waited ~2 s, start-up rather than throughput.
+async fn warm_up(mut client: JobsServiceClient<Channel>, token: &str) -> Result<()> {
+    let id = client
+        .create_job(authed(token, run_job("echo", "warm-up", 0)))
+        .await
+        .context("CreateJob")?
+        .into_inner()
+        .job
+        .context("job")?
+        .id;
+    let patience = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < patience {
+        let job = client
+            .get_job(authed(token, GetJobRequest { id: id.clone() }))
+            .await
+            .context("GetJob")?
+            .into_inner()
+            .job
+            .context("job")?;
+        if job.status() == JobStatus::Succeeded {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    anyhow::bail!("the warm-up echo job did not succeed within 60 s")
+}
+
+/// The end-to-end scenarios: how their jobs are created and what runs them.
+#[derive(Clone, Copy, PartialEq)]
+enum E2e {
+    /// e2e-jobs: one CreateJob per echo job; the stream workers run them.
+    OneEach,
+    /// batch-e2e: the same through BatchCreateJobs, 500 jobs per call.
+    Batched,
+    /// claim-e2e: one CreateJob per job of CLAIM_KIND, which no stream
+    /// worker serves; the bench's claiming workers take them over ClaimJobs.
+    Claimed,
+}
+
+impl E2e {
+    fn name(self) -> &'static str {
+        match self {
+            E2e::OneEach => "e2e-jobs",
+            E2e::Batched => "batch-e2e",
+            E2e::Claimed => "claim-e2e",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            E2e::OneEach | E2e::Batched => "echo",
+            E2e::Claimed => CLAIM_KIND,
+        }
+    }
+}
+
+/// The kind of claim-e2e's jobs: the Rust stream workers have no handler
+/// for it, so the jobs service leaves its jobs queued for ClaimJobs.
+const CLAIM_KIND: &str = "bench.claim";
+
+/// How long a claiming worker's ClaimJobs waits for a due job.
+const CLAIM_WAIT: prost_types::Duration = prost_types::Duration {
+    seconds: 5,
+    nanos: 0,
+};
+
+/// CreateJob request `i` of the run `marker` (which `settle` finds it by).
+fn run_job(kind: &str, marker: &str, i: usize) -> CreateJobRequest {
+    CreateJobRequest {
+        kind: kind.into(),
+        payload: Some(keel_shared::json::json_to_struct(
+            &serde_json::json!({"run": marker, "i": i}),
+        )),
+        ..Default::default()
+    }
+}
+
+/// Creates N jobs from `opts.e2e_clients` clients (one CreateJob per job,
+/// or batches of 500) and waits until all SUCCEEDED; latencies come from the
+/// jobs' own times, CPU per job from the processes' CPU time meanwhile.
 async fn e2e(
     opts: &Opts,
     system: &System,
-    jobs_client: Arc<impl Fn(usize) -> JobsServiceClient<Channel> + Send + Sync + 'static>,
-    token: Arc<String>,
-    batch: bool,
+    jobs_client: &Arc<impl Fn(usize) -> JobsServiceClient<Channel> + Send + Sync + 'static>,
+    token: &Arc<String>,
+    how: E2e,
 ) -> Result<Stats> {
     let n = opts.e2e_jobs;
-    let marker = uuid::Uuid::new_v4().simple().to_string();
-    let kind = "echo".to_string();
+    let marker = Arc::new(uuid::Uuid::new_v4().simple().to_string());
+    let kind = how.kind();
+    let claimers = match how {
+        E2e::Claimed => Some(Claimers::start(opts, system).await?),
+        _ => None,
+    };
+    let cpu_before = cpu_now(system);
     let started = Instant::now();
-    let created = if batch {
+    let created = if how == E2e::Batched {
         let per_call = 500;
         let calls = n.div_ceil(per_call);
         let (jc, tk, m) = (jobs_client.clone(), token.clone(), marker.clone());
@@ -609,13 +714,7 @@ async fn e2e(
                 let count = per_call.min(n - i * per_call);
                 async move {
                     let requests = (0..count)
-                        .map(|j| CreateJobRequest {
-                            kind: "echo".into(),
-                            payload: Some(keel_shared::json::json_to_struct(
-                                &serde_json::json!({"run": m, "i": i * per_call + j}),
-                            )),
-                            ..Default::default()
-                        })
+                        .map(|j| run_job(kind, &m, i * per_call + j))
                         .collect();
                     client
                         .batch_create_jobs(authed(&tk, BatchCreateJobsRequest { requests }))
@@ -629,29 +728,184 @@ async fn e2e(
         let (jc, tk, m) = (jobs_client.clone(), token.clone(), marker.clone());
         drive("create", opts.e2e_clients, Limit::Ops(n), move |i| {
             let (mut client, tk, m) = (jc(i), tk.clone(), m.clone());
-            let kind = kind.clone();
             async move {
-                client
-                    .create_job(authed(
-                        &tk,
-                        CreateJobRequest {
-                            kind,
-                            payload: Some(keel_shared::json::json_to_struct(
-                                &serde_json::json!({"run": m, "i": i}),
-                            )),
-                            ..Default::default()
-                        },
-                    ))
-                    .await?;
+                client.create_job(authed(&tk, run_job(kind, &m, i))).await?;
                 Ok(())
             }
         })
         .await
     };
-    let name = if batch { "batch-e2e" } else { "e2e-jobs" };
-    let mut stats = settle(opts, system, name, &marker, started, &created).await?;
-    stats.note = format!("{} clients, {}", opts.e2e_clients, stats.note);
+    let ran_by = match &claimers {
+        Some(_) => format!(
+            "{} claiming workers x{}",
+            opts.claim_workers, opts.claim_batch
+        ),
+        None => stream_workers(opts),
+    };
+    let mut stats = settle(
+        opts,
+        system,
+        how.name(),
+        &ran_by,
+        &marker,
+        started,
+        &created,
+    )
+    .await?;
+    let cpu = cpu_per_job(&cpu_before, &cpu_now(system), stats.ops);
+    stats.note = format!(
+        "{} clients, {}; {cpu}",
+        opts.e2e_clients,
+        stats.note.trim_end()
+    );
+    if let Some(claimers) = claimers {
+        let errors = claimers.stop();
+        stats.errors += errors.count();
+        if let Some(first) = errors.first() {
+            stats.note = format!("{}; claiming workers' {first}", stats.note.trim_end());
+        }
+    }
     Ok(stats)
+}
+
+fn stream_workers(opts: &Opts) -> String {
+    format!("{} workers x{}", opts.workers, opts.worker_concurrency)
+}
+
+/// CPU seconds so far of each process of the system, the bench's own included.
+fn cpu_now(system: &System) -> Vec<(String, f64)> {
+    let mut cpu: Vec<(String, f64)> = system
+        .usage()
+        .into_iter()
+        .map(|(name, cpu, _)| (name, cpu))
+        .collect();
+    cpu.push(("bench".into(), crate::system::own_cpu()));
+    cpu
+}
+
+/// "CPU us/job: jobs 75, worker x2 52, bench 30": the processes that used CPU
+/// between the two readings, per job.
+fn cpu_per_job(before: &[(String, f64)], after: &[(String, f64)], jobs: usize) -> String {
+    let per_job: Vec<String> = after
+        .iter()
+        .filter_map(|(name, cpu)| {
+            let was = before.iter().find(|(n, _)| n == name).map_or(0.0, |b| b.1);
+            let us = (cpu - was) * 1e6 / jobs.max(1) as f64;
+            (us >= 1.0).then(|| format!("{name} {us:.0}"))
+        })
+        .collect();
+    format!("CPU us/job: {}", per_job.join(", "))
+}
+
+/// claim-e2e's claiming workers: tasks of this process, each with its own
+/// HTTP/2 connection to keel-jobs and the worker token. Stopped when dropped.
+struct Claimers {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    errors: Arc<Errors>,
+}
+
+impl Claimers {
+    async fn start(opts: &Opts, system: &System) -> Result<Self> {
+        let token = Arc::new(system.worker_token.clone());
+        let errors = Arc::new(Errors::default());
+        let mut tasks = Vec::new();
+        for w in 0..opts.claim_workers {
+            let client = JobRunnerServiceClient::new(channel(&system.jobs).await?);
+            tasks.push(tokio::spawn(claiming_worker(
+                client,
+                token.clone(),
+                format!("bench-claimer-{w}"),
+                usize::from(opts.claim_batch),
+                errors.clone(),
+            )));
+        }
+        Ok(Self { tasks, errors })
+    }
+
+    /// Stops the workers (cutting their idle long polls) and returns their errors.
+    fn stop(self) -> Arc<Errors> {
+        self.errors.clone()
+    }
+}
+
+impl Drop for Claimers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// One claiming worker, holding at most `capacity` jobs: it claims up to its
+/// free capacity (one ClaimJobs long poll) and completes each claimed batch
+/// with one CompleteJobs call (no output), which frees that capacity when
+/// answered, while it claims the next batch.
+async fn claiming_worker(
+    client: JobRunnerServiceClient<Channel>,
+    token: Arc<String>,
+    worker_id: String,
+    capacity: usize,
+    errors: Arc<Errors>,
+) {
+    let free = Arc::new(Semaphore::new(capacity));
+    loop {
+        // At least one free slot, then every slot free by now.
+        let Ok(mut held) = free.clone().acquire_owned().await else {
+            return;
+        };
+        if let Ok(more) = free
+            .clone()
+            .try_acquire_many_owned(free.available_permits() as u32)
+        {
+            held.merge(more);
+        }
+        let request = ClaimJobsRequest {
+            worker_id: worker_id.clone(),
+            kinds: vec![CLAIM_KIND.into()],
+            max_jobs: held.num_permits() as i32,
+            wait: Some(CLAIM_WAIT),
+        };
+        let claimed = match client.clone().claim_jobs(authed(&token, request)).await {
+            Ok(response) => response.into_inner().jobs,
+            Err(e) => {
+                errors.record(format!("ClaimJobs: {e}"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        // The slots no claimed job took are free again.
+        drop(held.split(held.num_permits().saturating_sub(claimed.len())));
+        if claimed.is_empty() {
+            continue;
+        }
+        let requests = claimed
+            .into_iter()
+            .filter_map(|c| c.job)
+            .map(|job| CompleteJobRequest {
+                id: job.id,
+                attempt: job.attempt,
+                worker_id: worker_id.clone(),
+                ..Default::default()
+            })
+            .collect();
+        let (mut client, token, errors) = (client.clone(), token.clone(), errors.clone());
+        tokio::spawn(async move {
+            match client
+                .complete_jobs(authed(&token, CompleteJobsRequest { requests }))
+                .await
+            {
+                Ok(response) => {
+                    for result in response.into_inner().results {
+                        if let Some(complete_job_result::Outcome::Error(e)) = result.outcome {
+                            errors.record(format!("CompleteJobs item: {}", e.message));
+                        }
+                    }
+                }
+                Err(e) => errors.record(format!("CompleteJobs: {e}")),
+            }
+            drop(held);
+        });
+    }
 }
 
 /// WatchJob streams per HTTP/2 connection (the server allows 256): 10,000
@@ -809,19 +1063,11 @@ async fn e2e_paced(
                 *max = f64::max(*max, now);
             }
         }
-        let (mut client, tk, m) = (jobs_client(i), token.clone(), marker.clone());
+        let (mut client, tk) = (jobs_client(i), token.clone());
+        let request = run_job(E2e::OneEach.kind(), &marker, i);
         calls.spawn(async move {
             client
-                .create_job(authed(
-                    &tk,
-                    CreateJobRequest {
-                        kind: "echo".into(),
-                        payload: Some(keel_shared::json::json_to_struct(
-                            &serde_json::json!({"run": m, "i": i}),
-                        )),
-                        ..Default::default()
-                    },
-                ))
+                .create_job(authed(&tk, request))
                 .await
                 .map_err(|s| format!("{s:?}"))
         });
@@ -846,7 +1092,17 @@ async fn e2e_paced(
             }
         }
     }
-    let mut stats = settle(opts, system, "e2e-half-load", &marker, started, &created).await?;
+    let ran_by = stream_workers(opts);
+    let mut stats = settle(
+        opts,
+        system,
+        "e2e-half-load",
+        &ran_by,
+        &marker,
+        started,
+        &created,
+    )
+    .await?;
     let rss: Vec<String> = rss
         .iter()
         .map(|(name, mib)| format!("{name} {mib:.1}"))
@@ -866,6 +1122,7 @@ async fn settle(
     opts: &Opts,
     system: &System,
     name: &str,
+    ran_by: &str,
     marker: &str,
     started: Instant,
     created: &Stats,
@@ -917,9 +1174,7 @@ async fn settle(
         latencies_us: to_finish.clone(),
         baseline_ops_per_sec: None,
         note: format!(
-            "{} workers x{}; create->start p50 {:.1} p99 {:.1} ms; create->finish p50 {:.1} p99 {:.1} ms (latency columns: create->finish); {finished}/{total} finished {}",
-            opts.workers,
-            opts.worker_concurrency,
+            "{ran_by}; create->start p50 {:.1} p99 {:.1} ms; create->finish p50 {:.1} p99 {:.1} ms (latency columns: create->finish); {finished}/{total} finished {}",
             ms(&to_start, 50.0),
             ms(&to_start, 99.0),
             ms(&to_finish, 50.0),

@@ -15,6 +15,8 @@ pub struct System {
     pub memory: String,
     /// URL of the bench database (for seeding and the raw-SQL baseline).
     pub db_url: String,
+    /// The services' KEEL_WORKER_TOKEN, for the bench's own claiming workers.
+    pub worker_token: String,
     admin_url: String,
     db_name: String,
     bin_dir: PathBuf,
@@ -70,14 +72,12 @@ impl System {
             format!("127.0.0.1:{}", free_port()?),
         );
         let key = dir.join("signing.pem");
+        let worker_token = format!("bench-{}", uuid::Uuid::new_v4());
         let env = vec![
             ("DATABASE_URL".into(), db_url.clone()),
             ("REDIS_URL".into(), redis_url.to_string()),
             ("KEEL_REDIS_PREFIX".into(), db_name.clone()),
-            (
-                "KEEL_WORKER_TOKEN".into(),
-                format!("bench-{}", uuid::Uuid::new_v4()),
-            ),
+            ("KEEL_WORKER_TOKEN".into(), worker_token.clone()),
             (
                 "KEEL_JWT_PRIVATE_KEY_FILE".into(),
                 key.display().to_string(),
@@ -98,6 +98,7 @@ impl System {
             jobs,
             memory,
             db_url,
+            worker_token,
             admin_url: admin_url.to_string(),
             db_name,
             bin_dir: bin_dir.to_path_buf(),
@@ -251,6 +252,11 @@ impl System {
         }
         out
     }
+}
+
+/// CPU seconds so far of this process (the bench client).
+pub fn own_cpu() -> f64 {
+    proc_usage(std::process::id()).0
 }
 
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc.

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::{self, Status as JobState};
 use crate::error::JobsError;
 use crate::service::Jobs;
-use crate::store::JobRow;
+use crate::store::{EventRow, JobRow};
 use crate::subscriptions::Subscriptions;
 
 pub struct JobsApi {
@@ -196,6 +196,56 @@ impl JobsService for JobsApi {
         )
         .await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Every transition of the caller's job, oldest first.
+    async fn get_job_history(
+        &self,
+        req: Request<GetJobHistoryRequest>,
+    ) -> Result<Response<GetJobHistoryResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let events = self.jobs.history(user_id, id).await?;
+        Ok(Response::new(GetJobHistoryResponse {
+            events: events.iter().map(event_to_proto).collect(),
+        }))
+    }
+
+    /// FAILED or CANCELLED -> QUEUED with attempt 0, delivered as a new job;
+    /// any other status -> FAILED_PRECONDITION naming it.
+    async fn retry_job(
+        &self,
+        req: Request<RetryJobRequest>,
+    ) -> Result<Response<RetryJobResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let job = self.jobs.retry(user_id, id).await?;
+        Ok(Response::new(RetryJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
+    }
+
+    /// Deletes a finished job and its history; QUEUED or RUNNING ->
+    /// FAILED_PRECONDITION.
+    async fn delete_job(
+        &self,
+        req: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        self.jobs.delete(user_id, id).await?;
+        Ok(Response::new(DeleteJobResponse {}))
+    }
+}
+
+fn event_to_proto(e: &EventRow) -> JobEvent {
+    JobEvent {
+        event: e.event.clone(),
+        status: e.status.to_proto() as i32,
+        attempt: e.attempt,
+        worker_id: e.worker_id.clone().unwrap_or_default(),
+        error: e.error.clone().unwrap_or_default(),
+        at: Some(to_timestamp(e.at)),
     }
 }
 

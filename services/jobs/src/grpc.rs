@@ -272,7 +272,8 @@ impl JobRunnerService for JobsApi {
     /// and reports `cancel_requested` (stop, then CompleteJob with
     /// `cancelled`). Any other state or attempt -> FAILED_PRECONDITION (the
     /// worker must stop: the attempt is no longer its own). A heartbeat
-    /// after the lease ran out but before the reaper acted still extends it.
+    /// after the lease ran out but before the reaper acted still extends it;
+    /// one past the attempt's deadline (the job's timeout) never does.
     async fn heartbeat(
         &self,
         req: Request<HeartbeatRequest>,

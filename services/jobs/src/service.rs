@@ -469,19 +469,29 @@ impl Jobs {
                 let lease_expires_at = job.lease_expires_at.unwrap_or_else(Utc::now);
                 Ok((lease_expires_at, job.cancel_requested))
             }
-            None => {
-                // A running attempt that was not extended ran past its deadline.
-                match store::job(&client, id).await? {
-                    Some(job)
-                        if job.status == Status::Running
-                            && job.attempt == attempt
-                            && job.attempt_deadline.is_some() =>
-                    {
-                        Err(JobsError::WrongState(domain::timed_out_refusal(attempt)))
-                    }
-                    _ => Err(self.attempt_refusal(&client, id, attempt).await),
-                }
+            None => Err(self.deadline_refusal(&client, id, attempt).await),
+        }
+    }
+
+    /// Why a Heartbeat or CompleteJob of `attempt` did not apply. Both refuse
+    /// a running attempt past its deadline, so a job still running that
+    /// attempt with a deadline timed out (the reaper records it soon).
+    async fn deadline_refusal(
+        &self,
+        client: &deadpool_postgres::Client,
+        id: Uuid,
+        attempt: i32,
+    ) -> JobsError {
+        match store::job(client, id).await {
+            Ok(Some(job))
+                if job.status == Status::Running
+                    && job.attempt == attempt
+                    && job.attempt_deadline.is_some() =>
+            {
+                JobsError::WrongState(domain::timed_out_refusal(attempt))
             }
+            Ok(_) => self.attempt_refusal(client, id, attempt).await,
+            Err(e) => e,
         }
     }
 
@@ -550,7 +560,7 @@ impl Jobs {
             }
             None => {
                 let client = self.pool.get().await?;
-                Err(self.attempt_refusal(&client, id, attempt).await)
+                Err(self.deadline_refusal(&client, id, attempt).await)
             }
         }
     }

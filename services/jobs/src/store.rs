@@ -512,7 +512,8 @@ pub struct Completion<'a> {
 }
 
 /// Applies `completions` in one statement; returns the jobs that completed
-/// (the others are not running that attempt). (id, attempt) pairs must be
+/// (the others are not running that attempt, or it ran past its deadline:
+/// it timed out, whether or not the reaper has recorded that yet). (id, attempt) pairs must be
 /// distinct. Rows are locked in id order, so concurrent batches cannot deadlock.
 pub async fn complete_jobs(
     client: &impl GenericClient,
@@ -533,6 +534,7 @@ pub async fn complete_jobs(
                             lease_expires_at = NULL, version = version + 1
             FROM locked, input
             WHERE id = locked_id AND id = done_id AND attempt = done_attempt AND status = 'running'
+              AND (attempt_deadline IS NULL OR attempt_deadline > now())
             RETURNING ",
         job_cols!(),
         ", done_worker

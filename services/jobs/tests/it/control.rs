@@ -482,6 +482,33 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_even_while_it_heartbeats
 }
 
 #[tokio::test]
+async fn past_its_deadline_an_attempt_is_over_even_before_the_reaper_records_it() {
+    // The reaper's first round runs at start-up, its next a minute later.
+    let svc = Svc::start_with(|c| c.reaper_interval_ms = 60_000).await;
+    let job = svc
+        .create(CreateJobRequest {
+            kind: KIND.into(),
+            timeout: Some(secs(1, 0)),
+            ..Default::default()
+        })
+        .await;
+    svc.start_job(&job.id).await.unwrap();
+    heartbeat(&svc, &job.id, 1)
+        .await
+        .expect("within the timeout");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    let refused = heartbeat(&svc, &job.id, 1).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("timeout"), "{refused:?}");
+    let late = svc.complete_job(&job.id, 1, false).await.unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    assert!(late.message().contains("timeout"), "{late:?}");
+    // Not recorded yet: the reaper does that at its next round.
+    assert_eq!(svc.get(&job.id).await.status(), JobStatus::Running);
+}
+
+#[tokio::test]
 async fn the_last_attempt_past_its_timeout_fails_the_job() {
     let svc = Svc::start().await;
     let job = svc

@@ -154,7 +154,10 @@ async fn history_of_a_retried_then_succeeded_job_is_in_order_with_workers_and_er
         .await;
     start_as(&svc, &job.id, "w-a").await;
     fail_as(&svc, &job.id, 1, "w-a", "first try", true).await;
-    svc.start_when_due(&job.id).await;
+    // The backoff is at most 10 ms: past it, the job is due (a start just at
+    // the edge may be refused as "changed concurrently", not as "not due").
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    start_as(&svc, &job.id, "w-1").await;
     fail_as(&svc, &job.id, 2, "w-1", "second try", false).await;
     retry(&svc, &job.id).await.expect("retry");
     let claimed = claim_one(&svc, "w-b").await;
@@ -474,7 +477,11 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_even_while_it_heartbeats
     assert_eq!(outbox_attempt(&svc, &job.id).await, Some(1));
 
     // The next attempt gets a fresh deadline and can finish in time.
-    let next = svc.start_when_due(&job.id).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // past the <= 10 ms backoff
+    let next = svc
+        .start_job(&job.id)
+        .await
+        .expect("start the next attempt");
     assert_eq!(next.job.unwrap().attempt, 2);
     heartbeat(&svc, &job.id, 2).await.expect("a fresh attempt");
     let done = svc.complete_job(&job.id, 2, false).await.unwrap();

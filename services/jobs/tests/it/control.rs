@@ -280,6 +280,35 @@ async fn a_cancelled_job_retries_and_is_published_to_its_stream_at_once() {
 }
 
 #[tokio::test]
+async fn a_retried_job_wakes_a_waiting_claim_at_once() {
+    // Claims look again only when woken (or a minute later).
+    let svc = Svc::start_with(|c| c.claim_poll_ms = 60_000).await;
+    let failed = failed_job(&svc).await;
+    let waiting = {
+        let mut runner = svc.runner.clone();
+        let req = svc.w(ClaimJobsRequest {
+            worker_id: "py-1".into(),
+            kinds: vec![KIND.into()],
+            max_jobs: 1,
+            wait: Some(secs(30, 0)),
+        });
+        tokio::spawn(async move { runner.claim_jobs(req).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    retry(&svc, &failed.id).await.unwrap();
+    let claimed = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting claim was woken by the retry")
+        .unwrap()
+        .unwrap()
+        .into_inner()
+        .jobs;
+    assert_eq!(claimed.len(), 1);
+    let job = claimed[0].job.as_ref().unwrap();
+    assert_eq!((job.id.as_str(), job.attempt), (failed.id.as_str(), 1));
+}
+
+#[tokio::test]
 async fn only_failed_or_cancelled_jobs_retry() {
     let svc = Svc::start().await;
     let queued = svc.create_kind(KIND).await;

@@ -169,8 +169,25 @@ pub fn job(j: &Job) -> Value {
         "output": object(&j.output), "error": j.error, "run_at": time(&j.run_at),
         "created_at": time(&j.created_at), "updated_at": time(&j.updated_at),
         "started_at": time(&j.started_at), "finished_at": time(&j.finished_at),
-        "cancel_requested": j.cancel_requested,
+        "cancel_requested": j.cancel_requested, "timeout": seconds(&j.timeout),
     })
+}
+
+/// A Duration as seconds for JSON (whole seconds as an integer), null when unset.
+fn seconds(d: &Option<prost_types::Duration>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(d) if d.nanos == 0 => json!(d.seconds),
+        Some(d) => json!(d.seconds as f64 + f64::from(d.nanos) / 1e9),
+    }
+}
+
+/// A Duration for tables (`90s`), `-` when unset.
+fn seconds_text(d: &Option<prost_types::Duration>) -> String {
+    match seconds(d) {
+        Value::Null => "-".into(),
+        v => format!("{v}s"),
+    }
 }
 
 fn attempt(j: &Job) -> String {
@@ -205,6 +222,7 @@ pub fn job_fields(j: &Job) -> String {
         ("STATUS", status_name(j.status)),
         ("ATTEMPT", attempt(j)),
         ("PRIORITY", j.priority.to_string()),
+        ("TIMEOUT", seconds_text(&j.timeout)),
         ("PAYLOAD", compact(&j.payload)),
         ("OUTPUT", compact(&j.output)),
         ("ERROR", j.error.clone()),

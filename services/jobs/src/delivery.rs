@@ -482,6 +482,7 @@ mod tests {
             version: 7,
             progress: Some(serde_json::json!({"done": 3})),
             attempt_deadline: None,
+            attempt_timeout: Some(Duration::from_millis(1500)),
         };
         let (version, proto) = decode_announcement(&encode_announcement(&job)).unwrap();
         assert_eq!(version, 7);

@@ -63,6 +63,10 @@ pub fn job_to_proto(j: &JobRow) -> Job {
         finished_at: opt_timestamp(j.finished_at),
         cancel_requested: j.cancel_requested,
         progress: j.progress.as_ref().map(json_to_struct),
+        timeout: j.attempt_timeout.map(|t| prost_types::Duration {
+            seconds: t.as_secs() as i64,
+            nanos: t.subsec_nanos() as i32,
+        }),
     }
 }
 

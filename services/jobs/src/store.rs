@@ -19,7 +19,8 @@ macro_rules! job_cols {
     () => {
         "id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
          run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
-         lease_expires_at, worker_id, version, progress, attempt_deadline"
+         lease_expires_at, worker_id, version, progress, attempt_deadline, \
+         extract(epoch FROM attempt_timeout)::float8 AS attempt_timeout_secs"
     };
 }
 
@@ -51,6 +52,8 @@ pub struct JobRow {
     /// When the running attempt times out (its job's timeout after it
     /// started); None: no timeout. Stale once the job is no longer running.
     pub attempt_deadline: Option<DateTime<Utc>>,
+    /// How long one attempt may run; None: no limit.
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl TryFrom<&Row> for JobRow {
@@ -84,6 +87,9 @@ impl TryFrom<&Row> for JobRow {
             version: row.try_get("version")?,
             progress: row.try_get("progress")?,
             attempt_deadline: row.try_get("attempt_deadline")?,
+            attempt_timeout: row
+                .try_get::<_, Option<f64>>("attempt_timeout_secs")?
+                .map(Duration::from_secs_f64),
         })
     }
 }
@@ -542,9 +548,7 @@ pub async fn complete_jobs(
             INSERT INTO job_events (job_id, event, status, attempt, worker_id)
             SELECT id, status, status, attempt, coalesce(nullif(done_worker, ''), worker_id) FROM j
          )
-         SELECT ",
-        job_cols!(),
-        " FROM j"
+         SELECT * FROM j"
     );
     let ids: Vec<Uuid> = completions.iter().map(|c| c.id).collect();
     let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();

@@ -23,6 +23,11 @@ async fn jobs_history_retry_and_delete() {
         .await,
         "ID",
     );
+    assert_eq!(env.json(&["jobs", "get", &id]).await["timeout"], 60);
+    assert_eq!(
+        field(&env.ok(&["jobs", "get", &id]).await, "TIMEOUT"),
+        "60s"
+    );
     env.ok(&["jobs", "watch", &id]).await;
 
     // history: a table of the transitions, oldest first.

@@ -462,6 +462,7 @@ async fn an_attempt_past_its_timeout_fails_as_retryable_even_while_it_heartbeats
             ..Default::default()
         })
         .await;
+    assert_eq!(job.timeout, Some(secs(1, 0)));
     let started_at = Instant::now();
     let lease = svc.start_job(&job.id).await.unwrap();
     assert_eq!(lease.job.unwrap().attempt, 1);

@@ -68,6 +68,7 @@ impl Baseline {
                     run_at: None,
                     idempotency_key: None,
                     schedule_timeout: None,
+                    timeout: None,
                 };
                 let row = keel_jobs::store::NewRow {
                     id: Uuid::now_v7(),

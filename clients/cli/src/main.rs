@@ -18,8 +18,8 @@ use keel_proto::auth::v1::{
 };
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::{
-    CancelJobRequest, CreateJobRequest, GetJobRequest, Job, JobStatus, ListJobsRequest,
-    WatchJobRequest,
+    CancelJobRequest, CreateJobRequest, DeleteJobRequest, GetJobHistoryRequest, GetJobRequest, Job,
+    JobStatus, ListJobsRequest, RetryJobRequest, WatchJobRequest,
 };
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::{
@@ -83,7 +83,7 @@ enum Command {
     Logout,
     /// Show the signed-in user.
     Whoami,
-    /// Jobs: create, get, list, watch, cancel.
+    /// Jobs: create, get, list, watch, cancel, history, retry, delete.
     #[command(subcommand)]
     Jobs(JobsCommand),
     /// Memories: put, get, list, search, delete.
@@ -140,6 +140,9 @@ enum JobsCommand {
         run_at: Option<String>,
         #[arg(long, default_value = "")]
         idempotency_key: String,
+        /// Longest one attempt may run, in seconds (1..=86400); none when absent.
+        #[arg(long)]
+        timeout: Option<u32>,
     },
     Get {
         id: String,
@@ -161,6 +164,18 @@ enum JobsCommand {
         id: String,
     },
     Cancel {
+        id: String,
+    },
+    /// Every transition of the job, oldest first.
+    History {
+        id: String,
+    },
+    /// Queue a failed or cancelled job again with a fresh set of attempts.
+    Retry {
+        id: String,
+    },
+    /// Delete a finished job and its history (frees its idempotency key).
+    Delete {
         id: String,
     },
 }
@@ -396,6 +411,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
             max_attempts,
             run_at,
             idempotency_key,
+            timeout,
         } => {
             let run_at = match run_at {
                 Some(t) => Some(keel_shared::time::to_timestamp(
@@ -412,6 +428,10 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 max_attempts: *max_attempts,
                 run_at,
                 idempotency_key: idempotency_key.clone(),
+                timeout: timeout.map(|secs| prost_types::Duration {
+                    seconds: i64::from(secs),
+                    nanos: 0,
+                }),
                 ..Default::default()
             };
             let job = client.create_job(authed(&s, req)?).await?.into_inner().job;
@@ -482,6 +502,31 @@ async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
                 .into_inner()
                 .job;
             show_job(format, &job);
+        }
+        JobsCommand::History { id } => {
+            let events = client
+                .get_job_history(authed(&s, GetJobHistoryRequest { id: id.clone() })?)
+                .await?
+                .into_inner()
+                .events;
+            format.emit(
+                || json!({"events": events.iter().map(output::job_event).collect::<Vec<_>>()}),
+                || output::history_table(&events),
+            );
+        }
+        JobsCommand::Retry { id } => {
+            let job = client
+                .retry_job(authed(&s, RetryJobRequest { id: id.clone() })?)
+                .await?
+                .into_inner()
+                .job;
+            show_job(format, &job);
+        }
+        JobsCommand::Delete { id } => {
+            client
+                .delete_job(authed(&s, DeleteJobRequest { id: id.clone() })?)
+                .await?;
+            format.emit(|| json!({"deleted": id}), || format!("deleted {id}"));
         }
     }
     Ok(())

@@ -3,7 +3,7 @@
 
 use chrono::SecondsFormat;
 use keel_proto::auth::v1::{TokenPair, User};
-use keel_proto::jobs::v1::{Job, JobStatus};
+use keel_proto::jobs::v1::{Job, JobEvent, JobStatus};
 use keel_proto::memory::v1::{Memory, Workspace};
 use keel_shared::json::struct_to_json;
 use prost_types::{Struct, Timestamp};
@@ -169,8 +169,25 @@ pub fn job(j: &Job) -> Value {
         "output": object(&j.output), "error": j.error, "run_at": time(&j.run_at),
         "created_at": time(&j.created_at), "updated_at": time(&j.updated_at),
         "started_at": time(&j.started_at), "finished_at": time(&j.finished_at),
-        "cancel_requested": j.cancel_requested,
+        "cancel_requested": j.cancel_requested, "timeout": seconds(&j.timeout),
     })
+}
+
+/// A Duration as seconds for JSON (whole seconds as an integer), null when unset.
+fn seconds(d: &Option<prost_types::Duration>) -> Value {
+    match d {
+        None => Value::Null,
+        Some(d) if d.nanos == 0 => json!(d.seconds),
+        Some(d) => json!(d.seconds as f64 + f64::from(d.nanos) / 1e9),
+    }
+}
+
+/// A Duration for tables (`90s`), `-` when unset.
+fn seconds_text(d: &Option<prost_types::Duration>) -> String {
+    match seconds(d) {
+        Value::Null => "-".into(),
+        v => format!("{v}s"),
+    }
 }
 
 fn attempt(j: &Job) -> String {
@@ -205,6 +222,7 @@ pub fn job_fields(j: &Job) -> String {
         ("STATUS", status_name(j.status)),
         ("ATTEMPT", attempt(j)),
         ("PRIORITY", j.priority.to_string()),
+        ("TIMEOUT", seconds_text(&j.timeout)),
         ("PAYLOAD", compact(&j.payload)),
         ("OUTPUT", compact(&j.output)),
         ("ERROR", j.error.clone()),
@@ -242,6 +260,44 @@ pub fn watch_line(j: &Job) -> String {
         line.push_str(&j.error.replace(['\n', '\r'], " "));
     }
     line
+}
+
+pub fn job_event(e: &JobEvent) -> Value {
+    json!({
+        "event": e.event, "status": status_name(e.status), "attempt": e.attempt,
+        "worker_id": e.worker_id, "error": e.error, "at": time(&e.at),
+    })
+}
+
+/// A cell that may be empty: `-` then, so every column has a value.
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// `jobs history`: one row per transition, oldest first; times to the
+/// millisecond (a job's transitions are often within one second).
+pub fn history_table(events: &[JobEvent]) -> String {
+    let mut table = Table::new(&["AT", "EVENT", "STATUS", "ATTEMPT", "WORKER", "ERROR"]);
+    for e in events {
+        let at =
+            e.at.as_ref()
+                .and_then(keel_shared::time::from_timestamp)
+                .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+                .unwrap_or_else(|| "-".into());
+        table.row(vec![
+            at,
+            e.event.clone(),
+            status_name(e.status),
+            e.attempt.to_string(),
+            or_dash(&e.worker_id),
+            or_dash(&e.error),
+        ]);
+    }
+    table.render()
 }
 
 pub fn memory(m: &Memory) -> Value {

@@ -343,15 +343,28 @@ impl Delivery {
     }
 
     /// Every `interval` until `shutdown`: returns jobs with expired leases
-    /// to the queue, and fails queued jobs past their schedule deadline.
-    pub async fn run_reaper(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+    /// to the queue, fails attempts past their job's timeout as a retryable
+    /// FailJob would (`retry` is the backoff's base and cap), and fails
+    /// queued jobs past their schedule deadline.
+    pub async fn run_reaper(
+        self: Arc<Self>,
+        interval: Duration,
+        retry: (Duration, Duration),
+        shutdown: CancellationToken,
+    ) {
         loop {
-            match self.reap_once().await {
-                Ok((reaped, unscheduled)) => {
+            match self.reap_once(retry).await {
+                Ok((reaped, timed_out, unscheduled)) => {
                     for job in &reaped {
                         tracing::info!(job_id = %job.id, attempt = job.attempt,
                             status = job.status.as_str(), "lease expired");
                         count_reaped(job);
+                        self.announce(job);
+                    }
+                    for job in &timed_out {
+                        tracing::info!(job_id = %job.id, attempt = job.attempt,
+                            status = job.status.as_str(), "attempt timed out");
+                        count_timed_out(job);
                         self.announce(job);
                     }
                     for job in &unscheduled {
@@ -360,7 +373,8 @@ impl Delivery {
                         keel_shared::metrics::job_transition("failed", &job.kind);
                         self.announce(job);
                     }
-                    let full = reaped.len().max(unscheduled.len()) as i64 == REAP_BATCH;
+                    let most = reaped.len().max(timed_out.len()).max(unscheduled.len());
+                    let full = most as i64 == REAP_BATCH;
                     if full && !shutdown.is_cancelled() {
                         continue;
                     }
@@ -374,11 +388,15 @@ impl Delivery {
         }
     }
 
-    async fn reap_once(&self) -> Result<(Vec<JobRow>, Vec<JobRow>), JobsError> {
+    async fn reap_once(
+        &self,
+        (retry_base, retry_max): (Duration, Duration),
+    ) -> Result<(Vec<JobRow>, Vec<JobRow>, Vec<JobRow>), JobsError> {
         let client = self.pool.get().await?;
         let reaped = store::reap_expired_leases(&client, REAP_BATCH).await?;
+        let timed_out = store::fail_timed_out(&client, REAP_BATCH, retry_base, retry_max).await?;
         let unscheduled = store::fail_unscheduled(&client, REAP_BATCH).await?;
-        Ok((reaped, unscheduled))
+        Ok((reaped, timed_out, unscheduled))
     }
 }
 
@@ -401,6 +419,15 @@ fn count_reaped(job: &JobRow) {
         _ => ("failed", "failed"),
     };
     keel_shared::metrics::lease_reaped(outcome);
+    keel_shared::metrics::job_transition(transition, &job.kind);
+}
+
+fn count_timed_out(job: &JobRow) {
+    let transition = match job.status {
+        Status::Queued => "retried",
+        Status::Cancelled => "cancelled",
+        _ => "failed",
+    };
     keel_shared::metrics::job_transition(transition, &job.kind);
 }
 
@@ -454,6 +481,8 @@ mod tests {
             worker_id: Some("w".into()),
             version: 7,
             progress: Some(serde_json::json!({"done": 3})),
+            attempt_deadline: None,
+            attempt_timeout: Some(Duration::from_millis(1500)),
         };
         let (version, proto) = decode_announcement(&encode_announcement(&job)).unwrap();
         assert_eq!(version, 7);

@@ -22,6 +22,9 @@ pub const MAX_DELIVERY_ID_BYTES: usize = 128;
 /// A job's schedule timeout: at least a second, at most 30 days.
 pub const MIN_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_SCHEDULE_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A job's attempt timeout: at least a second, at most a day.
+pub const MIN_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// ClaimJobs: most kinds one worker names, most jobs one call returns, and
 /// longest wait.
 pub const MAX_CLAIM_KINDS: usize = 64;
@@ -100,6 +103,8 @@ pub struct NewJob {
     pub idempotency_key: Option<String>,
     /// How long it may wait for a worker; None: the server default.
     pub schedule_timeout: Option<Duration>,
+    /// How long one attempt may run; None: no limit.
+    pub timeout: Option<Duration>,
 }
 
 /// Validates one CreateJob request; `prefix` names it inside a batch
@@ -163,6 +168,14 @@ pub fn validate_create(
                 .map_err(|why| JobsError::invalid(field("schedule_timeout"), why))
         })
         .transpose()?;
+    let timeout = req
+        .timeout
+        .as_ref()
+        .map(|d| {
+            duration_within(d, MIN_ATTEMPT_TIMEOUT..=MAX_ATTEMPT_TIMEOUT)
+                .map_err(|why| JobsError::invalid(field("timeout"), why))
+        })
+        .transpose()?;
     Ok(NewJob {
         kind: req.kind.clone(),
         payload,
@@ -171,6 +184,7 @@ pub fn validate_create(
         run_at,
         idempotency_key,
         schedule_timeout,
+        timeout,
     })
 }
 
@@ -326,6 +340,28 @@ pub fn start_refusal(status: Status, run_at: DateTime<Utc>, now: DateTime<Utc>) 
     }
 }
 
+/// Why RetryJob refused a job in `status` (only failed or cancelled jobs retry).
+pub fn retry_refusal(status: Status) -> String {
+    format!(
+        "job is {}: only failed or cancelled jobs can be retried",
+        status.as_str()
+    )
+}
+
+/// Why DeleteJob refused a job in `status` (only finished jobs are deleted).
+pub fn delete_refusal(status: Status) -> String {
+    format!(
+        "job is {}: only finished (succeeded, failed or cancelled) jobs can be deleted",
+        status.as_str()
+    )
+}
+
+/// Why a Heartbeat of running attempt `attempt` is refused once it ran past
+/// its deadline: the attempt is over even if the reaper has not recorded it yet.
+pub fn timed_out_refusal(attempt: i32) -> String {
+    format!("attempt {attempt} ran past the job's timeout: it is over")
+}
+
 /// Why a transition of `attempt` (Heartbeat, CompleteJob, FailJob) did not apply.
 pub fn attempt_refusal(status: Status, current_attempt: i32, attempt: i32) -> String {
     match status {
@@ -397,6 +433,37 @@ mod tests {
         );
         r.idempotency_key = "é".repeat(256);
         assert!(validate_create(&r, "", 1024).is_ok());
+    }
+
+    #[test]
+    fn attempt_timeouts_are_bounded_and_named() {
+        let secs = |seconds: i64, nanos: i32| prost_types::Duration { seconds, nanos };
+        let mut r = req("echo");
+        assert_eq!(validate_create(&r, "", 1024).unwrap().timeout, None);
+        r.timeout = Some(secs(1, 0));
+        assert_eq!(
+            validate_create(&r, "", 1024).unwrap().timeout,
+            Some(Duration::from_secs(1))
+        );
+        r.timeout = Some(secs(24 * 3600, 0));
+        assert!(validate_create(&r, "", 1024).is_ok());
+        for bad in [
+            secs(0, 999_999_999),
+            secs(24 * 3600, 1),
+            secs(-1, 0),
+            secs(0, 0),
+        ] {
+            r.timeout = Some(bad);
+            assert_eq!(
+                field_of(validate_create(&r, "", 1024).unwrap_err()),
+                "timeout"
+            );
+        }
+        let reqs = vec![req("ok"), r];
+        assert_eq!(
+            field_of(validate_batch(&reqs, 1024).unwrap_err()),
+            "requests[1].timeout"
+        );
     }
 
     #[test]

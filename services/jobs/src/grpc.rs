@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::domain::{self, Status as JobState};
 use crate::error::JobsError;
 use crate::service::Jobs;
-use crate::store::JobRow;
+use crate::store::{EventRow, JobRow};
 use crate::subscriptions::Subscriptions;
 
 pub struct JobsApi {
@@ -63,6 +63,10 @@ pub fn job_to_proto(j: &JobRow) -> Job {
         finished_at: opt_timestamp(j.finished_at),
         cancel_requested: j.cancel_requested,
         progress: j.progress.as_ref().map(json_to_struct),
+        timeout: j.attempt_timeout.map(|t| prost_types::Duration {
+            seconds: t.as_secs() as i64,
+            nanos: t.subsec_nanos() as i32,
+        }),
     }
 }
 
@@ -197,6 +201,56 @@ impl JobsService for JobsApi {
         .await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    /// Every transition of the caller's job, oldest first.
+    async fn get_job_history(
+        &self,
+        req: Request<GetJobHistoryRequest>,
+    ) -> Result<Response<GetJobHistoryResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let events = self.jobs.history(user_id, id).await?;
+        Ok(Response::new(GetJobHistoryResponse {
+            events: events.iter().map(event_to_proto).collect(),
+        }))
+    }
+
+    /// FAILED or CANCELLED -> QUEUED with attempt 0, delivered as a new job;
+    /// any other status -> FAILED_PRECONDITION naming it.
+    async fn retry_job(
+        &self,
+        req: Request<RetryJobRequest>,
+    ) -> Result<Response<RetryJobResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        let job = self.jobs.retry(user_id, id).await?;
+        Ok(Response::new(RetryJobResponse {
+            job: Some(job_to_proto(&job)),
+        }))
+    }
+
+    /// Deletes a finished job and its history; QUEUED or RUNNING ->
+    /// FAILED_PRECONDITION.
+    async fn delete_job(
+        &self,
+        req: Request<DeleteJobRequest>,
+    ) -> Result<Response<DeleteJobResponse>, Status> {
+        let user_id = user(&req)?;
+        let id = domain::parse_id(&req.get_ref().id)?;
+        self.jobs.delete(user_id, id).await?;
+        Ok(Response::new(DeleteJobResponse {}))
+    }
+}
+
+fn event_to_proto(e: &EventRow) -> JobEvent {
+    JobEvent {
+        event: e.event.clone(),
+        status: e.status.to_proto() as i32,
+        attempt: e.attempt,
+        worker_id: e.worker_id.clone().unwrap_or_default(),
+        error: e.error.clone().unwrap_or_default(),
+        at: Some(to_timestamp(e.at)),
+    }
 }
 
 /// The worker's side. Every call needs the worker credential (a user token is
@@ -222,7 +276,8 @@ impl JobRunnerService for JobsApi {
     /// and reports `cancel_requested` (stop, then CompleteJob with
     /// `cancelled`). Any other state or attempt -> FAILED_PRECONDITION (the
     /// worker must stop: the attempt is no longer its own). A heartbeat
-    /// after the lease ran out but before the reaper acted still extends it.
+    /// after the lease ran out but before the reaper acted still extends it;
+    /// one past the attempt's deadline (the job's timeout) never does.
     async fn heartbeat(
         &self,
         req: Request<HeartbeatRequest>,

@@ -114,11 +114,14 @@ pub async fn run(
         config.relay_batch,
         background.clone(),
     ));
-    tokio::spawn(
-        delivery
-            .clone()
-            .run_reaper(config.reaper_interval(), background.clone()),
-    );
+    tokio::spawn(delivery.clone().run_reaper(
+        config.reaper_interval(),
+        (
+            Duration::from_millis(config.retry_base_ms),
+            Duration::from_millis(config.retry_max_ms.max(config.retry_base_ms)),
+        ),
+        background.clone(),
+    ));
     tokio::spawn(
         delivery
             .clone()

@@ -330,6 +330,56 @@ impl Jobs {
         )))
     }
 
+    /// The caller's job's history, oldest first.
+    pub async fn history(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+    ) -> Result<Vec<store::EventRow>, JobsError> {
+        let client = self.pool.get().await?;
+        store::job_history(&client, user_id, id)
+            .await?
+            .ok_or(JobsError::NotFound)
+    }
+
+    /// Failed or cancelled -> queued with a fresh set of attempts, then
+    /// delivered exactly as a new job: published to its stream at once (the
+    /// relay after the grace if that fails) and waiting claims woken.
+    pub async fn retry(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
+        let client = self.pool.get().await?;
+        let Some(job) = store::retry_job(&client, user_id, id, PUBLISH_GRACE).await? else {
+            let job = store::user_job(&client, user_id, id)
+                .await?
+                .ok_or(JobsError::NotFound)?;
+            return Err(JobsError::WrongState(domain::retry_refusal(job.status)));
+        };
+        count_transition(&job);
+        self.delivery.announce(&job);
+        self.delivery.publish_soon([store::Publication {
+            job_id: job.id,
+            kind: job.kind.clone(),
+            priority: job.priority,
+            // The retried job's outbox row is a new job's (see store::retry_job).
+            attempt: 0,
+            traceparent: keel_shared::telemetry::current_traceparent(),
+        }]);
+        self.jobs_due.notify_waiters();
+        Ok(job)
+    }
+
+    /// Deletes the caller's finished job with its history; anything else
+    /// (queued, running) is FAILED_PRECONDITION.
+    pub async fn delete(&self, user_id: Uuid, id: Uuid) -> Result<(), JobsError> {
+        let client = self.pool.get().await?;
+        if store::delete_finished(&client, user_id, id).await? {
+            return Ok(());
+        }
+        let job = store::user_job(&client, user_id, id)
+            .await?
+            .ok_or(JobsError::NotFound)?;
+        Err(JobsError::WrongState(domain::delete_refusal(job.status)))
+    }
+
     /// Queued and due -> running with a new attempt and a lease. The same
     /// worker repeating its start of the same delivery gets that attempt
     /// back (its first answer was lost).
@@ -419,7 +469,29 @@ impl Jobs {
                 let lease_expires_at = job.lease_expires_at.unwrap_or_else(Utc::now);
                 Ok((lease_expires_at, job.cancel_requested))
             }
-            None => Err(self.attempt_refusal(&client, id, attempt).await),
+            None => Err(self.deadline_refusal(&client, id, attempt).await),
+        }
+    }
+
+    /// Why a Heartbeat or CompleteJob of `attempt` did not apply. Both refuse
+    /// a running attempt past its deadline, so a job still running that
+    /// attempt with a deadline timed out (the reaper records it soon).
+    async fn deadline_refusal(
+        &self,
+        client: &deadpool_postgres::Client,
+        id: Uuid,
+        attempt: i32,
+    ) -> JobsError {
+        match store::job(client, id).await {
+            Ok(Some(job))
+                if job.status == Status::Running
+                    && job.attempt == attempt
+                    && job.attempt_deadline.is_some() =>
+            {
+                JobsError::WrongState(domain::timed_out_refusal(attempt))
+            }
+            Ok(_) => self.attempt_refusal(client, id, attempt).await,
+            Err(e) => e,
         }
     }
 
@@ -488,7 +560,7 @@ impl Jobs {
             }
             None => {
                 let client = self.pool.get().await?;
-                Err(self.attempt_refusal(&client, id, attempt).await)
+                Err(self.deadline_refusal(&client, id, attempt).await)
             }
         }
     }

@@ -19,7 +19,8 @@ macro_rules! job_cols {
     () => {
         "id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
          run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
-         lease_expires_at, worker_id, version, progress"
+         lease_expires_at, worker_id, version, progress, attempt_deadline, \
+         extract(epoch FROM attempt_timeout)::float8 AS attempt_timeout_secs"
     };
 }
 
@@ -48,6 +49,11 @@ pub struct JobRow {
     pub version: i64,
     /// The running attempt's latest reported progress.
     pub progress: Option<serde_json::Value>,
+    /// When the running attempt times out (its job's timeout after it
+    /// started); None: no timeout. Stale once the job is no longer running.
+    pub attempt_deadline: Option<DateTime<Utc>>,
+    /// How long one attempt may run; None: no limit.
+    pub attempt_timeout: Option<Duration>,
 }
 
 impl TryFrom<&Row> for JobRow {
@@ -80,6 +86,10 @@ impl TryFrom<&Row> for JobRow {
             worker_id: row.try_get("worker_id")?,
             version: row.try_get("version")?,
             progress: row.try_get("progress")?,
+            attempt_deadline: row.try_get("attempt_deadline")?,
+            attempt_timeout: row
+                .try_get::<_, Option<f64>>("attempt_timeout_secs")?
+                .map(Duration::from_secs_f64),
         })
     }
 }
@@ -120,14 +130,18 @@ pub async fn insert_jobs(
             SELECT *, make_interval(secs => timeout_secs) AS timeout,
                    greatest(coalesce(run_at, now()), now()) AS due_at
             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int4[],
-                        $6::int4[], $7::timestamptz[], $8::text[], $9::text[], $11::float8[])
+                        $6::int4[], $7::timestamptz[], $8::text[], $9::text[], $11::float8[],
+                        $12::float8[])
                    WITH ORDINALITY AS t(id, user_id, kind, payload, priority, max_attempts, run_at,
-                                        idempotency_key, traceparent, timeout_secs, ord)
+                                        idempotency_key, traceparent, timeout_secs,
+                                        attempt_timeout_secs, ord)
          ), ins AS (
             INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at,
-                              idempotency_key, traceparent, schedule_timeout, schedule_deadline)
+                              idempotency_key, traceparent, schedule_timeout, schedule_deadline,
+                              attempt_timeout)
             SELECT id, user_id, kind, payload, priority, max_attempts, due_at,
-                   idempotency_key, traceparent, timeout, due_at + timeout
+                   idempotency_key, traceparent, timeout, due_at + timeout,
+                   make_interval(secs => attempt_timeout_secs)
             FROM input ORDER BY user_id, idempotency_key, ord
             ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
             RETURNING ",
@@ -161,6 +175,10 @@ pub async fn insert_jobs(
         .iter()
         .map(|r| r.schedule_timeout.as_secs_f64())
         .collect();
+    let attempt_timeouts: Vec<Option<f64>> = rows
+        .iter()
+        .map(|r| r.job.timeout.map(|t| t.as_secs_f64()))
+        .collect();
     let stmt = client.prepare_cached(SQL).await?;
     let found = client
         .query(
@@ -177,6 +195,7 @@ pub async fn insert_jobs(
                 &traceparents,
                 &publish_grace.as_secs_f64(),
                 &timeouts,
+                &attempt_timeouts,
             ],
         )
         .await
@@ -345,6 +364,7 @@ pub async fn start_jobs(
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $3),
                             worker_id = start_worker, delivery_id = nullif(start_delivery, ''),
+                            attempt_deadline = now() + attempt_timeout,
                             progress = NULL, version = version + 1
             FROM locked, input
             WHERE id = locked_id AND id = start_id AND status = 'queued' AND run_at <= now()
@@ -432,6 +452,7 @@ pub async fn claim_jobs(
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $4),
                             worker_id = $2, delivery_id = NULL, progress = NULL,
+                            attempt_deadline = now() + attempt_timeout,
                             version = version + 1
             FROM picked
             WHERE id = claim_id AND status = 'queued'
@@ -456,7 +477,9 @@ pub async fn claim_jobs(
 
 /// Extends the lease of running attempt `attempt` and records its
 /// `progress` when given. Not a transition, so no history row; a progress
-/// report is a new version (watchers see it), a bare heartbeat is not.
+/// report is a new version (watchers see it), a bare heartbeat is not. An
+/// attempt past its deadline is not extended (None), even before the
+/// reaper fails it: the worker learns at once that the attempt is over.
 pub async fn heartbeat(
     client: &impl GenericClient,
     id: Uuid,
@@ -470,6 +493,7 @@ pub async fn heartbeat(
                          version = version + CASE WHEN $4 IS NULL THEN 0 ELSE 1 END,
                          updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE now() END
          WHERE id = $1 AND status = 'running' AND attempt = $2
+           AND (attempt_deadline IS NULL OR attempt_deadline > now())
          RETURNING ",
         job_cols!()
     );
@@ -494,7 +518,8 @@ pub struct Completion<'a> {
 }
 
 /// Applies `completions` in one statement; returns the jobs that completed
-/// (the others are not running that attempt). (id, attempt) pairs must be
+/// (the others are not running that attempt, or it ran past its deadline:
+/// it timed out, whether or not the reaper has recorded that yet). (id, attempt) pairs must be
 /// distinct. Rows are locked in id order, so concurrent batches cannot deadlock.
 pub async fn complete_jobs(
     client: &impl GenericClient,
@@ -515,6 +540,7 @@ pub async fn complete_jobs(
                             lease_expires_at = NULL, version = version + 1
             FROM locked, input
             WHERE id = locked_id AND id = done_id AND attempt = done_attempt AND status = 'running'
+              AND (attempt_deadline IS NULL OR attempt_deadline > now())
             RETURNING ",
         job_cols!(),
         ", done_worker
@@ -522,9 +548,7 @@ pub async fn complete_jobs(
             INSERT INTO job_events (job_id, event, status, attempt, worker_id)
             SELECT id, status, status, attempt, coalesce(nullif(done_worker, ''), worker_id) FROM j
          )
-         SELECT ",
-        job_cols!(),
-        " FROM j"
+         SELECT * FROM j"
     );
     let ids: Vec<Uuid> = completions.iter().map(|c| c.id).collect();
     let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
@@ -637,6 +661,189 @@ pub async fn reap_expired_leases(
     );
     let stmt = client.prepare_cached(SQL).await?;
     rows(&client.query(&stmt, &[&limit]).await?)
+}
+
+/// Running attempts past their deadline (the job's timeout) fail as a
+/// retryable FailJob would: queued again after the backoff of
+/// `retry_delay` (same base, cap and equal jitter, computed here per row)
+/// while attempts remain, else failed (cancelled when cancellation was
+/// requested). Their heartbeats stop extending them from the deadline on
+/// ([`heartbeat`]), so the worker learns the attempt is over. Rows another
+/// replica is reaping are skipped.
+pub async fn fail_timed_out(
+    client: &impl GenericClient,
+    limit: i64,
+    retry_base: Duration,
+    retry_max: Duration,
+) -> Result<Vec<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH expired AS (
+            SELECT id AS expired_id,
+                   make_interval(secs => least($2 * power(2, least(greatest(attempt - 1, 0), 30)), $3)
+                                         * (0.5 + random() / 2)) AS delay
+            FROM jobs
+            WHERE status = 'running' AND attempt_deadline < now()
+            ORDER BY attempt_deadline
+            LIMIT $1
+            FOR UPDATE SKIP LOCKED
+         ), j AS (
+            UPDATE jobs SET
+                status = CASE WHEN cancel_requested THEN 'cancelled'
+                              WHEN attempt < max_attempts THEN 'queued'
+                              ELSE 'failed' END,
+                run_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                              THEN now() + delay ELSE run_at END,
+                schedule_deadline = now() + delay + schedule_timeout,
+                finished_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                                   THEN NULL ELSE now() END,
+                error = format('attempt %s timed out: it ran longer than the job''s timeout (%s s)',
+                               attempt, extract(epoch FROM attempt_timeout)::float8),
+                updated_at = now(), lease_expires_at = NULL, version = version + 1
+            FROM expired
+            WHERE id = expired_id AND status = 'running' AND attempt_deadline < now()
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)
+            SELECT id, 'timed_out', status, attempt, worker_id, error FROM j
+         ), ob AS (
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
+            SELECT id, run_at, priority, attempt FROM j WHERE status = 'queued'
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    rows(
+        &client
+            .query(
+                &stmt,
+                &[&limit, &retry_base.as_secs_f64(), &retry_max.as_secs_f64()],
+            )
+            .await?,
+    )
+}
+
+/// Failed or cancelled -> queued with a fresh set of attempts (attempt 0,
+/// error, output, progress and cancellation cleared), due now, with a new
+/// schedule deadline as at creation, an outbox row as a new job's (due after
+/// `publish_grace`, left meanwhile to the caller's immediate publication)
+/// and a `retried` history row. None when the job is not the caller's
+/// failed or cancelled job: one conditional UPDATE, so of two concurrent
+/// retries only one applies.
+///
+/// The outbox row's `attempt` is 0, as for a new job, so the immediate
+/// publication marks it like one. A finished job has no outbox row (it was
+/// deleted when its last attempt started, or when it was cancelled or
+/// failed while queued), so no row of its first life is left to be confused
+/// with this one. The one overlap is in memory: the publisher marks a new
+/// job's (id, 0) row [`crate::delivery`]'s MARK_AFTER after its XADD; if the
+/// job started, ended and was retried within that half second, that stale
+/// mark lands on this row. It is harmless: this row's own immediate
+/// publication is already queued and happens regardless, and if that XADD
+/// fails the relay publishes the row once the mark's redelivery wait ends
+/// (a delay, never a loss; ClaimJobs workers never depend on the outbox).
+pub async fn retry_job(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+    publish_grace: Duration,
+) -> Result<Option<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "WITH j AS (
+            UPDATE jobs SET status = 'queued', attempt = 0, error = '', output = NULL,
+                            progress = NULL, cancel_requested = false, run_at = now(),
+                            schedule_deadline = now() + schedule_timeout,
+                            started_at = NULL, finished_at = NULL, lease_expires_at = NULL,
+                            worker_id = NULL, delivery_id = NULL, attempt_deadline = NULL,
+                            updated_at = now(), version = version + 1
+            WHERE id = $1 AND user_id = $2 AND status IN ('failed', 'cancelled')
+            RETURNING ",
+        job_cols!(),
+        "
+         ), ev AS (
+            INSERT INTO job_events (job_id, event, status, attempt)
+            SELECT id, 'retried', status, attempt FROM j
+         ), ob AS (
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
+            SELECT id, now() + make_interval(secs => $3), priority, 0 FROM j
+            ON CONFLICT (job_id) DO UPDATE
+                SET deliver_at = excluded.deliver_at, priority = excluded.priority,
+                    attempt = 0, published_at = NULL, publications = 0
+         )
+         SELECT * FROM j"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    opt_row(
+        client
+            .query_opt(&stmt, &[&id, &user_id, &publish_grace.as_secs_f64()])
+            .await?,
+    )
+}
+
+/// Deletes the caller's finished job; its history and outbox rows go with
+/// it (the `jobs_delete_dependents` trigger), and its idempotency key is
+/// free again. False when the job is not the caller's finished job.
+pub async fn delete_finished(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<bool, JobsError> {
+    const SQL: &str = "DELETE FROM jobs
+                       WHERE id = $1 AND user_id = $2
+                         AND status IN ('succeeded', 'failed', 'cancelled')";
+    let stmt = client.prepare_cached(SQL).await?;
+    Ok(client.execute(&stmt, &[&id, &user_id]).await? == 1)
+}
+
+/// One transition of a job, as recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub event: String,
+    pub status: Status,
+    pub attempt: i32,
+    pub worker_id: Option<String>,
+    pub error: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// The caller's job's history, oldest first; None when the job is absent
+/// or another user's. One statement, so a job deleted meanwhile is None,
+/// never an empty history.
+pub async fn job_history(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Vec<EventRow>>, JobsError> {
+    const SQL: &str = "SELECT e.event, e.status, e.attempt, e.worker_id, e.error, e.at
+                       FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id
+                       WHERE j.id = $1 AND j.user_id = $2
+                       ORDER BY e.id";
+    let stmt = client.prepare_cached(SQL).await?;
+    let found = client.query(&stmt, &[&id, &user_id]).await?;
+    if found.is_empty() {
+        return Ok(None);
+    }
+    let mut events = Vec::with_capacity(found.len());
+    for row in &found {
+        let Some(event) = row.try_get::<_, Option<String>>(0)? else {
+            continue; // the job has no history rows
+        };
+        let status: String = row.try_get(1)?;
+        events.push(EventRow {
+            event,
+            status: Status::parse(&status).ok_or_else(|| {
+                JobsError::Api(ApiError::Internal(format!(
+                    "unknown job status {status:?} in the history"
+                )))
+            })?,
+            attempt: row.try_get(2)?,
+            worker_id: row.try_get(3)?,
+            error: row.try_get(4)?,
+            at: row.try_get(5)?,
+        });
+    }
+    Ok(Some(events))
 }
 
 /// Queued jobs that no worker took before their schedule deadline fail

@@ -1,6 +1,7 @@
 //! The `keel` binary against the real services (in-process, on their own
 //! database and Redis prefix): what it prints and what it changes.
 
+mod control;
 mod dead_letters;
 mod output;
 mod support;

@@ -270,6 +270,7 @@ async fn committed_unpublished(svc: &Svc, n: usize) -> Vec<Uuid> {
         run_at: None,
         idempotency_key: None,
         schedule_timeout: None,
+        timeout: None,
     };
     let rows: Vec<NewRow> = (0..n)
         .map(|_| NewRow {

@@ -114,19 +114,34 @@ fn create_request(max_levels: usize) -> BoxedStrategy<CreateJobRequest> {
         small_i32(0..=100),
         prop::option::of(timestamp()),
         prop_oneof![Just(String::new()), Just("key-1".to_string()), text()],
+        prop::option::of(duration()),
     )
         .prop_map(
-            |(kind, payload, priority, max_attempts, run_at, idempotency_key)| CreateJobRequest {
-                kind,
-                payload,
-                priority,
-                max_attempts,
-                run_at,
-                idempotency_key,
-                ..Default::default()
+            |(kind, payload, priority, max_attempts, run_at, idempotency_key, timeout)| {
+                CreateJobRequest {
+                    kind,
+                    payload,
+                    priority,
+                    max_attempts,
+                    run_at,
+                    idempotency_key,
+                    timeout,
+                    ..Default::default()
+                }
             },
         )
         .boxed()
+}
+
+/// Durations for `timeout`: in its range, at its edges, and anything.
+fn duration() -> BoxedStrategy<prost_types::Duration> {
+    let d = |(seconds, nanos)| prost_types::Duration { seconds, nanos };
+    prop_oneof![
+        2 => (1i64..86_400, 0..1_000_000_000i32).prop_map(d),
+        1 => prop::sample::select(vec![(0, 0), (1, 0), (0, 999_999_999), (86_400, 0), (86_400, 1), (-1, 0), (1, -1)]).prop_map(d),
+        1 => (any::<i64>(), any::<i32>()).prop_map(d),
+    ]
+    .boxed()
 }
 
 /// How a case names a job: the one the case prepared (as is, or in another
@@ -241,15 +256,15 @@ fn batch_create_jobs_survives_hostile_requests() {
 }
 
 #[test]
-fn get_cancel_and_watch_survive_hostile_ids() {
+fn job_rpcs_by_id_survive_hostile_ids() {
     let rt = runtime();
     let svc = rt.block_on(Svc::start());
     property(
         SERVICE,
-        "GetJob/CancelJob/WatchJob",
+        "GetJob/CancelJob/WatchJob/GetJobHistory/RetryJob/DeleteJob",
         128,
         &rt,
-        (id(), 0..3u8),
+        (id(), 0..6u8),
         |(id, rpc)| {
             let svc = &svc;
             async move {
@@ -277,6 +292,37 @@ fn get_cancel_and_watch_survive_hostile_ids() {
                             assert_eq!(job.id, target.id);
                             assert_eq!(job.status(), JobStatus::Cancelled);
                         }
+                    }
+                    3 => {
+                        let r = checked(
+                            &svc.db,
+                            "GetJobHistory",
+                            jobs.get_job_history(svc.u(GetJobHistoryRequest { id })),
+                        )
+                        .await;
+                        if let Ok(r) = r {
+                            assert_eq!(r.into_inner().events[0].event, "created");
+                        }
+                    }
+                    4 => {
+                        // A queued job is not retried.
+                        let r = checked(
+                            &svc.db,
+                            "RetryJob",
+                            jobs.retry_job(svc.u(RetryJobRequest { id })),
+                        )
+                        .await;
+                        assert!(r.is_err(), "{r:?}");
+                    }
+                    5 => {
+                        // Nor deleted.
+                        let r = checked(
+                            &svc.db,
+                            "DeleteJob",
+                            jobs.delete_job(svc.u(DeleteJobRequest { id })),
+                        )
+                        .await;
+                        assert!(r.is_err(), "{r:?}");
                     }
                     _ => {
                         let r = checked(

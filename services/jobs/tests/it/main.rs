@@ -5,6 +5,7 @@ mod batched_rpcs;
 mod batching;
 mod cancel;
 mod claims;
+mod control;
 mod create;
 mod delivery;
 mod hostile;

@@ -167,6 +167,30 @@ async fn every_rpc_raw_header(svc: &Svc, header: &str, job_id: &str) -> Vec<(&'s
             ),
         ),
         (
+            "GetJobHistory",
+            code(
+                jobs.get_job_history(with(GetJobHistoryRequest { id: id() }, header))
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
+            "RetryJob",
+            code(
+                jobs.retry_job(with(RetryJobRequest { id: id() }, header))
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
+            "DeleteJob",
+            code(
+                jobs.delete_job(with(DeleteJobRequest { id: id() }, header))
+                    .await
+                    .map(|_| ()),
+            ),
+        ),
+        (
             "ListJobs",
             code(
                 jobs.list_jobs(with(ListJobsRequest::default(), header))
@@ -340,7 +364,9 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
     for job in [&queued, &running] {
         let answers = every_rpc(&svc, &bob, &job.id).await;
         let want = |rpc: &str| match rpc {
-            "GetJob" | "CancelJob" | "WatchJob" => Code::NotFound,
+            "GetJob" | "CancelJob" | "WatchJob" | "GetJobHistory" | "RetryJob" | "DeleteJob" => {
+                Code::NotFound
+            }
             "ListJobs" | "CreateJob" | "BatchCreateJobs" => Code::Ok,
             _ => Code::PermissionDenied,
         };

@@ -1,0 +1,387 @@
+//! TLS against real servers: a private Postgres with `ssl=on` and a
+//! hostssl-only pg_hba (plain connections are refused), and a
+//! `redis-server --tls-port`, both serving a certificate for `localhost`
+//! signed by a CA made here with rcgen. Connections go through what the
+//! binaries use (`db::connect`, `redis::pool`/`redis::client`), and the
+//! assertions are on the error text an operator would see.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use keel_shared::config::DatabaseConfig;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("keel-tls-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// PEM files: `ca.pem` (signs the server's certificate), `other-ca.pem`
+/// (signs nothing the servers present), `server.pem`/`server.key` (for the
+/// name `localhost` only).
+struct Pki {
+    ca: PathBuf,
+    other_ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA cert")
+}
+
+impl Pki {
+    fn generate(dir: &Path) -> Self {
+        let ca_cert = ca("Keel test CA");
+        let other = ca("Some other CA");
+        let key = KeyPair::generate().expect("server key");
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let cert = params.signed_by(&key, &ca_cert).expect("server cert");
+        let pki = Self {
+            ca: dir.join("ca.pem"),
+            other_ca: dir.join("other-ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        };
+        std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&pki.other_ca, other.pem()).unwrap();
+        std::fs::write(&pki.cert, cert.pem()).unwrap();
+        std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+        pki
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// The newest `/usr/lib/postgresql/*/bin` holding `initdb`, or `initdb`'s
+/// directory on PATH.
+fn pg_bindir() -> Option<PathBuf> {
+    let mut dirs: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((major, bin))
+        })
+        .collect();
+    dirs.sort();
+    if let Some((_, bin)) = dirs.pop() {
+        return Some(bin);
+    }
+    let out = Command::new("sh")
+        .args(["-c", "command -v initdb"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+}
+
+/// A private Postgres cluster serving TLS only, run as the `postgres` user
+/// when we are root (as CI is), stopped on drop.
+struct TlsPostgres {
+    port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+    as_postgres: bool,
+}
+
+impl TlsPostgres {
+    /// Err(reason) when this machine cannot run one.
+    fn start(dir: &Path, pki: &Pki) -> Result<Self, String> {
+        let bin = pg_bindir().ok_or("no initdb under /usr/lib/postgresql/*/bin or on PATH")?;
+        let as_postgres = is_root();
+        let pg = Self {
+            port: free_port(),
+            bin,
+            dir: dir.to_path_buf(),
+            as_postgres,
+        };
+        if as_postgres {
+            let ok = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                return Err("root, and chown to the postgres user failed (no such user?)".into());
+            }
+        }
+        // Postgres refuses a key others can read.
+        let ok = pg
+            .command("chmod")
+            .arg("600")
+            .arg(&pki.key)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err("chmod 600 on the server key failed".into());
+        }
+        let data = dir.join("data");
+        let initdb = pg
+            .command(&pg.bin.join("initdb").display().to_string())
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8"])
+            .output()
+            .map_err(|e| format!("cannot run initdb: {e}"))?;
+        if !initdb.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&initdb.stderr).trim()
+            ));
+        }
+        // TLS only over TCP: a plain TCP connection matches no line.
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl all all ::1/128 trust\n",
+        )
+        .map_err(|e| e.to_string())?;
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
+             -c ssl_cert_file={} -c ssl_key_file={}",
+            pg.port,
+            dir.display(),
+            pki.cert.display(),
+            pki.key.display()
+        );
+        let started = pg
+            .command(&pg.bin.join("pg_ctl").display().to_string())
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("postgres.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run pg_ctl: {e}"))?;
+        if !started.status.success() {
+            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+            return Err(format!("pg_ctl start failed: {log}"));
+        }
+        Ok(pg)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", program]);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
+    /// A config for `host` with these query parameters, giving up after 1s.
+    fn config(&self, host: &str, params: &str) -> DatabaseConfig {
+        let mut cfg = DatabaseConfig::from_url(format!(
+            "postgres://postgres@{host}:{}/postgres{params}",
+            self.port
+        ));
+        cfg.db_pool_size = 1;
+        cfg.db_connect_timeout_secs = 1;
+        cfg
+    }
+}
+
+impl Drop for TlsPostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .command(&self.bin.join("pg_ctl").display().to_string())
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Connects as a binary does; Ok(whether the session is encrypted), or
+/// the start-up error's text (which must be one line).
+async fn connect(cfg: &DatabaseConfig) -> Result<bool, String> {
+    match keel_shared::db::connect(cfg).await {
+        Ok(pool) => {
+            let client = pool.get().await.expect("pooled connection");
+            let row = client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .expect("query over the connection");
+            Ok(row.get(0))
+        }
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                !text.contains('\n'),
+                "start-up error is not one line: {text}"
+            );
+            Err(text)
+        }
+    }
+}
+
+#[tokio::test]
+async fn postgres_sslmodes_against_a_tls_only_server() {
+    let dir = TempDir::new("pg");
+    let pki = Pki::generate(&dir.0);
+    let pg = match TlsPostgres::start(&dir.0, &pki) {
+        Ok(pg) => pg,
+        Err(reason) => {
+            eprintln!("SKIPPED postgres_sslmodes_against_a_tls_only_server: {reason}");
+            return;
+        }
+    };
+    let ca = pki.ca.display().to_string();
+    let other_ca = pki.other_ca.display().to_string();
+    let port = pg.port;
+
+    // verify-full, the CA, the name on the certificate: connects, encrypted.
+    let full = pg.config(
+        "localhost",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    );
+    assert_eq!(connect(&full).await, Ok(true), "verify-full with the CA");
+
+    // The same CA through KEEL_DB_CA_FILE instead of the URL.
+    let mut via_setting = pg.config("localhost", "?sslmode=verify-full");
+    via_setting.db_ca_file = Some(pki.ca.clone());
+    assert_eq!(
+        connect(&via_setting).await,
+        Ok(true),
+        "verify-full, KEEL_DB_CA_FILE"
+    );
+
+    // verify-full to a host the certificate does not name: refused.
+    let wrong_host = pg.config(
+        "127.0.0.1",
+        &format!("?sslmode=verify-full&sslrootcert={ca}"),
+    );
+    let err = connect(&wrong_host)
+        .await
+        .expect_err("verify-full, wrong host");
+    assert_eq!(
+        err,
+        format!(
+            "Postgres at 127.0.0.1:{port}/postgres: TLS certificate is for localhost \
+             but the host is 127.0.0.1 with sslmode=verify-full"
+        )
+    );
+
+    // verify-ca checks the chain, not the name: the same host connects.
+    let chain_only = pg.config("127.0.0.1", &format!("?sslmode=verify-ca&sslrootcert={ca}"));
+    assert_eq!(
+        connect(&chain_only).await,
+        Ok(true),
+        "verify-ca, other host name"
+    );
+
+    // A CA that did not sign the server's certificate: refused, in both modes.
+    for mode in ["verify-full", "verify-ca"] {
+        let untrusted = pg.config(
+            "localhost",
+            &format!("?sslmode={mode}&sslrootcert={other_ca}"),
+        );
+        let err = connect(&untrusted).await.expect_err("untrusted CA");
+        assert_eq!(
+            err,
+            format!(
+                "Postgres at localhost:{port}/postgres: TLS certificate not trusted \
+                 (unknown issuer) with sslmode={mode}"
+            )
+        );
+    }
+
+    // require encrypts without verifying ...
+    let require = pg.config("127.0.0.1", "?sslmode=require");
+    assert_eq!(connect(&require).await, Ok(true), "require without a CA");
+    // ... unless a root certificate is given: then it checks the chain (libpq).
+    let mut require_ca = pg.config("127.0.0.1", "?sslmode=require");
+    require_ca.db_ca_file = Some(pki.other_ca.clone());
+    let err = connect(&require_ca)
+        .await
+        .expect_err("require with an untrusted CA");
+    assert!(
+        err.contains("not trusted (unknown issuer) with sslmode=require"),
+        "{err}"
+    );
+
+    // prefer takes TLS when offered.
+    let prefer = pg.config("localhost", "?sslmode=prefer");
+    assert_eq!(connect(&prefer).await, Ok(true), "prefer");
+
+    // disable (and no sslmode at all, today's default) is plain TCP, which
+    // this server's pg_hba refuses.
+    for params in ["?sslmode=disable", ""] {
+        let plain = pg.config("127.0.0.1", params);
+        let err = connect(&plain)
+            .await
+            .expect_err("plain TCP to a TLS-only server");
+        assert!(
+            err.starts_with(&format!(
+                "cannot reach Postgres at 127.0.0.1:{port}/postgres"
+            )) && err.contains("no pg_hba.conf entry")
+                && err.contains("no encryption"),
+            "{params:?}: {err}"
+        );
+    }
+
+    // An unreadable CA file names the setting it came from.
+    let mut missing = pg.config("localhost", "?sslmode=verify-full");
+    missing.db_ca_file = Some(dir.0.join("absent.pem"));
+    let err = connect(&missing).await.expect_err("missing CA file");
+    assert!(
+        err.starts_with("KEEL_DB_CA_FILE is invalid: cannot read CA file"),
+        "{err}"
+    );
+}

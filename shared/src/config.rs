@@ -111,6 +111,10 @@ pub struct RedisConfig {
     /// Most Redis connections this process holds.
     #[arg(long, env = "KEEL_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
+    /// PEM file of the CA(s) that sign the Redis server's certificate, for
+    /// `rediss://` URLs (without it, the system's roots are trusted).
+    #[arg(long, env = "KEEL_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -120,6 +124,7 @@ impl RedisConfig {
             redis_url: url.into(),
             redis_prefix: prefix.into(),
             redis_pool_size: 16,
+            redis_ca_file: None,
         }
     }
 

@@ -7,9 +7,10 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use keel_shared::config::DatabaseConfig;
+use keel_shared::config::{DatabaseConfig, RedisConfig};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -383,5 +384,144 @@ async fn postgres_sslmodes_against_a_tls_only_server() {
     assert!(
         err.starts_with("KEEL_DB_CA_FILE is invalid: cannot read CA file"),
         "{err}"
+    );
+}
+
+/// A `redis-server` listening for TLS only, killed on drop.
+struct TlsRedis {
+    port: u16,
+    child: Child,
+}
+
+impl TlsRedis {
+    fn start(dir: &Path, pki: &Pki) -> Result<Self, String> {
+        let port = free_port();
+        let mut child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .arg("--tls-cert-file")
+            .arg(&pki.cert)
+            .arg("--tls-key-file")
+            .arg(&pki.key)
+            .arg("--tls-ca-cert-file")
+            .arg(&pki.ca)
+            .args(["--tls-auth-clients", "no", "--bind", "127.0.0.1 -::1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run redis-server: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                let out = child.wait_with_output().map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr);
+                let line = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .to_string();
+                return Err(format!(
+                    "redis-server refused --tls-port (built without TLS?): {line}"
+                ));
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { port, child });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err("redis-server did not listen within 10s".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// PING through the pool every service uses; the error text when it fails.
+async fn redis_ping(cfg: &RedisConfig) -> Result<String, String> {
+    let pool = keel_shared::redis::pool(cfg).map_err(|e| e.to_string())?;
+    let mut conn = pool
+        .get()
+        .await
+        .map_err(|e| keel_shared::error::source_chain(&e))?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut *conn)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn rediss_urls_with_a_ca_file() {
+    let dir = TempDir::new("redis");
+    let pki = Pki::generate(&dir.0);
+    let server = match TlsRedis::start(&dir.0, &pki) {
+        Ok(server) => server,
+        Err(reason) => {
+            eprintln!("SKIPPED rediss_urls_with_a_ca_file: {reason}");
+            return;
+        }
+    };
+    let url = |host: &str| format!("rediss://{host}:{}", server.port);
+    let with_ca = |host: &str, ca: &Path| {
+        let mut cfg = RedisConfig::new(url(host), "tls-test");
+        cfg.redis_ca_file = Some(ca.to_path_buf());
+        cfg
+    };
+
+    // The CA in KEEL_REDIS_CA_FILE, the name on the certificate: works,
+    // through the pool and through a client (pub/sub, stream readers).
+    let good = with_ca("localhost", &pki.ca);
+    assert_eq!(redis_ping(&good).await, Ok("PONG".to_string()));
+    let client = keel_shared::redis::client(&good).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("client connection over TLS");
+    let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+    assert_eq!(pong, "PONG");
+
+    // Refused: a CA that did not sign the certificate, no CA file (the
+    // system's roots do not know ours), a host the certificate does not name.
+    let untrusted = redis_ping(&with_ca("localhost", &pki.other_ca)).await;
+    assert!(
+        matches!(&untrusted, Err(e) if e.contains("UnknownIssuer")),
+        "{untrusted:?}"
+    );
+    let system_roots = redis_ping(&RedisConfig::new(url("localhost"), "tls-test")).await;
+    assert!(
+        matches!(&system_roots, Err(e) if e.contains("UnknownIssuer")),
+        "{system_roots:?}"
+    );
+    let wrong_host = redis_ping(&with_ca("127.0.0.1", &pki.ca)).await;
+    assert!(
+        matches!(&wrong_host, Err(e) if e.contains("not valid for name")),
+        "{wrong_host:?}"
+    );
+
+    // A plain redis:// URL to the TLS port gets no answer it understands.
+    let plain = redis_ping(&RedisConfig::new(
+        format!("redis://localhost:{}", server.port),
+        "tls-test",
+    ))
+    .await;
+    assert!(plain.is_err(), "{plain:?}");
+
+    // A CA file with a redis:// URL is a mistake, said at start-up.
+    let mut mismatch = RedisConfig::new(format!("redis://localhost:{}", server.port), "t");
+    mismatch.redis_ca_file = Some(pki.ca.clone());
+    let err = keel_shared::redis::pool(&mismatch).expect_err("CA file without rediss://");
+    assert_eq!(
+        err.to_string(),
+        "KEEL_REDIS_CA_FILE is invalid: set, but REDIS_URL is not a rediss:// URL"
     );
 }

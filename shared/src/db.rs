@@ -240,12 +240,20 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
         Some(verify) => {
             let roots = match verify {
                 Verify::Nothing => rustls::RootCertStore::empty(),
-                _ => tls::roots(ca.as_deref().filter(|p| p.as_os_str() != "system")).map_err(
-                    |reason| StartupError::InvalidVar {
-                        var: ca_var,
-                        reason,
-                    },
-                )?,
+                _ => {
+                    let file = ca.as_deref().filter(|p| p.as_os_str() != "system");
+                    tls::roots(file).map_err(|reason| match file {
+                        Some(_) => StartupError::InvalidVar {
+                            var: ca_var,
+                            reason,
+                        },
+                        None => StartupError::Other(format!(
+                            "sslmode={} needs a CA to trust: {reason}; set sslrootcert in \
+                             DATABASE_URL or KEEL_DB_CA_FILE",
+                            sslmode.as_str()
+                        )),
+                    })?
+                }
             };
             let config =
                 tls::client_config(verify, roots).map_err(|reason| StartupError::InvalidVar {

@@ -1,6 +1,7 @@
 //! rustls client configuration for Postgres (see `crate::db`): which roots
-//! are trusted, how much of the server's certificate is checked, and the
-//! one-line words for a certificate that was refused.
+//! are trusted (also for Redis, see `crate::redis`), how much of the
+//! server's certificate is checked, and the one-line words for a
+//! certificate that was refused.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -45,7 +46,7 @@ pub fn roots(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
             let found = rustls_native_certs::load_native_certs();
             store.add_parsable_certificates(found.certs);
             if store.is_empty() {
-                return Err("no CA file given and no system root certificates found".into());
+                return Err("no system root certificates found".into());
             }
         }
     }

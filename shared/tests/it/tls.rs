@@ -319,6 +319,17 @@ async fn postgres_sslmodes_against_a_tls_only_server() {
         )
     );
 
+    // No CA given: the system's roots, which do not know ours.
+    let system_roots = pg.config("localhost", "?sslmode=verify-full");
+    let err = connect(&system_roots)
+        .await
+        .expect_err("verify-full, system roots");
+    assert!(
+        err.ends_with("TLS certificate not trusted (unknown issuer) with sslmode=verify-full")
+            || err.contains("no system root certificates found"),
+        "{err}"
+    );
+
     // verify-ca checks the chain, not the name: the same host connects.
     let chain_only = pg.config("127.0.0.1", &format!("?sslmode=verify-ca&sslrootcert={ca}"));
     assert_eq!(

@@ -12,6 +12,10 @@ use crate::config::RedisConfig;
 /// connection (pool, pub/sub, stream readers) is made from one of these.
 pub fn client(cfg: &RedisConfig) -> Result<redis::Client, StartupError> {
     let url = cfg.redis_url.as_str();
+    // redis-rs builds its rustls config from the process's default crypto
+    // provider; name ours (ring) so that another crate enabling a second
+    // provider in rustls cannot leave it without one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let invalid = |var: &'static str, reason: String| StartupError::InvalidVar { var, reason };
     let Some(ca_file) = cfg.redis_ca_file.as_deref() else {
         return redis::Client::open(url).map_err(|e| invalid("REDIS_URL", e.to_string()));

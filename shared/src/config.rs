@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::StartupError;
@@ -50,8 +51,15 @@ fn without_blank_env(command: clap::Command) -> clap::Command {
 #[derive(Debug, Clone, clap::Args)]
 pub struct DatabaseConfig {
     /// Postgres URL, e.g. postgres://postgres@127.0.0.1:5432/keel (required).
+    /// `?sslmode=disable|prefer|require|verify-ca|verify-full` (default
+    /// disable) and `&sslrootcert=/path/ca.pem` work as in libpq.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// PEM file of the CA(s) that sign the Postgres server's certificate,
+    /// used when the URL names no `sslrootcert` (without either,
+    /// verify-ca/verify-full trust the system's roots).
+    #[arg(long, env = "KEEL_DB_CA_FILE")]
+    pub db_ca_file: Option<PathBuf>,
     /// Most Postgres connections this process holds.
     #[arg(long, env = "KEEL_DB_POOL_SIZE", default_value_t = 16)]
     pub db_pool_size: usize,
@@ -78,6 +86,7 @@ impl DatabaseConfig {
     pub fn from_url(url: impl Into<String>) -> Self {
         Self {
             database_url: Some(url.into()),
+            db_ca_file: None,
             db_pool_size: 6,
             db_connect_timeout_secs: 10,
         }
@@ -102,6 +111,10 @@ pub struct RedisConfig {
     /// Most Redis connections this process holds.
     #[arg(long, env = "KEEL_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
+    /// PEM file of the CA(s) that sign the Redis server's certificate, for
+    /// `rediss://` URLs (without it, the system's roots are trusted).
+    #[arg(long, env = "KEEL_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -111,6 +124,7 @@ impl RedisConfig {
             redis_url: url.into(),
             redis_prefix: prefix.into(),
             redis_pool_size: 16,
+            redis_ca_file: None,
         }
     }
 

@@ -1,31 +1,268 @@
-//! The Postgres pool: built once at start-up, with a bounded wait for the server.
+//! The Postgres pool: built once at start-up, with a bounded wait for the
+//! server, over TLS as `DATABASE_URL`'s `sslmode` says.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::StartupError;
 use crate::config::DatabaseConfig;
+use crate::tls::{self, Verify};
+
+/// libpq's `sslmode`, all five of the values Keel honours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain TCP (the default, as for a local server).
+    #[default]
+    Disable,
+    /// TLS when the server offers it, plain otherwise; nothing verified.
+    Prefer,
+    /// TLS, certificate not verified (unless a CA is given: then as `VerifyCa`).
+    Require,
+    /// TLS, the certificate chains to a trusted CA; the host name is not checked.
+    VerifyCa,
+    /// TLS, the certificate chains to a trusted CA and names the host.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disable => "disable",
+            Self::Prefer => "prefer",
+            Self::Require => "require",
+            Self::VerifyCa => "verify-ca",
+            Self::VerifyFull => "verify-full",
+        }
+    }
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "disable" => Ok(Self::Disable),
+            "prefer" => Ok(Self::Prefer),
+            "require" => Ok(Self::Require),
+            "verify-ca" => Ok(Self::VerifyCa),
+            "verify-full" => Ok(Self::VerifyFull),
+            other => Err(format!(
+                "unknown sslmode {other:?} (disable, prefer, require, verify-ca or verify-full)"
+            )),
+        }
+    }
+}
+
+/// `DATABASE_URL` read once: what tokio-postgres understands, plus the TLS
+/// parameters it does not (it knows only three sslmodes and no
+/// `sslrootcert`), taken out of the URL before it sees it.
+#[derive(Debug)]
+pub struct DbUrl {
+    /// Connection settings, `ssl_mode` already set from `sslmode`.
+    pub pg: tokio_postgres::Config,
+    pub sslmode: SslMode,
+    /// `sslrootcert`: a PEM file of trusted CAs (`system`: the system's roots).
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Parses a URL (`postgres://...?sslmode=verify-full&sslrootcert=/ca.pem`)
+/// or a key=value string (`host=db sslmode=require`): the one place
+/// `sslmode` and `sslrootcert` are interpreted.
+pub fn parse_url(url: &str) -> Result<DbUrl, StartupError> {
+    let invalid = |reason: String| StartupError::InvalidVar {
+        var: "DATABASE_URL",
+        reason,
+    };
+    let (rest, params) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        take_url_params(url)
+    } else {
+        take_keyword_params(url)
+    };
+    let mut sslmode = SslMode::default();
+    let mut root_cert = None;
+    for (key, value) in params {
+        match key.as_str() {
+            "sslmode" => sslmode = value.parse().map_err(invalid)?,
+            _ => root_cert = Some(PathBuf::from(value)).filter(|p| !p.as_os_str().is_empty()),
+        }
+    }
+    let mut pg = tokio_postgres::Config::from_str(&rest).map_err(|e| invalid(e.to_string()))?;
+    pg.ssl_mode(match sslmode {
+        SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+        SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+        _ => tokio_postgres::config::SslMode::Require,
+    });
+    Ok(DbUrl {
+        pg,
+        sslmode,
+        root_cert,
+    })
+}
+
+const TLS_PARAMS: [&str; 2] = ["sslmode", "sslrootcert"];
+
+/// The URL without its `sslmode`/`sslrootcert` query parameters, and those
+/// (percent-decoded).
+fn take_url_params(url: &str) -> (String, Vec<(String, String)>) {
+    let Some((base, query)) = url.split_once('?') else {
+        return (url.to_string(), Vec::new());
+    };
+    let mut kept = Vec::new();
+    let mut taken = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if TLS_PARAMS.contains(&key) {
+            taken.push((key.to_string(), percent_decode(value)));
+        } else {
+            kept.push(pair);
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    (rest, taken)
+}
+
+/// The key=value string without its `sslmode`/`sslrootcert` pairs, and
+/// those (values unquoted). Follows libpq's syntax: spaces may surround
+/// `=`, values may be single-quoted with backslash escapes.
+fn take_keyword_params(s: &str) -> (String, Vec<(String, String)>) {
+    let chars: Vec<char> = s.chars().collect();
+    let mut i = 0;
+    let mut kept = String::new();
+    let mut taken = Vec::new();
+    let skip_ws = |i: &mut usize| {
+        while *i < chars.len() && chars[*i].is_whitespace() {
+            *i += 1;
+        }
+    };
+    loop {
+        skip_ws(&mut i);
+        if i >= chars.len() {
+            break;
+        }
+        let start = i;
+        while i < chars.len() && chars[i] != '=' && !chars[i].is_whitespace() {
+            i += 1;
+        }
+        let key: String = chars[start..i].iter().collect();
+        skip_ws(&mut i);
+        let mut value = String::new();
+        if i < chars.len() && chars[i] == '=' {
+            i += 1;
+            skip_ws(&mut i);
+            if i < chars.len() && chars[i] == '\'' {
+                i += 1;
+                while i < chars.len() && chars[i] != '\'' {
+                    if chars[i] == '\\' && i + 1 < chars.len() {
+                        i += 1;
+                    }
+                    value.push(chars[i]);
+                    i += 1;
+                }
+                i += 1;
+            } else {
+                while i < chars.len() && !chars[i].is_whitespace() {
+                    value.push(chars[i]);
+                    i += 1;
+                }
+            }
+        }
+        let end = i.min(chars.len());
+        if TLS_PARAMS.contains(&key.as_str()) {
+            taken.push((key, value));
+        } else {
+            kept.extend(&chars[start..end]);
+            kept.push(' ');
+        }
+    }
+    (kept.trim_end().to_string(), taken)
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
 
 /// Builds the pool and waits (up to the configured timeout) until one
 /// connection succeeds, so a wrong URL or a down server fails start-up with a
-/// message naming host and port.
+/// message naming host and port. A certificate the `sslmode` refuses fails
+/// at once: waiting does not fix it.
 pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
-    let url = cfg.url()?;
-    let pg = tokio_postgres::Config::from_str(url).map_err(|e| StartupError::InvalidVar {
-        var: "DATABASE_URL",
-        reason: e.to_string(),
-    })?;
-    let target = describe_target(&pg);
-    let manager = Manager::from_config(
+    let DbUrl {
         pg,
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+        sslmode,
+        root_cert,
+    } = parse_url(cfg.url()?)?;
+    let target = describe_target(&pg);
+    let ca_var = if root_cert.is_some() {
+        "DATABASE_URL"
+    } else {
+        "KEEL_DB_CA_FILE"
+    };
+    let ca = root_cert.or_else(|| cfg.db_ca_file.clone());
+    let verify = match sslmode {
+        SslMode::Disable => None,
+        SslMode::Prefer => Some(Verify::Nothing),
+        // libpq: `require` with a root certificate behaves as verify-ca.
+        SslMode::Require if ca.is_some() => Some(Verify::Chain),
+        SslMode::Require => Some(Verify::Nothing),
+        SslMode::VerifyCa => Some(Verify::Chain),
+        SslMode::VerifyFull => Some(Verify::Full),
+    };
+    let manager_config = || ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match verify {
+        None => Manager::from_config(pg, NoTls, manager_config()),
+        Some(verify) => {
+            let roots = match verify {
+                Verify::Nothing => rustls::RootCertStore::empty(),
+                _ => {
+                    let file = ca.as_deref().filter(|p| p.as_os_str() != "system");
+                    tls::roots(file).map_err(|reason| match file {
+                        Some(_) => StartupError::InvalidVar {
+                            var: ca_var,
+                            reason,
+                        },
+                        None => StartupError::Other(format!(
+                            "sslmode={} needs a CA to trust: {reason}; set sslrootcert in \
+                             DATABASE_URL or KEEL_DB_CA_FILE",
+                            sslmode.as_str()
+                        )),
+                    })?
+                }
+            };
+            let config =
+                tls::client_config(verify, roots).map_err(|reason| StartupError::InvalidVar {
+                    var: "DATABASE_URL",
+                    reason,
+                })?;
+            Manager::from_config(pg, MakeRustlsConnect::new(config), manager_config())
+        }
+    };
     let pool = Pool::builder(manager)
         .max_size(cfg.db_pool_size.max(1))
         .runtime(Runtime::Tokio1)
@@ -41,20 +278,31 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
     let deadline = Instant::now() + cfg.connect_timeout();
     let mut backoff = Duration::from_millis(100);
     loop {
-        match pool.get().await {
+        let err = match pool.get().await {
             Ok(_) => return Ok(pool),
-            Err(e) if Instant::now() + backoff < deadline => {
-                tracing::warn!(target = %target, error = %e, "Postgres not reachable yet, retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(e) => {
-                return Err(StartupError::PostgresUnreachable {
-                    target,
-                    waited: cfg.connect_timeout(),
-                    cause: crate::error::source_chain(&e),
-                });
-            }
+            Err(e) => e,
+        };
+        let refused = match &err {
+            deadpool_postgres::PoolError::Backend(e) => tls::find_rustls_error(e),
+            other => tls::find_rustls_error(other),
+        };
+        if let Some(refused) = refused {
+            return Err(StartupError::PostgresTls {
+                target,
+                cause: tls::describe(refused),
+                sslmode: sslmode.as_str(),
+            });
+        }
+        if Instant::now() + backoff < deadline {
+            tracing::warn!(target = %target, error = %err, "Postgres not reachable yet, retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        } else {
+            return Err(StartupError::PostgresUnreachable {
+                target,
+                waited: cfg.connect_timeout(),
+                cause: crate::error::source_chain(&err),
+            });
         }
     }
 }
@@ -83,4 +331,79 @@ pub fn with_dbname(url: &str, db: &str) -> String {
         None => base,
     };
     format!("{base}/{db}{query}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(url: &str) -> DbUrl {
+        parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"))
+    }
+
+    #[test]
+    fn no_sslmode_is_plain_as_before() {
+        let u = parsed("postgres://postgres@127.0.0.1:5432/keel");
+        assert_eq!(u.sslmode, SslMode::Disable);
+        assert_eq!(
+            u.pg.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+        assert_eq!(u.root_cert, None);
+        assert_eq!(u.pg.get_dbname(), Some("keel"));
+    }
+
+    #[test]
+    fn url_tls_parameters_are_taken_out_and_the_rest_kept() {
+        let u = parsed(
+            "postgresql://u:p@db.example:6543/keel?application_name=keel&sslmode=verify-full\
+             &sslrootcert=%2Fetc%2Fkeel%2Fca%20root.pem&connect_timeout=3",
+        );
+        assert_eq!(u.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            u.pg.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(u.root_cert, Some(PathBuf::from("/etc/keel/ca root.pem")));
+        assert_eq!(u.pg.get_application_name(), Some("keel"));
+        assert_eq!(u.pg.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        assert_eq!(u.pg.get_ports(), [6543]);
+    }
+
+    #[test]
+    fn each_sslmode_maps_to_what_tokio_postgres_negotiates() {
+        use tokio_postgres::config::SslMode as Pg;
+        for (mode, ours, theirs) in [
+            ("disable", SslMode::Disable, Pg::Disable),
+            ("prefer", SslMode::Prefer, Pg::Prefer),
+            ("require", SslMode::Require, Pg::Require),
+            ("verify-ca", SslMode::VerifyCa, Pg::Require),
+            ("verify-full", SslMode::VerifyFull, Pg::Require),
+        ] {
+            let u = parsed(&format!("postgres://h/db?sslmode={mode}"));
+            assert_eq!((u.sslmode, u.pg.get_ssl_mode()), (ours, theirs), "{mode}");
+            assert_eq!(ours.as_str(), mode);
+        }
+    }
+
+    #[test]
+    fn keyword_form_is_read_too() {
+        let u = parsed(
+            "host=db.example port=6543 sslmode = 'verify-ca' sslrootcert=/ca.pem dbname=keel",
+        );
+        assert_eq!(u.sslmode, SslMode::VerifyCa);
+        assert_eq!(u.root_cert, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(u.pg.get_dbname(), Some("keel"));
+        assert_eq!(u.pg.get_ports(), [6543]);
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_a_startup_error() {
+        let err = parse_url("postgres://h/db?sslmode=allow").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "DATABASE_URL is invalid: unknown sslmode \"allow\" \
+             (disable, prefer, require, verify-ca or verify-full)"
+        );
+    }
 }

@@ -158,6 +158,13 @@ pub enum StartupError {
         waited: Duration,
         cause: String,
     },
+    /// The server's certificate was refused (never retried).
+    #[error("Postgres at {target}: {cause} with sslmode={sslmode}")]
+    PostgresTls {
+        target: String,
+        cause: String,
+        sslmode: &'static str,
+    },
     #[error("database migration failed: {0}")]
     Migration(String),
     #[error("cannot listen on {addr}: {cause}")]

@@ -15,6 +15,7 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -1,24 +1,63 @@
 //! The Redis pool. Redis is not needed to start: it may be down at start-up and
 //! callers treat its errors as UNAVAILABLE, so building the pool never waits.
+//! `rediss://` URLs connect over TLS (rustls), trusting the CA(s) in
+//! `KEEL_REDIS_CA_FILE` when set, the system's roots otherwise.
 
-use deadpool_redis::{Config, Pool, Runtime};
+use deadpool_redis::{Manager, Pool, Runtime};
 
 use crate::StartupError;
 use crate::config::RedisConfig;
 
-pub fn pool(cfg: &RedisConfig) -> Result<Pool, StartupError> {
-    let mut config = Config::from_url(cfg.redis_url.clone());
-    config.pool = Some(deadpool_redis::PoolConfig {
-        max_size: cfg.redis_pool_size.max(1),
-        timeouts: deadpool_redis::Timeouts {
-            wait: Some(std::time::Duration::from_secs(5)),
-            create: Some(std::time::Duration::from_secs(2)),
-            recycle: Some(std::time::Duration::from_secs(2)),
+/// A client for `cfg`'s URL, with its CA file when one is set. Every Redis
+/// connection (pool, pub/sub, stream readers) is made from one of these.
+pub fn client(cfg: &RedisConfig) -> Result<redis::Client, StartupError> {
+    let url = cfg.redis_url.as_str();
+    // redis-rs builds its rustls config from the process's default crypto
+    // provider; name ours (ring) so that another crate enabling a second
+    // provider in rustls cannot leave it without one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let invalid = |var: &'static str, reason: String| StartupError::InvalidVar { var, reason };
+    let Some(ca_file) = cfg.redis_ca_file.as_deref() else {
+        return redis::Client::open(url).map_err(|e| invalid("REDIS_URL", e.to_string()));
+    };
+    if !(url.starts_with("rediss://") || url.starts_with("valkeys://")) {
+        return Err(invalid(
+            "KEEL_REDIS_CA_FILE",
+            "set, but REDIS_URL is not a rediss:// URL".into(),
+        ));
+    }
+    let pem = std::fs::read(ca_file).map_err(|e| {
+        invalid(
+            "KEEL_REDIS_CA_FILE",
+            format!("cannot read {}: {e}", ca_file.display()),
+        )
+    })?;
+    // Fails early on a file holding no certificate, which redis-rs would
+    // only notice when connecting.
+    crate::tls::roots(Some(ca_file)).map_err(|reason| invalid("KEEL_REDIS_CA_FILE", reason))?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
         },
-        ..Default::default()
-    });
-    config
-        .create_pool(Some(Runtime::Tokio1))
+    )
+    .map_err(|e| invalid("REDIS_URL", e.to_string()))
+}
+
+pub fn pool(cfg: &RedisConfig) -> Result<Pool, StartupError> {
+    let info = client(cfg)?.get_connection_info().clone();
+    let manager = Manager::new(info).map_err(|e| StartupError::InvalidVar {
+        var: "REDIS_URL",
+        reason: e.to_string(),
+    })?;
+    Pool::builder(manager)
+        .max_size(cfg.redis_pool_size.max(1))
+        .wait_timeout(Some(std::time::Duration::from_secs(5)))
+        .create_timeout(Some(std::time::Duration::from_secs(2)))
+        .recycle_timeout(Some(std::time::Duration::from_secs(2)))
+        .runtime(Runtime::Tokio1)
+        .build()
         .map_err(|e| StartupError::InvalidVar {
             var: "REDIS_URL",
             reason: e.to_string(),

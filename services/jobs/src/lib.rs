@@ -144,7 +144,7 @@ pub async fn run(
     // WatchJob's one pub/sub connection (without it watchers poll Postgres).
     let (subscriptions, changes) =
         subscriptions::Subscriptions::new(config.redis.clone(), config.max_watchers);
-    match redis::Client::open(config.redis.redis_url.as_str()) {
+    match keel_shared::redis::client(&config.redis) {
         Ok(client) => {
             tokio::spawn(
                 subscriptions

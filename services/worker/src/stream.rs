@@ -95,7 +95,13 @@ impl JobStream {
     ) -> Result<Self, RedisError> {
         Ok(Self {
             pool,
-            client: redis::Client::open(config.redis_url.as_str())?,
+            client: keel_shared::redis::client(config).map_err(|e| {
+                RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid Redis config",
+                    e.to_string(),
+                ))
+            })?,
             streams: Band::ALL
                 .iter()
                 .flat_map(|band| kinds.iter().map(|k| config.jobs_band_stream(k, *band)))

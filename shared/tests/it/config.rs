@@ -48,8 +48,14 @@ fn child(scenario: &str) {
     match scenario {
         "blank" => {
             // What clap alone does with these values: the bug this guards against.
+            // (A blank path is "a value is required", a blank number or
+            // address "invalid value ''".)
             let err = <Shared as clap::Parser>::try_parse_from(["keel"]).unwrap_err();
-            assert!(err.to_string().contains("invalid value ''"), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains("invalid value ''") || text.contains("a value is required"),
+                "{err}"
+            );
 
             let shared: Shared = try_parse_config_from(["keel"]).expect("blank counts as unset");
             assert_eq!(shared.runtime.metrics.metrics_addr, None);
@@ -58,6 +64,8 @@ fn child(scenario: &str) {
             assert_eq!(shared.runtime.shutdown_grace_secs, 10);
             assert_eq!(shared.database.database_url, None);
             assert_eq!(shared.database.db_pool_size, 16);
+            assert_eq!(shared.database.db_ca_file, None);
+            assert_eq!(shared.redis.redis_ca_file, None);
             assert_eq!(shared.redis.redis_prefix, "keel");
             assert_eq!(shared.redis.redis_url, "redis://127.0.0.1:6379");
 
@@ -95,9 +103,11 @@ fn blank_environment_variables_count_as_unset() {
         "DATABASE_URL",
         "KEEL_DB_POOL_SIZE",
         "KEEL_DB_CONNECT_TIMEOUT_SECS",
+        "KEEL_DB_CA_FILE",
         "REDIS_URL",
         "KEEL_REDIS_PREFIX",
         "KEEL_REDIS_POOL_SIZE",
+        "KEEL_REDIS_CA_FILE",
         "KEEL_TEST_ADDR",
         "KEEL_TEST_NAME",
         "KEEL_TEST_REQUIRED",

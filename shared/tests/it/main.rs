@@ -4,3 +4,4 @@ mod config;
 mod health;
 mod migrations;
 mod redis_keys;
+mod tls;

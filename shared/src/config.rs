@@ -161,6 +161,25 @@ pub struct RuntimeConfig {
     /// OTEL_BSP_SCHEDULE_DELAY, ...) apply.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    pub tls: GrpcTlsConfig,
+}
+
+/// TLS for the gRPC listener (see `crate::server::TlsServer`): plaintext
+/// when unset. The certificate and key are re-read on SIGHUP and when the
+/// files change, so rotation needs no restart.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GrpcTlsConfig {
+    /// PEM certificate chain the gRPC server presents (with KEEL_TLS_KEY_FILE).
+    #[arg(long, env = "KEEL_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of KEEL_TLS_CERT_FILE.
+    #[arg(long, env = "KEEL_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: when set, clients must present a certificate
+    /// signed by one of them (mTLS).
+    #[arg(long, env = "KEEL_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
 }
 
 impl RuntimeConfig {
@@ -184,6 +203,7 @@ impl Default for RuntimeConfig {
             shutdown_grace_secs: 10,
             metrics: MetricsConfig::default(),
             otlp_endpoint: None,
+            tls: GrpcTlsConfig::default(),
         }
     }
 }

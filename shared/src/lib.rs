@@ -12,6 +12,7 @@ pub mod paging;
 pub mod queue;
 pub mod redis;
 pub mod server;
+pub mod server_tls;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

@@ -18,6 +18,7 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::StartupError;
 use crate::metrics::RpcMetricsLayer;
+use crate::server_tls::{DEFAULT_RELOAD_EVERY, TlsServer};
 use crate::telemetry::RpcTraceLayer;
 
 /// Keel's layers, outermost first: per-RPC metrics, the RPC's span (trace
@@ -238,6 +239,26 @@ pub fn reflection(
     )
 }
 
+/// Serves as `runtime` says: over TLS when `KEEL_TLS_CERT_FILE` is set
+/// (certificates re-read on SIGHUP and when the files change), plaintext
+/// otherwise; see [`serve`].
+pub async fn serve_runtime(
+    router: KeelRouter,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    runtime: &crate::config::RuntimeConfig,
+) -> Result<(), StartupError> {
+    let served = match TlsServer::from_config(&runtime.tls)? {
+        Some(tls) => {
+            tls.watch(DEFAULT_RELOAD_EVERY, shutdown.clone());
+            tracing::info!("gRPC over TLS");
+            serve_tls(router, listener, tls, shutdown, runtime.shutdown_grace()).await
+        }
+        None => serve(router, listener, shutdown, runtime.shutdown_grace()).await,
+    };
+    served.map_err(|e| StartupError::Other(e.to_string()))
+}
+
 /// Serves until `shutdown`, then stops accepting and gives in-flight calls
 /// (including streams) `grace` to finish before returning anyway.
 pub async fn serve(
@@ -247,6 +268,38 @@ pub async fn serve(
     grace: Duration,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    serve_incoming(router, incoming, shutdown, grace).await
+}
+
+/// [`serve`] over TLS (see [`TlsServer`]; rotation needs [`TlsServer::watch`]).
+pub async fn serve_tls(
+    router: KeelRouter,
+    listener: TcpListener,
+    tls: TlsServer,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tls.incoming(listener, shutdown.clone());
+    serve_incoming(router, incoming, shutdown, grace).await
+}
+
+async fn serve_incoming<I, IO, IE>(
+    router: KeelRouter,
+    incoming: I,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error>
+where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let signal = shutdown.clone();
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         signal.cancelled().await;

@@ -110,9 +110,7 @@ pub async fn run(
             AuthServiceServer::new(service).max_decoding_message_size(server::MAX_MESSAGE_BYTES),
         );
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-auth serving");
-    server::serve(router, listener, shutdown, config.runtime.shutdown_grace())
-        .await
-        .map_err(|e| StartupError::Other(e.to_string()))
+    server::serve_runtime(router, listener, shutdown, &config.runtime).await
 }
 
 fn spawn_sweeper(store: Store, login_window: Duration, shutdown: CancellationToken) {

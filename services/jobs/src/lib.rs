@@ -170,7 +170,5 @@ pub async fn run(
             authenticator,
         ));
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-jobs serving");
-    server::serve(router, listener, shutdown, config.runtime.shutdown_grace())
-        .await
-        .map_err(|e| StartupError::Other(e.to_string()))
+    server::serve_runtime(router, listener, shutdown, &config.runtime).await
 }

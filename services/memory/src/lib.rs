@@ -55,7 +55,5 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(service);
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-memory serving");
-    server::serve(router, listener, shutdown, config.runtime.shutdown_grace())
-        .await
-        .map_err(|e| StartupError::Other(e.to_string()))
+    server::serve_runtime(router, listener, shutdown, &config.runtime).await
 }

@@ -144,8 +144,8 @@ pub async fn run_with(
     };
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-worker health serving");
     let (served, ()) = tokio::join!(
-        server::serve(router, listener, shutdown, config.runtime.shutdown_grace()),
+        server::serve_runtime(router, listener, shutdown, &config.runtime),
         consumer::run(shared, settings),
     );
-    served.map_err(|e| StartupError::Other(e.to_string()))
+    served
 }

@@ -1,6 +1,7 @@
 //! Integration tests of the shared crate against a real Postgres.
 
 mod config;
+mod grpc_tls;
 mod health;
 mod migrations;
 mod redis_keys;

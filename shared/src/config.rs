@@ -182,6 +182,32 @@ pub struct GrpcTlsConfig {
     pub tls_client_ca_file: Option<PathBuf>,
 }
 
+/// How a client reaches Keel's gRPC services over TLS (`https://` URLs):
+/// the CA to trust and, for servers that require one (mTLS), a client
+/// certificate.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GrpcClientTlsConfig {
+    /// PEM CA certificates trusted for https:// service URLs (required for them).
+    #[arg(long, env = "KEEL_TLS_CA_FILE", global = true)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate presented to servers requiring one (mTLS).
+    #[arg(
+        long,
+        env = "KEEL_TLS_CLIENT_CERT_FILE",
+        global = true,
+        requires = "tls_client_key_file"
+    )]
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// PEM private key of KEEL_TLS_CLIENT_CERT_FILE.
+    #[arg(
+        long,
+        env = "KEEL_TLS_CLIENT_KEY_FILE",
+        global = true,
+        requires = "tls_client_cert_file"
+    )]
+    pub tls_client_key_file: Option<PathBuf>,
+}
+
 impl RuntimeConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)

@@ -323,13 +323,19 @@ where
 
 /// Asks the health service at `addr` whether "" is SERVING.
 pub async fn probe(addr: &str) -> bool {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
+        return false;
+    };
+    probe_endpoint(endpoint).await
+}
+
+/// Asks the health service at `endpoint` (plaintext or TLS, see
+/// [`crate::server_tls::client_endpoint`]) whether "" is SERVING.
+pub async fn probe_endpoint(endpoint: tonic::transport::Endpoint) -> bool {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
 
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
     let endpoint = endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(2));

@@ -26,6 +26,7 @@ use keel_proto::memory::v1::{
     DeleteMemoryRequest, GetMemoryRequest, GetWorkspaceRequest, ListMemoriesRequest,
     PutMemoryRequest, SearchMemoriesRequest,
 };
+use keel_shared::config::GrpcClientTlsConfig;
 use keel_shared::config::RedisConfig;
 use output::Format;
 use serde_json::{Value, json};
@@ -65,6 +66,9 @@ struct Cli {
         global = true
     )]
     output: Format,
+    /// TLS for https:// service URLs.
+    #[command(flatten)]
+    tls: GrpcClientTlsConfig,
     #[command(subcommand)]
     command: Command,
 }
@@ -232,9 +236,9 @@ async fn main() {
     }
 }
 
-async fn connect(url: &str) -> Result<Channel> {
-    Channel::from_shared(url.to_string())
-        .with_context(|| format!("invalid URL {url}"))?
+async fn connect(tls: &GrpcClientTlsConfig, url: &str) -> Result<Channel> {
+    keel_shared::server_tls::client_endpoint(url, tls)
+        .map_err(anyhow::Error::msg)?
         .connect()
         .await
         .with_context(|| format!("cannot reach {url}"))
@@ -271,7 +275,7 @@ fn store(email: &str, tokens: &Option<TokenPair>) -> Result<()> {
 async fn current_session(cli: &Cli) -> Result<Session> {
     let mut s = session::load()?;
     if s.access_token_expires_at - 30 <= chrono::Utc::now().timestamp() {
-        let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
+        let mut auth = AuthServiceClient::new(connect(&cli.tls, &cli.auth_url).await?);
         let resp = auth
             .refresh(RefreshRequest {
                 refresh_token: s.refresh_token.clone(),
@@ -304,7 +308,7 @@ async fn run(cli: Cli) -> Result<()> {
     let format = cli.output;
     match &cli.command {
         Command::Register { email, name } => {
-            let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
+            let mut auth = AuthServiceClient::new(connect(&cli.tls, &cli.auth_url).await?);
             let resp = auth
                 .register(RegisterRequest {
                     email: email.clone(),
@@ -318,7 +322,7 @@ async fn run(cli: Cli) -> Result<()> {
             signed_in(format, &user, &resp.tokens);
         }
         Command::Login { email } => {
-            let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
+            let mut auth = AuthServiceClient::new(connect(&cli.tls, &cli.auth_url).await?);
             let resp = auth
                 .login(LoginRequest {
                     email: email.clone(),
@@ -332,7 +336,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Logout => {
             let s = session::load()?;
-            let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
+            let mut auth = AuthServiceClient::new(connect(&cli.tls, &cli.auth_url).await?);
             auth.logout(LogoutRequest {
                 refresh_token: s.refresh_token,
             })
@@ -345,7 +349,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Whoami => {
             let s = current_session(&cli).await?;
-            let mut auth = AuthServiceClient::new(connect(&cli.auth_url).await?);
+            let mut auth = AuthServiceClient::new(connect(&cli.tls, &cli.auth_url).await?);
             let resp = auth
                 .get_current_user(authed(&s, GetCurrentUserRequest {})?)
                 .await?
@@ -361,7 +365,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
         Command::Workspace => {
             let s = current_session(&cli).await?;
-            let mut client = MemoryServiceClient::new(connect(&cli.memory_url).await?);
+            let mut client = MemoryServiceClient::new(connect(&cli.tls, &cli.memory_url).await?);
             let resp = client
                 .get_workspace(authed(&s, GetWorkspaceRequest {})?)
                 .await?
@@ -377,8 +381,10 @@ async fn run(cli: Cli) -> Result<()> {
             let mut report = serde_json::Map::new();
             let mut table = output::Table::new(&["SERVER", "STATUS"]);
             for url in [&cli.auth_url, &cli.jobs_url, &cli.memory_url] {
-                let addr = url.trim_start_matches("http://");
-                let ok = keel_shared::server::probe(addr).await;
+                let ok = match keel_shared::server_tls::client_endpoint(url, &cli.tls) {
+                    Ok(endpoint) => keel_shared::server::probe_endpoint(endpoint).await,
+                    Err(_) => false,
+                };
                 all &= ok;
                 let status = if ok { "SERVING" } else { "NOT_SERVING" };
                 report.insert(url.clone(), json!(status));
@@ -402,7 +408,7 @@ fn show_job(format: Format, job: &Option<Job>) {
 async fn jobs(cli: &Cli, cmd: &JobsCommand) -> Result<()> {
     let format = cli.output;
     let s = current_session(cli).await?;
-    let mut client = JobsServiceClient::new(connect(&cli.jobs_url).await?);
+    let mut client = JobsServiceClient::new(connect(&cli.tls, &cli.jobs_url).await?);
     match cmd {
         JobsCommand::Create {
             kind,
@@ -542,7 +548,7 @@ fn next_page_hint(format: Format, token: &str) {
 async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
     let format = cli.output;
     let s = current_session(cli).await?;
-    let mut client = MemoryServiceClient::new(connect(&cli.memory_url).await?);
+    let mut client = MemoryServiceClient::new(connect(&cli.tls, &cli.memory_url).await?);
     match cmd {
         MemoriesCommand::Put {
             key,

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
 use keel_shared::StartupError;
+use keel_shared::config::GrpcClientTlsConfig;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
@@ -44,22 +45,34 @@ impl Interceptor for Bearer {
 
 /// A client that connects on first use (and reconnects after outages), so
 /// the worker starts whether or not the jobs service is up.
-pub fn connect(jobs_url: &str, token: &str) -> Result<JobsClient, StartupError> {
-    let endpoint = Endpoint::from_shared(jobs_url.to_string())
-        .map_err(|e| StartupError::InvalidVar {
-            var: "KEEL_JOBS_URL",
-            reason: e.to_string(),
-        })?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true);
+pub fn connect(
+    jobs_url: &str,
+    tls: &GrpcClientTlsConfig,
+    token: &str,
+) -> Result<JobsClient, StartupError> {
+    let endpoint = endpoint(jobs_url, tls)?;
     let channel = endpoint.connect_lazy();
     Ok(JobRunnerServiceClient::with_interceptor(
         channel,
         Bearer::new(token)?,
     ))
+}
+
+/// The jobs service's endpoint: plaintext for http://, TLS for https://
+/// (trusting KEEL_TLS_CA_FILE).
+pub fn endpoint(jobs_url: &str, tls: &GrpcClientTlsConfig) -> Result<Endpoint, StartupError> {
+    let endpoint = keel_shared::server_tls::client_endpoint(jobs_url, tls).map_err(|reason| {
+        StartupError::InvalidVar {
+            var: "KEEL_JOBS_URL",
+            reason,
+        }
+    })?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .tcp_nodelay(true))
 }
 
 /// `host:port` of the jobs service, for its health probe.

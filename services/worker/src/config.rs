@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use keel_shared::StartupError;
-use keel_shared::config::{RedisConfig, RuntimeConfig};
+use keel_shared::config::{GrpcClientTlsConfig, RedisConfig, RuntimeConfig};
 
 const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 const DEFAULT_MAX_DELIVERIES: u32 = 5;
@@ -62,6 +62,9 @@ pub struct Config {
     pub job_grace_ms: u64,
     #[command(flatten)]
     pub redis: RedisConfig,
+    /// TLS to the jobs service when KEEL_JOBS_URL is https://.
+    #[command(flatten)]
+    pub jobs_tls: GrpcClientTlsConfig,
     #[command(flatten)]
     pub runtime: RuntimeConfig,
 }
@@ -88,6 +91,7 @@ impl Config {
             consumer_ttl_ms: DEFAULT_CONSUMER_TTL_MS,
             job_grace_ms: DEFAULT_JOB_GRACE_MS,
             redis,
+            jobs_tls: GrpcClientTlsConfig::default(),
             runtime: RuntimeConfig::default(),
         }
     }

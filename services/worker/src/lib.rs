@@ -81,8 +81,9 @@ pub async fn run_with(
 ) -> Result<(), StartupError> {
     config.validate()?;
     keel_shared::metrics::install(&config.runtime.metrics)?;
-    let client = client::connect(&config.jobs_url, config.worker_token()?)?;
-    let jobs_addr = client::authority(&config.jobs_url)?;
+    let client = client::connect(&config.jobs_url, &config.jobs_tls, config.worker_token()?)?;
+    client::authority(&config.jobs_url)?;
+    let jobs_endpoint = client::endpoint(&config.jobs_url, &config.jobs_tls)?;
     let redis = keel_shared::redis::pool(&config.redis)?;
     let stream = stream::JobStream::new(
         redis.clone(),
@@ -119,8 +120,8 @@ pub async fn run_with(
     let (reflection_v1, reflection_v1alpha) = server::reflection(&[]);
     health.watch(Duration::from_secs(2), shutdown.clone(), move || {
         let redis = redis.clone();
-        let jobs_addr = jobs_addr.clone();
-        async move { keel_shared::redis::ping(&redis).await && server::probe(&jobs_addr).await }
+        let jobs = jobs_endpoint.clone();
+        async move { keel_shared::redis::ping(&redis).await && server::probe_endpoint(jobs).await }
     });
     let router = server::builder()
         .add_service(health_service)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use keel_shared::config::GrpcClientTlsConfig;
 use keel_shared::server;
 use keel_shared::server_tls::TlsServer;
 use keel_shared::testing;
@@ -257,6 +258,18 @@ async fn tls_server_answers_tls_clients_and_refuses_plaintext() {
     };
     assert!(refused, "a plaintext client must not be answered");
 
+    // What the worker and the CLI use: https:// with KEEL_TLS_CA_FILE.
+    let ca_file = dir.0.join("ca.pem");
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
+    let url = format!("https://localhost:{}", addr.port());
+    let mut client_tls = GrpcClientTlsConfig::default();
+    let missing = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap_err();
+    assert!(missing.contains("KEEL_TLS_CA_FILE"), "{missing}");
+    client_tls.tls_ca_file = Some(ca_file);
+    let endpoint = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap();
+    assert!(server::probe_endpoint(endpoint).await, "probe over TLS");
+    assert!(!server::probe(&addr.to_string()).await, "plaintext probe");
+
     // A client trusting another CA refuses the server.
     let other = ca("Some other CA").pem();
     assert!(tls_endpoint(addr, &other, None).connect().await.is_err());
@@ -299,6 +312,31 @@ async fn mtls_requires_a_client_certificate_from_the_client_ca() {
         .await
         .expect("mTLS connect");
     assert_eq!(check(channel).await.unwrap(), ServingStatus::Serving);
+
+    // The same through the clients' settings (KEEL_TLS_CLIENT_CERT_FILE/KEY).
+    let (cert, key) = leaf(&client_ca, "keel-cli", 9);
+    let write = |name: &str, body: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, body).unwrap();
+        Some(path)
+    };
+    let url = format!("https://localhost:{}", addr.port());
+    let mut client_tls = GrpcClientTlsConfig {
+        tls_ca_file: write("ca.pem", &pki.ca_pem),
+        ..Default::default()
+    };
+    let endpoint = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap();
+    assert!(
+        !server::probe_endpoint(endpoint).await,
+        "no client certificate"
+    );
+    client_tls.tls_client_cert_file = write("client.pem", &cert);
+    client_tls.tls_client_key_file = write("client.key", &key);
+    let endpoint = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap();
+    assert!(
+        server::probe_endpoint(endpoint).await,
+        "with a client certificate"
+    );
     shutdown.cancel();
 }
 

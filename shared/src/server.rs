@@ -353,6 +353,7 @@ pub async fn probe_endpoint(endpoint: tonic::transport::Endpoint) -> bool {
 
 /// `BINARY healthcheck [ADDR]`: exits 0 when the server at ADDR (default
 /// `default_addr`, the binary's own port on loopback) is SERVING, 1 otherwise.
+/// Over TLS when the binary serves TLS (see `healthcheck_probe`).
 /// Lets container health checks use the binary itself. Returns when the
 /// arguments are not a health check.
 pub async fn healthcheck_command(default_addr: &str) {
@@ -361,10 +362,42 @@ pub async fn healthcheck_command(default_addr: &str) {
         return;
     }
     let addr = args.next().unwrap_or_else(|| default_addr.to_string());
-    if probe(&addr).await {
+    if healthcheck_probe(&addr).await {
         println!("SERVING");
         std::process::exit(0);
     }
     println!("NOT SERVING");
     std::process::exit(1);
+}
+
+/// The `healthcheck` probe: ADDR may be a URL; a bare address is probed in
+/// plaintext, or, when this process serves TLS (`KEEL_TLS_CERT_FILE` set),
+/// as `https://localhost:PORT`. TLS trusts `KEEL_TLS_CA_FILE` and presents
+/// `KEEL_TLS_CLIENT_CERT_FILE`/`KEEL_TLS_CLIENT_KEY_FILE` when set.
+async fn healthcheck_probe(addr: &str) -> bool {
+    let path = |var: &str| {
+        std::env::var_os(var)
+            .filter(|v| !v.is_empty())
+            .map(Into::into)
+    };
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else if path("KEEL_TLS_CERT_FILE").is_some() {
+        let port = addr.rsplit(':').next().unwrap_or_default();
+        format!("https://localhost:{port}")
+    } else {
+        return probe(addr).await;
+    };
+    let tls = crate::config::GrpcClientTlsConfig {
+        tls_ca_file: path("KEEL_TLS_CA_FILE"),
+        tls_client_cert_file: path("KEEL_TLS_CLIENT_CERT_FILE"),
+        tls_client_key_file: path("KEEL_TLS_CLIENT_KEY_FILE"),
+    };
+    match crate::server_tls::client_endpoint(&url, &tls) {
+        Ok(endpoint) => probe_endpoint(endpoint).await,
+        Err(e) => {
+            eprintln!("{e}");
+            false
+        }
+    }
 }

@@ -80,6 +80,9 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
     config.validate()?;
+    // A bad certificate stops the worker before it takes jobs (the health
+    // server, which loads it again, starts alongside the consumer).
+    keel_shared::server_tls::TlsServer::from_config(&config.runtime.tls)?;
     keel_shared::metrics::install(&config.runtime.metrics)?;
     let client = client::connect(&config.jobs_url, &config.jobs_tls, config.worker_token()?)?;
     client::authority(&config.jobs_url)?;

@@ -4,5 +4,6 @@ mod config;
 mod grpc_tls;
 mod health;
 mod migrations;
+mod pki;
 mod redis_keys;
 mod tls;

@@ -2,7 +2,7 @@
 //! processes (SIGKILLed on drop), private Redis and Postgres servers that a
 //! test may stop and start, and the few queries the assertions need.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -550,6 +550,36 @@ pub struct History {
 }
 
 impl History {
+    /// Attempts that never finished because their worker was one of `killed`.
+    pub fn interrupted_on(&self, killed: &HashSet<String>) -> usize {
+        self.interrupted
+            .iter()
+            .filter(|(_, w)| killed.contains(w))
+            .count()
+    }
+
+    /// Only the `killed` workers lost attempts or leases, and each retry
+    /// re-ran exactly one attempt a kill interrupted.
+    pub fn assert_only_killed_workers_lost_attempts(&self, killed: &HashSet<String>) {
+        for (job, worker) in &self.interrupted {
+            assert!(
+                killed.contains(worker),
+                "attempt of {job} on {worker:?} never finished, but that worker was not killed"
+            );
+        }
+        for worker in &self.lease_expired {
+            assert!(
+                killed.contains(worker),
+                "a lease of live worker {worker:?} expired"
+            );
+        }
+        assert_eq!(
+            self.retries,
+            self.interrupted_on(killed) as i64,
+            "each retry re-runs exactly one attempt a SIGKILL interrupted"
+        );
+    }
+
     pub async fn read(db: &tokio_postgres::Client) -> Self {
         let mut h = History::default();
         for row in db

@@ -269,11 +269,7 @@ async fn sigkilled_claim_workers_lose_no_job_and_run_none_twice() {
     let outcomes = Outcomes::read(&history).await;
     let logs = WorkerLogs::read(&[&steady[0], &steady[1], &victim]);
     let ids: HashSet<String> = outcomes.started.keys().cloned().collect();
-    let interrupted_by_kills = h
-        .interrupted
-        .iter()
-        .filter(|(_, w)| killed.contains(w))
-        .count();
+    let interrupted_by_kills = h.interrupted_on(&killed);
     let finished_elsewhere = h
         .interrupted
         .iter()
@@ -342,22 +338,7 @@ async fn sigkilled_claim_workers_lose_no_job_and_run_none_twice() {
         outcomes.wrong_output, 0,
         "each job's output is that of the attempt that succeeded"
     );
-    for (job, worker) in &h.interrupted {
-        assert!(
-            killed.contains(worker),
-            "attempt of {job} on {worker:?} never finished, but that worker was not killed"
-        );
-    }
-    for worker in &h.lease_expired {
-        assert!(
-            killed.contains(worker),
-            "a lease of live worker {worker:?} expired"
-        );
-    }
-    assert_eq!(
-        h.retries, interrupted_by_kills as i64,
-        "each retry re-runs exactly one attempt a SIGKILL interrupted"
-    );
+    h.assert_only_killed_workers_lost_attempts(&killed);
     assert!(
         interrupted_by_kills >= WORKER_KILLS,
         "each kill interrupted a running job"

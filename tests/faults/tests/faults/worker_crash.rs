@@ -84,11 +84,7 @@ async fn sigkilled_workers_lose_no_job_and_run_none_twice() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let interrupted_by_kills = h
-        .interrupted
-        .iter()
-        .filter(|(_, w)| killed.contains(w))
-        .count();
+    let interrupted_by_kills = h.interrupted_on(&killed);
     report!(
         "worker crash: {} jobs created, {} in the database, by status {:?}; {} SIGKILLs survived; \
          {} attempts interrupted by them; {} retries; {} lease expiries; {} succeeded twice",
@@ -109,22 +105,7 @@ async fn sigkilled_workers_lose_no_job_and_run_none_twice() {
         "every job succeeded"
     );
     assert_eq!(h.succeeded_twice, 0, "no job succeeded twice");
-    for (job, worker) in &h.interrupted {
-        assert!(
-            killed.contains(worker),
-            "attempt of {job} on {worker:?} never finished, but that worker was not killed"
-        );
-    }
-    for worker in &h.lease_expired {
-        assert!(
-            killed.contains(worker),
-            "a lease of live worker {worker:?} expired"
-        );
-    }
-    assert_eq!(
-        h.retries, interrupted_by_kills as i64,
-        "each retry re-runs exactly one attempt a SIGKILL interrupted"
-    );
+    h.assert_only_killed_workers_lost_attempts(&killed);
     assert!(
         interrupted_by_kills >= WAVES,
         "each kill interrupted a running job"

@@ -221,6 +221,51 @@ impl TestRedis {
     }
 }
 
+impl TestRedis {
+    /// Reads the entry of `job_id` from `stream` as consumer `consumer` of
+    /// the workers' group, waiting up to `wait` for it to be published, and
+    /// leaves it pending: a worker that read it and died. Returns the entry id.
+    pub async fn read_as_dead_consumer(
+        &self,
+        stream: &str,
+        consumer: &str,
+        job_id: &str,
+        wait: Duration,
+    ) -> String {
+        let deadline = tokio::time::Instant::now() + wait;
+        let pool = self.pool();
+        loop {
+            let mut conn = pool.get().await.expect("redis connection");
+            let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(crate::queue::CONSUMER_GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(10)
+                .arg("STREAMS")
+                .arg(stream)
+                .arg(">")
+                .query_async(&mut *conn)
+                .await
+                .expect("XREADGROUP");
+            let entries: Vec<_> = reply
+                .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
+                .unwrap_or_default();
+            if let Some(entry) = entries.first() {
+                assert_eq!(entries.len(), 1);
+                let id = entry.get::<String>(crate::queue::FIELD_JOB_ID);
+                assert_eq!(id.as_deref(), Some(job_id));
+                return entry.id.clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the job never reached the stream"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
 impl Default for TestRedis {
     fn default() -> Self {
         Self::new()

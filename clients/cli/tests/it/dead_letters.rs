@@ -3,7 +3,7 @@
 
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT, dead_letter};
 use keel_shared::testing::eventually;
-use redis::streams::{StreamInfoGroupsReply, StreamRangeReply, StreamReadReply};
+use redis::streams::{StreamInfoGroupsReply, StreamRangeReply};
 use serde_json::Value;
 
 use crate::support::{Env, Servers, WAIT, field, parse_table};
@@ -55,7 +55,10 @@ async fn a_dead_lettered_job_is_listed_and_replayed_onto_its_stream() {
             .await,
         "ID",
     );
-    let message_id = read_as_ghost(&env, &stream, &job_id).await;
+    let message_id = env
+        .redis
+        .read_as_dead_consumer(&stream, "ghost", &job_id, WAIT)
+        .await;
     for _ in 0..2 {
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg(&stream)
@@ -255,36 +258,4 @@ async fn replay_all_uses_the_recorded_stream_skips_others_and_keeps_the_trace() 
 
     // Entry ids or --all, not neither.
     assert!(!env.keel(&["dead-letters", "replay"]).await.success);
-}
-
-/// Reads the job's message as consumer "ghost" (waiting for the relay to publish it).
-async fn read_as_ghost(env: &Env, stream: &str, job_id: &str) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(CONSUMER_GROUP)
-            .arg("ghost")
-            .arg("COUNT")
-            .arg(10)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">")
-            .query_async(&mut *env.redis().await)
-            .await
-            .unwrap();
-        let entries: Vec<_> = reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-            .unwrap_or_default();
-        if let Some(entry) = entries.first() {
-            assert_eq!(entries.len(), 1);
-            assert_eq!(entry.get::<String>(FIELD_JOB_ID).as_deref(), Some(job_id));
-            return entry.id.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job never reached the stream"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
 }

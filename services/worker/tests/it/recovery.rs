@@ -7,7 +7,7 @@ use keel_proto::jobs::v1::JobStatus;
 use keel_shared::queue::{CONSUMER_GROUP, FIELD_JOB_ID, dead_letter};
 use keel_shared::testing::eventually;
 use keel_worker::Registry;
-use redis::streams::{StreamRangeReply, StreamReadReply};
+use redis::streams::StreamRangeReply;
 use serde_json::json;
 
 use crate::support::{Env, WAIT};
@@ -33,7 +33,10 @@ async fn a_message_delivered_too_often_is_dead_lettered_and_its_job_failed() {
     let job = env.create("echo", json!({"poison": true}), 5).await;
     // A consumer that reads the message and dies before acknowledging it,
     // three times over.
-    let message_id = read_as_ghost(&env, &stream, &job.id).await;
+    let message_id = env
+        .redis
+        .read_as_dead_consumer(&stream, "ghost", &job.id, WAIT)
+        .await;
     for _ in 0..2 {
         let _: redis::Value = redis::cmd("XCLAIM")
             .arg(&stream)
@@ -106,39 +109,6 @@ async fn a_job_of_a_sigkilled_worker_completes_on_another_worker() {
     assert_eq!(job.status(), JobStatus::Succeeded);
     assert_eq!(job.attempt, 2);
     worker.stop().await;
-}
-
-/// Reads the job's message as consumer "ghost" (waiting for the relay to publish it).
-async fn read_as_ghost(env: &Env, stream: &str, job_id: &str) -> String {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut conn = env.redis().await;
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(CONSUMER_GROUP)
-            .arg("ghost")
-            .arg("COUNT")
-            .arg(10)
-            .arg("STREAMS")
-            .arg(stream)
-            .arg(">")
-            .query_async(&mut *conn)
-            .await
-            .unwrap();
-        let entries: Vec<_> = reply
-            .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
-            .unwrap_or_default();
-        if let Some(entry) = entries.first() {
-            assert_eq!(entries.len(), 1);
-            assert_eq!(entry.get::<String>(FIELD_JOB_ID).as_deref(), Some(job_id));
-            return entry.id.clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job never reached the stream"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test]

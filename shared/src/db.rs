@@ -10,6 +10,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::StartupError;
+use crate::backoff::Backoff;
 use crate::config::DatabaseConfig;
 use crate::tls::{self, Verify};
 
@@ -276,7 +277,8 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
         })?;
 
     let deadline = Instant::now() + cfg.connect_timeout();
-    let mut backoff = Duration::from_millis(100);
+    const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut failures = 0;
     loop {
         let err = match pool.get().await {
             Ok(_) => return Ok(pool),
@@ -293,10 +295,11 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
                 sslmode: sslmode.as_str(),
             });
         }
-        if Instant::now() + backoff < deadline {
+        let pause = RETRY.delay(failures);
+        if Instant::now() + pause < deadline {
             tracing::warn!(target = %target, error = %err, "Postgres not reachable yet, retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(pause).await;
+            failures += 1;
         } else {
             return Err(StartupError::PostgresUnreachable {
                 target,

@@ -1,6 +1,11 @@
-//! Keel's common crate: what every service binary needs and nothing service-specific.
+//! Keel's common crate: what every service binary needs (config, start-up,
+//! Postgres and Redis connections, TLS, tokens, telemetry, metrics, errors),
+//! plus the one thing two services share: the job queue's Redis layout and
+//! metrics ([`queue`], [`metrics::job_transition`] and its siblings), written
+//! by the jobs service and read by the worker.
 
 pub mod auth;
+pub mod backoff;
 pub mod batch;
 pub mod config;
 pub mod db;

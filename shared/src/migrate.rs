@@ -84,10 +84,5 @@ pub fn fingerprint() -> String {
         hasher.update(m.name().as_bytes());
         hasher.update(m.checksum().to_le_bytes());
     }
-    hasher
-        .finalize()
-        .iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&hasher.finalize()[..6])
 }

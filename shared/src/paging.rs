@@ -30,11 +30,7 @@ struct Envelope<C> {
 }
 
 fn fingerprint(filter: &str) -> String {
-    Sha256::digest(filter.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&Sha256::digest(filter.as_bytes())[..8])
 }
 
 /// A token for the page after `cursor`, valid only with the same `filter`

@@ -34,13 +34,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use keel_proto::jobs::v1::Job;
 use keel_shared::ApiError;
+use keel_shared::backoff::Backoff;
 use keel_shared::config::RedisConfig;
 use redis::aio::{PubSub, PubSubSink};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::delivery::decode_announcement;
+use crate::announcements;
 use crate::error::JobsError;
 
 /// Longest a watcher waits for its job's channel to be subscribed before it
@@ -51,9 +52,8 @@ const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often an idle connection is pinged (a silently dead one is replaced).
 const PING_EVERY: Duration = Duration::from_secs(15);
-/// Reconnection backoff: doubles from the first to the last.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_LAST: Duration = Duration::from_secs(5);
+/// Reconnection back-off.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// Announcements buffered per job; a watcher further behind re-reads Postgres.
 const UPDATES_PER_JOB: usize = 64;
 /// Most channels per SUBSCRIBE / UNSUBSCRIBE.
@@ -217,7 +217,7 @@ impl Subscriptions {
         mut changes: mpsc::UnboundedReceiver<Uuid>,
         shutdown: CancellationToken,
     ) {
-        let mut retry = RETRY_FIRST;
+        let mut failures = 0;
         let mut healthy = true;
         loop {
             self.state.store(CONNECTING, Ordering::SeqCst);
@@ -227,7 +227,7 @@ impl Subscriptions {
             };
             let lost = match connected {
                 Ok(Ok(pubsub)) => {
-                    retry = RETRY_FIRST;
+                    failures = 0;
                     if !healthy {
                         tracing::info!("WatchJob announcements connected again");
                         healthy = true;
@@ -247,7 +247,7 @@ impl Subscriptions {
             }
             self.went_down();
             // Changes meanwhile need nothing: reconnecting subscribes the whole map.
-            let pause = tokio::time::sleep(retry);
+            let pause = tokio::time::sleep(RECONNECT.delay(failures));
             tokio::pin!(pause);
             loop {
                 tokio::select! {
@@ -256,7 +256,7 @@ impl Subscriptions {
                     Some(_) = changes.recv() => {}
                 }
             }
-            retry = (retry * 2).min(RETRY_LAST);
+            failures += 1;
         }
     }
 
@@ -368,7 +368,7 @@ impl Subscriptions {
         else {
             return;
         };
-        let update = match decode_announcement(message.get_payload_bytes()) {
+        let update = match announcements::decode(message.get_payload_bytes()) {
             Some(announced) => Update::Job(Arc::new(announced)),
             None => Update::Resync,
         };

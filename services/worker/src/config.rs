@@ -171,6 +171,16 @@ fn default_consumer_name() -> String {
     format!("{host}-{}-{}", std::process::id(), &random[..8])
 }
 
+impl keel_shared::config::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.health_addr
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,10 @@
 pub mod client;
 pub mod config;
 mod consumer;
+mod context;
+mod dead_letter;
 pub mod handler;
+mod recording;
 mod runner;
 mod stream;
 mod transitions;
@@ -131,13 +134,13 @@ pub async fn run_with(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
-    let shared = Arc::new(consumer::Shared::new(
+    let (worker, ack_queue) = context::Worker::new(
         stream,
         client,
         registry,
         config.heartbeat_interval(),
         shutdown.clone(),
-    ));
+    );
     let settings = consumer::Settings {
         concurrency: config.concurrency(),
         claim_idle: config.claim_idle(),
@@ -149,7 +152,7 @@ pub async fn run_with(
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-worker health serving");
     let (served, ()) = tokio::join!(
         server::serve_runtime(router, listener, shutdown, &config.runtime),
-        consumer::run(shared, settings),
+        consumer::run(Arc::new(worker), ack_queue, settings),
     );
     served
 }

@@ -1,16 +1,9 @@
-use keel_worker::Config;
-
 #[tokio::main]
 async fn main() {
-    keel_shared::server::healthcheck_command("127.0.0.1:50054").await;
-    let config = keel_shared::config::parse_config::<Config>();
-    let result = async {
-        let telemetry = keel_shared::telemetry::init_service("keel-worker", &config.runtime)?;
-        let listener = keel_shared::server::bind(config.health_addr).await?;
-        let result = keel_worker::run(config, listener, keel_shared::shutdown::on_signal()).await;
-        telemetry.shutdown().await;
-        result
-    }
+    keel_shared::server::main::<keel_worker::Config, _, _>(
+        "keel-worker",
+        "127.0.0.1:50054",
+        keel_worker::run,
+    )
     .await;
-    keel_shared::error::exit_on_error("keel-worker", result);
 }

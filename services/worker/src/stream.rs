@@ -41,6 +41,13 @@ impl Message {
     pub fn key(&self) -> MessageKey {
         (self.stream.clone(), self.id.clone())
     }
+
+    /// The job it carries: its `job_id` field, when that is a UUID.
+    pub fn job_uuid(&self) -> Option<uuid::Uuid> {
+        self.job_id
+            .as_deref()
+            .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())
+    }
 }
 
 /// A message's stream and entry id (entry ids are only unique per stream).

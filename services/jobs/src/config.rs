@@ -162,3 +162,13 @@ impl Config {
         Duration::from_millis(self.watch_poll_ms.max(10))
     }
 }
+
+impl keel_shared::config::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
+    }
+}

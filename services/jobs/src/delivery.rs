@@ -11,11 +11,11 @@ use keel_shared::ApiError;
 use keel_shared::config::RedisConfig;
 use keel_shared::queue::{Band, FIELD_JOB_ID, FIELD_TRACEPARENT};
 use keel_shared::time::sleep_until;
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::announcements;
 use crate::domain::Status;
 use crate::error::JobsError;
 use crate::routing::ServedKinds;
@@ -271,7 +271,7 @@ impl Delivery {
         let channel = self.redis_config.job_updates_channel(&job.id);
         if self
             .announcements
-            .try_send((channel, encode_announcement(job)))
+            .try_send((channel, announcements::encode(job)))
             .is_err()
         {
             tracing::debug!(job_id = %job.id, "announcement queue full; dropped one");
@@ -429,64 +429,4 @@ fn count_timed_out(job: &JobRow) {
         _ => "failed",
     };
     keel_shared::metrics::job_transition(transition, &job.kind);
-}
-
-/// An announcement: the job's version (8 bytes, big-endian) then the job as
-/// an encoded `keel.jobs.v1.Job`, so a watcher can drop stale snapshots.
-pub fn encode_announcement(job: &JobRow) -> Vec<u8> {
-    let proto = crate::grpc::job_to_proto(job);
-    let mut out = Vec::with_capacity(8 + proto.encoded_len());
-    out.extend_from_slice(&job.version.to_be_bytes());
-    proto
-        .encode(&mut out)
-        .expect("a Vec grows as needed, encoding cannot fail");
-    out
-}
-
-pub fn decode_announcement(bytes: &[u8]) -> Option<(i64, keel_proto::jobs::v1::Job)> {
-    let (version, rest) = bytes.split_first_chunk::<8>()?;
-    let job = keel_proto::jobs::v1::Job::decode(rest).ok()?;
-    Some((i64::from_be_bytes(*version), job))
-}
-
-#[cfg(test)]
-mod tests {
-    use chrono::Utc;
-    use uuid::Uuid;
-
-    use super::*;
-    use crate::domain::Status;
-
-    #[test]
-    fn announcements_round_trip_with_their_version() {
-        let now = Utc::now();
-        let job = JobRow {
-            id: Uuid::now_v7(),
-            user_id: Uuid::now_v7(),
-            kind: "echo".into(),
-            payload: serde_json::json!({"n": 1}),
-            status: Status::Running,
-            priority: 3,
-            attempt: 2,
-            max_attempts: 3,
-            output: None,
-            error: String::new(),
-            run_at: now,
-            created_at: now,
-            updated_at: now,
-            started_at: Some(now),
-            finished_at: None,
-            cancel_requested: true,
-            lease_expires_at: Some(now),
-            worker_id: Some("w".into()),
-            version: 7,
-            progress: Some(serde_json::json!({"done": 3})),
-            attempt_deadline: None,
-            attempt_timeout: Some(Duration::from_millis(1500)),
-        };
-        let (version, proto) = decode_announcement(&encode_announcement(&job)).unwrap();
-        assert_eq!(version, 7);
-        assert_eq!(proto, crate::grpc::job_to_proto(&job));
-        assert!(decode_announcement(b"short").is_none());
-    }
 }

@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use keel_proto::jobs::v1::{CreateJobRequest, JobStatus};
-use rand::Rng;
+use keel_shared::backoff::Backoff;
+use uuid::Uuid;
 
 use crate::error::JobsError;
 
@@ -319,15 +320,12 @@ pub fn clip(s: &str, max_bytes: usize) -> String {
     s[..end].to_string()
 }
 
-/// Delay before retrying after failed attempt `attempt` (1-based): `base * 2^(attempt-1)`,
-/// capped at `max`, with "equal jitter" (a random point in the upper half), so
-/// retries of many jobs that failed together spread out but never come too soon.
+/// Delay before retrying after failed attempt `attempt` (1-based): the
+/// shared back-off from `base` (`base * 2^(attempt-1)`, capped at `max`, equal
+/// jitter), so retries of many jobs that failed together spread out but
+/// never come too soon.
 pub fn retry_delay(attempt: i32, base: Duration, max: Duration) -> Duration {
-    let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
-    let full = base.saturating_mul(1u32 << exp).min(max);
-    let half = full / 2;
-    let jitter_ns = rand::thread_rng().gen_range(0..=half.as_nanos().min(u64::MAX as u128) as u64);
-    half + Duration::from_nanos(jitter_ns)
+    Backoff::new(base, max).delay(attempt.saturating_sub(1).max(0) as u32)
 }
 
 /// Why a worker transition did not apply, from the job's actual state.
@@ -372,6 +370,17 @@ pub fn attempt_refusal(status: Status, current_attempt: i32, attempt: i32) -> St
         Status::Queued => format!("attempt {attempt} is over: the job is queued again"),
         other => format!("job already {}", other.as_str()),
     }
+}
+
+/// The smallest v7 id of the millisecond `at`: every id created earlier
+/// sorts below it (Postgres compares uuids bytewise).
+pub fn v7_floor(at: DateTime<Utc>) -> Uuid {
+    let ms = at.timestamp_millis().max(0) as u64;
+    let mut bytes = [0u8; 16];
+    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+    bytes[6] = 0x70; // version 7
+    bytes[8] = 0x80; // RFC 4122 variant
+    Uuid::from_bytes(bytes)
 }
 
 #[cfg(test)]
@@ -542,5 +551,19 @@ mod tests {
     fn clip_respects_char_boundaries() {
         assert_eq!(clip("héllo", 2), "h");
         assert_eq!(clip("abc", 10), "abc");
+    }
+
+    #[test]
+    fn v7_floor_separates_ids_by_creation_time() {
+        let before = Utc::now();
+        let id = Uuid::now_v7();
+        let after = Utc::now();
+        assert!(v7_floor(before - chrono::Duration::milliseconds(1)) < id);
+        assert!(id < v7_floor(after + chrono::Duration::milliseconds(2)));
+        let floor = v7_floor(before);
+        assert_eq!(floor.get_version_num(), 7);
+        assert_eq!(floor.get_variant(), uuid::Variant::RFC4122);
+        // Byte order is time order, as Postgres compares them.
+        assert!(floor.as_bytes() < v7_floor(after + chrono::Duration::days(1)).as_bytes());
     }
 }

@@ -10,17 +10,16 @@ use keel_proto::jobs::v1::job_runner_service_server::JobRunnerService;
 use keel_proto::jobs::v1::jobs_service_server::JobsService;
 use keel_proto::jobs::v1::*;
 use keel_shared::auth::Caller;
-use keel_shared::json::json_to_struct;
 use keel_shared::paging;
 use keel_shared::time::{opt_timestamp, to_timestamp};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::convert::{event_to_proto, job_to_proto};
 use crate::domain::{self, Status as JobState};
 use crate::error::JobsError;
 use crate::service::Jobs;
-use crate::store::{EventRow, JobRow};
 use crate::subscriptions::Subscriptions;
 
 pub struct JobsApi {
@@ -41,32 +40,6 @@ impl JobsApi {
             subscriptions,
             shutdown,
         }
-    }
-}
-
-pub fn job_to_proto(j: &JobRow) -> Job {
-    Job {
-        id: j.id.to_string(),
-        user_id: j.user_id.to_string(),
-        kind: j.kind.clone(),
-        payload: Some(json_to_struct(&j.payload)),
-        status: j.status.to_proto() as i32,
-        priority: j.priority,
-        attempt: j.attempt,
-        max_attempts: j.max_attempts,
-        output: j.output.as_ref().map(json_to_struct),
-        error: j.error.clone(),
-        run_at: Some(to_timestamp(j.run_at)),
-        created_at: Some(to_timestamp(j.created_at)),
-        updated_at: Some(to_timestamp(j.updated_at)),
-        started_at: opt_timestamp(j.started_at),
-        finished_at: opt_timestamp(j.finished_at),
-        cancel_requested: j.cancel_requested,
-        progress: j.progress.as_ref().map(json_to_struct),
-        timeout: j.attempt_timeout.map(|t| prost_types::Duration {
-            seconds: t.as_secs() as i64,
-            nanos: t.subsec_nanos() as i32,
-        }),
     }
 }
 
@@ -102,7 +75,7 @@ impl JobsService for JobsApi {
         req: Request<CreateJobRequest>,
     ) -> Result<Response<CreateJobResponse>, Status> {
         let user_id = user(&req)?;
-        let new = domain::validate_create(req.get_ref(), "", self.jobs.settings.max_payload_bytes)?;
+        let new = domain::validate_create(req.get_ref(), "", self.jobs.max_payload_bytes())?;
         let job = self.jobs.create(user_id, vec![new]).await?.remove(0);
         Ok(Response::new(CreateJobResponse {
             job: Some(job_to_proto(&job)),
@@ -114,10 +87,7 @@ impl JobsService for JobsApi {
         req: Request<BatchCreateJobsRequest>,
     ) -> Result<Response<BatchCreateJobsResponse>, Status> {
         let user_id = user(&req)?;
-        let items = domain::validate_batch(
-            &req.get_ref().requests,
-            self.jobs.settings.max_payload_bytes,
-        )?;
+        let items = domain::validate_batch(&req.get_ref().requests, self.jobs.max_payload_bytes())?;
         let jobs = self.jobs.create(user_id, items).await?;
         Ok(Response::new(BatchCreateJobsResponse {
             jobs: jobs.iter().map(job_to_proto).collect(),
@@ -242,17 +212,6 @@ impl JobsService for JobsApi {
     }
 }
 
-fn event_to_proto(e: &EventRow) -> JobEvent {
-    JobEvent {
-        event: e.event.clone(),
-        status: e.status.to_proto() as i32,
-        attempt: e.attempt,
-        worker_id: e.worker_id.clone().unwrap_or_default(),
-        error: e.error.clone().unwrap_or_default(),
-        at: Some(to_timestamp(e.at)),
-    }
-}
-
 /// The worker's side. Every call needs the worker credential (a user token is
 /// PERMISSION_DENIED); an unknown id is NOT_FOUND, a malformed one
 /// INVALID_ARGUMENT. Each transition is one conditional UPDATE on
@@ -288,7 +247,7 @@ impl JobRunnerService for JobsApi {
         let progress = r
             .progress
             .as_ref()
-            .map(|s| domain::json_within(s, self.jobs.settings.max_payload_bytes))
+            .map(|s| domain::json_within(s, self.jobs.max_payload_bytes()))
             .transpose()
             .map_err(|why| JobsError::invalid("progress", why))?;
         let (lease_expires_at, cancel_requested) = self
@@ -429,7 +388,7 @@ impl JobsApi {
         let output = r
             .output
             .as_ref()
-            .map(|s| domain::json_within(s, self.jobs.settings.max_payload_bytes))
+            .map(|s| domain::json_within(s, self.jobs.max_payload_bytes()))
             .transpose()
             .map_err(|why| JobsError::invalid("output", why))?;
         let job = self

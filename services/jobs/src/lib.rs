@@ -1,6 +1,8 @@
 //! Keel jobs service: durable jobs, delivered to workers through a Redis stream.
 
+mod announcements;
 pub mod config;
+mod convert;
 pub mod delivery;
 pub mod domain;
 pub mod error;

@@ -1,16 +1,9 @@
-use keel_jobs::Config;
-
 #[tokio::main]
 async fn main() {
-    keel_shared::server::healthcheck_command("127.0.0.1:50052").await;
-    let config = keel_shared::config::parse_config::<Config>();
-    let result = async {
-        let telemetry = keel_shared::telemetry::init_service("keel-jobs", &config.runtime)?;
-        let listener = keel_shared::server::bind(config.listen_addr).await?;
-        let result = keel_jobs::run(config, listener, keel_shared::shutdown::on_signal()).await;
-        telemetry.shutdown().await;
-        result
-    }
+    keel_shared::server::main::<keel_jobs::Config, _, _>(
+        "keel-jobs",
+        "127.0.0.1:50052",
+        keel_jobs::run,
+    )
     .await;
-    keel_shared::error::exit_on_error("keel-jobs", result);
 }

@@ -3,10 +3,9 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::error::JobsError;
 use crate::store;
@@ -54,35 +53,5 @@ async fn round(
         if deleted < policy.batch as u64 || shutdown.is_cancelled() {
             return Ok(total);
         }
-    }
-}
-
-/// The smallest v7 id of the millisecond `at`: every id created earlier
-/// sorts below it (Postgres compares uuids bytewise).
-pub fn v7_floor(at: DateTime<Utc>) -> Uuid {
-    let ms = at.timestamp_millis().max(0) as u64;
-    let mut bytes = [0u8; 16];
-    bytes[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-    bytes[6] = 0x70; // version 7
-    bytes[8] = 0x80; // RFC 4122 variant
-    Uuid::from_bytes(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn v7_floor_separates_ids_by_creation_time() {
-        let before = Utc::now();
-        let id = Uuid::now_v7();
-        let after = Utc::now();
-        assert!(v7_floor(before - chrono::Duration::milliseconds(1)) < id);
-        assert!(id < v7_floor(after + chrono::Duration::milliseconds(2)));
-        let floor = v7_floor(before);
-        assert_eq!(floor.get_version_num(), 7);
-        assert_eq!(floor.get_variant(), uuid::Variant::RFC4122);
-        // Byte order is time order, as Postgres compares them.
-        assert!(floor.as_bytes() < v7_floor(after + chrono::Duration::days(1)).as_bytes());
     }
 }

@@ -34,9 +34,9 @@ pub struct Settings {
 }
 
 pub struct Jobs {
-    pub pool: Pool,
-    pub delivery: Arc<Delivery>,
-    pub settings: Settings,
+    pool: Pool,
+    delivery: Arc<Delivery>,
+    settings: Settings,
     creates: Batcher<CreateCall, Vec<JobRow>, JobsError>,
     starts: Batcher<StartCall, Option<JobRow>, JobsError>,
     completions: Batcher<CompleteCall, Option<JobRow>, JobsError>,
@@ -266,6 +266,16 @@ impl Jobs {
             outcomes.push(self.insert_call(call).await);
         }
         outcomes
+    }
+
+    /// The most payload, output or progress JSON a job may carry, in bytes.
+    pub fn max_payload_bytes(&self) -> usize {
+        self.settings.max_payload_bytes
+    }
+
+    /// How often a watcher re-reads the job even without announcements.
+    pub fn watch_poll(&self) -> std::time::Duration {
+        self.settings.watch_poll
     }
 
     pub async fn get(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {

@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::domain::{NewJob, Status};
+use crate::domain::{self, NewJob, Status};
 use crate::error::JobsError;
 
 macro_rules! job_cols {
@@ -1049,9 +1049,6 @@ pub async fn delete_finished_before(
                            FOR UPDATE SKIP LOCKED)";
     let stmt = client.prepare_cached(SQL).await?;
     Ok(client
-        .execute(
-            &stmt,
-            &[&crate::retention::v7_floor(cutoff), &cutoff, &limit],
-        )
+        .execute(&stmt, &[&domain::v7_floor(cutoff), &cutoff, &limit])
         .await?)
 }

@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
 
+use crate::convert::job_to_proto;
 use crate::error::JobsError;
-use crate::grpc::job_to_proto;
 use crate::service::Jobs;
-use crate::store::{self, JobRow};
+use crate::store::JobRow;
 use crate::subscriptions::{Membership, Subscriptions, Update};
 
 type Sink = mpsc::Sender<Result<WatchJobResponse, Status>>;
@@ -49,7 +49,7 @@ async fn forward(
     if !send(&tx, &current).await || current.status.is_terminal() {
         return;
     }
-    let mut poll = tokio::time::interval(jobs.settings.watch_poll);
+    let mut poll = tokio::time::interval(jobs.watch_poll());
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await; // the first tick is immediate
     // False once the announcements ended (never while the membership lives).
@@ -124,13 +124,7 @@ fn is_terminal(job: &keel_proto::jobs::v1::Job) -> bool {
 
 /// The job as Postgres has it now; on an error the stream gets it and ends.
 async fn reread(jobs: &Jobs, user_id: Uuid, id: Uuid, tx: &Sink) -> Step {
-    let read = async {
-        let client = jobs.pool.get().await?;
-        store::user_job(&client, user_id, id)
-            .await?
-            .ok_or(JobsError::NotFound)
-    };
-    match read.await {
+    match jobs.get(user_id, id).await {
         Ok(job) => Step::Update(job.version, Box::new(job_to_proto(&job))),
         Err(e) => {
             let _ = tx.send(Err(e.into())).await;

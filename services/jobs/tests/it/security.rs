@@ -1,4 +1,4 @@
-//! Security matrix (issue 9, item 6) for JobsService and JobRunnerService:
+//! Security matrix for JobsService and JobRunnerService:
 //! another user's token finds nothing and changes nothing on every RPC;
 //! forged, expired, wrong-key, `alg: none`, misaddressed and garbage tokens
 //! are UNAUTHENTICATED everywhere; user tokens cannot drive the runner; SQL

@@ -9,6 +9,13 @@ use std::time::Duration;
 
 use crate::StartupError;
 
+/// What every service binary's config has: where it listens (its gRPC port,
+/// or the worker's health port) and its runtime settings.
+pub trait ServiceConfig: clap::Parser {
+    fn listen_addr(&self) -> SocketAddr;
+    fn runtime(&self) -> &RuntimeConfig;
+}
+
 /// Parses a binary's config from its flags and environment, or exits with
 /// clap's message, as `T::parse()` does, except that an environment variable
 /// set to an empty (or all-whitespace) value counts as unset: compose files

@@ -351,6 +351,29 @@ pub async fn probe_endpoint(endpoint: tonic::transport::Endpoint) -> bool {
     )
 }
 
+/// A service binary's whole `main`: answers `BINARY healthcheck [ADDR]`,
+/// parses the config, starts telemetry, binds the listen address, runs
+/// `run` until SIGINT/SIGTERM, flushes telemetry, and on a start-up error
+/// prints one line and exits non-zero.
+pub async fn main<C, F, Fut>(binary: &'static str, default_health_addr: &str, run: F)
+where
+    C: crate::config::ServiceConfig,
+    F: FnOnce(C, TcpListener, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), StartupError>>,
+{
+    healthcheck_command(default_health_addr).await;
+    let config = crate::config::parse_config::<C>();
+    let result = async {
+        let telemetry = crate::telemetry::init_service(binary, config.runtime())?;
+        let listener = bind(config.listen_addr()).await?;
+        let result = run(config, listener, crate::shutdown::on_signal()).await;
+        telemetry.shutdown().await;
+        result
+    }
+    .await;
+    crate::error::exit_on_error(binary, result);
+}
+
 /// `BINARY healthcheck [ADDR]`: exits 0 when the server at ADDR (default
 /// `default_addr`, the binary's own port on loopback) is SERVING, 1 otherwise.
 /// Over TLS when the binary serves TLS (see `healthcheck_probe`).

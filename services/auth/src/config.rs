@@ -147,3 +147,13 @@ impl LoginConfig {
         }
     }
 }
+
+impl keel_shared::config::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
+    }
+}

@@ -76,3 +76,13 @@ impl Default for Limits {
         }
     }
 }
+
+impl keel_shared::config::ServiceConfig for Config {
+    fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    fn runtime(&self) -> &RuntimeConfig {
+        &self.runtime
+    }
+}

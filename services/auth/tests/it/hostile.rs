@@ -1,4 +1,4 @@
-//! Hostile input (issue 9, item 5): property tests over every request message
+//! Hostile input: property tests over every request message
 //! of AuthService, one server per property reused across cases; undecodable
 //! and oversized messages. Every answer is a contract code for bad input,
 //! never UNKNOWN or INTERNAL, and a refused call changes no user or session.

@@ -1,4 +1,4 @@
-//! Security (issue 9, item 6) for AuthService. Forged, expired, wrong-key,
+//! Security for AuthService. Forged, expired, wrong-key,
 //! `alg: none`, wrong-audience, wrong-issuer and garbage tokens on
 //! GetCurrentUser and VerifyToken: `tokens.rs`; login brute force:
 //! `login.rs` (`repeated_failures_are_rate_limited_until_the_window_passes`).

@@ -1,4 +1,4 @@
-//! Hostile input (issue 9, item 5): property tests over every request message
+//! Hostile input: property tests over every request message
 //! of MemoryService, one server per property reused across cases;
 //! undecodable (invalid UTF-8, nesting past prost's limit) and oversized
 //! messages. Every answer is a contract code for bad input, never UNKNOWN or

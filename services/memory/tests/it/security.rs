@@ -1,4 +1,4 @@
-//! Security matrix (issue 9, item 6) for MemoryService: another user's token
+//! Security matrix for MemoryService: another user's token
 //! finds nothing and changes nothing on every RPC; forged, expired,
 //! wrong-key, `alg: none`, misaddressed and garbage tokens are
 //! UNAUTHENTICATED everywhere; SQL metacharacters are data. Login brute force

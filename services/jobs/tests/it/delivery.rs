@@ -12,6 +12,7 @@ use uuid::Uuid;
 use keel_jobs::delivery::PUBLISH_GRACE;
 use keel_jobs::store::{NewRow, Publication, insert_jobs, mark_published};
 
+use crate::redis_proxy::RedisProxy;
 use crate::support::{Svc, WAIT, announce_kinds, stream_ids};
 
 #[tokio::test]
@@ -67,20 +68,35 @@ async fn every_job_is_added_to_the_stream_exactly_once() {
 
 #[tokio::test]
 async fn create_job_succeeds_while_redis_is_unreachable_and_the_job_waits_in_the_outbox() {
-    let svc = Svc::start_with(|c| {
-        c.redis = RedisConfig::new("redis://127.0.0.1:1", c.redis.redis_prefix.clone());
+    let proxy = RedisProxy::start().await;
+    proxy.refuse(true);
+    let url = proxy.url.clone();
+    let svc = Svc::start_with(move |c| {
+        c.redis = RedisConfig::new(url, c.redis.redis_prefix.clone());
     })
     .await;
-    let job = svc.create_kind("echo").await;
-    assert_eq!(job.status(), JobStatus::Queued);
-    // Let the relay try (and fail) a few times: the row stays.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(svc.undelivered_len().await, 1);
-    assert_eq!(svc.get(&job.id).await.status(), JobStatus::Queued);
+    let waiting = svc.create_kind("echo").await;
+    let started = svc.create_kind("echo").await;
+    assert_eq!(waiting.status(), JobStatus::Queued);
+    // The relay tries (and fails) several times: the rows stay.
+    let before = proxy.refused();
+    testing::eventually(WAIT, "Redis refused several more connections", || async {
+        proxy.refused() >= before + 3
+    })
+    .await;
+    assert_eq!(svc.undelivered_len().await, 2);
+    assert_eq!(svc.get(&waiting.id).await.status(), JobStatus::Queued);
 
     // Transitions still work; watchers fall back to Postgres.
-    let started = svc.start_job(&job.id).await.unwrap().job.unwrap();
-    assert_eq!(started.status(), JobStatus::Running);
+    let running = svc.start_job(&started.id).await.unwrap().job.unwrap();
+    assert_eq!(running.status(), JobStatus::Running);
+
+    // Once Redis answers again, the relay publishes what waited.
+    proxy.refuse(false);
+    testing::eventually(WAIT, "the waiting job reaches its stream", || async {
+        svc.stream_ids().await.contains(&waiting.id)
+    })
+    .await;
 }
 
 fn free_port() -> u16 {

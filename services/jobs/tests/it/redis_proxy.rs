@@ -4,7 +4,7 @@
 //! them with `CLIENT KILL ID`, and refuse new ones for a while.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use keel_shared::testing;
@@ -18,6 +18,8 @@ pub struct RedisProxy {
     upstream_ports: Arc<Mutex<HashSet<u16>>>,
     /// While set, new connections are closed at once (Redis unreachable).
     refusing: Arc<AtomicBool>,
+    /// Connections closed at once so far.
+    refused: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -32,10 +34,12 @@ impl RedisProxy {
         let url = format!("{scheme}{userinfo}{}{rest}", listener.local_addr().unwrap());
         let upstream_ports = Arc::new(Mutex::new(HashSet::new()));
         let refusing = Arc::new(AtomicBool::new(false));
-        let (ports, refuse) = (upstream_ports.clone(), refusing.clone());
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (ports, refuse, closed) = (upstream_ports.clone(), refusing.clone(), refused.clone());
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if refuse.load(Ordering::SeqCst) {
+                    closed.fetch_add(1, Ordering::SeqCst);
                     continue; // dropped: closed
                 }
                 let Ok(mut outbound) = TcpStream::connect(&host_port).await else {
@@ -54,6 +58,7 @@ impl RedisProxy {
             url,
             upstream_ports,
             refusing,
+            refused,
             accept,
         }
     }
@@ -61,6 +66,11 @@ impl RedisProxy {
     /// Refuse (true) or accept again (false) new connections.
     pub fn refuse(&self, refusing: bool) {
         self.refusing.store(refusing, Ordering::SeqCst);
+    }
+
+    /// How many connections were refused so far.
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::SeqCst)
     }
 
     /// `CLIENT LIST` entries of the connections made through this proxy.

@@ -81,6 +81,7 @@ impl From<ApiError> for Status {
 
 /// Postgres errors that no service-specific rule claimed: connection trouble
 /// is UNAVAILABLE, serialization conflicts ABORTED, anything else INTERNAL.
+#[cfg(feature = "server")]
 impl From<tokio_postgres::Error> for ApiError {
     fn from(err: tokio_postgres::Error) -> Self {
         use tokio_postgres::error::SqlState;
@@ -113,6 +114,7 @@ impl From<tokio_postgres::Error> for ApiError {
     }
 }
 
+#[cfg(feature = "server")]
 impl From<deadpool_postgres::PoolError> for ApiError {
     fn from(err: deadpool_postgres::PoolError) -> Self {
         match err {

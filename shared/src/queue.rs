@@ -17,7 +17,7 @@ pub const CONSUMER_GROUP: &str = "workers";
 pub const FIELD_JOB_ID: &str = "job_id";
 /// Stream entry field holding the W3C trace context the job was created in
 /// (absent when tracing was off).
-pub const FIELD_TRACEPARENT: &str = crate::telemetry::TRACEPARENT;
+pub const FIELD_TRACEPARENT: &str = "traceparent";
 /// A kind counts as served by stream workers this long after a worker last
 /// announced it. Workers announce their kinds far more often than that.
 pub const SERVED_KIND_TTL: Duration = Duration::from_secs(60);

@@ -321,36 +321,6 @@ where
     }
 }
 
-/// Asks the health service at `addr` whether "" is SERVING.
-pub async fn probe(addr: &str) -> bool {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
-        return false;
-    };
-    probe_endpoint(endpoint).await
-}
-
-/// Asks the health service at `endpoint` (plaintext or TLS, see
-/// [`crate::server_tls::client_endpoint`]) whether "" is SERVING.
-pub async fn probe_endpoint(endpoint: tonic::transport::Endpoint) -> bool {
-    use tonic_health::pb::HealthCheckRequest;
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-
-    let endpoint = endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(2));
-    let Ok(channel) = endpoint.connect().await else {
-        return false;
-    };
-    matches!(
-        HealthClient::new(channel)
-            .check(HealthCheckRequest::default())
-            .await
-            .map(|r| r.into_inner().status()),
-        Ok(ServingStatus::Serving)
-    )
-}
-
 /// A service binary's whole `main`: answers `BINARY healthcheck [ADDR]`,
 /// parses the config, starts telemetry, binds the listen address, runs
 /// `run` until SIGINT/SIGTERM, flushes telemetry, and on a start-up error
@@ -409,15 +379,15 @@ async fn healthcheck_probe(addr: &str) -> bool {
         let port = addr.rsplit(':').next().unwrap_or_default();
         format!("https://localhost:{port}")
     } else {
-        return probe(addr).await;
+        return crate::grpc_client::probe(addr).await;
     };
     let tls = crate::config::GrpcClientTlsConfig {
         tls_ca_file: path("KEEL_TLS_CA_FILE"),
         tls_client_cert_file: path("KEEL_TLS_CLIENT_CERT_FILE"),
         tls_client_key_file: path("KEEL_TLS_CLIENT_KEY_FILE"),
     };
-    match crate::server_tls::client_endpoint(&url, &tls) {
-        Ok(endpoint) => probe_endpoint(endpoint).await,
+    match crate::grpc_client::client_endpoint(&url, &tls) {
+        Ok(endpoint) => crate::grpc_client::probe_endpoint(endpoint).await,
         Err(e) => {
             eprintln!("{e}");
             false

@@ -17,7 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::StartupError;
-use crate::config::{GrpcClientTlsConfig, GrpcTlsConfig};
+use crate::config::GrpcTlsConfig;
 
 /// How long a client gets to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -231,37 +231,4 @@ fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
             key.display()
         )
     })
-}
-
-/// An endpoint for `url`: plaintext for `http://`, TLS trusting
-/// `tls.tls_ca_file` (and presenting the client certificate, if any) for
-/// `https://`. The name checked is the URL's host.
-pub fn client_endpoint(
-    url: &str,
-    tls: &GrpcClientTlsConfig,
-) -> Result<tonic::transport::Endpoint, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
-        .map_err(|e| format!("invalid URL {url}: {e}"))?;
-    if endpoint.uri().scheme_str() != Some("https") {
-        return Ok(endpoint);
-    }
-    let ca_file = tls
-        .tls_ca_file
-        .as_deref()
-        .ok_or_else(|| format!("{url} is https: set KEEL_TLS_CA_FILE to the CA to trust"))?;
-    let ca = std::fs::read(ca_file)
-        .map_err(|e| format!("cannot read CA file {}: {e}", ca_file.display()))?;
-    let mut config = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca));
-    if let (Some(cert), Some(key)) = (&tls.tls_client_cert_file, &tls.tls_client_key_file) {
-        let read =
-            |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
-        config = config.identity(tonic::transport::Identity::from_pem(
-            read(cert)?,
-            read(key)?,
-        ));
-    }
-    endpoint
-        .tls_config(config)
-        .map_err(|e| format!("TLS for {url}: {e}"))
 }

@@ -142,7 +142,7 @@ impl System {
 
     async fn wait_healthy(&self, name: &str, addr: &str) -> Result<()> {
         for _ in 0..300 {
-            if keel_shared::server::probe(addr).await {
+            if keel_shared::grpc_client::probe(addr).await {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -237,7 +237,7 @@ async fn main() {
 }
 
 async fn connect(tls: &GrpcClientTlsConfig, url: &str) -> Result<Channel> {
-    keel_shared::server_tls::client_endpoint(url, tls)
+    keel_shared::grpc_client::client_endpoint(url, tls)
         .map_err(anyhow::Error::msg)?
         .connect()
         .await
@@ -381,8 +381,8 @@ async fn run(cli: Cli) -> Result<()> {
             let mut report = serde_json::Map::new();
             let mut table = output::Table::new(&["SERVER", "STATUS"]);
             for url in [&cli.auth_url, &cli.jobs_url, &cli.memory_url] {
-                let ok = match keel_shared::server_tls::client_endpoint(url, &cli.tls) {
-                    Ok(endpoint) => keel_shared::server::probe_endpoint(endpoint).await,
+                let ok = match keel_shared::grpc_client::client_endpoint(url, &cli.tls) {
+                    Ok(endpoint) => keel_shared::grpc_client::probe_endpoint(endpoint).await,
                     Err(_) => false,
                 };
                 all &= ok;

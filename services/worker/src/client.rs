@@ -61,7 +61,7 @@ pub fn connect(
 /// The jobs service's endpoint: plaintext for http://, TLS for https://
 /// (trusting KEEL_TLS_CA_FILE).
 pub fn endpoint(jobs_url: &str, tls: &GrpcClientTlsConfig) -> Result<Endpoint, StartupError> {
-    let endpoint = keel_shared::server_tls::client_endpoint(jobs_url, tls).map_err(|reason| {
+    let endpoint = keel_shared::grpc_client::client_endpoint(jobs_url, tls).map_err(|reason| {
         StartupError::InvalidVar {
             var: "KEEL_JOBS_URL",
             reason,

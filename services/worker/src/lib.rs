@@ -127,7 +127,10 @@ pub async fn run_with(
     health.watch(Duration::from_secs(2), shutdown.clone(), move || {
         let redis = redis.clone();
         let jobs = jobs_endpoint.clone();
-        async move { keel_shared::redis::ping(&redis).await && server::probe_endpoint(jobs).await }
+        async move {
+            keel_shared::redis::ping(&redis).await
+                && keel_shared::grpc_client::probe_endpoint(jobs).await
+        }
     });
     let router = server::builder()
         .add_service(health_service)

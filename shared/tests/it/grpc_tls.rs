@@ -12,9 +12,9 @@ use std::time::Duration;
 
 use crate::pki::{TempDir, ca};
 use keel_shared::config::GrpcClientTlsConfig;
-use keel_shared::server;
 use keel_shared::server_tls::TlsServer;
 use keel_shared::testing;
+use keel_shared::{grpc_client, server};
 use rcgen::{CertificateParams, CertifiedIssuer, DnType, KeyPair, SerialNumber};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -228,12 +228,18 @@ async fn tls_server_answers_tls_clients_and_refuses_plaintext() {
     std::fs::write(&ca_file, &pki.ca_pem).unwrap();
     let url = format!("https://localhost:{}", addr.port());
     let mut client_tls = GrpcClientTlsConfig::default();
-    let missing = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap_err();
+    let missing = keel_shared::grpc_client::client_endpoint(&url, &client_tls).unwrap_err();
     assert!(missing.contains("KEEL_TLS_CA_FILE"), "{missing}");
     client_tls.tls_ca_file = Some(ca_file);
-    let endpoint = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap();
-    assert!(server::probe_endpoint(endpoint).await, "probe over TLS");
-    assert!(!server::probe(&addr.to_string()).await, "plaintext probe");
+    let endpoint = keel_shared::grpc_client::client_endpoint(&url, &client_tls).unwrap();
+    assert!(
+        grpc_client::probe_endpoint(endpoint).await,
+        "probe over TLS"
+    );
+    assert!(
+        !grpc_client::probe(&addr.to_string()).await,
+        "plaintext probe"
+    );
 
     // A client trusting another CA refuses the server.
     let other = ca("Some other CA").pem();
@@ -290,16 +296,16 @@ async fn mtls_requires_a_client_certificate_from_the_client_ca() {
         tls_ca_file: write("ca.pem", &pki.ca_pem),
         ..Default::default()
     };
-    let endpoint = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap();
+    let endpoint = keel_shared::grpc_client::client_endpoint(&url, &client_tls).unwrap();
     assert!(
-        !server::probe_endpoint(endpoint).await,
+        !grpc_client::probe_endpoint(endpoint).await,
         "no client certificate"
     );
     client_tls.tls_client_cert_file = write("client.pem", &cert);
     client_tls.tls_client_key_file = write("client.key", &key);
-    let endpoint = keel_shared::server_tls::client_endpoint(&url, &client_tls).unwrap();
+    let endpoint = keel_shared::grpc_client::client_endpoint(&url, &client_tls).unwrap();
     assert!(
-        server::probe_endpoint(endpoint).await,
+        grpc_client::probe_endpoint(endpoint).await,
         "with a client certificate"
     );
     shutdown.cancel();

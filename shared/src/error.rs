@@ -175,6 +175,35 @@ pub enum StartupError {
     Other(String),
 }
 
+/// The conversions of a service's own error enum that has an
+/// `Api(ApiError)` variant and a `From<Self> for ApiError` (its own codes):
+/// Postgres and pool errors in, through the shared classification above,
+/// and a gRPC status out. The crate using it depends on tokio-postgres,
+/// deadpool-postgres and tonic.
+#[cfg(feature = "server")]
+#[macro_export]
+macro_rules! service_error_conversions {
+    ($error:ty) => {
+        impl From<::tokio_postgres::Error> for $error {
+            fn from(e: ::tokio_postgres::Error) -> Self {
+                Self::Api(e.into())
+            }
+        }
+
+        impl From<::deadpool_postgres::PoolError> for $error {
+            fn from(e: ::deadpool_postgres::PoolError) -> Self {
+                Self::Api(e.into())
+            }
+        }
+
+        impl From<$error> for ::tonic::Status {
+            fn from(e: $error) -> Self {
+                $crate::ApiError::from(e).into()
+            }
+        }
+    };
+}
+
 /// An error and its causes on one line: "a: b: c".
 pub fn source_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();

@@ -31,18 +31,6 @@ impl From<keel_shared::batch::Stopped> for JobsError {
     }
 }
 
-impl From<tokio_postgres::Error> for JobsError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Self::Api(e.into())
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for JobsError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Api(e.into())
-    }
-}
-
 impl From<JobsError> for ApiError {
     fn from(e: JobsError) -> Self {
         match e {
@@ -54,8 +42,4 @@ impl From<JobsError> for ApiError {
     }
 }
 
-impl From<JobsError> for tonic::Status {
-    fn from(e: JobsError) -> Self {
-        ApiError::from(e).into()
-    }
-}
+keel_shared::service_error_conversions!(JobsError);

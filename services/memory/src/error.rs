@@ -33,18 +33,6 @@ impl MemoryError {
     }
 }
 
-impl From<tokio_postgres::Error> for MemoryError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Self::Api(e.into())
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for MemoryError {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        Self::Api(e.into())
-    }
-}
-
 impl From<MemoryError> for ApiError {
     fn from(e: MemoryError) -> Self {
         match e {
@@ -56,8 +44,4 @@ impl From<MemoryError> for ApiError {
     }
 }
 
-impl From<MemoryError> for tonic::Status {
-    fn from(e: MemoryError) -> Self {
-        ApiError::from(e).into()
-    }
-}
+keel_shared::service_error_conversions!(MemoryError);

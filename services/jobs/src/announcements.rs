@@ -33,7 +33,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::domain::Status;
+    use crate::domain::JobState;
 
     #[test]
     fn announcements_round_trip_with_their_version() {
@@ -43,7 +43,7 @@ mod tests {
             user_id: Uuid::now_v7(),
             kind: "echo".into(),
             payload: serde_json::json!({"n": 1}),
-            status: Status::Running,
+            status: JobState::Running,
             priority: 3,
             attempt: 2,
             max_attempts: 3,

@@ -16,7 +16,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::announcements;
-use crate::domain::Status;
+use crate::domain::JobState;
 use crate::error::JobsError;
 use crate::routing::ServedKinds;
 use crate::store::{self, JobRow, Publication};
@@ -64,7 +64,7 @@ pub struct Delivery {
 }
 
 /// The queues the background tasks of a [`Delivery`] drain.
-pub struct Queues {
+pub struct DeliveryQueues {
     pub announcements: mpsc::Receiver<Announcement>,
     pub publications: mpsc::Receiver<Publication>,
 }
@@ -76,7 +76,7 @@ impl Delivery {
         redis_config: RedisConfig,
         redeliver_after: Duration,
         served: Arc<ServedKinds>,
-    ) -> (Self, Queues) {
+    ) -> (Self, DeliveryQueues) {
         let (announcements, announce_queue) = mpsc::channel(ANNOUNCE_QUEUE);
         let (publications, publish_queue) = mpsc::channel(PUBLISH_QUEUE);
         let delivery = Self {
@@ -89,7 +89,7 @@ impl Delivery {
             announcements,
             publications,
         };
-        let queues = Queues {
+        let queues = DeliveryQueues {
             announcements: announce_queue,
             publications: publish_queue,
         };
@@ -414,8 +414,8 @@ pub async fn sample_outbox(pool: &Pool) {
 
 fn count_reaped(job: &JobRow) {
     let (outcome, transition) = match job.status {
-        Status::Queued => ("queued", "retried"),
-        Status::Cancelled => ("cancelled", "cancelled"),
+        JobState::Queued => ("queued", "retried"),
+        JobState::Cancelled => ("cancelled", "cancelled"),
         _ => ("failed", "failed"),
     };
     keel_shared::metrics::lease_reaped(outcome);
@@ -424,8 +424,8 @@ fn count_reaped(job: &JobRow) {
 
 fn count_timed_out(job: &JobRow) {
     let transition = match job.status {
-        Status::Queued => "retried",
-        Status::Cancelled => "cancelled",
+        JobState::Queued => "retried",
+        JobState::Cancelled => "cancelled",
         _ => "failed",
     };
     keel_shared::metrics::job_transition(transition, &job.kind);

@@ -34,7 +34,7 @@ pub const MAX_CLAIM_WAIT: Duration = Duration::from_secs(30);
 
 /// Where a job is in its life; the text form is what Postgres stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
+pub enum JobState {
     Queued,
     Running,
     Succeeded,
@@ -42,39 +42,42 @@ pub enum Status {
     Cancelled,
 }
 
-impl Status {
+impl JobState {
     pub fn as_str(self) -> &'static str {
         match self {
-            Status::Queued => "queued",
-            Status::Running => "running",
-            Status::Succeeded => "succeeded",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
-            "queued" => Status::Queued,
-            "running" => Status::Running,
-            "succeeded" => Status::Succeeded,
-            "failed" => Status::Failed,
-            "cancelled" => Status::Cancelled,
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
             _ => return None,
         })
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 
     pub fn to_proto(self) -> JobStatus {
         match self {
-            Status::Queued => JobStatus::Queued,
-            Status::Running => JobStatus::Running,
-            Status::Succeeded => JobStatus::Succeeded,
-            Status::Failed => JobStatus::Failed,
-            Status::Cancelled => JobStatus::Cancelled,
+            JobState::Queued => JobStatus::Queued,
+            JobState::Running => JobStatus::Running,
+            JobState::Succeeded => JobStatus::Succeeded,
+            JobState::Failed => JobStatus::Failed,
+            JobState::Cancelled => JobStatus::Cancelled,
         }
     }
 
@@ -82,11 +85,11 @@ impl Status {
     pub fn filter_from_proto(value: i32) -> Result<Option<Self>, JobsError> {
         match JobStatus::try_from(value) {
             Ok(JobStatus::Unspecified) => Ok(None),
-            Ok(JobStatus::Queued) => Ok(Some(Status::Queued)),
-            Ok(JobStatus::Running) => Ok(Some(Status::Running)),
-            Ok(JobStatus::Succeeded) => Ok(Some(Status::Succeeded)),
-            Ok(JobStatus::Failed) => Ok(Some(Status::Failed)),
-            Ok(JobStatus::Cancelled) => Ok(Some(Status::Cancelled)),
+            Ok(JobStatus::Queued) => Ok(Some(JobState::Queued)),
+            Ok(JobStatus::Running) => Ok(Some(JobState::Running)),
+            Ok(JobStatus::Succeeded) => Ok(Some(JobState::Succeeded)),
+            Ok(JobStatus::Failed) => Ok(Some(JobState::Failed)),
+            Ok(JobStatus::Cancelled) => Ok(Some(JobState::Cancelled)),
             Err(_) => Err(JobsError::invalid("status", "unknown job status")),
         }
     }
@@ -329,17 +332,17 @@ pub fn retry_delay(attempt: i32, base: Duration, max: Duration) -> Duration {
 }
 
 /// Why a worker transition did not apply, from the job's actual state.
-pub fn start_refusal(status: Status, run_at: DateTime<Utc>, now: DateTime<Utc>) -> String {
+pub fn start_refusal(status: JobState, run_at: DateTime<Utc>, now: DateTime<Utc>) -> String {
     match status {
-        Status::Queued if run_at > now => format!("job is not due until {}", run_at.to_rfc3339()),
-        Status::Queued => "job changed concurrently, retry".into(),
-        Status::Running => "job is already running".into(),
+        JobState::Queued if run_at > now => format!("job is not due until {}", run_at.to_rfc3339()),
+        JobState::Queued => "job changed concurrently, retry".into(),
+        JobState::Running => "job is already running".into(),
         other => format!("job already {}", other.as_str()),
     }
 }
 
 /// Why RetryJob refused a job in `status` (only failed or cancelled jobs retry).
-pub fn retry_refusal(status: Status) -> String {
+pub fn retry_refusal(status: JobState) -> String {
     format!(
         "job is {}: only failed or cancelled jobs can be retried",
         status.as_str()
@@ -347,7 +350,7 @@ pub fn retry_refusal(status: Status) -> String {
 }
 
 /// Why DeleteJob refused a job in `status` (only finished jobs are deleted).
-pub fn delete_refusal(status: Status) -> String {
+pub fn delete_refusal(status: JobState) -> String {
     format!(
         "job is {}: only finished (succeeded, failed or cancelled) jobs can be deleted",
         status.as_str()
@@ -361,13 +364,13 @@ pub fn timed_out_refusal(attempt: i32) -> String {
 }
 
 /// Why a transition of `attempt` (Heartbeat, CompleteJob, FailJob) did not apply.
-pub fn attempt_refusal(status: Status, current_attempt: i32, attempt: i32) -> String {
+pub fn attempt_refusal(status: JobState, current_attempt: i32, attempt: i32) -> String {
     match status {
-        Status::Running if current_attempt != attempt => {
+        JobState::Running if current_attempt != attempt => {
             format!("attempt {attempt} is stale: the job is running attempt {current_attempt}")
         }
-        Status::Running => "job changed concurrently, retry".into(),
-        Status::Queued => format!("attempt {attempt} is over: the job is queued again"),
+        JobState::Running => "job changed concurrently, retry".into(),
+        JobState::Queued => format!("attempt {attempt} is over: the job is queued again"),
         other => format!("job already {}", other.as_str()),
     }
 }
@@ -530,21 +533,21 @@ mod tests {
     #[test]
     fn statuses_round_trip() {
         for s in [
-            Status::Queued,
-            Status::Running,
-            Status::Succeeded,
-            Status::Failed,
-            Status::Cancelled,
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
         ] {
-            assert_eq!(Status::parse(s.as_str()), Some(s));
+            assert_eq!(JobState::parse(s.as_str()), Some(s));
             assert_eq!(
-                Status::filter_from_proto(s.to_proto() as i32).unwrap(),
+                JobState::filter_from_proto(s.to_proto() as i32).unwrap(),
                 Some(s)
             );
         }
-        assert_eq!(Status::filter_from_proto(0).unwrap(), None);
-        assert!(Status::filter_from_proto(42).is_err());
-        assert!(Status::Cancelled.is_terminal() && !Status::Running.is_terminal());
+        assert_eq!(JobState::filter_from_proto(0).unwrap(), None);
+        assert!(JobState::filter_from_proto(42).is_err());
+        assert!(JobState::Cancelled.is_terminal() && !JobState::Running.is_terminal());
     }
 
     #[test]

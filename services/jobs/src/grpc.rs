@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::convert::{event_to_proto, job_to_proto};
-use crate::domain::{self, Status as JobState};
+use crate::domain::{self, JobState};
 use crate::error::JobsError;
 use crate::service::Jobs;
 use crate::subscriptions::Subscriptions;

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::delivery::{Delivery, PUBLISH_GRACE};
-use crate::domain::{self, NewJob, Status};
+use crate::domain::{self, JobState, NewJob};
 use crate::error::JobsError;
 use crate::store::{self, JobRow};
 
@@ -70,8 +70,9 @@ pub struct CompleteCall {
 /// Applied or not (then the caller reads why).
 type Applied = Result<Option<JobRow>, JobsError>;
 
-/// The queues the batchers of a [`Jobs`] drain.
-pub struct Queues {
+/// The queues of the transitions (creates, starts, completions) that the
+/// batchers of a [`Jobs`] drain.
+pub struct TransitionQueues {
     pub creates: batch::Queue<CreateCall, Vec<JobRow>, JobsError>,
     pub starts: batch::Queue<StartCall, Option<JobRow>, JobsError>,
     pub completions: batch::Queue<CompleteCall, Option<JobRow>, JobsError>,
@@ -89,7 +90,11 @@ const TRANSITION_BATCHES: usize = 2;
 const TRANSITION_QUEUE: usize = 4096;
 
 impl Jobs {
-    pub fn new(pool: Pool, delivery: Arc<Delivery>, settings: Settings) -> (Self, Queues) {
+    pub fn new(
+        pool: Pool,
+        delivery: Arc<Delivery>,
+        settings: Settings,
+    ) -> (Self, TransitionQueues) {
         let (creates, create_queue) = Batcher::new(TRANSITION_QUEUE);
         let (starts, start_queue) = Batcher::new(TRANSITION_QUEUE);
         let (completions, complete_queue) = Batcher::new(TRANSITION_QUEUE);
@@ -102,7 +107,7 @@ impl Jobs {
             completions,
             jobs_due: Notify::new(),
         };
-        let queues = Queues {
+        let queues = TransitionQueues {
             creates: create_queue,
             starts: start_queue,
             completions: complete_queue,
@@ -113,7 +118,7 @@ impl Jobs {
     /// Spawns the batchers: until `shutdown`, the CreateJob, StartJob and
     /// CompleteJob calls that queued up meanwhile are applied as one
     /// statement (one commit) per kind.
-    pub fn spawn_batchers(self: &Arc<Self>, queues: Queues, shutdown: CancellationToken) {
+    pub fn spawn_batchers(self: &Arc<Self>, queues: TransitionQueues, shutdown: CancellationToken) {
         let (max, in_flight) = (TRANSITION_BATCH, TRANSITION_BATCHES);
         let jobs = self.clone();
         tokio::spawn(batch::run(
@@ -289,7 +294,7 @@ impl Jobs {
     pub async fn list(
         &self,
         user_id: Uuid,
-        status: Option<Status>,
+        status: Option<JobState>,
         kind: Option<&str>,
         before: Option<Uuid>,
         limit: i64,
@@ -316,9 +321,9 @@ impl Jobs {
                 .await?
                 .ok_or(JobsError::NotFound)?;
             let changed = match job.status {
-                Status::Queued => store::cancel_queued(&client, user_id, id).await?,
-                Status::Running if job.cancel_requested => return Ok(job),
-                Status::Running => store::request_cancel(&client, user_id, id).await?,
+                JobState::Queued => store::cancel_queued(&client, user_id, id).await?,
+                JobState::Running if job.cancel_requested => return Ok(job),
+                JobState::Running => store::request_cancel(&client, user_id, id).await?,
                 finished => {
                     return Err(JobsError::WrongState(format!(
                         "job already {}",
@@ -327,7 +332,7 @@ impl Jobs {
                 }
             };
             if let Some(job) = changed {
-                if job.status == Status::Cancelled {
+                if job.status == JobState::Cancelled {
                     count_transition(&job);
                 }
                 self.delivery.announce(&job);
@@ -494,7 +499,7 @@ impl Jobs {
     ) -> JobsError {
         match store::job(client, id).await {
             Ok(Some(job))
-                if job.status == Status::Running
+                if job.status == JobState::Running
                     && job.attempt == attempt
                     && job.attempt_deadline.is_some() =>
             {
@@ -631,7 +636,7 @@ impl Jobs {
             Some(job) => {
                 count_transition(&job);
                 self.delivery.announce(&job);
-                if job.status == Status::Queued && delay.is_zero() {
+                if job.status == JobState::Queued && delay.is_zero() {
                     self.jobs_due.notify_waiters();
                 }
                 Ok(job)
@@ -675,11 +680,11 @@ fn new_rows(calls: &[CreateCall], default_schedule_timeout: Duration) -> Vec<sto
 /// Counts the transition that left `job` in its status (metrics).
 fn count_transition(job: &JobRow) {
     let transition = match job.status {
-        Status::Queued => "retried",
-        Status::Running => "started",
-        Status::Succeeded => "succeeded",
-        Status::Failed => "failed",
-        Status::Cancelled => "cancelled",
+        JobState::Queued => "retried",
+        JobState::Running => "started",
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
     };
     keel_shared::metrics::job_transition(transition, &job.kind);
 }

@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
-use crate::domain::{self, NewJob, Status};
+use crate::domain::{self, JobState, NewJob};
 use crate::error::JobsError;
 
 macro_rules! job_cols {
@@ -31,7 +31,7 @@ pub struct JobRow {
     pub user_id: Uuid,
     pub kind: String,
     pub payload: serde_json::Value,
-    pub status: Status,
+    pub status: JobState,
     pub priority: i32,
     pub attempt: i32,
     pub max_attempts: i32,
@@ -66,7 +66,7 @@ impl TryFrom<&Row> for JobRow {
             user_id: row.try_get("user_id")?,
             kind: row.try_get("kind")?,
             payload: row.try_get("payload")?,
-            status: Status::parse(&status).ok_or_else(|| {
+            status: JobState::parse(&status).ok_or_else(|| {
                 JobsError::Api(ApiError::Internal(format!(
                     "unknown job status {status:?} in the database"
                 )))
@@ -257,7 +257,7 @@ pub async fn job(client: &impl GenericClient, id: Uuid) -> Result<Option<JobRow>
 pub async fn list_jobs(
     client: &impl GenericClient,
     user_id: Uuid,
-    status: Option<Status>,
+    status: Option<JobState>,
     kind: Option<&str>,
     before: Option<Uuid>,
     limit: i64,
@@ -274,7 +274,7 @@ pub async fn list_jobs(
           LIMIT $5"
     );
     let stmt = client.prepare_cached(SQL).await?;
-    let status = status.map(Status::as_str);
+    let status = status.map(JobState::as_str);
     rows(
         &client
             .query(&stmt, &[&user_id, &status, &kind, &before, &limit])
@@ -800,7 +800,7 @@ pub async fn delete_finished(
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventRow {
     pub event: String,
-    pub status: Status,
+    pub status: JobState,
     pub attempt: i32,
     pub worker_id: Option<String>,
     pub error: Option<String>,
@@ -832,7 +832,7 @@ pub async fn job_history(
         let status: String = row.try_get(1)?;
         events.push(EventRow {
             event,
-            status: Status::parse(&status).ok_or_else(|| {
+            status: JobState::parse(&status).ok_or_else(|| {
                 JobsError::Api(ApiError::Internal(format!(
                     "unknown job status {status:?} in the history"
                 )))

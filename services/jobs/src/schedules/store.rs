@@ -78,7 +78,7 @@ fn write_error(e: tokio_postgres::Error) -> ApiError {
 /// per-user limit holds under concurrent creates.
 pub async fn lock_user(client: &impl GenericClient, user_id: Uuid) -> Result<(), ApiError> {
     const SQL: &str =
-        "SELECT pg_advisory_xact_lock(hashtextextended('keel.schedules:' || $1::text, 0))";
+        "SELECT pg_advisory_xact_lock(hashtextextended('keel.schedules:' || $1::uuid::text, 0))";
     client.execute(SQL, &[&user_id]).await?;
     Ok(())
 }

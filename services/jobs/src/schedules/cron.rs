@@ -5,7 +5,7 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Offset, Utc};
+use chrono::{DateTime, Offset, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
@@ -72,6 +72,8 @@ impl Rule {
 
     /// The first fire time strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Fire times are whole seconds; the search keeps `t`'s fraction.
+        let t = t.with_nanosecond(0)?;
         let offset = |at: DateTime<Utc>| at.with_timezone(&self.tz).offset().fix();
         let (before, after) = (t - SHIFT_WINDOW, t + SHIFT_WINDOW);
         if offset(before) == offset(after) {
@@ -239,6 +241,12 @@ mod tests {
             Some(Duration::from_secs(300))
         );
         let seconds = Rule::parse("*/10 * * * * *", "UTC").unwrap();
+        let mid_second = utc(2026, 1, 1, 0, 0) + chrono::TimeDelta::milliseconds(10_250);
+        assert_eq!(
+            seconds.next_after(mid_second),
+            Some(utc(2026, 1, 1, 0, 0) + chrono::TimeDelta::seconds(20)),
+            "fire times are whole seconds"
+        );
         assert_eq!(
             seconds.shortest_interval(utc(2026, 1, 1, 0, 0)),
             Some(Duration::from_secs(10))

@@ -133,12 +133,14 @@ impl Schedules {
     /// tick recorded on it, and next_run_at moved to the first fire time
     /// after now, so ticks missed meanwhile collapse into this one. A crash
     /// before the commit leaves nothing behind: the next round fires it.
-    /// Returns how many jobs it created.
+    /// Returns how many due schedules it moved on (a full batch means more
+    /// may be due).
     pub async fn fire_due(&self, limit: i64) -> Result<usize, ApiError> {
         let mut client = self.pool.get().await?;
         let mut tx = client.transaction().await?;
         let (now, due) = store::lock_due(&tx, limit).await?;
-        let mut created = 0;
+        let mut created = Vec::new();
+        let mut handled = 0;
         for schedule in &due {
             // Each schedule in its own savepoint: one that fails (e.g. its
             // user was just deleted) does not hold back the others.
@@ -146,7 +148,10 @@ impl Schedules {
             match self.fire(&sp, schedule, now).await {
                 Ok(fired) => {
                     sp.commit().await?;
-                    created += usize::from(fired);
+                    handled += 1;
+                    if fired {
+                        created.push(schedule.kind.as_str());
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(schedule_id = %schedule.id, error = %e, "cannot fire schedule tick");
@@ -155,7 +160,10 @@ impl Schedules {
             }
         }
         tx.commit().await?;
-        Ok(created)
+        for kind in &created {
+            keel_shared::metrics::job_transition("created", kind);
+        }
+        Ok(handled)
     }
 
     /// One schedule's due tick; true when it created a job.
@@ -193,7 +201,6 @@ impl Schedules {
             // No publish grace: the relay delivers it on its next round.
             insert_jobs(tx, &[row], Duration::ZERO).await?;
             store::mark_tick(tx, id, schedule.id, tick).await?;
-            keel_shared::metrics::job_transition("created", &schedule.kind);
             Some(id)
         };
         match next {

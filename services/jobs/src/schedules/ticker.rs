@@ -13,22 +13,23 @@ use super::service::Schedules;
 /// another.
 pub const BATCH: i64 = 100;
 
+/// Each round waits `every` first (so the first is one interval after
+/// start-up), then fires what is due, batch after batch while batches are full.
 pub async fn run(schedules: Arc<Schedules>, every: Duration, shutdown: CancellationToken) {
     loop {
-        let mut full = false;
-        match schedules.fire_due(BATCH).await {
-            Ok(n) => full = n as i64 >= BATCH,
-            Err(e) => tracing::warn!(error = %e, "schedule ticker round failed; will retry"),
-        }
-        if full {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            continue;
-        }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
+        }
+        loop {
+            match schedules.fire_due(BATCH).await {
+                Ok(n) if n as i64 >= BATCH && !shutdown.is_cancelled() => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "schedule ticker round failed; will retry");
+                    break;
+                }
+            }
         }
     }
 }

@@ -550,8 +550,8 @@ async fn pause_stops_ticks_and_resume_restarts_them() {
 
 #[tokio::test]
 async fn after_downtime_a_schedule_fires_one_catch_up_job_at_most() {
-    // This replica's ticker looks once at start-up, then not for an hour:
-    // no ticker runs while several ticks come due.
+    // This replica's ticker first looks an hour after start-up: no ticker
+    // runs while several ticks come due.
     let svc = Svc::start_with(|c| {
         c.schedule_min_interval_secs = 1;
         c.schedule_tick_ms = 3_600_000;
@@ -584,4 +584,38 @@ async fn after_downtime_a_schedule_fires_one_catch_up_job_at_most() {
     let mut distinct = fired.clone();
     distinct.dedup();
     assert_eq!(distinct, fired, "one job per tick");
+}
+
+#[tokio::test]
+async fn three_replicas_fire_each_tick_once() {
+    let svc = fast_svc().await;
+    let fast = |c: &mut keel_jobs::Config| {
+        c.schedule_min_interval_secs = 1;
+        c.schedule_tick_ms = 20;
+    };
+    let _replicas = [svc.replica(fast).await, svc.replica(fast).await];
+    let schedule = create(&svc, request("contended", "* * * * * *"))
+        .await
+        .unwrap();
+    testing::eventually(WAIT, "several ticks", || async {
+        ticks(&svc, &schedule.id).await.len() >= 4
+    })
+    .await;
+    let fired = ticks(&svc, &schedule.id).await;
+    let mut distinct = fired.clone();
+    distinct.dedup();
+    assert_eq!(distinct, fired, "one job per tick");
+    assert_eq!(
+        scheduled_jobs(&svc).await.len(),
+        fired.len(),
+        "every job of the kind belongs to one tick"
+    );
+    // Every tick time is a whole second of the cron, one apart or more.
+    for pair in fired.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= chrono::TimeDelta::seconds(1),
+            "{fired:?}"
+        );
+        assert_eq!(pair[1].timestamp_subsec_nanos(), 0);
+    }
 }

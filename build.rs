@@ -8,6 +8,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "keel/auth/v1/auth.proto",
     "keel/jobs/v1/jobs.proto",
+    "keel/jobs/v1/schedules.proto",
     "keel/memory/v1/memory.proto",
 ];
 

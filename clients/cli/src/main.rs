@@ -5,6 +5,7 @@
 
 mod dead_letters;
 mod output;
+mod schedules;
 mod session;
 
 use std::io::BufRead;
@@ -90,6 +91,9 @@ enum Command {
     /// Jobs: create, get, list, watch, cancel, history, retry, delete.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Cron schedules that create jobs: create, list, get, pause, resume, delete.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCommand),
     /// Memories: put, get, list, search, delete.
     #[command(subcommand)]
     Memories(MemoriesCommand),
@@ -361,6 +365,7 @@ async fn run(cli: Cli) -> Result<()> {
             );
         }
         Command::Jobs(cmd) => jobs(&cli, cmd).await?,
+        Command::Schedules(cmd) => schedules::run(&cli, cmd).await?,
         Command::Memories(cmd) => memories(&cli, cmd).await?,
         Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
         Command::Workspace => {

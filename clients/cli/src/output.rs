@@ -117,14 +117,14 @@ fn time(ts: &Option<Timestamp>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn object(s: &Option<Struct>) -> Value {
+pub fn object(s: &Option<Struct>) -> Value {
     s.as_ref()
         .map(|s| struct_to_json(s).unwrap_or(Value::Null))
         .unwrap_or(Value::Null)
 }
 
 /// A Struct as one line of JSON, `-` when unset.
-fn compact(s: &Option<Struct>) -> String {
+pub fn compact(s: &Option<Struct>) -> String {
     match object(s) {
         Value::Null => "-".into(),
         v => v.to_string(),

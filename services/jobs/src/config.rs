@@ -20,6 +20,9 @@ pub const DEFAULT_RETENTION_BATCH: i64 = 1_000;
 pub const DEFAULT_RETENTION_INTERVAL_MS: u64 = 3_600_000;
 pub const DEFAULT_SCHEDULE_TIMEOUT_SECS: u64 = 3_600;
 pub const DEFAULT_CLAIM_POLL_MS: u64 = 250;
+pub const DEFAULT_SCHEDULES_PER_USER: i64 = 100;
+pub const DEFAULT_SCHEDULE_MIN_INTERVAL_SECS: u64 = 60;
+pub const DEFAULT_SCHEDULE_TICK_MS: u64 = 1_000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-jobs", about = "Keel jobs service", version)]
@@ -94,6 +97,18 @@ pub struct Config {
     /// (jobs created or re-queued on the same replica wake it at once).
     #[arg(long, env = "KEEL_JOBS_CLAIM_POLL_MS", default_value_t = DEFAULT_CLAIM_POLL_MS)]
     pub claim_poll_ms: u64,
+    /// Most schedules (ScheduleService) one user may have; one more is
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KEEL_SCHEDULES_PER_USER", default_value_t = DEFAULT_SCHEDULES_PER_USER)]
+    pub schedules_per_user: i64,
+    /// Shortest interval between two ticks of a schedule; a cron expression
+    /// firing more often is INVALID_ARGUMENT.
+    #[arg(long, env = "KEEL_SCHEDULE_MIN_INTERVAL_SECS", default_value_t = DEFAULT_SCHEDULE_MIN_INTERVAL_SECS)]
+    pub schedule_min_interval_secs: u64,
+    /// How often each replica's schedule ticker looks for due ticks (a tick
+    /// fires at most this late).
+    #[arg(long, env = "KEEL_SCHEDULE_TICK_MS", default_value_t = DEFAULT_SCHEDULE_TICK_MS)]
+    pub schedule_tick_ms: u64,
 }
 
 impl Config {
@@ -127,6 +142,9 @@ impl Config {
             retention_interval_ms: DEFAULT_RETENTION_INTERVAL_MS,
             schedule_timeout_secs: DEFAULT_SCHEDULE_TIMEOUT_SECS,
             claim_poll_ms: DEFAULT_CLAIM_POLL_MS,
+            schedules_per_user: DEFAULT_SCHEDULES_PER_USER,
+            schedule_min_interval_secs: DEFAULT_SCHEDULE_MIN_INTERVAL_SECS,
+            schedule_tick_ms: DEFAULT_SCHEDULE_TICK_MS,
         }
     }
 
@@ -156,6 +174,10 @@ impl Config {
 
     pub fn claim_poll(&self) -> Duration {
         Duration::from_millis(self.claim_poll_ms.max(10))
+    }
+
+    pub fn schedule_tick(&self) -> Duration {
+        Duration::from_millis(self.schedule_tick_ms.max(10))
     }
 
     pub fn watch_poll(&self) -> Duration {

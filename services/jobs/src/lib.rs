@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 mod retention;
 mod routing;
+mod schedules;
 pub mod service;
 pub mod store;
 mod subscriptions;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerServiceServer;
 use keel_proto::jobs::v1::jobs_service_server::JobsServiceServer;
+use keel_proto::jobs::v1::schedule_service_server::ScheduleServiceServer;
 use keel_shared::auth::Authenticator;
 use keel_shared::{StartupError, server};
 use tokio::net::TcpListener;
@@ -57,7 +59,11 @@ pub async fn run(
         async move { delivery::sample_outbox(&pool).await }
     });
 
-    const SERVICES: &[&str] = &["keel.jobs.v1.JobsService", "keel.jobs.v1.JobRunnerService"];
+    const SERVICES: &[&str] = &[
+        "keel.jobs.v1.JobsService",
+        "keel.jobs.v1.JobRunnerService",
+        "keel.jobs.v1.ScheduleService",
+    ];
     let (health, health_service) = server::health(SERVICES).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection(SERVICES);
     let readiness_pool = pool.clone();
@@ -89,6 +95,17 @@ pub async fn run(
     );
     let delivery = Arc::new(delivery);
     let retention_pool = pool.clone();
+    let schedules = Arc::new(schedules::Schedules::new(
+        pool.clone(),
+        schedules::Settings {
+            limits: schedules::domain::Limits {
+                per_user: config.schedules_per_user.max(0),
+                min_interval: Duration::from_secs(config.schedule_min_interval_secs),
+                max_payload_bytes: config.max_payload_bytes,
+            },
+            schedule_timeout: config.schedule_timeout(),
+        },
+    ));
     let (jobs, transitions) = service::Jobs::new(
         pool,
         delivery.clone(),
@@ -143,6 +160,11 @@ pub async fn run(
         },
         background.clone(),
     ));
+    tokio::spawn(schedules::ticker::run(
+        schedules.clone(),
+        config.schedule_tick(),
+        background.clone(),
+    ));
     // WatchJob's one pub/sub connection (without it watchers poll Postgres).
     let (subscriptions, changes) =
         subscriptions::Subscriptions::new(config.redis.clone(), config.max_watchers);
@@ -163,6 +185,11 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(InterceptedService::new(
             JobsServiceServer::from_arc(api.clone())
+                .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+            authenticator.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            ScheduleServiceServer::new(schedules::ScheduleApi::new(schedules))
                 .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
             authenticator.clone(),
         ))

@@ -4,4 +4,5 @@
 mod control;
 mod dead_letters;
 mod output;
+mod schedules;
 mod support;

@@ -13,6 +13,7 @@ mod lifecycle;
 mod listing;
 mod redis_proxy;
 mod retention;
+mod schedules;
 mod security;
 mod startup;
 mod support;

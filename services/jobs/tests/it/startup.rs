@@ -19,7 +19,11 @@ async fn serves_health_and_reflection_once_ready() {
     let server = tokio::spawn(keel_jobs::run(config, listener, shutdown.clone()));
     testing::assert_serving_with_reflection(
         addr,
-        &["keel.jobs.v1.JobsService", "keel.jobs.v1.JobRunnerService"],
+        &[
+            "keel.jobs.v1.JobsService",
+            "keel.jobs.v1.JobRunnerService",
+            "keel.jobs.v1.ScheduleService",
+        ],
     )
     .await;
     shutdown.cancel();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use keel_jobs::Config;
 use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
+use keel_proto::jobs::v1::schedule_service_client::ScheduleServiceClient;
 use keel_proto::jobs::v1::*;
 use keel_shared::config::RedisConfig;
 use keel_shared::testing::{self, TestDb, TestRedis};
@@ -28,6 +29,7 @@ pub struct Svc {
     pub redis_config: RedisConfig,
     pub jobs: JobsServiceClient<Channel>,
     pub runner: JobRunnerServiceClient<Channel>,
+    pub schedules: ScheduleServiceClient<Channel>,
     pub user: Uuid,
     pub token: String,
     shutdown: CancellationToken,
@@ -69,7 +71,8 @@ impl Svc {
             _redis: redis,
             redis_config,
             jobs: JobsServiceClient::new(channel.clone()),
-            runner: JobRunnerServiceClient::new(channel),
+            runner: JobRunnerServiceClient::new(channel.clone()),
+            schedules: ScheduleServiceClient::new(channel),
             user,
             token,
             shutdown,

@@ -6,5 +6,6 @@ mod jobs_kill;
 mod load;
 mod postgres_outage;
 mod redis_outage;
+mod schedules_kill;
 mod traces;
 mod worker_crash;

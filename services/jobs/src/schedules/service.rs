@@ -1,0 +1,216 @@
+//! What each ScheduleService RPC does, and firing due ticks: between the
+//! gRPC handlers and the store.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use deadpool_postgres::Pool;
+use keel_proto::jobs::v1::{CreateScheduleRequest, UpdateScheduleRequest};
+use keel_shared::ApiError;
+use uuid::Uuid;
+
+use super::cron::Rule;
+use super::domain::{self, Fields, Limits};
+use super::store::{self, ScheduleRow};
+use crate::domain::NewJob;
+use crate::store::{NewRow, insert_jobs};
+
+/// Tunables (from `Config`).
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub limits: Limits,
+    /// How long a scheduled job may wait for a worker (as CreateJob's default).
+    pub schedule_timeout: Duration,
+}
+
+pub struct Schedules {
+    pool: Pool,
+    settings: Settings,
+}
+
+fn not_found() -> ApiError {
+    ApiError::NotFound("schedule".into())
+}
+
+/// The next tick after `now`; a rule that never fires again gives None.
+fn next_tick(rule: &Rule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    rule.next_after(now)
+}
+
+impl Schedules {
+    pub fn new(pool: Pool, settings: Settings) -> Self {
+        Self { pool, settings }
+    }
+
+    /// Validates and stores a schedule; the per-user limit is checked under a
+    /// per-user lock, so concurrent creates cannot overshoot it.
+    pub async fn create(
+        &self,
+        user_id: Uuid,
+        req: &CreateScheduleRequest,
+    ) -> Result<ScheduleRow, ApiError> {
+        let now = Utc::now();
+        let (fields, rule) = domain::validate_create(req, &self.settings.limits, now)?;
+        let next = next_tick(&rule, now).ok_or_else(|| ApiError::invalid("cron", "never fires"))?;
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        store::lock_user(&tx, user_id).await?;
+        let limit = self.settings.limits.per_user;
+        if store::count_user(&tx, user_id).await? >= limit {
+            return Err(ApiError::ResourceExhausted(format!(
+                "at most {limit} schedules per user; delete one first"
+            )));
+        }
+        let row = store::insert(&tx, Uuid::now_v7(), user_id, &fields, next).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    pub async fn get(&self, user_id: Uuid, id: Uuid) -> Result<ScheduleRow, ApiError> {
+        let client = self.pool.get().await?;
+        store::user_schedule(&client, user_id, id, false)
+            .await?
+            .ok_or_else(not_found)
+    }
+
+    /// One page, and where the next starts (None on the last page).
+    pub async fn list(
+        &self,
+        user_id: Uuid,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<(Vec<ScheduleRow>, Option<Uuid>), ApiError> {
+        let client = self.pool.get().await?;
+        let mut rows = store::list(&client, user_id, before, limit + 1).await?;
+        let next = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|s| s.id)
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    /// Applies the request's set fields under the schedule's row lock (the
+    /// ticker skips it meanwhile); fire times are computed again from now
+    /// when the rule changed or the schedule was resumed.
+    pub async fn update(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        req: &UpdateScheduleRequest,
+    ) -> Result<ScheduleRow, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let current = store::user_schedule(&tx, user_id, id, true)
+            .await?
+            .ok_or_else(not_found)?;
+        let now = Utc::now();
+        let (fields, rule, recompute) =
+            domain::validate_update(req, &Fields::of(&current), &self.settings.limits, now)?;
+        let next = if recompute {
+            next_tick(&rule, now).ok_or_else(|| ApiError::invalid("cron", "never fires"))?
+        } else {
+            current.next_run_at
+        };
+        let row = store::update(&tx, id, &fields, next).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    pub async fn delete(&self, user_id: Uuid, id: Uuid) -> Result<(), ApiError> {
+        let client = self.pool.get().await?;
+        if store::delete(&client, user_id, id).await? {
+            Ok(())
+        } else {
+            Err(not_found())
+        }
+    }
+
+    /// Fires up to `limit` due ticks in one transaction: for each due
+    /// schedule (locked; rows another replica holds are skipped), one job
+    /// through the jobs store's create path (its outbox row included), the
+    /// tick recorded on it, and next_run_at moved to the first fire time
+    /// after now, so ticks missed meanwhile collapse into this one. A crash
+    /// before the commit leaves nothing behind: the next round fires it.
+    /// Returns how many due schedules it moved on (a full batch means more
+    /// may be due).
+    pub async fn fire_due(&self, limit: i64) -> Result<usize, ApiError> {
+        let mut client = self.pool.get().await?;
+        let mut tx = client.transaction().await?;
+        let (now, due) = store::lock_due(&tx, limit).await?;
+        let mut created = Vec::new();
+        let mut handled = 0;
+        for schedule in &due {
+            // Each schedule in its own savepoint: one that fails (e.g. its
+            // user was just deleted) does not hold back the others.
+            let sp = tx.savepoint("tick").await?;
+            match self.fire(&sp, schedule, now).await {
+                Ok(fired) => {
+                    sp.commit().await?;
+                    handled += 1;
+                    if fired {
+                        created.push(schedule.kind.as_str());
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(schedule_id = %schedule.id, error = %e, "cannot fire schedule tick");
+                    sp.rollback().await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        for kind in &created {
+            keel_shared::metrics::job_transition("created", kind);
+        }
+        Ok(handled)
+    }
+
+    /// One schedule's due tick; true when it created a job.
+    async fn fire(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        schedule: &ScheduleRow,
+        now: DateTime<Utc>,
+    ) -> Result<bool, ApiError> {
+        let tick = schedule.next_run_at;
+        let next = Rule::parse(&schedule.cron, &schedule.timezone)
+            .ok()
+            .and_then(|rule| next_tick(&rule, now.max(tick)));
+        let job_id = if store::tick_fired(tx, schedule.id, tick).await? {
+            None
+        } else {
+            let job = NewJob {
+                kind: schedule.kind.clone(),
+                payload: schedule.payload.clone(),
+                priority: schedule.priority,
+                max_attempts: schedule.max_attempts,
+                run_at: None,
+                idempotency_key: None,
+                schedule_timeout: None,
+                timeout: None,
+            };
+            let id = Uuid::now_v7();
+            let row = NewRow {
+                id,
+                user_id: schedule.user_id,
+                job: &job,
+                schedule_timeout: self.settings.schedule_timeout,
+                traceparent: None,
+            };
+            // No publish grace: the relay delivers it on its next round.
+            insert_jobs(tx, &[row], Duration::ZERO).await?;
+            store::mark_tick(tx, id, schedule.id, tick).await?;
+            Some(id)
+        };
+        match next {
+            Some(next) => store::advance(tx, schedule.id, next, job_id).await?,
+            None => {
+                tracing::warn!(schedule_id = %schedule.id, "schedule fires no more; pausing it");
+                store::advance(tx, schedule.id, tick, job_id).await?;
+                store::pause(tx, schedule.id).await?;
+            }
+        }
+        Ok(job_id.is_some())
+    }
+}

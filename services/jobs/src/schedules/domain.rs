@@ -8,7 +8,6 @@ use keel_proto::jobs::v1::{CreateJobRequest, CreateScheduleRequest, UpdateSchedu
 use keel_shared::ApiError;
 
 use super::cron::{Rule, RuleError};
-use super::store::ScheduleRow;
 
 pub const MAX_NAME_CHARS: usize = 128;
 
@@ -35,22 +34,6 @@ pub struct Fields {
     pub priority: i32,
     pub max_attempts: i32,
     pub paused: bool,
-}
-
-impl Fields {
-    /// The fields of a stored schedule (to apply an update to).
-    pub fn of(row: &ScheduleRow) -> Self {
-        Self {
-            name: row.name.clone(),
-            cron: row.cron.clone(),
-            timezone: row.timezone.clone(),
-            kind: row.kind.clone(),
-            payload: row.payload.clone(),
-            priority: row.priority,
-            max_attempts: row.max_attempts,
-            paused: row.paused,
-        }
-    }
 }
 
 pub fn validate_create(

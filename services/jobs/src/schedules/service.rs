@@ -10,7 +10,7 @@ use keel_shared::ApiError;
 use uuid::Uuid;
 
 use super::cron::Rule;
-use super::domain::{self, Fields, Limits};
+use super::domain::{self, Limits};
 use super::store::{self, ScheduleRow};
 use crate::domain::NewJob;
 use crate::store::{NewRow, insert_jobs};
@@ -107,7 +107,7 @@ impl Schedules {
             .ok_or_else(not_found)?;
         let now = Utc::now();
         let (fields, rule, recompute) =
-            domain::validate_update(req, &Fields::of(&current), &self.settings.limits, now)?;
+            domain::validate_update(req, &current.fields(), &self.settings.limits, now)?;
         let next = if recompute {
             next_tick(&rule, now).ok_or_else(|| ApiError::invalid("cron", "never fires"))?
         } else {

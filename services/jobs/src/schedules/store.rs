@@ -32,6 +32,22 @@ pub struct ScheduleRow {
     pub updated_at: DateTime<Utc>,
 }
 
+impl ScheduleRow {
+    /// The fields of a stored schedule (to apply an update to).
+    pub fn fields(&self) -> Fields {
+        Fields {
+            name: self.name.clone(),
+            cron: self.cron.clone(),
+            timezone: self.timezone.clone(),
+            kind: self.kind.clone(),
+            payload: self.payload.clone(),
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            paused: self.paused,
+        }
+    }
+}
+
 impl TryFrom<&Row> for ScheduleRow {
     type Error = tokio_postgres::Error;
 

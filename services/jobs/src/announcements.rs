@@ -61,6 +61,7 @@ mod tests {
             progress: Some(serde_json::json!({"done": 3})),
             attempt_deadline: None,
             attempt_timeout: Some(Duration::from_millis(1500)),
+            schedule_id: Some(Uuid::now_v7()),
         };
         let (version, proto) = decode(&encode(&job)).unwrap();
         assert_eq!(version, 7);

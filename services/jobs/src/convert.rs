@@ -31,6 +31,7 @@ pub(crate) fn job_to_proto(j: &JobRow) -> Job {
             seconds: t.as_secs() as i64,
             nanos: t.subsec_nanos() as i32,
         }),
+        schedule_id: j.schedule_id.map(|id| id.to_string()).unwrap_or_default(),
     }
 }
 

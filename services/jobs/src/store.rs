@@ -19,7 +19,7 @@ macro_rules! job_cols {
     () => {
         "id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
          run_at, created_at, updated_at, started_at, finished_at, cancel_requested, \
-         lease_expires_at, worker_id, version, progress, attempt_deadline, \
+         lease_expires_at, worker_id, version, progress, attempt_deadline, schedule_id, \
          extract(epoch FROM attempt_timeout)::float8 AS attempt_timeout_secs"
     };
 }
@@ -54,6 +54,8 @@ pub struct JobRow {
     pub attempt_deadline: Option<DateTime<Utc>>,
     /// How long one attempt may run; None: no limit.
     pub attempt_timeout: Option<Duration>,
+    /// The schedule whose tick created the job, if one did.
+    pub schedule_id: Option<Uuid>,
 }
 
 impl TryFrom<&Row> for JobRow {
@@ -90,6 +92,7 @@ impl TryFrom<&Row> for JobRow {
             attempt_timeout: row
                 .try_get::<_, Option<f64>>("attempt_timeout_secs")?
                 .map(Duration::from_secs_f64),
+            schedule_id: row.try_get("schedule_id")?,
         })
     }
 }

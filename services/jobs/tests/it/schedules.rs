@@ -483,6 +483,7 @@ async fn a_tick_creates_a_job_that_a_worker_runs() {
     assert_eq!(job.user_id, svc.user.to_string());
     assert_eq!(job.priority, 5);
     assert_eq!(job.max_attempts, 2);
+    assert_eq!(job.schedule_id, schedule.id, "the job names its schedule");
     assert_eq!(
         keel_shared::json::struct_to_json(job.payload.as_ref().unwrap()).unwrap(),
         json!({"report": "daily"})

@@ -252,8 +252,25 @@ impl TokenVerifier {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
     User(VerifiedToken),
-    /// A worker presenting the configured worker credential.
-    Worker,
+    /// A worker presenting a worker credential.
+    Worker(Worker),
+}
+
+/// A worker authenticated by [`RunnerGate`], in the request's extensions of
+/// every runner RPC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    _private: (),
+}
+
+impl Worker {
+    /// The worker the runner interceptor put on the request.
+    pub fn of<T>(request: &Request<T>) -> Result<&Worker, ApiError> {
+        request
+            .extensions()
+            .get::<Worker>()
+            .ok_or_else(|| ApiError::Unauthenticated("missing worker credential".into()))
+    }
 }
 
 impl Caller {
@@ -261,16 +278,16 @@ impl Caller {
     pub fn user_id(&self) -> Result<Uuid, ApiError> {
         match self {
             Caller::User(t) => Ok(t.user_id),
-            Caller::Worker => Err(ApiError::PermissionDenied(
+            Caller::Worker(_) => Err(ApiError::PermissionDenied(
                 "the worker credential cannot call user RPCs".into(),
             )),
         }
     }
 
-    /// Ok for the worker credential; a user's token is PERMISSION_DENIED.
-    pub fn require_worker(&self) -> Result<(), ApiError> {
+    /// The worker behind a worker credential; a user's token is PERMISSION_DENIED.
+    pub fn into_worker(self) -> Result<Worker, ApiError> {
         match self {
-            Caller::Worker => Ok(()),
+            Caller::Worker(worker) => Ok(worker),
             Caller::User(_) => Err(ApiError::PermissionDenied(
                 "this RPC needs the worker credential".into(),
             )),
@@ -303,7 +320,7 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
 
 /// Interceptor that authenticates every call and attaches a [`Caller`].
 /// Which callers an RPC accepts is the handler's business
-/// ([`Caller::user_id`] / [`Caller::require_worker`]).
+/// ([`Caller::user_id`]); runner services use [`RunnerGate`] instead.
 #[derive(Clone)]
 pub struct Authenticator {
     verifier: Arc<TokenVerifier>,
@@ -326,7 +343,7 @@ impl Authenticator {
         if let Some(expected) = &self.worker_token_digest {
             let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
             if constant_time_eq(&presented, expected) {
-                return Ok(Caller::Worker);
+                return Ok(Caller::Worker(Worker { _private: () }));
             }
         }
         self.verifier.verify(token).map(Caller::User)
@@ -337,6 +354,31 @@ impl Interceptor for Authenticator {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let caller = self.authenticate(request.metadata())?;
         request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// Interceptor for a runner service: admits only worker credentials (a
+/// user's token is PERMISSION_DENIED, no token UNAUTHENTICATED) and attaches
+/// the [`Worker`], so no runner handler can forget the check.
+#[derive(Clone)]
+pub struct RunnerGate {
+    authenticator: Authenticator,
+}
+
+impl RunnerGate {
+    pub fn new(authenticator: Authenticator) -> Self {
+        Self { authenticator }
+    }
+}
+
+impl Interceptor for RunnerGate {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let worker = self
+            .authenticator
+            .authenticate(request.metadata())?
+            .into_worker()?;
+        request.extensions_mut().insert(worker);
         Ok(request)
     }
 }

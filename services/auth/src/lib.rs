@@ -1,10 +1,13 @@
 //! Keel auth service: users, sessions, access and refresh tokens.
 
 pub mod config;
+mod convert;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod keys;
+pub mod passwords;
+pub mod service;
 pub mod store;
 
 use std::sync::Arc;
@@ -18,7 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::domain::Passwords;
+use crate::passwords::Passwords;
+use crate::service::{Auth, LoginLimits};
 use crate::store::Store;
 
 /// How often expired refresh tokens and login counters are deleted.
@@ -81,6 +85,7 @@ pub async fn run(
         async move { server::postgres_ready(&pool).await }
     });
 
+    tracing::info!(kid = signer.key_id(), "access tokens signed with key");
     let store = Store::new(pool);
     spawn_sweeper(
         store.clone(),
@@ -88,20 +93,19 @@ pub async fn run(
         shutdown.clone(),
     );
 
-    tracing::info!(kid = signer.key_id(), "access tokens signed with key");
-    let service = grpc::AuthApi {
+    let auth = Auth::new(
         store,
-        authenticator: Authenticator::new(verifier.clone(), None),
-        verifier,
         signer,
-        passwords: Arc::new(passwords),
-        hashing: Arc::new(tokio::sync::Semaphore::new(
-            config.login.max_concurrent_hashes(),
-        )),
-        refresh_token_ttl: config.tokens.refresh_token_ttl(),
-        login_max_failures: config.login.login_max_failures,
-        login_failure_window: config.login.failure_window(),
-    };
+        passwords,
+        config.login.max_concurrent_hashes(),
+        config.tokens.refresh_token_ttl(),
+        LoginLimits {
+            max_failures: config.login.login_max_failures,
+            failure_window: config.login.failure_window(),
+        },
+    );
+    let authenticator = Authenticator::new(verifier.clone(), None);
+    let service = grpc::AuthApi::new(auth, verifier, authenticator);
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)

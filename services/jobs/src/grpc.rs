@@ -9,7 +9,7 @@ use futures::future::join_all;
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerService;
 use keel_proto::jobs::v1::jobs_service_server::JobsService;
 use keel_proto::jobs::v1::*;
-use keel_shared::auth::Caller;
+use keel_shared::auth::{Caller, Worker};
 use keel_shared::json::json_to_struct;
 use keel_shared::paging;
 use keel_shared::time::{opt_timestamp, to_timestamp};
@@ -74,8 +74,9 @@ fn user<T>(req: &Request<T>) -> Result<uuid::Uuid, Status> {
     Ok(Caller::of(req)?.user_id()?)
 }
 
-fn worker<T>(req: &Request<T>) -> Result<(), Status> {
-    Ok(Caller::of(req)?.require_worker()?)
+/// The worker the runner interceptor admitted (it admits no one else).
+fn worker<T>(req: &Request<T>) -> Result<&Worker, Status> {
+    Ok(Worker::of(req)?)
 }
 
 /// The filter string a ListJobs page token is bound to.
@@ -253,8 +254,8 @@ fn event_to_proto(e: &EventRow) -> JobEvent {
     }
 }
 
-/// The worker's side. Every call needs the worker credential (a user token is
-/// PERMISSION_DENIED); an unknown id is NOT_FOUND, a malformed one
+/// The worker's side. Every call needs the worker credential, checked by the
+/// service's interceptor (`RunnerGate`: a user token is PERMISSION_DENIED); an unknown id is NOT_FOUND, a malformed one
 /// INVALID_ARGUMENT. Each transition is one conditional UPDATE on
 /// (id, status, attempt), so a duplicate or late call changes nothing and is
 /// FAILED_PRECONDITION with a message saying what the job's state is.

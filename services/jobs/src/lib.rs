@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerServiceServer;
 use keel_proto::jobs::v1::jobs_service_server::JobsServiceServer;
-use keel_shared::auth::Authenticator;
+use keel_shared::auth::{Authenticator, RunnerGate};
 use keel_shared::{StartupError, server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -167,7 +167,7 @@ pub async fn run(
         .add_service(InterceptedService::new(
             JobRunnerServiceServer::from_arc(api)
                 .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
-            authenticator,
+            RunnerGate::new(authenticator),
         ));
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-jobs serving");
     server::serve_runtime(router, listener, shutdown, &config.runtime).await

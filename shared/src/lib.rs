@@ -5,6 +5,7 @@ pub mod batch;
 pub mod config;
 pub mod db;
 pub mod error;
+pub mod identity;
 pub mod json;
 pub mod metrics;
 pub mod migrate;
@@ -17,6 +18,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
+pub mod worker_credentials;
 
 #[cfg(feature = "testing")]
 pub mod testing;

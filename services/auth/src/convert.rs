@@ -1,10 +1,10 @@
 //! Domain values to `keel.auth.v1` messages.
 
-use keel_proto::auth::v1::{TokenPair, User};
-use keel_shared::time::to_timestamp;
+use keel_proto::auth::v1::{ApiKey, TokenPair, User};
+use keel_shared::time::{opt_timestamp, to_timestamp};
 
 use crate::service::IssuedTokens;
-use crate::store::UserRow;
+use crate::store::{ApiKeyRow, UserRow};
 
 pub fn user_proto(user: &UserRow) -> User {
     User {
@@ -21,5 +21,16 @@ pub fn tokens_proto(tokens: IssuedTokens) -> TokenPair {
         access_token_expires_at: Some(to_timestamp(tokens.access_token_expires_at)),
         refresh_token: tokens.refresh_token,
         refresh_token_expires_at: Some(to_timestamp(tokens.refresh_token_expires_at)),
+    }
+}
+
+pub fn api_key_proto(key: &ApiKeyRow) -> ApiKey {
+    ApiKey {
+        id: key.id.to_string(),
+        name: key.name.clone(),
+        prefix: key.prefix.clone(),
+        created_at: Some(to_timestamp(key.created_at)),
+        expires_at: opt_timestamp(key.expires_at),
+        last_used_at: opt_timestamp(key.last_used_at),
     }
 }

@@ -58,18 +58,17 @@ pub fn normalize_email(raw: &str) -> Result<String, AuthError> {
 
 /// A new password: 8..=128 characters (not bytes), no composition rules.
 pub fn validate_new_password(password: &str) -> Result<(), AuthError> {
+    validate_new_password_field("password", password)
+}
+
+/// [`validate_new_password`] for a field of another name (`new_password`).
+pub fn validate_new_password_field(field: &'static str, password: &str) -> Result<(), AuthError> {
     let n = password.chars().count();
     if n < PASSWORD_MIN_CHARS {
-        return Err(AuthError::invalid(
-            "password",
-            "must be at least 8 characters",
-        ));
+        return Err(AuthError::invalid(field, "must be at least 8 characters"));
     }
     if n > PASSWORD_MAX_CHARS {
-        return Err(AuthError::invalid(
-            "password",
-            "must be at most 128 characters",
-        ));
+        return Err(AuthError::invalid(field, "must be at most 128 characters"));
     }
     Ok(())
 }
@@ -77,16 +76,68 @@ pub fn validate_new_password(password: &str) -> Result<(), AuthError> {
 /// A password presented at login: only bounded (so no huge input is hashed);
 /// the length rule for new passwords may change without locking anyone out.
 pub fn validate_login_password(password: &str) -> Result<(), AuthError> {
+    validate_presented_password("password", password)
+}
+
+/// [`validate_login_password`] for a field of another name (`current_password`).
+pub fn validate_presented_password(field: &'static str, password: &str) -> Result<(), AuthError> {
     if password.is_empty() {
-        return Err(AuthError::invalid("password", "is required"));
+        return Err(AuthError::invalid(field, "is required"));
     }
     if password.chars().count() > PASSWORD_MAX_CHARS {
-        return Err(AuthError::invalid(
-            "password",
-            "must be at most 128 characters",
-        ));
+        return Err(AuthError::invalid(field, "must be at most 128 characters"));
     }
     Ok(())
+}
+
+pub const API_KEY_NAME_MAX_CHARS: usize = 128;
+
+/// An API key's name: trimmed, 1..=128 characters, no control characters.
+pub fn normalize_api_key_name(raw: &str) -> Result<String, AuthError> {
+    let name = raw.trim();
+    if name.is_empty() {
+        return Err(AuthError::invalid("name", "is required"));
+    }
+    if name.chars().count() > API_KEY_NAME_MAX_CHARS {
+        return Err(AuthError::invalid("name", "must be at most 128 characters"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AuthError::invalid(
+            "name",
+            "must not contain control characters",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// An API key's optional expiry: in the future when set.
+pub fn validate_api_key_expiry(
+    expires_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(), AuthError> {
+    match expires_at {
+        Some(at) if at <= now => Err(AuthError::invalid("expires_at", "must be in the future")),
+        _ => Ok(()),
+    }
+}
+
+/// An id field holding a UUID.
+pub fn parse_id(field: &'static str, raw: &str) -> Result<uuid::Uuid, AuthError> {
+    if raw.is_empty() {
+        return Err(AuthError::invalid(field, "is required"));
+    }
+    uuid::Uuid::parse_str(raw).map_err(|_| AuthError::invalid(field, "must be a UUID"))
+}
+
+/// A new API key: `keel_` and 32 random bytes in base64url (43 characters).
+pub fn new_api_key() -> String {
+    let mut bytes = [0u8; 32];
+    OsRng.fill_bytes(&mut bytes);
+    format!(
+        "{}{}",
+        keel_shared::identity::API_KEY_PREFIX,
+        URL_SAFE_NO_PAD.encode(bytes)
+    )
 }
 
 /// Trimmed; 0..=256 characters, no control characters. Empty is allowed.
@@ -233,6 +284,21 @@ mod tests {
         assert!(normalize_display_name(&"x".repeat(256)).is_ok());
         assert!(normalize_display_name(&"x".repeat(257)).is_err());
         assert!(normalize_display_name("a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn api_keys_have_the_shape_the_services_expect() {
+        let key = new_api_key();
+        assert_eq!(key.len(), keel_shared::identity::API_KEY_LEN);
+        assert!(keel_shared::identity::looks_like_api_key(&key));
+        assert_ne!(key, new_api_key());
+        assert!(normalize_api_key_name("  ").is_err());
+        assert_eq!(normalize_api_key_name(" ci ").unwrap(), "ci");
+        assert!(normalize_api_key_name(&"x".repeat(129)).is_err());
+        let now = Utc::now();
+        assert!(validate_api_key_expiry(Some(now), now).is_err());
+        assert!(validate_api_key_expiry(None, now).is_ok());
+        assert!(parse_id("id", "nope").is_err());
     }
 
     #[test]

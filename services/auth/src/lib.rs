@@ -22,8 +22,9 @@ use tokio_util::sync::CancellationToken;
 pub use config::Config;
 
 use crate::passwords::Passwords;
-use crate::service::{Auth, LoginLimits};
+use crate::service::{Auth, LoginLimits, Settings};
 use crate::store::Store;
+use keel_shared::identity::Identity;
 
 /// How often expired refresh tokens and login counters are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(300);
@@ -86,25 +87,32 @@ pub async fn run(
     });
 
     tracing::info!(kid = signer.key_id(), "access tokens signed with key");
-    let store = Store::new(pool);
+    let store = Store::new(pool.clone());
     spawn_sweeper(
         store.clone(),
         config.login.failure_window(),
         shutdown.clone(),
     );
 
+    let identity = Arc::new(Identity::new(
+        pool.clone(),
+        config.tokens.credential_cache(),
+    ));
     let auth = Auth::new(
         store,
         signer,
         passwords,
-        config.login.max_concurrent_hashes(),
-        config.tokens.refresh_token_ttl(),
-        LoginLimits {
-            max_failures: config.login.login_max_failures,
-            failure_window: config.login.failure_window(),
+        identity.clone(),
+        Settings {
+            max_concurrent_hashes: config.login.max_concurrent_hashes(),
+            refresh_token_ttl: config.tokens.refresh_token_ttl(),
+            login: LoginLimits {
+                max_failures: config.login.login_max_failures,
+                failure_window: config.login.failure_window(),
+            },
         },
     );
-    let authenticator = Authenticator::new(verifier.clone(), None);
+    let authenticator = Authenticator::new(verifier.clone(), None).with_identity(identity);
     let service = grpc::AuthApi::new(auth, verifier, authenticator);
     let router = server::builder()
         .add_service(health_service)

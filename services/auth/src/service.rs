@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use keel_shared::auth::TokenSigner;
+use keel_shared::identity::{self, Identity};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
@@ -14,8 +15,8 @@ use crate::domain::{self, RefreshDecision};
 use crate::error::AuthError;
 use crate::passwords::Passwords;
 use crate::store::{
-    LoginAttempt, LogoutOutcome, NewRefreshToken, NewUser, RefreshOutcome, Reservation, Store,
-    UserRow,
+    ApiKeyRow, LoginAttempt, LogoutOutcome, NewApiKey, NewRefreshToken, NewUser, RefreshOutcome,
+    Reservation, Store, UserRow,
 };
 
 /// How long a login waits for concurrent attempts on the same email to be
@@ -54,6 +55,16 @@ pub struct Auth {
     hashing: Arc<Semaphore>,
     refresh_token_ttl: Duration,
     login: LoginLimits,
+    /// This process's session and API-key checks: told at once what it ends
+    /// (other processes learn within their cache period).
+    identity: Arc<Identity>,
+}
+
+/// How auth is set up, besides its store, signer and password hasher.
+pub struct Settings {
+    pub max_concurrent_hashes: usize,
+    pub refresh_token_ttl: Duration,
+    pub login: LoginLimits,
 }
 
 impl Auth {
@@ -61,17 +72,17 @@ impl Auth {
         store: Store,
         signer: TokenSigner,
         passwords: Passwords,
-        max_concurrent_hashes: usize,
-        refresh_token_ttl: Duration,
-        login: LoginLimits,
+        identity: Arc<Identity>,
+        settings: Settings,
     ) -> Self {
         Self {
             store,
             signer,
             passwords: Arc::new(passwords),
-            hashing: Arc::new(Semaphore::new(max_concurrent_hashes)),
-            refresh_token_ttl,
-            login,
+            hashing: Arc::new(Semaphore::new(settings.max_concurrent_hashes)),
+            refresh_token_ttl: settings.refresh_token_ttl,
+            login: settings.login,
+            identity,
         }
     }
 
@@ -153,6 +164,7 @@ impl Auth {
                 session_id,
             } => {
                 tracing::warn!(target: "audit", event = "refresh_token_reuse_detected", user_id = %user_id, session_id = %session_id, "session revoked");
+                self.identity.forget_session(session_id);
                 Err(AuthError::InvalidRefreshToken)
             }
             RefreshOutcome::Refused {
@@ -177,6 +189,7 @@ impl Auth {
                 session_id,
             } => {
                 tracing::info!(target: "audit", event = "logout", user_id = %user_id, session_id = %session_id);
+                self.identity.forget_session(session_id);
                 Ok(())
             }
             LogoutOutcome::AlreadyRevoked { .. } => Ok(()),
@@ -189,6 +202,100 @@ impl Auth {
             .get_user(user_id)
             .await?
             .ok_or(AuthError::UserGone)
+    }
+
+    /// Checks the current password (counted against the login limit of the
+    /// user's email, like a login), sets the new one, ends every session of
+    /// the user and opens a fresh one, whose tokens are returned.
+    pub async fn change_password(
+        &self,
+        user_id: Uuid,
+        current_password: String,
+        new_password: String,
+    ) -> Result<IssuedTokens, AuthError> {
+        let (user, hash) = self
+            .store
+            .find_user_with_hash(user_id)
+            .await?
+            .ok_or(AuthError::UserGone)?;
+        let email_hash = domain::email_digest(&user.email);
+        self.reserve_login_attempt(&email_hash).await?;
+        let verified = self.verify_password(current_password, Some(hash)).await;
+        let attempt = match &verified {
+            Ok(true) => LoginAttempt::Succeeded,
+            Ok(false) => LoginAttempt::Failed,
+            Err(_) => LoginAttempt::Abandoned,
+        };
+        let settled = self.store.finish_login_attempt(&email_hash, attempt).await;
+        if !verified? {
+            settled?;
+            tracing::info!(target: "audit", event = "password_change_refused", user_id = %user.id);
+            return Err(AuthError::WrongPassword);
+        }
+        settled?;
+
+        let password_hash = self.hash_password(new_password).await?;
+        let now = Utc::now();
+        let refresh = self.mint_refresh(now);
+        let session_id = Uuid::now_v7();
+        let ended = self
+            .store
+            .change_password(user.id, &password_hash, session_id, &refresh.stored)
+            .await?;
+        for ended in &ended {
+            self.identity.forget_session(*ended);
+        }
+        tracing::info!(target: "audit", event = "password_changed", user_id = %user.id, session_id = %session_id, sessions_ended = ended.len());
+        Ok(self.issue(&user, session_id, refresh, now))
+    }
+
+    /// Ends every session of the user.
+    pub async fn logout_all(&self, user_id: Uuid) -> Result<(), AuthError> {
+        let ended = self.store.logout_all(user_id).await?;
+        for ended in &ended {
+            self.identity.forget_session(*ended);
+        }
+        tracing::info!(target: "audit", event = "logout_all", user_id = %user_id, sessions_ended = ended.len());
+        Ok(())
+    }
+
+    /// A new API key for the user: the secret (returned once, stored only
+    /// as its SHA-256) and its listing.
+    pub async fn create_api_key(
+        &self,
+        user_id: Uuid,
+        name: &str,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> Result<(String, ApiKeyRow), AuthError> {
+        let secret = domain::new_api_key();
+        let key = self
+            .store
+            .create_api_key(NewApiKey {
+                id: Uuid::now_v7(),
+                user_id,
+                name,
+                prefix: &secret[..identity::API_KEY_SHOWN_LEN],
+                hash: identity::api_key_digest(&secret),
+                expires_at,
+            })
+            .await?;
+        tracing::info!(target: "audit", event = "api_key_created", user_id = %user_id, key_id = %key.id);
+        Ok((secret, key))
+    }
+
+    pub async fn list_api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyRow>, AuthError> {
+        self.store.list_api_keys(user_id).await
+    }
+
+    /// Revokes one of the user's keys; another user's, unknown or already
+    /// revoked is `ApiKeyNotFound`.
+    pub async fn revoke_api_key(&self, user_id: Uuid, key_id: Uuid) -> Result<(), AuthError> {
+        if !self.store.revoke_api_key(user_id, key_id).await? {
+            return Err(AuthError::ApiKeyNotFound);
+        }
+        self.identity.forget_api_keys();
+        tracing::info!(target: "audit", event = "api_key_revoked", user_id = %user_id, key_id = %key_id);
+        Ok(())
     }
 
     fn mint_refresh(&self, now: DateTime<Utc>) -> MintedRefresh {

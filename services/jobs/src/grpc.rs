@@ -254,8 +254,10 @@ fn event_to_proto(e: &EventRow) -> JobEvent {
     }
 }
 
-/// The worker's side. Every call needs the worker credential, checked by the
-/// service's interceptor (`RunnerGate`: a user token is PERMISSION_DENIED); an unknown id is NOT_FOUND, a malformed one
+/// The worker's side. Every call needs a worker credential, checked by the
+/// service's gate (`Authenticator::workers_only`: a user token is
+/// PERMISSION_DENIED); a named credential may only record as its own name
+/// (`Worker::may_record_as`, PERMISSION_DENIED naming `worker_id`); an unknown id is NOT_FOUND, a malformed one
 /// INVALID_ARGUMENT. Each transition is one conditional UPDATE on
 /// (id, status, attempt), so a duplicate or late call changes nothing and is
 /// FAILED_PRECONDITION with a message saying what the job's state is.
@@ -269,8 +271,8 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<StartJobRequest>,
     ) -> Result<Response<StartJobResponse>, Status> {
-        worker(&req)?;
-        Ok(Response::new(self.start_one(req.get_ref()).await?))
+        let worker = worker(&req)?;
+        Ok(Response::new(self.start_one(worker, req.get_ref()).await?))
     }
 
     /// Extends the lease of running attempt `attempt` by the lease length
@@ -283,8 +285,8 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        worker(&req)?;
         let r = req.get_ref();
+        worker(&req)?.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         let progress = r
             .progress
@@ -309,8 +311,10 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<CompleteJobRequest>,
     ) -> Result<Response<CompleteJobResponse>, Status> {
-        worker(&req)?;
-        Ok(Response::new(self.complete_one(req.get_ref()).await?))
+        let worker = worker(&req)?;
+        Ok(Response::new(
+            self.complete_one(worker, req.get_ref()).await?,
+        ))
     }
 
     /// RUNNING attempt `attempt` failed with `error`: while `retryable` and
@@ -322,8 +326,8 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<FailJobRequest>,
     ) -> Result<Response<FailJobResponse>, Status> {
-        worker(&req)?;
         let r = req.get_ref();
+        worker(&req)?.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         let job = self
             .jobs
@@ -341,10 +345,10 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<StartJobsRequest>,
     ) -> Result<Response<StartJobsResponse>, Status> {
-        worker(&req)?;
+        let worker = worker(&req)?;
         let items = &req.get_ref().requests;
         domain::validate_batch_len(items.len())?;
-        let outcomes = join_all(items.iter().map(|r| self.start_one(r))).await;
+        let outcomes = join_all(items.iter().map(|r| self.start_one(worker, r))).await;
         let results = outcomes
             .into_iter()
             .map(|outcome| StartJobResult {
@@ -363,10 +367,10 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<CompleteJobsRequest>,
     ) -> Result<Response<CompleteJobsResponse>, Status> {
-        worker(&req)?;
+        let worker = worker(&req)?;
         let items = &req.get_ref().requests;
         domain::validate_batch_len(items.len())?;
-        let outcomes = join_all(items.iter().map(|r| self.complete_one(r))).await;
+        let outcomes = join_all(items.iter().map(|r| self.complete_one(worker, r))).await;
         let results = outcomes
             .into_iter()
             .map(|outcome| CompleteJobResult {
@@ -386,8 +390,9 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<ClaimJobsRequest>,
     ) -> Result<Response<ClaimJobsResponse>, Status> {
-        worker(&req)?;
+        let worker = worker(&req)?;
         let claim = domain::validate_claim(req.get_ref())?;
+        worker.may_record_as(&claim.worker_id)?;
         let jobs = self
             .jobs
             .claim(
@@ -412,7 +417,12 @@ impl JobRunnerService for JobsApi {
 
 /// The worker's transitions that have a batched form, one request each.
 impl JobsApi {
-    async fn start_one(&self, r: &StartJobRequest) -> Result<StartJobResponse, Status> {
+    async fn start_one(
+        &self,
+        worker: &Worker,
+        r: &StartJobRequest,
+    ) -> Result<StartJobResponse, Status> {
+        worker.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         if r.delivery_id.len() > domain::MAX_DELIVERY_ID_BYTES {
             return Err(JobsError::invalid("delivery_id", "at most 128 bytes").into());
@@ -424,7 +434,12 @@ impl JobsApi {
         })
     }
 
-    async fn complete_one(&self, r: &CompleteJobRequest) -> Result<CompleteJobResponse, Status> {
+    async fn complete_one(
+        &self,
+        worker: &Worker,
+        r: &CompleteJobRequest,
+    ) -> Result<CompleteJobResponse, Status> {
+        worker.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         let attempt = attempt(r.attempt)?;
         let output = r

@@ -6,6 +6,7 @@
 mod dead_letters;
 mod output;
 mod session;
+mod worker_credential;
 
 use std::io::BufRead;
 
@@ -101,6 +102,9 @@ enum Command {
     /// directly: REDIS_URL and KEEL_REDIS_PREFIX, as the services use them.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Named worker credentials for KEEL_WORKER_CREDENTIALS_FILE: new.
+    #[command(subcommand)]
+    WorkerCredential(worker_credential::WorkerCredentialCommand),
 }
 
 #[derive(Subcommand)]
@@ -363,6 +367,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Jobs(cmd) => jobs(&cli, cmd).await?,
         Command::Memories(cmd) => memories(&cli, cmd).await?,
         Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
+        Command::WorkerCredential(cmd) => worker_credential::run(cmd)?,
         Command::Workspace => {
             let s = current_session(&cli).await?;
             let mut client = MemoryServiceClient::new(connect(&cli.tls, &cli.memory_url).await?);

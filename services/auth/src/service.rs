@@ -220,7 +220,9 @@ impl Auth {
             .ok_or(AuthError::UserGone)?;
         let email_hash = domain::email_digest(&user.email);
         self.reserve_login_attempt(&email_hash).await?;
-        let verified = self.verify_password(current_password, Some(hash)).await;
+        let verified = self
+            .verify_password(current_password, Some(hash.clone()))
+            .await;
         let attempt = match &verified {
             Ok(true) => LoginAttempt::Succeeded,
             Ok(false) => LoginAttempt::Failed,
@@ -240,7 +242,7 @@ impl Auth {
         let session_id = Uuid::now_v7();
         let ended = self
             .store
-            .change_password(user.id, &password_hash, session_id, &refresh.stored)
+            .change_password(user.id, &hash, &password_hash, session_id, &refresh.stored)
             .await?;
         for ended in &ended {
             self.identity.forget_session(*ended);

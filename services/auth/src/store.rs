@@ -407,11 +407,16 @@ impl Store {
         Ok(row.map(|r| (UserRow::from_row(&r), r.get("password_hash"))))
     }
 
-    /// Sets the password, ends every session of the user and opens the
-    /// session `session_id`, in one transaction. Returns the ended sessions.
+    /// Replaces the password hash `checked_hash` (the one the current
+    /// password was verified against) with `password_hash`, ends every
+    /// session of the user and opens the session `session_id`, in one
+    /// transaction. Returns the ended sessions. When the hash is no longer
+    /// `checked_hash` (a concurrent change won) nothing changes and the
+    /// answer is `WrongPassword`: the current password is no longer it.
     pub async fn change_password(
         &self,
         user_id: Uuid,
+        checked_hash: &str,
         password_hash: &str,
         session_id: Uuid,
         token: &NewRefreshToken,
@@ -419,10 +424,17 @@ impl Store {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         let stmt = tx
-            .prepare_cached("UPDATE users SET password_hash = $2, updated_at = now() WHERE id = $1")
+            .prepare_cached(
+                "UPDATE users SET password_hash = $3, updated_at = now() \
+                 WHERE id = $1 AND password_hash = $2",
+            )
             .await?;
-        if tx.execute(&stmt, &[&user_id, &password_hash]).await? == 0 {
-            return Err(AuthError::UserGone);
+        if tx
+            .execute(&stmt, &[&user_id, &checked_hash, &password_hash])
+            .await?
+            == 0
+        {
+            return Err(AuthError::WrongPassword);
         }
         let ended = revoke_user_sessions(&tx, user_id, "password_changed").await?;
         insert_session(&tx, session_id, user_id, token).await?;

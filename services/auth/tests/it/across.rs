@@ -592,3 +592,70 @@ async fn malformed_keys_and_headers_are_unauthenticated_everywhere() {
     // The real key still works.
     assert_eq!(others.call_everywhere(&real).await, Ok(()));
 }
+
+#[tokio::test]
+async fn concurrent_password_changes_leave_one_winner() {
+    let env = Env::new().await;
+    let first = env.register("contested@example.com").await.tokens.unwrap();
+    let second = env
+        .client()
+        .login(login_req("contested@example.com", PASSWORD))
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .unwrap();
+    let change = |access: String, new: &'static str| {
+        let mut client = env.client();
+        async move {
+            client
+                .change_password(authed(
+                    ChangePasswordRequest {
+                        current_password: PASSWORD.into(),
+                        new_password: new.into(),
+                    },
+                    &access,
+                ))
+                .await
+                .map(|r| r.into_inner().tokens.unwrap())
+        }
+    };
+    let (a, b) = tokio::join!(
+        change(first.access_token.clone(), "first new passphrase"),
+        change(second.access_token.clone(), "second new passphrase"),
+    );
+    let (winner, new) = match (a, b) {
+        (Ok(tokens), Err(lost)) => {
+            assert_eq!(lost.code(), Code::Unauthenticated, "{lost:?}");
+            (tokens, "first new passphrase")
+        }
+        (Err(lost), Ok(tokens)) => {
+            assert_eq!(lost.code(), Code::Unauthenticated, "{lost:?}");
+            (tokens, "second new passphrase")
+        }
+        other => panic!("exactly one change must win: {other:?}"),
+    };
+    let live: Vec<uuid::Uuid> = env
+        .db
+        .pool
+        .get()
+        .await
+        .unwrap()
+        .query("SELECT id FROM sessions WHERE revoked_at IS NULL", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(live.len(), 1, "only the winner's session is left");
+    env.client()
+        .refresh(RefreshRequest {
+            refresh_token: winner.refresh_token,
+        })
+        .await
+        .expect("the winner's session works");
+    env.client()
+        .login(login_req("contested@example.com", new))
+        .await
+        .expect("the winner's password signs in");
+}

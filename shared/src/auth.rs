@@ -651,6 +651,32 @@ mod tests {
     }
 
     #[test]
+    fn a_named_worker_records_only_under_its_name() {
+        let named = Worker {
+            name: Some("builder".into()),
+        };
+        for ok in ["builder", "builder/1", "builder/host/pid"] {
+            assert!(named.may_record_as(ok).is_ok(), "{ok}");
+        }
+        for denied in [
+            "",
+            "builder2",
+            "builde",
+            "runner",
+            "runner/builder",
+            "Builder",
+        ] {
+            let err = named.may_record_as(denied).unwrap_err();
+            assert!(
+                matches!(&err, ApiError::PermissionDenied(m) if m.starts_with("worker_id")),
+                "{denied}: {err:?}"
+            );
+        }
+        let shared = Worker { name: None };
+        assert!(shared.may_record_as("anyone").is_ok());
+    }
+
+    #[test]
     fn rejects_alg_none_and_other_keys() {
         let (_, verifier) = pair();
         let (other, _) = pair();

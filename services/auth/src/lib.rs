@@ -1,4 +1,4 @@
-//! Keel auth service: users, sessions, access and refresh tokens.
+//! Keel auth service: users, sessions, access and refresh tokens, API keys.
 
 pub mod config;
 mod convert;

@@ -1,9 +1,13 @@
 //! Access tokens: Ed25519-signed JWTs that auth issues and every service
-//! verifies locally, plus the interceptor that turns `authorization: Bearer ..`
-//! into a typed [`Caller`] for handlers.
+//! verifies locally, plus the gate that turns `authorization: Bearer ..`
+//! (access token, API key or worker credential) into a typed [`Caller`].
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,12 +15,17 @@ use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::body::Body;
+use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::service::Interceptor;
+use tonic::server::NamedService;
 use tonic::{Request, Status};
 use uuid::Uuid;
 
 use crate::ApiError;
+use crate::identity::{self, Identity};
+use crate::worker_credentials::WorkerCredentials;
 
 pub const DEFAULT_ISSUER: &str = "keel-auth";
 pub const DEFAULT_AUDIENCE: &str = "keel";
@@ -160,6 +169,8 @@ pub struct VerifiedToken {
     pub user_id: Uuid,
     pub email: String,
     pub expires_at: DateTime<Utc>,
+    /// The session (sign-in) the token belongs to; tokens auth issues always have one.
+    pub session_id: Option<Uuid>,
 }
 
 /// Verifies access tokens locally: EdDSA only, signature by a known key id,
@@ -240,10 +251,15 @@ impl TokenVerifier {
             .map_err(|_| invalid())?;
         let user_id = Uuid::parse_str(&data.claims.sub).map_err(|_| invalid())?;
         let expires_at = DateTime::from_timestamp(data.claims.exp, 0).ok_or_else(invalid)?;
+        let session_id = match data.claims.sid.as_deref() {
+            Some(sid) => Some(Uuid::parse_str(sid).map_err(|_| invalid())?),
+            None => None,
+        };
         Ok(VerifiedToken {
             user_id,
             email: data.claims.email,
             expires_at,
+            session_id,
         })
     }
 }
@@ -251,33 +267,97 @@ impl TokenVerifier {
 /// Who is calling, as established by [`Authenticator`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
+    /// An access token of a session that has not ended.
     User(VerifiedToken),
-    /// A worker presenting the configured worker credential.
-    Worker,
+    /// An API key acting for its user.
+    ApiKey { user_id: Uuid, key_id: Uuid },
+    /// A worker presenting a worker credential.
+    Worker(Worker),
+}
+
+/// A worker authenticated by a worker credential; runner RPCs find it in
+/// the request's extensions (see [`Authenticator::workers_only`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    /// The credential's name; None for the single shared KEEL_WORKER_TOKEN.
+    name: Option<String>,
+}
+
+impl Worker {
+    /// The worker the runner gate put on the request.
+    pub fn of<T>(request: &Request<T>) -> Result<&Worker, ApiError> {
+        request
+            .extensions()
+            .get::<Worker>()
+            .ok_or_else(|| ApiError::Unauthenticated("missing worker credential".into()))
+    }
+
+    /// The credential's name (None for the shared KEEL_WORKER_TOKEN).
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// A named credential may record transitions only as `name` or
+    /// `name/<anything>` (PERMISSION_DENIED naming `worker_id` otherwise);
+    /// the shared KEEL_WORKER_TOKEN may record any worker id.
+    pub fn may_record_as(&self, worker_id: &str) -> Result<(), ApiError> {
+        let Some(name) = &self.name else {
+            return Ok(());
+        };
+        let bound = worker_id == name
+            || worker_id
+                .strip_prefix(name.as_str())
+                .is_some_and(|rest| rest.starts_with('/'));
+        if bound {
+            Ok(())
+        } else {
+            Err(ApiError::PermissionDenied(format!(
+                "worker_id: the worker credential {name:?} may only record as \"{name}\" or \"{name}/...\""
+            )))
+        }
+    }
 }
 
 impl Caller {
-    /// The calling user's id; a worker credential is PERMISSION_DENIED here.
+    /// The calling user's id (an access token's or an API key's); a worker
+    /// credential is PERMISSION_DENIED here.
     pub fn user_id(&self) -> Result<Uuid, ApiError> {
         match self {
             Caller::User(t) => Ok(t.user_id),
-            Caller::Worker => Err(ApiError::PermissionDenied(
+            Caller::ApiKey { user_id, .. } => Ok(*user_id),
+            Caller::Worker(_) => Err(ApiError::PermissionDenied(
                 "the worker credential cannot call user RPCs".into(),
             )),
         }
     }
 
-    /// Ok for the worker credential; a user's token is PERMISSION_DENIED.
-    pub fn require_worker(&self) -> Result<(), ApiError> {
+    /// The user behind an access token: what managing keys, passwords and
+    /// sessions needs. An API key is PERMISSION_DENIED (a leaked key must not
+    /// mint more, nor lock its user out).
+    pub fn signed_in_user(&self) -> Result<&VerifiedToken, ApiError> {
         match self {
-            Caller::Worker => Ok(()),
-            Caller::User(_) => Err(ApiError::PermissionDenied(
+            Caller::User(t) => Ok(t),
+            Caller::ApiKey { .. } => Err(ApiError::PermissionDenied(
+                "an API key cannot manage API keys, passwords or sessions: use an access token"
+                    .into(),
+            )),
+            Caller::Worker(_) => Err(ApiError::PermissionDenied(
+                "the worker credential cannot call user RPCs".into(),
+            )),
+        }
+    }
+
+    /// The worker behind a worker credential; a user's token is PERMISSION_DENIED.
+    pub fn into_worker(self) -> Result<Worker, ApiError> {
+        match self {
+            Caller::Worker(worker) => Ok(worker),
+            Caller::User(_) | Caller::ApiKey { .. } => Err(ApiError::PermissionDenied(
                 "this RPC needs the worker credential".into(),
             )),
         }
     }
 
-    /// The caller the interceptor put on the request.
+    /// The caller the gate put on the request.
     pub fn of<T>(request: &Request<T>) -> Result<&Caller, ApiError> {
         request
             .extensions()
@@ -288,12 +368,18 @@ impl Caller {
 
 /// The bearer token from `authorization: Bearer <token>`.
 pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
+    let value = metadata.get("authorization").map(|v| v.to_str());
+    parse_bearer(value.map(|v| v.map_err(|_| ())))
+}
+
+fn bearer_from_headers(headers: &http::HeaderMap) -> Result<&str, ApiError> {
+    let value = headers.get("authorization").map(|v| v.to_str());
+    parse_bearer(value.map(|v| v.map_err(|_| ())))
+}
+
+fn parse_bearer(value: Option<Result<&str, ()>>) -> Result<&str, ApiError> {
     let missing = || ApiError::Unauthenticated("missing bearer token".into());
-    let value = metadata
-        .get("authorization")
-        .ok_or_else(missing)?
-        .to_str()
-        .map_err(|_| missing())?;
+    let value = value.ok_or_else(missing)?.map_err(|_| missing())?;
     let (scheme, token) = value.trim().split_once(' ').ok_or_else(missing)?;
     if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
         return Err(missing());
@@ -301,14 +387,19 @@ pub fn bearer_token(metadata: &MetadataMap) -> Result<&str, ApiError> {
     Ok(token.trim())
 }
 
-/// Interceptor that authenticates every call and attaches a [`Caller`].
-/// Which callers an RPC accepts is the handler's business
-/// ([`Caller::user_id`] / [`Caller::require_worker`]).
+/// Turns `authorization: Bearer ..` into a [`Caller`]: the shared worker
+/// token, a named worker credential, an API key or an access token (whose
+/// session must not have ended). Wrap a service with [`Authenticator::users`]
+/// or [`Authenticator::workers_only`].
 #[derive(Clone)]
 pub struct Authenticator {
     verifier: Arc<TokenVerifier>,
-    /// SHA-256 of the worker credential, compared in constant time.
+    /// SHA-256 of the shared worker token, compared in constant time.
     worker_token_digest: Option<[u8; 32]>,
+    worker_credentials: Option<Arc<WorkerCredentials>>,
+    /// Session and API-key checks; without it API keys are refused and
+    /// sessions are not consulted.
+    identity: Option<Arc<Identity>>,
 }
 
 impl Authenticator {
@@ -318,31 +409,138 @@ impl Authenticator {
             worker_token_digest: worker_token
                 .filter(|t| !t.is_empty())
                 .map(|t| Sha256::digest(t.as_bytes()).into()),
+            worker_credentials: None,
+            identity: None,
         }
     }
 
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
-        let token = bearer_token(metadata)?;
+    /// Also accepts the named credentials of this file.
+    pub fn with_worker_credentials(mut self, credentials: Arc<WorkerCredentials>) -> Self {
+        self.worker_credentials = Some(credentials);
+        self
+    }
+
+    /// Checks sessions and API keys against Postgres (see [`Identity`]).
+    pub fn with_identity(mut self, identity: Arc<Identity>) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, ApiError> {
+        self.authenticate_token(bearer_token(metadata)?).await
+    }
+
+    async fn authenticate_token(&self, token: &str) -> Result<Caller, ApiError> {
+        if let Some(worker) = self.worker(token) {
+            return Ok(Caller::Worker(worker));
+        }
+        if identity::looks_like_api_key(token) {
+            let Some(identity) = &self.identity else {
+                return Err(ApiError::Unauthenticated(
+                    "API keys are not accepted here".into(),
+                ));
+            };
+            let grant = identity.check_api_key(token).await?;
+            return Ok(Caller::ApiKey {
+                user_id: grant.user_id,
+                key_id: grant.key_id,
+            });
+        }
+        let verified = self.verifier.verify(token)?;
+        if let (Some(identity), Some(session_id)) = (&self.identity, verified.session_id) {
+            identity.check_session(session_id).await?;
+        }
+        Ok(Caller::User(verified))
+    }
+
+    fn worker(&self, token: &str) -> Option<Worker> {
         if let Some(expected) = &self.worker_token_digest {
             let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-            if constant_time_eq(&presented, expected) {
-                return Ok(Caller::Worker);
+            if bool::from(presented.ct_eq(expected)) {
+                return Some(Worker { name: None });
             }
         }
-        self.verifier.verify(token).map(Caller::User)
+        let name = self.worker_credentials.as_ref()?.check(token)?;
+        Some(Worker { name: Some(name) })
+    }
+
+    /// `service` with every call authenticated and its [`Caller`] attached;
+    /// which callers an RPC accepts is the handler's business ([`Caller::user_id`]).
+    pub fn users<S>(&self, service: S) -> Gate<S> {
+        Gate {
+            inner: service,
+            authenticator: self.clone(),
+            workers_only: false,
+        }
+    }
+
+    /// `service` admitting only worker credentials (a user's token or API key
+    /// is PERMISSION_DENIED, a bad credential UNAUTHENTICATED), with the
+    /// [`Worker`] attached: no runner handler can forget the check.
+    pub fn workers_only<S>(&self, service: S) -> Gate<S> {
+        Gate {
+            inner: service,
+            authenticator: self.clone(),
+            workers_only: true,
+        }
     }
 }
 
-impl Interceptor for Authenticator {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let caller = self.authenticate(request.metadata())?;
-        request.extensions_mut().insert(caller);
-        Ok(request)
-    }
+/// A gRPC service behind an [`Authenticator`]: an asynchronous interceptor
+/// (API keys and sessions may need a query), per service.
+#[derive(Clone)]
+pub struct Gate<S> {
+    inner: S,
+    authenticator: Authenticator,
+    workers_only: bool,
 }
 
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+impl<S: NamedService> NamedService for Gate<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> tower::Service<http::Request<Body>> for Gate<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+        // The ready service is the one to call; leave a fresh clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let authenticator = self.authenticator.clone();
+        let workers_only = self.workers_only;
+        Box::pin(async move {
+            let admitted = match bearer_from_headers(request.headers()) {
+                Ok(token) => authenticator.authenticate_token(token).await,
+                Err(e) => Err(e),
+            };
+            let admitted = admitted.and_then(|caller| {
+                if workers_only {
+                    let worker = caller.into_worker()?;
+                    request.extensions_mut().insert(worker);
+                } else {
+                    request.extensions_mut().insert(caller);
+                }
+                Ok(())
+            });
+            match admitted {
+                Ok(()) => inner.call(request).await,
+                Err(e) => Ok(Status::from(e).into_http()),
+            }
+        })
+    }
 }
 
 /// Token settings shared by every service that verifies tokens.
@@ -358,9 +556,19 @@ pub struct VerifierConfig {
     /// Expected `aud` claim.
     #[arg(long, env = "KEEL_JWT_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
     pub jwt_audience: String,
+    /// How long (seconds) whether a session has ended, or whom an API key
+    /// acts for, is remembered before Postgres is asked again: a logged-out
+    /// session or a revoked API key stops working within this time.
+    #[arg(long, env = "KEEL_CREDENTIAL_CACHE_SECS", default_value_t = identity::DEFAULT_CACHE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub credential_cache_secs: u64,
 }
 
 impl VerifierConfig {
+    pub fn credential_cache(&self) -> Duration {
+        Duration::from_secs(self.credential_cache_secs.max(1))
+    }
+
     pub fn load(&self) -> Result<TokenVerifier, crate::StartupError> {
         if self.jwt_public_key_files.is_empty() {
             return Err(crate::StartupError::MissingVar("KEEL_JWT_PUBLIC_KEY_FILES"));
@@ -440,6 +648,32 @@ mod tests {
         let expired = signer.sign_claims(&claims(now - 60));
         assert!(verifier.verify(&expired).is_err());
         assert!(verifier.verify(&expired).is_err());
+    }
+
+    #[test]
+    fn a_named_worker_records_only_under_its_name() {
+        let named = Worker {
+            name: Some("builder".into()),
+        };
+        for ok in ["builder", "builder/1", "builder/host/pid"] {
+            assert!(named.may_record_as(ok).is_ok(), "{ok}");
+        }
+        for denied in [
+            "",
+            "builder2",
+            "builde",
+            "runner",
+            "runner/builder",
+            "Builder",
+        ] {
+            let err = named.may_record_as(denied).unwrap_err();
+            assert!(
+                matches!(&err, ApiError::PermissionDenied(m) if m.starts_with("worker_id")),
+                "{denied}: {err:?}"
+            );
+        }
+        let shared = Worker { name: None };
+        assert!(shared.may_record_as("anyone").is_ok());
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod grpc_client;
+#[cfg(feature = "server")]
+pub mod identity;
 pub mod json;
 #[cfg(feature = "server")]
 pub mod metrics;
@@ -33,6 +35,8 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod time;
 pub mod tls;
+#[cfg(feature = "server")]
+pub mod worker_credentials;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -7,6 +7,7 @@ mod dead_letters;
 mod output;
 mod schedules;
 mod session;
+mod worker_credential;
 
 use std::io::BufRead;
 
@@ -105,6 +106,9 @@ enum Command {
     /// directly: REDIS_URL and KEEL_REDIS_PREFIX, as the services use them.
     #[command(subcommand)]
     DeadLetters(DeadLettersCommand),
+    /// Named worker credentials for KEEL_WORKER_CREDENTIALS_FILE: new.
+    #[command(subcommand)]
+    WorkerCredential(worker_credential::WorkerCredentialCommand),
 }
 
 #[derive(Subcommand)]
@@ -368,6 +372,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Schedules(cmd) => schedules::run(&cli, cmd).await?,
         Command::Memories(cmd) => memories(&cli, cmd).await?,
         Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
+        Command::WorkerCredential(cmd) => worker_credential::run(cmd)?,
         Command::Workspace => {
             let s = current_session(&cli).await?;
             let mut client = MemoryServiceClient::new(connect(&cli.tls, &cli.memory_url).await?);

@@ -65,6 +65,12 @@ pub struct TokenConfig {
     #[arg(long, env = "KEEL_REFRESH_TOKEN_TTL_SECS", default_value_t = DEFAULT_REFRESH_TOKEN_TTL_SECS,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub refresh_token_ttl_secs: u64,
+    /// How long (seconds) whether a session has ended, or whom an API key
+    /// acts for, is remembered before Postgres is asked again (as at jobs
+    /// and memory).
+    #[arg(long, env = "KEEL_CREDENTIAL_CACHE_SECS", default_value_t = keel_shared::identity::DEFAULT_CACHE_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub credential_cache_secs: u64,
 }
 
 /// Password hashing and login rate limiting.
@@ -112,6 +118,7 @@ impl Config {
                 jwt_audience: DEFAULT_AUDIENCE.into(),
                 access_token_ttl_secs: DEFAULT_ACCESS_TOKEN_TTL_SECS,
                 refresh_token_ttl_secs: DEFAULT_REFRESH_TOKEN_TTL_SECS,
+                credential_cache_secs: keel_shared::identity::DEFAULT_CACHE_SECS,
             },
             login: LoginConfig {
                 login_max_failures: DEFAULT_LOGIN_MAX_FAILURES,
@@ -132,6 +139,10 @@ impl TokenConfig {
 
     pub fn refresh_token_ttl(&self) -> Duration {
         Duration::from_secs(self.refresh_token_ttl_secs)
+    }
+
+    pub fn credential_cache(&self) -> Duration {
+        Duration::from_secs(self.credential_cache_secs.max(1))
     }
 }
 

@@ -20,6 +20,10 @@ pub enum AuthError {
     InvalidRefreshToken,
     #[error("the user of this token no longer exists")]
     UserGone,
+    #[error("no such API key")]
+    ApiKeyNotFound,
+    #[error("current_password: is not the user's password")]
+    WrongPassword,
     #[error(transparent)]
     Api(#[from] ApiError),
     #[error("postgres: {0}")]
@@ -46,8 +50,10 @@ impl From<AuthError> for ApiError {
             AuthError::EmailTaken => ApiError::AlreadyExists(err.to_string()),
             AuthError::InvalidCredentials
             | AuthError::InvalidRefreshToken
-            | AuthError::UserGone => ApiError::Unauthenticated(err.to_string()),
+            | AuthError::UserGone
+            | AuthError::WrongPassword => ApiError::Unauthenticated(err.to_string()),
             AuthError::RateLimited => ApiError::ResourceExhausted(err.to_string()),
+            AuthError::ApiKeyNotFound => ApiError::NotFound(err.to_string()),
             AuthError::Api(e) => e,
             AuthError::Db(e) => e.into(),
             AuthError::Pool(e) => e.into(),

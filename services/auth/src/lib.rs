@@ -1,10 +1,13 @@
-//! Keel auth service: users, sessions, access and refresh tokens.
+//! Keel auth service: users, sessions, access and refresh tokens, API keys.
 
 pub mod config;
+mod convert;
 pub mod domain;
 pub mod error;
 pub mod grpc;
 pub mod keys;
+pub mod passwords;
+pub mod service;
 pub mod store;
 
 use std::sync::Arc;
@@ -18,8 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::domain::Passwords;
+use crate::passwords::Passwords;
+use crate::service::{Auth, LoginLimits, Settings};
 use crate::store::Store;
+use keel_shared::identity::Identity;
 
 /// How often expired refresh tokens and login counters are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(300);
@@ -81,27 +86,34 @@ pub async fn run(
         async move { server::postgres_ready(&pool).await }
     });
 
-    let store = Store::new(pool);
+    tracing::info!(kid = signer.key_id(), "access tokens signed with key");
+    let store = Store::new(pool.clone());
     spawn_sweeper(
         store.clone(),
         config.login.failure_window(),
         shutdown.clone(),
     );
 
-    tracing::info!(kid = signer.key_id(), "access tokens signed with key");
-    let service = grpc::AuthApi {
+    let identity = Arc::new(Identity::new(
+        pool.clone(),
+        config.tokens.credential_cache(),
+    ));
+    let auth = Auth::new(
         store,
-        authenticator: Authenticator::new(verifier.clone(), None),
-        verifier,
         signer,
-        passwords: Arc::new(passwords),
-        hashing: Arc::new(tokio::sync::Semaphore::new(
-            config.login.max_concurrent_hashes(),
-        )),
-        refresh_token_ttl: config.tokens.refresh_token_ttl(),
-        login_max_failures: config.login.login_max_failures,
-        login_failure_window: config.login.failure_window(),
-    };
+        passwords,
+        identity.clone(),
+        Settings {
+            max_concurrent_hashes: config.login.max_concurrent_hashes(),
+            refresh_token_ttl: config.tokens.refresh_token_ttl(),
+            login: LoginLimits {
+                max_failures: config.login.login_max_failures,
+                failure_window: config.login.failure_window(),
+            },
+        },
+    );
+    let authenticator = Authenticator::new(verifier.clone(), None).with_identity(identity);
+    let service = grpc::AuthApi::new(auth, verifier, authenticator);
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -1,5 +1,5 @@
-//! Every SQL statement of the auth service: users, sessions, refresh tokens
-//! and the login-failure counters.
+//! Every SQL statement of the auth service: users, sessions, refresh tokens,
+//! API keys and the login-failure counters.
 
 use std::time::Duration;
 
@@ -82,6 +82,41 @@ pub enum LoginAttempt {
     Failed,
     Abandoned,
 }
+
+/// An API key as listed (never its secret).
+#[derive(Debug, Clone)]
+pub struct ApiKeyRow {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+impl ApiKeyRow {
+    fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get("id"),
+            name: row.get("name"),
+            prefix: row.get("prefix"),
+            created_at: row.get("created_at"),
+            expires_at: row.get("expires_at"),
+            last_used_at: row.get("last_used_at"),
+        }
+    }
+}
+
+pub struct NewApiKey<'a> {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: &'a str,
+    pub prefix: &'a str,
+    pub hash: [u8; 32],
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+const API_KEY_COLUMNS: &str = "id, name, prefix, created_at, expires_at, last_used_at";
 
 #[derive(Clone)]
 pub struct Store {
@@ -357,6 +392,115 @@ impl Store {
         })
     }
 
+    /// The user with this id and their password hash.
+    pub async fn find_user_with_hash(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(UserRow, String)>, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {USER_COLUMNS}, password_hash FROM users WHERE id = $1"
+            ))
+            .await?;
+        let row = client.query_opt(&stmt, &[&id]).await?;
+        Ok(row.map(|r| (UserRow::from_row(&r), r.get("password_hash"))))
+    }
+
+    /// Replaces the password hash `checked_hash` (the one the current
+    /// password was verified against) with `password_hash`, ends every
+    /// session of the user and opens the session `session_id`, in one
+    /// transaction. Returns the ended sessions. When the hash is no longer
+    /// `checked_hash` (a concurrent change won) nothing changes and the
+    /// answer is `WrongPassword`: the current password is no longer it.
+    pub async fn change_password(
+        &self,
+        user_id: Uuid,
+        checked_hash: &str,
+        password_hash: &str,
+        session_id: Uuid,
+        token: &NewRefreshToken,
+    ) -> Result<Vec<Uuid>, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx
+            .prepare_cached(
+                "UPDATE users SET password_hash = $3, updated_at = now() \
+                 WHERE id = $1 AND password_hash = $2",
+            )
+            .await?;
+        if tx
+            .execute(&stmt, &[&user_id, &checked_hash, &password_hash])
+            .await?
+            == 0
+        {
+            return Err(AuthError::WrongPassword);
+        }
+        let ended = revoke_user_sessions(&tx, user_id, "password_changed").await?;
+        insert_session(&tx, session_id, user_id, token).await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    /// Ends every session of the user. Returns the ended sessions.
+    pub async fn logout_all(&self, user_id: Uuid) -> Result<Vec<Uuid>, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let ended = revoke_user_sessions(&tx, user_id, "logout_all").await?;
+        tx.commit().await?;
+        Ok(ended)
+    }
+
+    pub async fn create_api_key(&self, key: NewApiKey<'_>) -> Result<ApiKeyRow, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, expires_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {API_KEY_COLUMNS}"
+            ))
+            .await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &key.id,
+                    &key.user_id,
+                    &key.name,
+                    &key.prefix,
+                    &key.hash.as_slice(),
+                    &key.expires_at,
+                ],
+            )
+            .await?;
+        Ok(ApiKeyRow::from_row(&row))
+    }
+
+    /// The user's keys that are not revoked (expired ones included), newest first.
+    pub async fn list_api_keys(&self, user_id: Uuid) -> Result<Vec<ApiKeyRow>, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {API_KEY_COLUMNS} FROM api_keys \
+                 WHERE user_id = $1 AND revoked_at IS NULL ORDER BY id DESC"
+            ))
+            .await?;
+        let rows = client.query(&stmt, &[&user_id]).await?;
+        Ok(rows.iter().map(ApiKeyRow::from_row).collect())
+    }
+
+    /// Revokes the user's key `id`; false when there is no such key of
+    /// theirs that is not revoked yet.
+    pub async fn revoke_api_key(&self, user_id: Uuid, id: Uuid) -> Result<bool, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "UPDATE api_keys SET revoked_at = now() \
+                 WHERE id = $1 AND user_id = $2 AND revoked_at IS NULL",
+            )
+            .await?;
+        Ok(client.execute(&stmt, &[&id, &user_id]).await? == 1)
+    }
+
     /// Deletes login counters whose window has passed and refresh tokens that
     /// have expired (an expired token is refused whether or not it is kept).
     pub async fn sweep(&self, login_window: Duration) -> Result<(u64, u64), AuthError> {
@@ -419,4 +563,19 @@ async fn revoke_session(
         .await?;
     tx.execute(&stmt, &[&session_id, &reason]).await?;
     Ok(())
+}
+
+async fn revoke_user_sessions(
+    tx: &Transaction<'_>,
+    user_id: Uuid,
+    reason: &str,
+) -> Result<Vec<Uuid>, AuthError> {
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE sessions SET revoked_at = now(), revoked_reason = $2 \
+             WHERE user_id = $1 AND revoked_at IS NULL RETURNING id",
+        )
+        .await?;
+    let rows = tx.query(&stmt, &[&user_id, &reason]).await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

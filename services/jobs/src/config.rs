@@ -30,9 +30,17 @@ pub struct Config {
     /// Address the gRPC server listens on.
     #[arg(long, env = "KEEL_JOBS_ADDR", default_value = "0.0.0.0:50052")]
     pub listen_addr: SocketAddr,
-    /// The credential workers present on JobRunnerService (required).
+    /// One credential shared by every worker on JobRunnerService: the simple
+    /// (development) mode, not bound to any worker id. Set this, or
+    /// KEEL_WORKER_CREDENTIALS_FILE, or both.
     #[arg(long, env = "KEEL_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
+    /// File of named worker credentials, one `name:sha256-hex-of-secret` a
+    /// line (`keel worker-credential new NAME` prints one). A worker presents
+    /// `name:secret` and may record transitions only as worker id `name` or
+    /// `name/...`. Re-read every second: removing a line revokes that worker.
+    #[arg(long, env = "KEEL_WORKER_CREDENTIALS_FILE")]
+    pub worker_credentials_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub database: DatabaseConfig,
     #[command(flatten)]
@@ -123,6 +131,7 @@ impl Config {
         Self {
             listen_addr,
             worker_token: Some(worker_token.into()),
+            worker_credentials_file: None,
             database,
             redis,
             tokens,

@@ -9,7 +9,7 @@ use futures::future::join_all;
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerService;
 use keel_proto::jobs::v1::jobs_service_server::JobsService;
 use keel_proto::jobs::v1::*;
-use keel_shared::auth::Caller;
+use keel_shared::auth::{Caller, Worker};
 use keel_shared::paging;
 use keel_shared::time::{opt_timestamp, to_timestamp};
 use tokio_stream::wrappers::ReceiverStream;
@@ -47,8 +47,9 @@ fn user<T>(req: &Request<T>) -> Result<uuid::Uuid, Status> {
     Ok(Caller::of(req)?.user_id()?)
 }
 
-fn worker<T>(req: &Request<T>) -> Result<(), Status> {
-    Ok(Caller::of(req)?.require_worker()?)
+/// The worker the runner interceptor admitted (it admits no one else).
+fn worker<T>(req: &Request<T>) -> Result<&Worker, Status> {
+    Ok(Worker::of(req)?)
 }
 
 /// The filter string a ListJobs page token is bound to.
@@ -212,8 +213,10 @@ impl JobsService for JobsApi {
     }
 }
 
-/// The worker's side. Every call needs the worker credential (a user token is
-/// PERMISSION_DENIED); an unknown id is NOT_FOUND, a malformed one
+/// The worker's side. Every call needs a worker credential, checked by the
+/// service's gate (`Authenticator::workers_only`: a user token is
+/// PERMISSION_DENIED); a named credential may only record as its own name
+/// (`Worker::may_record_as`, PERMISSION_DENIED naming `worker_id`); an unknown id is NOT_FOUND, a malformed one
 /// INVALID_ARGUMENT. Each transition is one conditional UPDATE on
 /// (id, status, attempt), so a duplicate or late call changes nothing and is
 /// FAILED_PRECONDITION with a message saying what the job's state is.
@@ -227,8 +230,8 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<StartJobRequest>,
     ) -> Result<Response<StartJobResponse>, Status> {
-        worker(&req)?;
-        Ok(Response::new(self.start_one(req.get_ref()).await?))
+        let worker = worker(&req)?;
+        Ok(Response::new(self.start_one(worker, req.get_ref()).await?))
     }
 
     /// Extends the lease of running attempt `attempt` by the lease length
@@ -241,8 +244,8 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
-        worker(&req)?;
         let r = req.get_ref();
+        worker(&req)?.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         let progress = r
             .progress
@@ -267,8 +270,10 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<CompleteJobRequest>,
     ) -> Result<Response<CompleteJobResponse>, Status> {
-        worker(&req)?;
-        Ok(Response::new(self.complete_one(req.get_ref()).await?))
+        let worker = worker(&req)?;
+        Ok(Response::new(
+            self.complete_one(worker, req.get_ref()).await?,
+        ))
     }
 
     /// RUNNING attempt `attempt` failed with `error`: while `retryable` and
@@ -280,8 +285,8 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<FailJobRequest>,
     ) -> Result<Response<FailJobResponse>, Status> {
-        worker(&req)?;
         let r = req.get_ref();
+        worker(&req)?.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         let job = self
             .jobs
@@ -299,10 +304,10 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<StartJobsRequest>,
     ) -> Result<Response<StartJobsResponse>, Status> {
-        worker(&req)?;
+        let worker = worker(&req)?;
         let items = &req.get_ref().requests;
         domain::validate_batch_len(items.len())?;
-        let outcomes = join_all(items.iter().map(|r| self.start_one(r))).await;
+        let outcomes = join_all(items.iter().map(|r| self.start_one(worker, r))).await;
         let results = outcomes
             .into_iter()
             .map(|outcome| StartJobResult {
@@ -321,10 +326,10 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<CompleteJobsRequest>,
     ) -> Result<Response<CompleteJobsResponse>, Status> {
-        worker(&req)?;
+        let worker = worker(&req)?;
         let items = &req.get_ref().requests;
         domain::validate_batch_len(items.len())?;
-        let outcomes = join_all(items.iter().map(|r| self.complete_one(r))).await;
+        let outcomes = join_all(items.iter().map(|r| self.complete_one(worker, r))).await;
         let results = outcomes
             .into_iter()
             .map(|outcome| CompleteJobResult {
@@ -344,8 +349,9 @@ impl JobRunnerService for JobsApi {
         &self,
         req: Request<ClaimJobsRequest>,
     ) -> Result<Response<ClaimJobsResponse>, Status> {
-        worker(&req)?;
+        let worker = worker(&req)?;
         let claim = domain::validate_claim(req.get_ref())?;
+        worker.may_record_as(&claim.worker_id)?;
         let jobs = self
             .jobs
             .claim(
@@ -370,7 +376,12 @@ impl JobRunnerService for JobsApi {
 
 /// The worker's transitions that have a batched form, one request each.
 impl JobsApi {
-    async fn start_one(&self, r: &StartJobRequest) -> Result<StartJobResponse, Status> {
+    async fn start_one(
+        &self,
+        worker: &Worker,
+        r: &StartJobRequest,
+    ) -> Result<StartJobResponse, Status> {
+        worker.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         if r.delivery_id.len() > domain::MAX_DELIVERY_ID_BYTES {
             return Err(JobsError::invalid("delivery_id", "at most 128 bytes").into());
@@ -382,7 +393,12 @@ impl JobsApi {
         })
     }
 
-    async fn complete_one(&self, r: &CompleteJobRequest) -> Result<CompleteJobResponse, Status> {
+    async fn complete_one(
+        &self,
+        worker: &Worker,
+        r: &CompleteJobRequest,
+    ) -> Result<CompleteJobResponse, Status> {
+        worker.may_record_as(&r.worker_id)?;
         let id = domain::parse_id(&r.id)?;
         let attempt = attempt(r.attempt)?;
         let output = r

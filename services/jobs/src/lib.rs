@@ -22,10 +22,11 @@ use keel_proto::jobs::v1::job_runner_service_server::JobRunnerServiceServer;
 use keel_proto::jobs::v1::jobs_service_server::JobsServiceServer;
 use keel_proto::jobs::v1::schedule_service_server::ScheduleServiceServer;
 use keel_shared::auth::Authenticator;
+use keel_shared::identity::Identity;
+use keel_shared::worker_credentials::{self, WorkerCredentials};
 use keel_shared::{StartupError, server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 
@@ -36,11 +37,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartupError> {
     let verifier = Arc::new(config.tokens.load()?);
-    let worker_token = config
-        .worker_token
+    let worker_token = config.worker_token.as_deref().filter(|t| !t.is_empty());
+    let worker_credentials = config
+        .worker_credentials_file
         .as_deref()
-        .filter(|t| !t.is_empty())
-        .ok_or(StartupError::MissingVar("KEEL_WORKER_TOKEN"))?;
+        .map(WorkerCredentials::load)
+        .transpose()
+        .map_err(|reason| StartupError::InvalidVar {
+            var: "KEEL_WORKER_CREDENTIALS_FILE",
+            reason,
+        })?;
+    if worker_token.is_none() && worker_credentials.is_none() {
+        return Err(StartupError::MissingVar(
+            "KEEL_WORKER_TOKEN (or KEEL_WORKER_CREDENTIALS_FILE)",
+        ));
+    }
     keel_shared::metrics::install(&config.runtime.metrics)?;
     let pool = keel_shared::db::connect(&config.database).await?;
     keel_shared::migrate::run(&pool).await?;
@@ -72,7 +83,21 @@ pub async fn run(
         async move { server::postgres_ready(&pool).await }
     });
 
-    let authenticator = Authenticator::new(verifier, Some(worker_token));
+    let identity = Arc::new(Identity::new(
+        pool.clone(),
+        config.tokens.credential_cache(),
+    ));
+    let mut authenticator = Authenticator::new(verifier, worker_token).with_identity(identity);
+    if let Some(credentials) = worker_credentials {
+        tracing::info!(
+            credentials = credentials.len(),
+            "named worker credentials loaded"
+        );
+        credentials
+            .clone()
+            .spawn_reloader(worker_credentials::RELOAD_EVERY, shutdown.clone());
+        authenticator = authenticator.with_worker_credentials(credentials);
+    }
     // Read the served kinds once before serving (a short wait at most), so
     // the first jobs go straight to the streams of kinds already served.
     let served = Arc::new(routing::ServedKinds::default());
@@ -183,21 +208,24 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InterceptedService::new(
-            JobsServiceServer::from_arc(api.clone())
-                .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
-            authenticator.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            ScheduleServiceServer::new(schedules::ScheduleApi::new(schedules))
-                .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
-            authenticator.clone(),
-        ))
-        .add_service(InterceptedService::new(
-            JobRunnerServiceServer::from_arc(api)
-                .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
-            authenticator,
-        ));
+        .add_service(
+            authenticator.users(
+                JobsServiceServer::from_arc(api.clone())
+                    .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+            ),
+        )
+        .add_service(
+            authenticator.users(
+                ScheduleServiceServer::new(schedules::ScheduleApi::new(schedules))
+                    .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+            ),
+        )
+        .add_service(
+            authenticator.workers_only(
+                JobRunnerServiceServer::from_arc(api)
+                    .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+            ),
+        );
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-jobs serving");
     server::serve_runtime(router, listener, shutdown, &config.runtime).await
 }

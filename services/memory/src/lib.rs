@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use keel_proto::memory::v1::memory_service_server::MemoryServiceServer;
 use keel_shared::auth::Authenticator;
+use keel_shared::identity::Identity;
 use keel_shared::{StartupError, server};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 
@@ -40,14 +40,17 @@ pub async fn run(
         async move { server::postgres_ready(&pool).await }
     });
 
-    let authenticator = Authenticator::new(verifier, None);
-    let service = InterceptedService::new(
+    let identity = Arc::new(Identity::new(
+        pool.clone(),
+        config.tokens.credential_cache(),
+    ));
+    let authenticator = Authenticator::new(verifier, None).with_identity(identity);
+    let service = authenticator.users(
         MemoryServiceServer::new(grpc::MemoryApi::new(
             store::Store::new(pool),
             config.limits.clone(),
         ))
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
-        authenticator,
     );
     let router = server::builder()
         .add_service(health_service)

@@ -23,14 +23,18 @@ pub struct Config {
     /// URL of the jobs service.
     #[arg(long, env = "KEEL_JOBS_URL", default_value = "http://127.0.0.1:50052")]
     pub jobs_url: String,
-    /// The worker credential (the jobs service's KEEL_WORKER_TOKEN) (required).
+    /// The worker credential (required): the jobs service's shared
+    /// KEEL_WORKER_TOKEN, or `name:secret` for a line of its
+    /// KEEL_WORKER_CREDENTIALS_FILE.
     #[arg(long, env = "KEEL_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
     /// Most jobs this process runs at once (default: 4 per available core).
     #[arg(long, env = "KEEL_WORKER_CONCURRENCY")]
     pub concurrency: Option<usize>,
     /// This worker's consumer name in the Redis consumer group, also its
-    /// worker id for the jobs service (default: `<hostname>-<pid>-<random>`).
+    /// worker id for the jobs service (default: `<hostname>-<pid>-<random>`,
+    /// after `<name>/` when KEEL_WORKER_TOKEN is a named credential
+    /// `name:secret`; a name set here must then be `name` or `name/...`).
     #[arg(long, env = "KEEL_WORKER_CONSUMER_NAME")]
     pub consumer_name: Option<String>,
     /// A message pending this long (ms) without progress is taken over from its
@@ -112,11 +116,26 @@ impl Config {
         })
     }
 
+    /// The configured name, else `<hostname>-<pid>-<random>`, prefixed with
+    /// `<credential name>/` when the worker token is a named credential
+    /// (`name:secret`): the jobs service only lets it record as `name/...`.
     pub fn consumer_name(&self) -> String {
         match self.consumer_name.as_deref().map(str::trim) {
             Some(name) if !name.is_empty() => name.to_string(),
-            _ => default_consumer_name(),
+            _ => match self.credential_name() {
+                Some(credential) => format!("{credential}/{}", default_consumer_name()),
+                None => default_consumer_name(),
+            },
         }
+    }
+
+    /// The name of a named worker credential (`name:secret`), if that is what
+    /// the worker token is.
+    fn credential_name(&self) -> Option<&str> {
+        let (name, _) = self.worker_token.as_deref()?.trim().split_once(':')?;
+        keel_shared::worker_credentials::validate_name(name)
+            .ok()
+            .map(|()| name)
     }
 
     pub fn claim_idle(&self) -> Duration {

@@ -339,6 +339,7 @@ pub fn verifier_config() -> VerifierConfig {
         jwt_public_key_files: vec![keys().public_key_file.clone()],
         jwt_issuer: crate::auth::DEFAULT_ISSUER.into(),
         jwt_audience: crate::auth::DEFAULT_AUDIENCE.into(),
+        credential_cache_secs: 1,
     }
 }
 

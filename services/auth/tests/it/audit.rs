@@ -6,13 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
-use keel_proto::auth::v1::{LogoutRequest, RefreshRequest};
+use keel_proto::auth::v1::{
+    ChangePasswordRequest, CreateApiKeyRequest, LogoutAllRequest, LogoutRequest, RefreshRequest,
+};
 use keel_shared::testing::{self, TestDb};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::support::{PASSWORD, TempDir, err, login_req, register_req};
 
 const BIN: &str = env!("CARGO_BIN_EXE_keel-auth");
+const NEW_PASSWORD: &str = "a brand new passphrase";
 
 #[tokio::test]
 async fn sign_in_events_are_logged_without_secrets() {
@@ -99,6 +102,66 @@ async fn sign_in_events_are_logged_without_secrets() {
         find(&|v| v["event"] == "logout").is_some()
     })
     .await;
+
+    // API keys, a password change and LogoutAll: logged, their secrets not.
+    let third = client
+        .login(login_req("audited@example.com", PASSWORD))
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .unwrap();
+    let api_key = client
+        .create_api_key(testing::authed(
+            CreateApiKeyRequest {
+                name: "audited agent".into(),
+                expires_at: None,
+            },
+            &third.access_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .api_key;
+    let _ = client
+        .create_api_key(testing::authed(
+            CreateApiKeyRequest {
+                name: "minted by a key".into(),
+                expires_at: None,
+            },
+            &api_key,
+        ))
+        .await;
+    let _ = client
+        .change_password(testing::authed(
+            ChangePasswordRequest {
+                current_password: "wrong password!".into(),
+                new_password: NEW_PASSWORD.into(),
+            },
+            &third.access_token,
+        ))
+        .await;
+    let changed = client
+        .change_password(testing::authed(
+            ChangePasswordRequest {
+                current_password: PASSWORD.into(),
+                new_password: NEW_PASSWORD.into(),
+            },
+            &third.access_token,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens
+        .unwrap();
+    client
+        .logout_all(testing::authed(LogoutAllRequest {}, &changed.access_token))
+        .await
+        .unwrap();
+    testing::eventually(Duration::from_secs(10), "logout_all audit line", || async {
+        find(&|v| v["event"] == "logout_all").is_some()
+    })
+    .await;
     child.kill().await.unwrap();
 
     let all = lines.lock().unwrap().clone();
@@ -112,7 +175,12 @@ async fn sign_in_events_are_logged_without_secrets() {
             "login_succeeded",
             "token_refreshed",
             "refresh_token_reuse_detected",
-            "logout"
+            "logout",
+            "login_succeeded",
+            "api_key_created",
+            "password_change_refused",
+            "password_changed",
+            "logout_all"
         ],
         "{all:#?}"
     );
@@ -148,6 +216,12 @@ async fn sign_in_events_are_logged_without_secrets() {
         login.refresh_token.as_str(),
         second.refresh_token.as_str(),
         second.access_token.as_str(),
+        api_key.as_str(),
+        NEW_PASSWORD,
+        third.access_token.as_str(),
+        third.refresh_token.as_str(),
+        changed.access_token.as_str(),
+        changed.refresh_token.as_str(),
     ] {
         assert!(!text.contains(secret), "log contains a secret: {secret}");
     }

@@ -325,6 +325,9 @@ fn get_current_user_survives_hostile_credentials() {
     let header = prop_oneof![
         fuzz::header_bytes(),
         fuzz::bearer_nasty(),
+        // API-key shaped: our prefix, then anything.
+        nasty_string().prop_map(|s| format!("Bearer keel_{s}").into_bytes()),
+        "[A-Za-z0-9_-]{43}".prop_map(|s| format!("Bearer keel_{s}").into_bytes()),
         token().prop_map(|t| match t {
             Token::Text(s) | Token::Shaped(s) => format!("Bearer {s}").into_bytes(),
             Token::Tampered(at) =>
@@ -353,6 +356,83 @@ fn get_current_user_survives_hostile_credentials() {
             );
         }
     });
+}
+
+#[test]
+fn api_key_and_password_rpcs_survive_hostile_requests() {
+    let rt = runtime();
+    let auth = rt.block_on(Auth::start());
+    let input = (
+        nasty_string(),
+        prop_oneof![Just(None), (any::<i64>(), any::<i32>()).prop_map(Some)],
+        nasty_string(),
+        password(),
+        password(),
+    );
+    property(
+        SERVICE,
+        "CreateApiKey/RevokeApiKey/ChangePassword",
+        64,
+        &rt,
+        input,
+        |(name, expires_at, id, current, new)| {
+            let auth = &auth;
+            async move {
+                let token = &auth.tokens.access_token;
+                let expires_at =
+                    expires_at.map(|(seconds, nanos)| prost_types::Timestamp { seconds, nanos });
+                let created = auth
+                    .checked(
+                        "CreateApiKey",
+                        auth.client().create_api_key(testing::authed(
+                            CreateApiKeyRequest { name, expires_at },
+                            token,
+                        )),
+                    )
+                    .await;
+                if let Err(s) = &created {
+                    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+                }
+                let revoked = auth
+                    .checked(
+                        "RevokeApiKey",
+                        auth.client()
+                            .revoke_api_key(testing::authed(RevokeApiKeyRequest { id }, token)),
+                    )
+                    .await;
+                let code = revoked.expect_err("not a key id we issued").code();
+                assert!(
+                    matches!(code, Code::InvalidArgument | Code::NotFound),
+                    "{code:?}"
+                );
+                if current == PASSWORD {
+                    return;
+                }
+                let changed = auth
+                    .checked(
+                        "ChangePassword",
+                        auth.client().change_password(testing::authed(
+                            ChangePasswordRequest {
+                                current_password: current,
+                                new_password: new,
+                            },
+                            token,
+                        )),
+                    )
+                    .await;
+                let code = changed.expect_err("not the current password").code();
+                assert!(
+                    matches!(
+                        code,
+                        Code::InvalidArgument | Code::Unauthenticated | Code::ResourceExhausted
+                    ),
+                    "{code:?}"
+                );
+            }
+        },
+    );
+    // The genuine session survived all that.
+    rt.block_on(auth.assert_serving());
 }
 
 // ---------------------------------------------------------------------------

@@ -46,6 +46,7 @@ async fn generated_key_is_kept_and_restarts_keep_tokens_valid() {
         jwt_public_key_files: vec![pub_file.clone()],
         jwt_issuer: DEFAULT_ISSUER.into(),
         jwt_audience: DEFAULT_AUDIENCE.into(),
+        credential_cache_secs: 5,
     }
     .load()
     .unwrap();

@@ -1,5 +1,7 @@
 //! Integration tests of the auth service: real Postgres, real gRPC.
 
+mod across;
+mod api_keys;
 mod audit;
 mod flows;
 mod hostile;

@@ -18,3 +18,4 @@ mod security;
 mod startup;
 mod support;
 mod watch;
+mod worker_credentials;

@@ -57,11 +57,7 @@ pub enum KeyError {
 
 /// Key id: the first 16 hex digits of SHA-256 over the raw public key.
 fn key_id(public_key: &ed25519_dalek::VerifyingKey) -> String {
-    Sha256::digest(public_key.as_bytes())
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&Sha256::digest(public_key.as_bytes())[..8])
 }
 
 /// An Ed25519 key pair as PEM text: what auth is configured with.
@@ -213,6 +209,9 @@ impl TokenVerifier {
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
         validation.leeway = 5;
+        // Expiry is checked against the caller's clock (see `verify_at`),
+        // the same rule for a token seen first and for one remembered.
+        validation.validate_exp = false;
         Ok(Self {
             keys,
             validation,
@@ -221,23 +220,34 @@ impl TokenVerifier {
     }
 
     pub fn verify(&self, token: &str) -> Result<VerifiedToken, ApiError> {
+        self.verify_at(token, Utc::now())
+    }
+
+    /// [`TokenVerifier::verify`] as of `now`.
+    pub fn verify_at(&self, token: &str, now: DateTime<Utc>) -> Result<VerifiedToken, ApiError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(known) = self.verified.get(&digest) {
-            // The same expiry rule (and leeway) as the full check below.
-            if Utc::now().timestamp()
-                <= known.expires_at.timestamp() + self.validation.leeway as i64
-            {
+            if self.unexpired(&known, now) {
                 return Ok(known);
             }
             self.verified.remove(&digest);
         }
         let verified = self.verify_signed(token)?;
+        if !self.unexpired(&verified, now) {
+            return Err(expired_or_invalid());
+        }
         self.verified.insert(digest, verified.clone());
         Ok(verified)
     }
 
+    /// Not expired at `now`, give or take the leeway.
+    fn unexpired(&self, token: &VerifiedToken, now: DateTime<Utc>) -> bool {
+        now.timestamp() <= token.expires_at.timestamp() + self.validation.leeway as i64
+    }
+
+    /// Signature, algorithm, key, issuer, audience and claims; not expiry.
     fn verify_signed(&self, token: &str) -> Result<VerifiedToken, ApiError> {
-        let invalid = || ApiError::Unauthenticated("invalid or expired access token".into());
+        let invalid = expired_or_invalid;
         let header = jsonwebtoken::decode_header(token).map_err(|_| invalid())?;
         if header.alg != Algorithm::EdDSA {
             return Err(invalid());
@@ -262,6 +272,10 @@ impl TokenVerifier {
             session_id,
         })
     }
+}
+
+fn expired_or_invalid() -> ApiError {
+    ApiError::Unauthenticated("invalid or expired access token".into())
 }
 
 /// Who is calling, as established by [`Authenticator`].
@@ -628,52 +642,47 @@ mod tests {
         let (signer, mut verifier) = pair();
         verifier.validation.leeway = 0;
         let id = Uuid::now_v7();
-        let now = Utc::now().timestamp();
+        let now = Utc::now();
         let claims = |exp: i64| AccessClaims {
             sub: id.to_string(),
             email: "a@example.com".into(),
             iss: DEFAULT_ISSUER.into(),
             aud: DEFAULT_AUDIENCE.into(),
-            iat: now,
+            iat: now.timestamp(),
             exp,
             sid: None,
         };
-        let token = signer.sign_claims(&claims(now + 1));
-        assert_eq!(verifier.verify(&token).unwrap().user_id, id);
-        assert_eq!(verifier.verify(&token).unwrap().user_id, id, "remembered");
-        std::thread::sleep(Duration::from_millis(2_100));
-        assert!(verifier.verify(&token).is_err(), "expired while remembered");
-        assert!(verifier.verify(&token).is_err());
+        let token = signer.sign_claims(&claims(now.timestamp() + 1));
+        assert_eq!(verifier.verify_at(&token, now).unwrap().user_id, id);
+        assert_eq!(
+            verifier.verify_at(&token, now).unwrap().user_id,
+            id,
+            "remembered"
+        );
+        let later = now + chrono::Duration::seconds(2);
+        assert!(
+            verifier.verify_at(&token, later).is_err(),
+            "expired while remembered"
+        );
+        assert!(
+            verifier.verify_at(&token, later).is_err(),
+            "expired once forgotten"
+        );
         // A token that never verified is not remembered as valid.
-        let expired = signer.sign_claims(&claims(now - 60));
-        assert!(verifier.verify(&expired).is_err());
-        assert!(verifier.verify(&expired).is_err());
-    }
-
-    #[test]
-    fn a_named_worker_records_only_under_its_name() {
-        let named = Worker {
-            name: Some("builder".into()),
-        };
-        for ok in ["builder", "builder/1", "builder/host/pid"] {
-            assert!(named.may_record_as(ok).is_ok(), "{ok}");
-        }
-        for denied in [
-            "",
-            "builder2",
-            "builde",
-            "runner",
-            "runner/builder",
-            "Builder",
-        ] {
-            let err = named.may_record_as(denied).unwrap_err();
-            assert!(
-                matches!(&err, ApiError::PermissionDenied(m) if m.starts_with("worker_id")),
-                "{denied}: {err:?}"
-            );
-        }
-        let shared = Worker { name: None };
-        assert!(shared.may_record_as("anyone").is_ok());
+        let expired = signer.sign_claims(&claims(now.timestamp() - 60));
+        assert!(verifier.verify_at(&expired, now).is_err());
+        assert!(verifier.verify_at(&expired, now).is_err());
+        // The leeway applies to both paths alike.
+        verifier.validation.leeway = 5;
+        let fresh = signer.sign_claims(&claims(now.timestamp() + 1));
+        let within = now + chrono::Duration::seconds(4);
+        assert!(verifier.verify_at(&fresh, within).is_ok(), "first seen");
+        assert!(verifier.verify_at(&fresh, within).is_ok(), "remembered");
+        assert!(
+            verifier
+                .verify_at(&fresh, now + chrono::Duration::seconds(7))
+                .is_err()
+        );
     }
 
     #[test]

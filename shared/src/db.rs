@@ -118,7 +118,12 @@ fn take_url_params(url: &str) -> (String, Vec<(String, String)>) {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         if TLS_PARAMS.contains(&key) {
-            taken.push((key.to_string(), percent_decode(value)));
+            taken.push((
+                key.to_string(),
+                percent_encoding::percent_decode_str(value)
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            ));
         } else {
             kept.push(pair);
         }
@@ -185,26 +190,6 @@ fn take_keyword_params(s: &str) -> (String, Vec<(String, String)>) {
         }
     }
     (kept.trim_end().to_string(), taken)
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
-            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
-                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Builds the pool and waits (up to the configured timeout) until one

@@ -173,6 +173,20 @@ pub enum StartupError {
     Listen { addr: String, cause: String },
     #[error("{0}")]
     Other(String),
+    /// Several problems found at once (each on its own, "; " between them).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Several(Vec<StartupError>),
+}
+
+impl StartupError {
+    /// Ok when `problems` is empty; the one problem, or all of them.
+    pub fn check_all(mut problems: Vec<StartupError>) -> Result<(), StartupError> {
+        match problems.len() {
+            0 => Ok(()),
+            1 => Err(problems.remove(0)),
+            _ => Err(StartupError::Several(problems)),
+        }
+    }
 }
 
 /// The conversions of a service's own error enum that has an

@@ -166,14 +166,9 @@ pub fn validate_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
+fn decode_hex32(text: &str) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
 }
 
@@ -185,8 +180,10 @@ pub fn new_credential(name: &str) -> Result<(String, String), &'static str> {
     OsRng.fill_bytes(&mut random);
     let secret = URL_SAFE_NO_PAD.encode(random);
     let digest = Sha256::digest(secret.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    Ok((format!("{name}:{secret}"), format!("{name}:{hex}")))
+    Ok((
+        format!("{name}:{secret}"),
+        format!("{name}:{}", hex::encode(digest)),
+    ))
 }
 
 #[cfg(test)]

@@ -164,10 +164,6 @@ pub fn email_digest(email: &str) -> [u8; 32] {
     Sha256::digest(email.as_bytes()).into()
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A new opaque refresh token: 32 random bytes, base64url without padding.
 pub fn new_refresh_token() -> String {
     let mut bytes = [0u8; 32];

@@ -26,10 +26,6 @@ pub enum AuthError {
     WrongPassword,
     #[error(transparent)]
     Api(#[from] ApiError),
-    #[error("postgres: {0}")]
-    Db(#[from] tokio_postgres::Error),
-    #[error("postgres pool: {0}")]
-    Pool(#[from] deadpool_postgres::PoolError),
     #[error("{0}")]
     Internal(String),
 }
@@ -55,15 +51,9 @@ impl From<AuthError> for ApiError {
             AuthError::RateLimited => ApiError::ResourceExhausted(err.to_string()),
             AuthError::ApiKeyNotFound => ApiError::NotFound(err.to_string()),
             AuthError::Api(e) => e,
-            AuthError::Db(e) => e.into(),
-            AuthError::Pool(e) => e.into(),
             AuthError::Internal(detail) => ApiError::Internal(detail),
         }
     }
 }
 
-impl From<AuthError> for tonic::Status {
-    fn from(err: AuthError) -> Self {
-        ApiError::from(err).into()
-    }
-}
+keel_shared::service_error_conversions!(AuthError);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use keel_shared::auth::TokenSigner;
+use keel_shared::backoff::Backoff;
 use keel_shared::identity::{self, Identity};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
@@ -22,6 +23,9 @@ use crate::store::{
 /// How long a login waits for concurrent attempts on the same email to be
 /// settled before it is refused as rate limited.
 const LOGIN_BUSY_PATIENCE: Duration = Duration::from_secs(2);
+/// How often it looks again meanwhile.
+const LOGIN_BUSY_RETRY: Backoff =
+    Backoff::new(Duration::from_millis(20), Duration::from_millis(250));
 
 /// Login rate limiting, as configured.
 #[derive(Debug, Clone, Copy)]
@@ -352,8 +356,9 @@ impl Auth {
     /// two), rather than refusing a user who signs in from several places.
     async fn reserve_login_attempt(&self, email_hash: &[u8; 32]) -> Result<(), AuthError> {
         let deadline = tokio::time::Instant::now() + LOGIN_BUSY_PATIENCE;
-        let mut pause = Duration::from_millis(20);
+        let mut waits = 0;
         loop {
+            let pause = LOGIN_BUSY_RETRY.delay(waits);
             let reservation = self
                 .store
                 .reserve_login_attempt(
@@ -366,7 +371,7 @@ impl Auth {
                 Reservation::Granted => return Ok(()),
                 Reservation::Busy if tokio::time::Instant::now() + pause < deadline => {
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(250));
+                    waits += 1;
                 }
                 Reservation::Busy | Reservation::Refused => {
                     tracing::info!(target: "audit", event = "login_rate_limited", email_hash = %email_tag(email_hash));
@@ -410,5 +415,5 @@ impl Auth {
 
 /// Short prefix of the email digest: enough to correlate audit lines, not the address.
 fn email_tag(email_hash: &[u8; 32]) -> String {
-    domain::hex(&email_hash[..8])
+    hex::encode(&email_hash[..8])
 }

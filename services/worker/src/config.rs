@@ -160,20 +160,21 @@ impl Config {
 
     /// Checks what can be checked without a network: every bad value at once.
     pub fn validate(&self) -> Result<(), StartupError> {
-        self.worker_token()?;
+        let mut problems = Vec::new();
+        if let Err(e) = self.worker_token() {
+            problems.push(e);
+        }
+        let at_least_one = |var| StartupError::InvalidVar {
+            var,
+            reason: "must be at least 1".into(),
+        };
         if self.max_deliveries == 0 {
-            return Err(StartupError::InvalidVar {
-                var: "KEEL_WORKER_MAX_DELIVERIES",
-                reason: "must be at least 1".into(),
-            });
+            problems.push(at_least_one("KEEL_WORKER_MAX_DELIVERIES"));
         }
         if self.dead_letter_maxlen == 0 {
-            return Err(StartupError::InvalidVar {
-                var: "KEEL_WORKER_DEAD_LETTER_MAXLEN",
-                reason: "must be at least 1".into(),
-            });
+            problems.push(at_least_one("KEEL_WORKER_DEAD_LETTER_MAXLEN"));
         }
-        Ok(())
+        StartupError::check_all(problems)
     }
 }
 
@@ -226,6 +227,21 @@ mod tests {
             c.validate(),
             Err(StartupError::MissingVar("KEEL_WORKER_TOKEN"))
         ));
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let mut c = config();
+        c.worker_token = None;
+        c.max_deliveries = 0;
+        c.dead_letter_maxlen = 0;
+        let message = c.validate().unwrap_err().to_string();
+        assert_eq!(
+            message,
+            "KEEL_WORKER_TOKEN is not set; \
+             KEEL_WORKER_MAX_DELIVERIES is invalid: must be at least 1; \
+             KEEL_WORKER_DEAD_LETTER_MAXLEN is invalid: must be at least 1"
+        );
     }
 
     #[test]

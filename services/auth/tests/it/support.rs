@@ -2,6 +2,7 @@
 //! own signing key, and a generated client.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use keel_auth::Config;
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
@@ -122,6 +123,32 @@ impl Env {
             .await
             .expect("register")
             .into_inner()
+    }
+
+    /// Moves every login-failure window `by` into the past: the test's way
+    /// of letting that much time pass (the windows are judged by Postgres's
+    /// clock, so there is nothing to inject).
+    pub async fn rewind_login_windows(&self, by: Duration) {
+        let client = self.db.pool.get().await.unwrap();
+        client
+            .execute(
+                "UPDATE login_failures SET window_started_at = window_started_at - make_interval(secs => $1)",
+                &[&by.as_secs_f64()],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Every refresh token's lifetime ends now.
+    pub async fn expire_refresh_tokens(&self) {
+        let client = self.db.pool.get().await.unwrap();
+        client
+            .execute(
+                "UPDATE refresh_tokens SET expires_at = now() - interval '1 second'",
+                &[],
+            )
+            .await
+            .unwrap();
     }
 
     pub async fn user_count(&self) -> i64 {

@@ -19,7 +19,7 @@ fi
 # (grpcio-tools and setuptools come from requirements.txt).
 "$py/.venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "./$py"
 "$py/.venv/bin/python" "$py/check_compose.py" compose.yaml Dockerfile
-"$py/.venv/bin/python" deploy/check_manifests.py deploy/k8s
+scripts/check_manifests.sh deploy/k8s
 
 cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker -p keel-cli
 bin=target/debug

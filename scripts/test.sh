@@ -10,6 +10,10 @@ chmod 755 "$tmp"
 trap 'stop_started_servers; rm -rf "$tmp"' EXIT
 ensure_postgres "$tmp/pg" 55432
 ensure_redis "$tmp/redis" 56379 no
+# The pooler tests (tests/faults, pooler.rs) start a private pgbouncer: Debian's,
+# installed here when missing; without it they skip, saying so.
+command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || apt_install pgbouncer \
+  || log "pgbouncer is not installed and cannot be (needs root and apt-get): the pooler tests will skip"
 log "testing against Postgres ${DATABASE_URL%%\?*} and Redis $REDIS_URL"
 
 cargo test --workspace --locked "$@"

@@ -221,8 +221,8 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
     let manager_config = || ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
-    let manager = match verify {
-        None => Manager::from_config(pg, NoTls, manager_config()),
+    let connector = match verify {
+        None => None,
         Some(verify) => {
             let roots = match verify {
                 Verify::Nothing => rustls::RootCertStore::empty(),
@@ -246,27 +246,37 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
                     var: "DATABASE_URL",
                     reason,
                 })?;
-            Manager::from_config(pg, MakeRustlsConnect::new(config), manager_config())
+            Some(MakeRustlsConnect::new(config))
         }
     };
-    let pool = Pool::builder(manager)
-        .max_size(cfg.db_pool_size.max(1))
-        .runtime(Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(5)))
-        .create_timeout(Some(Duration::from_secs(5)))
-        .recycle_timeout(Some(Duration::from_secs(5)))
-        .build()
-        .map_err(|e| StartupError::InvalidVar {
-            var: "DATABASE_URL",
-            reason: e.to_string(),
-        })?;
+    let build = |max_size: usize| {
+        let manager = match &connector {
+            None => Manager::from_config(pg.clone(), NoTls, manager_config()),
+            Some(tls) => Manager::from_config(pg.clone(), tls.clone(), manager_config()),
+        };
+        Pool::builder(manager)
+            .max_size(max_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(5)))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| StartupError::InvalidVar {
+                var: "DATABASE_URL",
+                reason: e.to_string(),
+            })
+    };
+    let pool = build(cfg.db_pool_size.max(1))?;
 
     let deadline = Instant::now() + cfg.connect_timeout();
     const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut failures = 0;
     loop {
         let err = match pool.get().await {
-            Ok(_) => return Ok(pool),
+            Ok(_) => {
+                refuse_statement_losing_pooler(&build(1 + PROBE_HOLDERS)?, &target).await?;
+                return Ok(pool);
+            }
             Err(e) => e,
         };
         let refused = match &err {
@@ -293,6 +303,96 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
             });
         }
     }
+}
+
+/// How long the pooler probe waits for its statement before calling the
+/// answer inconclusive (a pooler with one server connection queues it behind
+/// the holder's transaction).
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+/// Transactions opened to pin server connections (see below).
+const PROBE_HOLDERS: usize = 2;
+
+/// Refuses a pooler that hands one client connection's transactions to
+/// different server connections without carrying named prepared statements
+/// along (PgBouncer in transaction mode before 1.21, or later without
+/// `max_prepared_statements`): every Keel query is a named prepared
+/// statement, so such a pooler fails queries at random under load.
+///
+/// Detected, not configured: `client` prepares a statement and runs it once
+/// (its server connection is now the pooler's most recently used), then
+/// up to [`PROBE_HOLDERS`] other connections each open a transaction, pinning
+/// a server connection, until one is pinned to `client`'s backend. Run again,
+/// the statement must then travel to another backend: a pooler that loses it
+/// answers `26000` (`prepared statement "sN" does not exist`). Directly, in
+/// session mode, or with a pooler that re-prepares, it simply runs. Anything
+/// else (a holder that cannot connect, a queued statement) is inconclusive
+/// and logged, not fatal.
+async fn refuse_statement_losing_pooler(probe: &Pool, target: &str) -> Result<(), StartupError> {
+    const SQL: &str = "SELECT pg_backend_pid()";
+    let inconclusive = |why: &dyn std::fmt::Display| {
+        tracing::debug!(target = %target, reason = %why, "connection pooler probe inconclusive");
+        Ok(())
+    };
+    let client = match tokio::time::timeout(PROBE_WAIT, probe.get()).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) => return inconclusive(&e),
+        Err(_) => return inconclusive(&"a connection timed out"),
+    };
+    let statement = match client.prepare(SQL).await {
+        Ok(s) => s,
+        Err(e) => return inconclusive(&e),
+    };
+    let backend: i32 = match client.query_one(&statement, &[]).await {
+        Ok(row) => row.get(0),
+        Err(e) => return lost_statement(&e, target).map_or_else(|| inconclusive(&e), Err),
+    };
+    let mut holders = Vec::new();
+    for _ in 0..PROBE_HOLDERS {
+        let holder = match tokio::time::timeout(PROBE_WAIT, probe.get()).await {
+            Ok(Ok(holder)) => holder,
+            Ok(Err(e)) => return inconclusive(&e),
+            Err(_) => return inconclusive(&"a second connection timed out"),
+        };
+        let pinned =
+            tokio::time::timeout(PROBE_WAIT, holder.simple_query(&format!("BEGIN; {SQL}"))).await;
+        let pinned_pid = match pinned {
+            Ok(Ok(messages)) => messages.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    row.get(0).and_then(|pid| pid.parse::<i32>().ok())
+                }
+                _ => None,
+            }),
+            Ok(Err(e)) => return inconclusive(&e),
+            Err(_) => return inconclusive(&"a second transaction timed out"),
+        };
+        holders.push(holder);
+        if pinned_pid == Some(backend) {
+            break;
+        }
+    }
+    let again = tokio::time::timeout(PROBE_WAIT, client.query_one(&statement, &[])).await;
+    // The probe pool is dropped with its connections: closing the holders
+    // ends their transactions (rolled back).
+    match again {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => lost_statement(&e, target).map_or_else(|| inconclusive(&e), Err),
+        Err(_) => inconclusive(&"the statement waited behind another transaction"),
+    }
+}
+
+/// The start-up error when `e` says a prepared statement of this session
+/// is missing on the server (SQLSTATE 26000).
+fn lost_statement(e: &tokio_postgres::Error, target: &str) -> Option<StartupError> {
+    let db = e.as_db_error()?;
+    (db.code() == &tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME).then(|| {
+        StartupError::Other(format!(
+            "Postgres at {target} is reached through a connection pooler in transaction mode \
+             that loses prepared statements between transactions ({}); use session mode \
+             (PgBouncer pool_mode = session), PgBouncer >= 1.21 with max_prepared_statements \
+             > 0, or connect directly",
+            db.message()
+        ))
+    })
 }
 
 /// `host:port/dbname` (or the socket path) for messages; never the password.

@@ -112,6 +112,11 @@ impl Proc {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Its exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Proc {
@@ -254,6 +259,27 @@ impl Service {
             self.name,
             self.log_tail()
         );
+    }
+
+    /// Waits (up to [`WAIT`]) until the process exits on its own, as one
+    /// refusing to start must: its exit status and its whole log.
+    pub async fn wait_exit(&mut self) -> (std::process::ExitStatus, String) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let proc = self.proc.as_mut().expect("started");
+        let status = loop {
+            if let Some(status) = proc.exit_status() {
+                break status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "keel-{} still running after {WAIT:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        self.proc = None;
+        let log = self.logs().last().map(std::fs::read_to_string);
+        (status, log.and_then(Result::ok).unwrap_or_default())
     }
 
     /// Resident memory of the running process, in KiB (from /proc).

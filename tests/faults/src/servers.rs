@@ -236,3 +236,123 @@ fn is_root() -> bool {
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
+
+/// How a [`PrivatePgBouncer`] hands out server connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A server connection per client connection, for its whole life.
+    Session,
+    /// A server connection per transaction.
+    Transaction,
+}
+
+impl PoolMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+        }
+    }
+}
+
+/// A private `pgbouncer` on a port of its own, in front of the Postgres
+/// server at `upstream` (`postgres://user@host:port/...`): every database of
+/// that server under its own name, trust authentication, logs in the sandbox.
+/// Run as the `postgres` user when we are root (PgBouncer refuses root).
+pub struct PrivatePgBouncer {
+    pub port: u16,
+    pub mode: PoolMode,
+    _proc: Proc,
+}
+
+impl PrivatePgBouncer {
+    /// None (with the reason printed) when `pgbouncer` is not installed
+    /// (`apt-get install pgbouncer`; scripts/test.sh does it as root).
+    pub async fn start(sandbox: &Sandbox, upstream: &str, mode: PoolMode) -> Option<Self> {
+        let Some(program) = pgbouncer_program() else {
+            report!("SKIPPED: pgbouncer is not installed (Debian: apt-get install pgbouncer)");
+            return None;
+        };
+        let upstream: tokio_postgres::Config = upstream.parse().expect("upstream Postgres URL");
+        let host = match upstream.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_string(),
+        };
+        let upstream_port = upstream.get_ports().first().copied().unwrap_or(5432);
+        let user = upstream.get_user().unwrap_or("postgres").to_string();
+        let port = free_port();
+        let dir = sandbox.dir.join(format!("pgbouncer-{}", mode.as_str()));
+        std::fs::create_dir_all(&dir).expect("create pgbouncer dir");
+        let userlist = dir.join("userlist.txt");
+        std::fs::write(&userlist, format!("\"{user}\" \"\"\n")).expect("write userlist");
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n\
+                 * = host={host} port={upstream_port}\n\
+                 [pgbouncer]\n\
+                 listen_addr = 127.0.0.1\n\
+                 listen_port = {port}\n\
+                 unix_socket_dir =\n\
+                 auth_type = trust\n\
+                 auth_file = {userlist}\n\
+                 admin_users = {user}\n\
+                 pool_mode = {mode}\n\
+                 max_client_conn = 500\n\
+                 default_pool_size = 20\n\
+                 ignore_startup_parameters = extra_float_digits\n",
+                userlist = userlist.display(),
+                mode = mode.as_str(),
+            ),
+        )
+        .expect("write pgbouncer.ini");
+        let mut command = Command::new(program);
+        if is_root() {
+            command.args(["-u", "postgres"]);
+        }
+        command.arg(&ini);
+        let log = sandbox.dir.join(format!("pgbouncer-{}.log", mode.as_str()));
+        let bouncer = Self {
+            port,
+            mode,
+            _proc: Proc::spawn(command, &log),
+        };
+        let url = bouncer.url("pgbouncer");
+        testing::eventually(WAIT, "private pgbouncer to answer", || async {
+            match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                Ok((client, conn)) => {
+                    tokio::spawn(conn);
+                    client.simple_query("SHOW VERSION").await.is_ok()
+                }
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    false
+                }
+            }
+        })
+        .await;
+        Some(bouncer)
+    }
+
+    /// The URL of database `db` through this pooler (`pgbouncer`: its admin console).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+/// `pgbouncer` on PATH, else Debian's /usr/sbin/pgbouncer (not on a
+/// non-root PATH).
+fn pgbouncer_program() -> Option<PathBuf> {
+    ["pgbouncer", "/usr/sbin/pgbouncer"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| {
+            Command::new(p)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+}

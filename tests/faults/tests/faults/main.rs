@@ -4,6 +4,7 @@
 mod claim_workers;
 mod jobs_kill;
 mod load;
+mod pooler;
 mod postgres_outage;
 mod redis_outage;
 mod schedules_kill;

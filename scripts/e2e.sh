@@ -20,6 +20,7 @@ fi
 "$py/.venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation --no-deps --force-reinstall "./$py"
 "$py/.venv/bin/python" "$py/check_compose.py" compose.yaml Dockerfile
 scripts/check_manifests.sh deploy/k8s
+"$py/.venv/bin/python" deploy/check_references.py deploy/k8s
 
 cargo build --locked -q -p keel-auth -p keel-jobs -p keel-memory -p keel-worker -p keel-cli
 bin=target/debug

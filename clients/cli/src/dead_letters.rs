@@ -17,7 +17,7 @@ const BATCH: usize = 100;
 
 /// One dead-letter entry.
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// Its id in the dead-letter stream.
     pub id: String,
     pub job_id: Option<String>,
@@ -51,7 +51,7 @@ impl Entry {
         chrono::DateTime::from_timestamp_millis(millis)
     }
 
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!({
             "id": self.id,
             "job_id": self.job_id,
@@ -66,7 +66,7 @@ impl Entry {
     }
 }
 
-pub fn table(entries: &[Entry]) -> String {
+pub(crate) fn table(entries: &[Entry]) -> String {
     let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     let mut table = Table::new(&["ID", "JOB", "DELIVERIES", "CONSUMER", "REASON", "WHEN"]);
     for e in entries {
@@ -86,7 +86,7 @@ pub fn table(entries: &[Entry]) -> String {
 }
 
 /// A connection to the Redis in `config`.
-pub async fn connect(config: &RedisConfig) -> Result<deadpool_redis::Connection> {
+pub(crate) async fn connect(config: &RedisConfig) -> Result<deadpool_redis::Connection> {
     let pool = keel_shared::redis::pool(config)?;
     // The URL may hold a password: name the variable, not its value.
     pool.get()
@@ -111,7 +111,7 @@ async fn range(
 }
 
 /// The oldest `limit` entries (all when `limit` is 0).
-pub async fn list(
+pub(crate) async fn list(
     conn: &mut impl ConnectionLike,
     config: &RedisConfig,
     limit: usize,
@@ -122,7 +122,7 @@ pub async fn list(
 
 /// What became of one entry named for replay.
 #[derive(Debug, Clone)]
-pub enum Replay {
+pub(crate) enum Replay {
     /// Its job id was added to `stream` as entry `new_id`, and the entry removed.
     Replayed {
         entry: String,
@@ -141,7 +141,7 @@ pub enum Replay {
 }
 
 impl Replay {
-    pub fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         match self {
             Replay::Replayed {
                 entry,
@@ -159,7 +159,7 @@ impl Replay {
     }
 }
 
-pub fn replay_table(results: &[Replay]) -> String {
+pub(crate) fn replay_table(results: &[Replay]) -> String {
     let mut table = Table::new(&["ID", "JOB", "RESULT"]);
     for r in results {
         table.row(match r {
@@ -183,7 +183,7 @@ pub fn replay_table(results: &[Replay]) -> String {
 }
 
 /// Replays the entries `ids`, or every entry present now when `ids` is None.
-pub async fn replay(
+pub(crate) async fn replay(
     conn: &mut impl ConnectionLike,
     config: &RedisConfig,
     ids: Option<&[String]>,

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 /// `--output` / `-o`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Format {
+pub(crate) enum Format {
     /// Aligned columns for people.
     #[default]
     Table,
@@ -21,7 +21,7 @@ pub enum Format {
 
 impl Format {
     /// Prints `json()` as pretty JSON, or `table()` as is.
-    pub fn emit(self, json: impl FnOnce() -> Value, table: impl FnOnce() -> String) {
+    pub(crate) fn emit(self, json: impl FnOnce() -> Value, table: impl FnOnce() -> String) {
         match self {
             Format::Json => print(&json()),
             Format::Table => {
@@ -36,7 +36,7 @@ impl Format {
     }
 }
 
-pub fn print(value: &Value) {
+pub(crate) fn print(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).expect("JSON values print")
@@ -45,22 +45,22 @@ pub fn print(value: &Value) {
 
 /// Rows under a header, columns left-aligned and three spaces apart (the
 /// kubectl layout). Widths count characters.
-pub struct Table {
+pub(crate) struct Table {
     rows: Vec<Vec<String>>,
 }
 
 impl Table {
-    pub fn new(header: &[&str]) -> Self {
+    pub(crate) fn new(header: &[&str]) -> Self {
         Self {
             rows: vec![header.iter().map(|h| h.to_string()).collect()],
         }
     }
 
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub(crate) fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let columns = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..columns)
             .map(|c| {
@@ -92,7 +92,7 @@ impl Table {
 }
 
 /// One object as `NAME   value` lines, names aligned (for get, create, ...).
-pub fn fields(pairs: &[(&str, String)]) -> String {
+pub(crate) fn fields(pairs: &[(&str, String)]) -> String {
     let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     let mut out = String::new();
     for (name, value) in pairs {
@@ -103,7 +103,7 @@ pub fn fields(pairs: &[(&str, String)]) -> String {
 }
 
 /// A timestamp for tables: RFC 3339 in UTC to the second, `-` when unset.
-pub fn when(ts: &Option<Timestamp>) -> String {
+pub(crate) fn when(ts: &Option<Timestamp>) -> String {
     ts.as_ref()
         .and_then(keel_shared::time::from_timestamp)
         .map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true))
@@ -117,25 +117,25 @@ fn time(ts: &Option<Timestamp>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-pub fn object(s: &Option<Struct>) -> Value {
+pub(crate) fn object(s: &Option<Struct>) -> Value {
     s.as_ref()
         .map(|s| struct_to_json(s).unwrap_or(Value::Null))
         .unwrap_or(Value::Null)
 }
 
 /// A Struct as one line of JSON, `-` when unset.
-pub fn compact(s: &Option<Struct>) -> String {
+pub(crate) fn compact(s: &Option<Struct>) -> String {
     match object(s) {
         Value::Null => "-".into(),
         v => v.to_string(),
     }
 }
 
-pub fn user(u: &User) -> Value {
+pub(crate) fn user(u: &User) -> Value {
     json!({"id": u.id, "email": u.email, "display_name": u.display_name, "created_at": time(&u.created_at)})
 }
 
-pub fn user_fields(u: &User) -> Vec<(&'static str, String)> {
+pub(crate) fn user_fields(u: &User) -> Vec<(&'static str, String)> {
     vec![
         ("ID", u.id.clone()),
         ("EMAIL", u.email.clone()),
@@ -145,14 +145,14 @@ pub fn user_fields(u: &User) -> Vec<(&'static str, String)> {
 }
 
 /// Tokens are never printed: only when they expire.
-pub fn tokens(t: &TokenPair) -> Value {
+pub(crate) fn tokens(t: &TokenPair) -> Value {
     json!({
         "access_token_expires_at": time(&t.access_token_expires_at),
         "refresh_token_expires_at": time(&t.refresh_token_expires_at),
     })
 }
 
-pub fn status_name(status: i32) -> String {
+pub(crate) fn status_name(status: i32) -> String {
     JobStatus::try_from(status)
         .map(|s| {
             s.as_str_name()
@@ -162,7 +162,7 @@ pub fn status_name(status: i32) -> String {
         .unwrap_or_else(|_| status.to_string())
 }
 
-pub fn job(j: &Job) -> Value {
+pub(crate) fn job(j: &Job) -> Value {
     json!({
         "id": j.id, "kind": j.kind, "status": status_name(j.status), "payload": object(&j.payload),
         "priority": j.priority, "attempt": j.attempt, "max_attempts": j.max_attempts,
@@ -194,9 +194,9 @@ fn attempt(j: &Job) -> String {
     format!("{}/{}", j.attempt, j.max_attempts)
 }
 
-pub const JOB_COLUMNS: &[&str] = &["ID", "KIND", "STATUS", "ATTEMPT", "CREATED"];
+pub(crate) const JOB_COLUMNS: &[&str] = &["ID", "KIND", "STATUS", "ATTEMPT", "CREATED"];
 
-pub fn job_row(j: &Job) -> Vec<String> {
+pub(crate) fn job_row(j: &Job) -> Vec<String> {
     vec![
         j.id.clone(),
         j.kind.clone(),
@@ -206,7 +206,7 @@ pub fn job_row(j: &Job) -> Vec<String> {
     ]
 }
 
-pub fn jobs_table(jobs: &[Job]) -> String {
+pub(crate) fn jobs_table(jobs: &[Job]) -> String {
     let mut table = Table::new(JOB_COLUMNS);
     for j in jobs {
         table.row(job_row(j));
@@ -215,7 +215,7 @@ pub fn jobs_table(jobs: &[Job]) -> String {
 }
 
 /// One job in full.
-pub fn job_fields(j: &Job) -> String {
+pub(crate) fn job_fields(j: &Job) -> String {
     fields(&[
         ("ID", j.id.clone()),
         ("KIND", j.kind.clone()),
@@ -240,7 +240,7 @@ pub fn job_fields(j: &Job) -> String {
 
 /// One line of `jobs watch`: time (of the update, to the millisecond),
 /// status, attempt, and the error when there is one.
-pub fn watch_line(j: &Job) -> String {
+pub(crate) fn watch_line(j: &Job) -> String {
     let at = j
         .updated_at
         .as_ref()
@@ -262,7 +262,7 @@ pub fn watch_line(j: &Job) -> String {
     line
 }
 
-pub fn job_event(e: &JobEvent) -> Value {
+pub(crate) fn job_event(e: &JobEvent) -> Value {
     json!({
         "event": e.event, "status": status_name(e.status), "attempt": e.attempt,
         "worker_id": e.worker_id, "error": e.error, "at": time(&e.at),
@@ -280,7 +280,7 @@ fn or_dash(s: &str) -> String {
 
 /// `jobs history`: one row per transition, oldest first; times to the
 /// millisecond (a job's transitions are often within one second).
-pub fn history_table(events: &[JobEvent]) -> String {
+pub(crate) fn history_table(events: &[JobEvent]) -> String {
     let mut table = Table::new(&["AT", "EVENT", "STATUS", "ATTEMPT", "WORKER", "ERROR"]);
     for e in events {
         let at =
@@ -300,7 +300,7 @@ pub fn history_table(events: &[JobEvent]) -> String {
     table.render()
 }
 
-pub fn memory(m: &Memory) -> Value {
+pub(crate) fn memory(m: &Memory) -> Value {
     json!({
         "key": m.key, "content": m.content, "tags": m.tags, "metadata": object(&m.metadata),
         "version": m.version, "created_at": time(&m.created_at), "updated_at": time(&m.updated_at),
@@ -315,7 +315,7 @@ fn tags(m: &Memory) -> String {
     }
 }
 
-pub fn memories_table(memories: &[Memory]) -> String {
+pub(crate) fn memories_table(memories: &[Memory]) -> String {
     let mut table = Table::new(&["KEY", "VERSION", "TAGS", "UPDATED"]);
     for m in memories {
         table.row(vec![
@@ -328,7 +328,7 @@ pub fn memories_table(memories: &[Memory]) -> String {
     table.render()
 }
 
-pub fn search_table(results: &[(f64, Memory)]) -> String {
+pub(crate) fn search_table(results: &[(f64, Memory)]) -> String {
     let mut table = Table::new(&["SCORE", "KEY", "VERSION", "TAGS", "UPDATED"]);
     for (score, m) in results {
         table.row(vec![
@@ -343,7 +343,7 @@ pub fn search_table(results: &[(f64, Memory)]) -> String {
 }
 
 /// One memory in full: its fields, then its content after a blank line.
-pub fn memory_fields(m: &Memory) -> String {
+pub(crate) fn memory_fields(m: &Memory) -> String {
     let mut out = fields(&[
         ("KEY", m.key.clone()),
         ("VERSION", m.version.to_string()),
@@ -357,7 +357,7 @@ pub fn memory_fields(m: &Memory) -> String {
     out
 }
 
-pub fn workspace(w: &Workspace) -> Value {
+pub(crate) fn workspace(w: &Workspace) -> Value {
     json!({
         "memory_count": w.memory_count, "total_content_bytes": w.total_content_bytes,
         "tag_counts": w.tag_counts, "last_updated_at": time(&w.last_updated_at),
@@ -365,7 +365,7 @@ pub fn workspace(w: &Workspace) -> Value {
     })
 }
 
-pub fn workspace_fields(w: &Workspace) -> String {
+pub(crate) fn workspace_fields(w: &Workspace) -> String {
     let mut tag_counts: Vec<_> = w.tag_counts.iter().collect();
     tag_counts.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
     let mut out = fields(&[

@@ -14,7 +14,7 @@ use crate::output::{self, Table, fields, when};
 use crate::{Cli, authed, connect, current_session, next_page_hint, parse_object};
 
 #[derive(Subcommand)]
-pub enum SchedulesCommand {
+pub(crate) enum SchedulesCommand {
     /// Create a schedule: a job of KIND on each tick of CRON.
     Create {
         /// 1..=128 characters, unique among your schedules.
@@ -61,7 +61,7 @@ pub enum SchedulesCommand {
     },
 }
 
-pub async fn run(cli: &Cli, cmd: &SchedulesCommand) -> Result<()> {
+pub(crate) async fn run(cli: &Cli, cmd: &SchedulesCommand) -> Result<()> {
     let format = cli.output;
     let s = current_session(cli).await?;
     let mut client = ScheduleServiceClient::new(connect(&cli.tls, &cli.jobs_url).await?);
@@ -162,7 +162,7 @@ fn state(s: &Schedule) -> &'static str {
 }
 
 /// A schedule for `-o json` (proto field names).
-pub fn schedule_json(s: &Schedule) -> Value {
+pub(crate) fn schedule_json(s: &Schedule) -> Value {
     let time = |t: &Option<prost_types::Timestamp>| match when(t).as_str() {
         "-" => Value::Null,
         text => Value::String(text.into()),

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Session {
+pub(crate) struct Session {
     pub email: String,
     pub access_token: String,
     /// Unix seconds.
@@ -15,7 +15,7 @@ pub struct Session {
 }
 
 /// `$KEEL_CONFIG_DIR`, else `$XDG_CONFIG_HOME/keel`, else `~/.config/keel`.
-pub fn dir() -> Result<PathBuf> {
+pub(crate) fn dir() -> Result<PathBuf> {
     if let Some(d) = std::env::var_os("KEEL_CONFIG_DIR") {
         return Ok(PathBuf::from(d));
     }
@@ -30,14 +30,14 @@ fn path() -> Result<PathBuf> {
     Ok(dir()?.join("session.json"))
 }
 
-pub fn load() -> Result<Session> {
+pub(crate) fn load() -> Result<Session> {
     let path = path()?;
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("not signed in (no {}); run `keel login`", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
 }
 
-pub fn save(session: &Session) -> Result<()> {
+pub(crate) fn save(session: &Session) -> Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -59,7 +59,7 @@ pub fn save(session: &Session) -> Result<()> {
     Ok(())
 }
 
-pub fn clear() -> Result<()> {
+pub(crate) fn clear() -> Result<()> {
     match std::fs::remove_file(path()?) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         _ => Ok(()),

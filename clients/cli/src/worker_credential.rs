@@ -5,14 +5,14 @@ use anyhow::{Result, anyhow};
 
 /// Worker credentials for the jobs service's KEEL_WORKER_CREDENTIALS_FILE.
 #[derive(clap::Subcommand)]
-pub enum WorkerCredentialCommand {
+pub(crate) enum WorkerCredentialCommand {
     /// Print a new credential: the worker's KEEL_WORKER_TOKEN (`NAME:secret`,
     /// shown only now) and the line to add to the credentials file
     /// (`NAME:sha256-hex`). NAME: 1..=64 of [A-Za-z0-9._-].
     New { name: String },
 }
 
-pub fn run(cmd: &WorkerCredentialCommand) -> Result<()> {
+pub(crate) fn run(cmd: &WorkerCredentialCommand) -> Result<()> {
     match cmd {
         WorkerCredentialCommand::New { name } => {
             let (token, line) = keel_shared::worker_credentials::new_credential(name)

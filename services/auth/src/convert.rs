@@ -6,7 +6,7 @@ use keel_shared::time::{opt_timestamp, to_timestamp};
 use crate::service::IssuedTokens;
 use crate::store::{ApiKeyRow, UserRow};
 
-pub fn user_proto(user: &UserRow) -> User {
+pub(crate) fn user_proto(user: &UserRow) -> User {
     User {
         id: user.id.to_string(),
         email: user.email.clone(),
@@ -15,7 +15,7 @@ pub fn user_proto(user: &UserRow) -> User {
     }
 }
 
-pub fn tokens_proto(tokens: IssuedTokens) -> TokenPair {
+pub(crate) fn tokens_proto(tokens: IssuedTokens) -> TokenPair {
     TokenPair {
         access_token: tokens.access_token,
         access_token_expires_at: Some(to_timestamp(tokens.access_token_expires_at)),
@@ -24,7 +24,7 @@ pub fn tokens_proto(tokens: IssuedTokens) -> TokenPair {
     }
 }
 
-pub fn api_key_proto(key: &ApiKeyRow) -> ApiKey {
+pub(crate) fn api_key_proto(key: &ApiKeyRow) -> ApiKey {
     ApiKey {
         id: key.id.to_string(),
         name: key.name.clone(),

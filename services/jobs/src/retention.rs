@@ -11,7 +11,7 @@ use crate::error::JobsError;
 use crate::store;
 
 #[derive(Debug, Clone, Copy)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// 0: keep finished jobs forever (the loop does not run).
     pub days: u32,
     pub batch: i64,
@@ -19,7 +19,7 @@ pub struct Policy {
 }
 
 /// Runs a round at start and then every `policy.every` until `shutdown`.
-pub async fn run(pool: Pool, policy: Policy, shutdown: CancellationToken) {
+pub(crate) async fn run(pool: Pool, policy: Policy, shutdown: CancellationToken) {
     if policy.days == 0 {
         return;
     }

@@ -19,7 +19,7 @@ use crate::error::JobsError;
 use crate::store;
 
 /// How often the served kinds are read again.
-pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// Longest one refresh may take.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -80,7 +80,7 @@ impl ServedKinds {
 /// starts being served (or is served when this replica starts: the kind may
 /// have appeared while no replica ran) has its unpublished jobs handed to
 /// the relay.
-pub async fn run_refresher(
+pub(crate) async fn run_refresher(
     kinds: Arc<ServedKinds>,
     pool: Pool,
     redis: deadpool_redis::Pool,

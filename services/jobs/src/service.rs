@@ -441,7 +441,7 @@ impl Jobs {
     /// would be right after it.
     async fn start_batch(&self, calls: Vec<StartCall>) -> Vec<Applied> {
         let mut seen = HashSet::new();
-        let distinct: Vec<store::Start> = calls
+        let distinct: Vec<store::Start<'_>> = calls
             .iter()
             .filter(|c| seen.insert(c.id))
             .map(|c| store::Start {
@@ -586,7 +586,7 @@ impl Jobs {
     /// the same job take part too: at most one of them is the running attempt.
     async fn complete_batch(&self, calls: Vec<CompleteCall>) -> Vec<Applied> {
         let mut seen = HashSet::new();
-        let distinct: Vec<store::Completion> = calls
+        let distinct: Vec<store::Completion<'_>> = calls
             .iter()
             .filter(|c| seen.insert((c.id, c.attempt)))
             .map(|c| store::Completion {

@@ -21,7 +21,7 @@ use crate::subscriptions::{Membership, Subscriptions, Update};
 
 type Sink = mpsc::Sender<Result<WatchJobResponse, Status>>;
 
-pub async fn watch(
+pub(crate) async fn watch(
     jobs: Arc<Jobs>,
     subscriptions: Arc<Subscriptions>,
     user_id: Uuid,

@@ -16,7 +16,7 @@ use redis::{AsyncConnectionConfig, RedisError};
 
 /// One stream entry handed to this consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
+pub(crate) struct Message {
     /// The stream it came from (its kind's stream).
     pub stream: String,
     /// The stream entry id.
@@ -38,12 +38,12 @@ impl Message {
     }
 
     /// What identifies it for XACK and XCLAIM: (stream, entry id).
-    pub fn key(&self) -> MessageKey {
+    pub(crate) fn key(&self) -> MessageKey {
         (self.stream.clone(), self.id.clone())
     }
 
     /// The job it carries: its `job_id` field, when that is a UUID.
-    pub fn job_uuid(&self) -> Option<uuid::Uuid> {
+    pub(crate) fn job_uuid(&self) -> Option<uuid::Uuid> {
         self.job_id
             .as_deref()
             .and_then(|s| uuid::Uuid::parse_str(s.trim()).ok())
@@ -51,11 +51,11 @@ impl Message {
 }
 
 /// A message's stream and entry id (entry ids are only unique per stream).
-pub type MessageKey = (String, String);
+pub(crate) type MessageKey = (String, String);
 
 /// What went wrong talking to Redis, as the loops need to know it.
 #[derive(Debug, thiserror::Error)]
-pub enum StreamError {
+pub(crate) enum StreamError {
     /// The consumer group (or the whole stream) is gone, e.g. after a Redis
     /// restart without persistence: create it again.
     #[error("consumer group missing")]
@@ -78,7 +78,7 @@ impl StreamError {
 
 /// The job streams of this worker's kinds, as this consumer sees them.
 #[derive(Clone)]
-pub struct JobStream {
+pub(crate) struct JobStream {
     pool: Pool,
     client: redis::Client,
     /// Three per kind this worker serves (one per priority band): every
@@ -93,7 +93,7 @@ pub struct JobStream {
 }
 
 impl JobStream {
-    pub fn new(
+    pub(crate) fn new(
         pool: Pool,
         config: &RedisConfig,
         kinds: Vec<String>,
@@ -122,12 +122,12 @@ impl JobStream {
         })
     }
 
-    pub fn consumer(&self) -> &str {
+    pub(crate) fn consumer(&self) -> &str {
         &self.consumer
     }
 
     /// The streams this worker reads, three per kind.
-    pub fn streams(&self) -> &[String] {
+    pub(crate) fn streams(&self) -> &[String] {
         &self.streams
     }
 
@@ -137,7 +137,7 @@ impl JobStream {
 
     /// The consumer group of every stream we read (an existing one is fine),
     /// then tells the jobs service which kinds we serve.
-    pub async fn ensure_group(&self) -> Result<(), StreamError> {
+    pub(crate) async fn ensure_group(&self) -> Result<(), StreamError> {
         let mut conn = self.conn().await?;
         for stream in &self.streams {
             keel_shared::redis::ensure_group(&mut *conn, stream).await?;
@@ -149,7 +149,7 @@ impl JobStream {
     /// Records that our kinds are served now (see `keel_shared::queue`): the
     /// jobs service adds a kind's jobs to its stream only while some worker
     /// announced it recently. Repeated every `ANNOUNCE_KINDS_EVERY`.
-    pub async fn announce_kinds(&self) -> Result<(), StreamError> {
+    pub(crate) async fn announce_kinds(&self) -> Result<(), StreamError> {
         let mut conn = self.conn().await?;
         keel_shared::redis::announce_kinds(&mut *conn, &self.config, &self.kinds).await?;
         Ok(())
@@ -157,7 +157,7 @@ impl JobStream {
 
     /// A connection of its own for blocking reads: the pool's connections
     /// give up on an answer long before a blocking read returns.
-    pub async fn reader(&self) -> Result<MultiplexedConnection, StreamError> {
+    pub(crate) async fn reader(&self) -> Result<MultiplexedConnection, StreamError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(self.block + Duration::from_secs(5)));
@@ -171,7 +171,7 @@ impl JobStream {
     /// highest priority band that has any (a lower band is read only while
     /// the higher ones are empty), else whatever arrives first within the
     /// block time.
-    pub async fn read(
+    pub(crate) async fn read(
         &self,
         reader: &mut MultiplexedConnection,
         count: usize,
@@ -229,7 +229,7 @@ impl JobStream {
     /// `min_idle`, scanning from `cursor`. Returns them with their delivery
     /// counts (this one included) and the cursor for the next scan ("0-0"
     /// when done).
-    pub async fn autoclaim(
+    pub(crate) async fn autoclaim(
         &self,
         stream: &str,
         min_idle: Duration,
@@ -279,7 +279,7 @@ impl JobStream {
     /// Resets the idle time of messages this consumer is still working on
     /// (XCLAIM .. JUSTID does not count as a delivery), so that no other
     /// worker takes them over while we are alive.
-    pub async fn touch(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
+    pub(crate) async fn touch(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
         let mut conn = self.conn().await?;
         for (stream, ids) in by_stream(messages) {
             let _: Vec<String> = redis::cmd("XCLAIM")
@@ -297,7 +297,7 @@ impl JobStream {
     }
 
     /// Acknowledges messages: one XACK per stream, in one pipeline.
-    pub async fn ack(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
+    pub(crate) async fn ack(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -318,7 +318,7 @@ impl JobStream {
 
     /// Bounds the dead-letter stream to about `maxlen` entries (unbounded
     /// unless set).
-    pub fn with_dead_letter_maxlen(mut self, maxlen: usize) -> Self {
+    pub(crate) fn with_dead_letter_maxlen(mut self, maxlen: usize) -> Self {
         self.dead_letter_maxlen = Some(maxlen);
         self
     }
@@ -326,7 +326,7 @@ impl JobStream {
     /// Copies a message to the dead-letter stream, saying why and which stream
     /// it came from (and with its trace context), so that it can be replayed.
     /// `MAXLEN ~` drops the oldest entries beyond the bound.
-    pub async fn dead_letter(
+    pub(crate) async fn dead_letter(
         &self,
         message: &Message,
         deliveries: u64,
@@ -363,7 +363,7 @@ impl JobStream {
     /// still pending in a group and below the last one it delivered, so no
     /// unread or unacknowledged entry is ever removed, however long the
     /// backlog. Returns how many entries went.
-    pub async fn trim(&self) -> Result<u64, StreamError> {
+    pub(crate) async fn trim(&self) -> Result<u64, StreamError> {
         let mut conn = self.conn().await?;
         let mut trimmed = 0;
         for stream in &self.streams {
@@ -384,7 +384,7 @@ impl JobStream {
     /// Removes consumers that own no pending message and have not been seen
     /// for `idle` (workers that stopped: each process has a consumer name of
     /// its own, so the group would otherwise grow with every restart).
-    pub async fn prune_consumers(&self, idle: Duration) -> Result<Vec<String>, StreamError> {
+    pub(crate) async fn prune_consumers(&self, idle: Duration) -> Result<Vec<String>, StreamError> {
         let mut conn = self.conn().await?;
         let mut removed = Vec::new();
         for stream in &self.streams {
@@ -415,7 +415,9 @@ impl JobStream {
     /// Our streams' total length, the dead-letter length, and our group's
     /// pending count, lag and consumers summed over the streams
     /// (`XINFO GROUPS`; lag needs Redis 7), for metrics.
-    pub async fn queue_stats(&self) -> Result<keel_shared::metrics::QueueStats, StreamError> {
+    pub(crate) async fn queue_stats(
+        &self,
+    ) -> Result<keel_shared::metrics::QueueStats, StreamError> {
         let mut conn = self.conn().await?;
         let dead_letter_length: u64 = redis::cmd("XLEN")
             .arg(&self.dead_letter)
@@ -457,7 +459,7 @@ impl JobStream {
 
 /// A stream entry id, ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct EntryId(u64, u64);
+pub(crate) struct EntryId(u64, u64);
 
 impl std::str::FromStr for EntryId {
     type Err = ();

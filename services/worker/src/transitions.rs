@@ -42,7 +42,7 @@ pub(crate) struct Transitions {
 
 impl Transitions {
     /// Spawns the batching tasks.
-    pub fn spawn(client: JobsClient) -> Self {
+    pub(crate) fn spawn(client: JobsClient) -> Self {
         let rpc = Arc::new(Rpc {
             client,
             single_until: Mutex::new(None),
@@ -78,11 +78,14 @@ impl Transitions {
         }
     }
 
-    pub async fn start(&self, req: StartJobRequest) -> Result<StartJobResponse, Status> {
+    pub(crate) async fn start(&self, req: StartJobRequest) -> Result<StartJobResponse, Status> {
         self.starts.call((req, Span::current())).await
     }
 
-    pub async fn complete(&self, req: CompleteJobRequest) -> Result<CompleteJobResponse, Status> {
+    pub(crate) async fn complete(
+        &self,
+        req: CompleteJobRequest,
+    ) -> Result<CompleteJobResponse, Status> {
         self.completions.call((req, Span::current())).await
     }
 }

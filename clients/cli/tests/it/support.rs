@@ -10,14 +10,14 @@ use keel_shared::testing::{self, TestDb, TestRedis};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-pub const WORKER_TOKEN: &str = "cli-test-worker-token";
-pub const PASSWORD: &str = "correct horse battery";
+pub(crate) const WORKER_TOKEN: &str = "cli-test-worker-token";
+pub(crate) const PASSWORD: &str = "correct horse battery";
 /// Long enough for a loaded 2-core machine.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// Which servers to start besides Redis.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Servers {
+pub(crate) enum Servers {
     /// auth, jobs, memory and a worker.
     All,
     /// auth, jobs and memory; a worker when the test says (`start_worker`).
@@ -26,7 +26,7 @@ pub enum Servers {
     RedisOnly,
 }
 
-pub struct Env {
+pub(crate) struct Env {
     pub db: Option<TestDb>,
     pub redis: TestRedis,
     dir: PathBuf,
@@ -37,7 +37,7 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn start(servers: Servers) -> Self {
+    pub(crate) async fn start(servers: Servers) -> Self {
         let redis = TestRedis::new();
         let dir = std::env::temp_dir().join(format!("keel-cli-test-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -101,7 +101,7 @@ impl Env {
     }
 
     /// Starts a worker with the built-in kinds; `tune` adjusts its config.
-    pub async fn start_worker(&self, tune: impl FnOnce(&mut keel_worker::Config)) {
+    pub(crate) async fn start_worker(&self, tune: impl FnOnce(&mut keel_worker::Config)) {
         let jobs_addr = self.jobs_addr.expect("the jobs service runs");
         let mut worker = keel_worker::Config::new(
             "127.0.0.1:0".parse().unwrap(),
@@ -119,7 +119,7 @@ impl Env {
 
     /// Runs `keel ARGS` with nothing of the caller's environment but this
     /// environment's addresses, Redis and config dir.
-    pub async fn keel(&self, args: &[&str]) -> Run {
+    pub(crate) async fn keel(&self, args: &[&str]) -> Run {
         let url = |addr: Option<SocketAddr>| {
             // An address nothing listens on when the server was not started.
             format!("http://{}", addr.unwrap_or(([127, 0, 0, 1], 9).into()))
@@ -150,12 +150,12 @@ impl Env {
     }
 
     /// `keel ARGS`, which must succeed: its stdout.
-    pub async fn ok(&self, args: &[&str]) -> String {
+    pub(crate) async fn ok(&self, args: &[&str]) -> String {
         self.keel(args).await.ok()
     }
 
     /// `keel -o json ARGS`, which must succeed: its stdout parsed.
-    pub async fn json(&self, args: &[&str]) -> Value {
+    pub(crate) async fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["-o", "json"];
         all.extend_from_slice(args);
         let out = self.ok(&all).await;
@@ -163,11 +163,11 @@ impl Env {
     }
 
     /// Registers a user through the CLI, which signs it in.
-    pub async fn sign_in(&self, email: &str) {
+    pub(crate) async fn sign_in(&self, email: &str) {
         self.ok(&["register", email, "--name", "CLI"]).await;
     }
 
-    pub async fn redis(&self) -> deadpool_redis::Connection {
+    pub(crate) async fn redis(&self) -> deadpool_redis::Connection {
         self.redis.pool().get().await.expect("redis connection")
     }
 }
@@ -179,7 +179,7 @@ impl Drop for Env {
     }
 }
 
-pub struct Run {
+pub(crate) struct Run {
     args: Vec<String>,
     pub success: bool,
     pub stdout: String,
@@ -187,7 +187,7 @@ pub struct Run {
 }
 
 impl Run {
-    pub fn ok(self) -> String {
+    pub(crate) fn ok(self) -> String {
         assert!(
             self.success,
             "keel {:?} failed: {}{}",
@@ -199,7 +199,7 @@ impl Run {
 
 /// The table in `text`: its header cells and rows, each row checked to
 /// start every column where the header's does (the columns are aligned).
-pub fn parse_table(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
+pub(crate) fn parse_table(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
     let mut lines = text.lines();
     let header = lines.next().expect("a header line");
     let starts: Vec<usize> = header
@@ -252,7 +252,7 @@ pub fn parse_table(text: &str) -> (Vec<String>, Vec<Vec<String>>) {
 }
 
 /// The `NAME   value` lines of a single object's table.
-pub fn field(text: &str, name: &str) -> String {
+pub(crate) fn field(text: &str, name: &str) -> String {
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name)

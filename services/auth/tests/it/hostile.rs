@@ -22,7 +22,7 @@ const SERVICE: &str = "auth";
 const TABLES: [&str; 2] = ["users", "sessions"];
 
 /// An auth server on its own database and key, with one registered user.
-pub struct Auth {
+pub(crate) struct Auth {
     pub db: TestDb,
     _keys: TempDir,
     pub channel: Channel,
@@ -31,10 +31,10 @@ pub struct Auth {
     shutdown: CancellationToken,
 }
 
-pub const EMAIL: &str = "hostile@example.com";
+pub(crate) const EMAIL: &str = "hostile@example.com";
 
 impl Auth {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let db = TestDb::new().await;
         let keys = TempDir::new();
         let key_file = keys.path().join("signing.pem");
@@ -66,13 +66,13 @@ impl Auth {
         }
     }
 
-    pub fn client(&self) -> AuthServiceClient<Channel> {
+    pub(crate) fn client(&self) -> AuthServiceClient<Channel> {
         AuthServiceClient::new(self.channel.clone())
     }
 
     /// Users, sessions and refresh tokens, as one comparable value (login
     /// failure counters are meant to change on a failed login).
-    pub async fn snapshot(&self) -> (i64, String, String, String) {
+    pub(crate) async fn snapshot(&self) -> (i64, String, String, String) {
         let client = self.db.pool.get().await.unwrap();
         let row = client
             .query_one(
@@ -88,7 +88,7 @@ impl Auth {
     }
 
     /// Runs `call` and asserts a clean code, and that an error changed nothing.
-    pub async fn checked<T, Fut>(&self, rpc: &str, call: Fut) -> Result<T, Status>
+    pub(crate) async fn checked<T, Fut>(&self, rpc: &str, call: Fut) -> Result<T, Status>
     where
         Fut: Future<Output = Result<T, Status>>,
     {

@@ -14,21 +14,21 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-pub type Client = AuthServiceClient<Channel>;
+pub(crate) type Client = AuthServiceClient<Channel>;
 
-pub const PASSWORD: &str = "correct horse battery";
+pub(crate) const PASSWORD: &str = "correct horse battery";
 
 /// A scratch directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub(crate) struct TempDir(pub PathBuf);
 
 impl TempDir {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("keel-auth-test-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         Self(dir)
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.0
     }
 }
@@ -42,7 +42,7 @@ impl Drop for TempDir {
 /// A config for `db` signing with the key in `key_file`. Argon2 runs with
 /// small parameters so debug-build tests stay quick; one test checks the
 /// production defaults.
-pub fn config(db: &TestDb, key_file: &Path) -> Config {
+pub(crate) fn config(db: &TestDb, key_file: &Path) -> Config {
     let mut config = Config::new(
         "127.0.0.1:0".parse().unwrap(),
         db.config(),
@@ -55,14 +55,14 @@ pub fn config(db: &TestDb, key_file: &Path) -> Config {
 }
 
 /// A running auth server.
-pub struct Server {
+pub(crate) struct Server {
     pub client: Client,
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), StartupError>>,
 }
 
 impl Server {
-    pub async fn start(config: Config) -> Self {
+    pub(crate) async fn start(config: Config) -> Self {
         let (listener, addr) = testing::listener().await;
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keel_auth::run(config, listener, shutdown.clone()));
@@ -74,14 +74,14 @@ impl Server {
         }
     }
 
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         self.handle.await.unwrap().expect("clean shutdown");
     }
 }
 
 /// One database, one key, one server: what most tests need.
-pub struct Env {
+pub(crate) struct Env {
     pub db: TestDb,
     /// Holds the key file's directory until the test ends.
     pub _keys: TempDir,
@@ -91,11 +91,11 @@ pub struct Env {
 }
 
 impl Env {
-    pub async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         Self::with(|_| {}).await
     }
 
-    pub async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
+    pub(crate) async fn with(adjust: impl FnOnce(&mut Config)) -> Self {
         let db = TestDb::new().await;
         let keys = TempDir::new();
         let key_file = keys.path().join("signing.pem");
@@ -113,11 +113,11 @@ impl Env {
         }
     }
 
-    pub fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         self.server.client.clone()
     }
 
-    pub async fn register(&self, email: &str) -> RegisterResponse {
+    pub(crate) async fn register(&self, email: &str) -> RegisterResponse {
         self.client()
             .register(register_req(email, PASSWORD))
             .await
@@ -128,7 +128,7 @@ impl Env {
     /// Moves every login-failure window `by` into the past: the test's way
     /// of letting that much time pass (the windows are judged by Postgres's
     /// clock, so there is nothing to inject).
-    pub async fn rewind_login_windows(&self, by: Duration) {
+    pub(crate) async fn rewind_login_windows(&self, by: Duration) {
         let client = self.db.pool.get().await.unwrap();
         client
             .execute(
@@ -140,7 +140,7 @@ impl Env {
     }
 
     /// Every refresh token's lifetime ends now.
-    pub async fn expire_refresh_tokens(&self) {
+    pub(crate) async fn expire_refresh_tokens(&self) {
         let client = self.db.pool.get().await.unwrap();
         client
             .execute(
@@ -151,7 +151,7 @@ impl Env {
             .unwrap();
     }
 
-    pub async fn user_count(&self) -> i64 {
+    pub(crate) async fn user_count(&self) -> i64 {
         let client = self.db.pool.get().await.unwrap();
         client
             .query_one("SELECT count(*) FROM users", &[])
@@ -161,7 +161,7 @@ impl Env {
     }
 }
 
-pub fn register_req(email: &str, password: &str) -> RegisterRequest {
+pub(crate) fn register_req(email: &str, password: &str) -> RegisterRequest {
     RegisterRequest {
         email: email.into(),
         password: password.into(),
@@ -169,7 +169,7 @@ pub fn register_req(email: &str, password: &str) -> RegisterRequest {
     }
 }
 
-pub fn login_req(email: &str, password: &str) -> LoginRequest {
+pub(crate) fn login_req(email: &str, password: &str) -> LoginRequest {
     LoginRequest {
         email: email.into(),
         password: password.into(),
@@ -177,6 +177,8 @@ pub fn login_req(email: &str, password: &str) -> LoginRequest {
 }
 
 /// The error of a call that must fail.
-pub fn err<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> tonic::Status {
+pub(crate) fn err<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> tonic::Status {
     result.expect_err("call should fail")
 }

@@ -21,21 +21,21 @@ const MAX_CRON_CHARS: usize = 256;
 
 /// A parsed cron expression and the time zone it is read in.
 #[derive(Debug, Clone)]
-pub struct Rule {
+pub(crate) struct Rule {
     cron: Cron,
     tz: Tz,
 }
 
 /// Why a cron expression or time zone was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuleError {
+pub(crate) enum RuleError {
     Cron(String),
     Timezone(String),
 }
 
 impl Rule {
     /// Parses `cron` read in the IANA time zone `timezone` ("" means UTC).
-    pub fn parse(cron: &str, timezone: &str) -> Result<Self, RuleError> {
+    pub(crate) fn parse(cron: &str, timezone: &str) -> Result<Self, RuleError> {
         let tz = parse_timezone(timezone)?;
         if cron.trim().is_empty() {
             return Err(RuleError::Cron("must not be empty".into()));
@@ -71,7 +71,7 @@ impl Rule {
     }
 
     /// The first fire time strictly after `t`.
-    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub(crate) fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         // Fire times are whole seconds; the search keeps `t`'s fraction.
         let t = t.with_nanosecond(0)?;
         let offset = |at: DateTime<Utc>| at.with_timezone(&self.tz).offset().fix();
@@ -96,7 +96,7 @@ impl Rule {
 
     /// The shortest gap between consecutive fire times among the next
     /// [`INTERVAL_SAMPLES`] after `from` (None when it fires once at most).
-    pub fn shortest_interval(&self, from: DateTime<Utc>) -> Option<Duration> {
+    pub(crate) fn shortest_interval(&self, from: DateTime<Utc>) -> Option<Duration> {
         let mut shortest: Option<Duration> = None;
         let mut previous = self.next_after(from)?;
         for _ in 1..INTERVAL_SAMPLES {
@@ -112,7 +112,7 @@ impl Rule {
 }
 
 /// An IANA time zone name; "" means UTC.
-pub fn parse_timezone(name: &str) -> Result<Tz, RuleError> {
+pub(crate) fn parse_timezone(name: &str) -> Result<Tz, RuleError> {
     if name.is_empty() {
         return Ok(Tz::UTC);
     }

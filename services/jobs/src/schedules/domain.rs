@@ -9,11 +9,11 @@ use keel_shared::ApiError;
 
 use super::cron::{Rule, RuleError};
 
-pub const MAX_NAME_CHARS: usize = 128;
+pub(crate) const MAX_NAME_CHARS: usize = 128;
 
 /// The limits a schedule is validated against (from `Config`).
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Most schedules one user may have.
     pub per_user: i64,
     /// Shortest gap allowed between two ticks of a schedule.
@@ -24,7 +24,7 @@ pub struct Limits {
 
 /// A schedule's fields, validated: what is stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Fields {
+pub(crate) struct Fields {
     pub name: String,
     pub cron: String,
     /// As given ("" stored as "UTC").
@@ -36,7 +36,7 @@ pub struct Fields {
     pub paused: bool,
 }
 
-pub fn validate_create(
+pub(crate) fn validate_create(
     req: &CreateScheduleRequest,
     limits: &Limits,
     now: DateTime<Utc>,
@@ -71,7 +71,7 @@ pub fn validate_create(
 /// `current` with the request's set fields applied, validated as a whole.
 /// Returns the new fields, their rule, and whether the fire times must be
 /// computed again from now (cron or time zone changed, or resumed).
-pub fn validate_update(
+pub(crate) fn validate_update(
     req: &UpdateScheduleRequest,
     current: &Fields,
     limits: &Limits,
@@ -182,6 +182,6 @@ fn timezone_or_utc(tz: &str) -> String {
 }
 
 /// A schedule id from a request.
-pub fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
+pub(crate) fn parse_id(id: &str) -> Result<uuid::Uuid, ApiError> {
     uuid::Uuid::parse_str(id).map_err(|_| ApiError::invalid("id", "not a UUID"))
 }

@@ -14,12 +14,12 @@ use super::convert::schedule_to_proto;
 use super::domain::parse_id;
 use super::service::Schedules;
 
-pub struct ScheduleApi {
+pub(crate) struct ScheduleApi {
     schedules: Arc<Schedules>,
 }
 
 impl ScheduleApi {
-    pub fn new(schedules: Arc<Schedules>) -> Self {
+    pub(crate) fn new(schedules: Arc<Schedules>) -> Self {
         Self { schedules }
     }
 }

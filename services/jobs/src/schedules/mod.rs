@@ -2,12 +2,12 @@
 //! once across replicas and restarts.
 
 mod convert;
-pub mod cron;
-pub mod domain;
-pub mod grpc;
-pub mod service;
+pub(crate) mod cron;
+pub(crate) mod domain;
+pub(crate) mod grpc;
+pub(crate) mod service;
 mod store;
-pub mod ticker;
+pub(crate) mod ticker;
 
-pub use grpc::ScheduleApi;
-pub use service::{Schedules, Settings};
+pub(crate) use grpc::ScheduleApi;
+pub(crate) use service::{Schedules, Settings};

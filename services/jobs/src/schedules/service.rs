@@ -17,13 +17,13 @@ use crate::store::{NewRow, insert_jobs};
 
 /// Tunables (from `Config`).
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub limits: Limits,
     /// How long a scheduled job may wait for a worker (as CreateJob's default).
     pub schedule_timeout: Duration,
 }
 
-pub struct Schedules {
+pub(crate) struct Schedules {
     pool: Pool,
     settings: Settings,
 }
@@ -38,13 +38,13 @@ fn next_tick(rule: &Rule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
 }
 
 impl Schedules {
-    pub fn new(pool: Pool, settings: Settings) -> Self {
+    pub(crate) fn new(pool: Pool, settings: Settings) -> Self {
         Self { pool, settings }
     }
 
     /// Validates and stores a schedule; the per-user limit is checked under a
     /// per-user lock, so concurrent creates cannot overshoot it.
-    pub async fn create(
+    pub(crate) async fn create(
         &self,
         user_id: Uuid,
         req: &CreateScheduleRequest,
@@ -66,7 +66,7 @@ impl Schedules {
         Ok(row)
     }
 
-    pub async fn get(&self, user_id: Uuid, id: Uuid) -> Result<ScheduleRow, ApiError> {
+    pub(crate) async fn get(&self, user_id: Uuid, id: Uuid) -> Result<ScheduleRow, ApiError> {
         let client = self.pool.get().await?;
         store::user_schedule(&client, user_id, id, false)
             .await?
@@ -74,7 +74,7 @@ impl Schedules {
     }
 
     /// One page, and where the next starts (None on the last page).
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         user_id: Uuid,
         before: Option<Uuid>,
@@ -94,7 +94,7 @@ impl Schedules {
     /// Applies the request's set fields under the schedule's row lock (the
     /// ticker skips it meanwhile); fire times are computed again from now
     /// when the rule changed or the schedule was resumed.
-    pub async fn update(
+    pub(crate) async fn update(
         &self,
         user_id: Uuid,
         id: Uuid,
@@ -118,7 +118,7 @@ impl Schedules {
         Ok(row)
     }
 
-    pub async fn delete(&self, user_id: Uuid, id: Uuid) -> Result<(), ApiError> {
+    pub(crate) async fn delete(&self, user_id: Uuid, id: Uuid) -> Result<(), ApiError> {
         let client = self.pool.get().await?;
         if store::delete(&client, user_id, id).await? {
             Ok(())
@@ -135,7 +135,7 @@ impl Schedules {
     /// before the commit leaves nothing behind: the next round fires it.
     /// Returns how many due schedules it moved on (a full batch means more
     /// may be due).
-    pub async fn fire_due(&self, limit: i64) -> Result<usize, ApiError> {
+    pub(crate) async fn fire_due(&self, limit: i64) -> Result<usize, ApiError> {
         let mut client = self.pool.get().await?;
         let mut tx = client.transaction().await?;
         let (now, due) = store::lock_due(&tx, limit).await?;

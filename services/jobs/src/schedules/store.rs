@@ -14,7 +14,7 @@ const COLS: &str = "id, user_id, name, cron, timezone, kind, payload, priority, 
 
 /// A schedule as stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ScheduleRow {
+pub(crate) struct ScheduleRow {
     pub id: Uuid,
     pub user_id: Uuid,
     pub name: String,
@@ -34,7 +34,7 @@ pub struct ScheduleRow {
 
 impl ScheduleRow {
     /// The fields of a stored schedule (to apply an update to).
-    pub fn fields(&self) -> Fields {
+    pub(crate) fn fields(&self) -> Fields {
         Fields {
             name: self.name.clone(),
             cron: self.cron.clone(),
@@ -92,20 +92,23 @@ fn write_error(e: tokio_postgres::Error) -> ApiError {
 
 /// Serializes schedule creation per user until the transaction ends, so the
 /// per-user limit holds under concurrent creates.
-pub async fn lock_user(client: &impl GenericClient, user_id: Uuid) -> Result<(), ApiError> {
+pub(super) async fn lock_user(client: &impl GenericClient, user_id: Uuid) -> Result<(), ApiError> {
     const SQL: &str =
         "SELECT pg_advisory_xact_lock(hashtextextended('keel.schedules:' || $1::uuid::text, 0))";
     client.execute(SQL, &[&user_id]).await?;
     Ok(())
 }
 
-pub async fn count_user(client: &impl GenericClient, user_id: Uuid) -> Result<i64, ApiError> {
+pub(super) async fn count_user(
+    client: &impl GenericClient,
+    user_id: Uuid,
+) -> Result<i64, ApiError> {
     const SQL: &str = "SELECT count(*) FROM schedules WHERE user_id = $1";
     let stmt = client.prepare_cached(SQL).await?;
     Ok(client.query_one(&stmt, &[&user_id]).await?.get(0))
 }
 
-pub async fn insert(
+pub(super) async fn insert(
     client: &impl GenericClient,
     id: Uuid,
     user_id: Uuid,
@@ -142,7 +145,7 @@ pub async fn insert(
 
 /// One of the user's schedules (None when absent or another user's);
 /// `lock` holds it until the transaction ends.
-pub async fn user_schedule(
+pub(super) async fn user_schedule(
     client: &impl GenericClient,
     user_id: Uuid,
     id: Uuid,
@@ -157,7 +160,7 @@ pub async fn user_schedule(
 }
 
 /// A page of the user's schedules, newest first, strictly before `before`.
-pub async fn list(
+pub(super) async fn list(
     client: &impl GenericClient,
     user_id: Uuid,
     before: Option<Uuid>,
@@ -176,7 +179,7 @@ pub async fn list(
         .collect::<Result<_, _>>()?)
 }
 
-pub async fn update(
+pub(super) async fn update(
     client: &impl GenericClient,
     id: Uuid,
     fields: &Fields,
@@ -211,7 +214,7 @@ pub async fn update(
 }
 
 /// Deletes one of the user's schedules; false when there was none.
-pub async fn delete(
+pub(super) async fn delete(
     client: &impl GenericClient,
     user_id: Uuid,
     id: Uuid,
@@ -224,7 +227,7 @@ pub async fn delete(
 /// Up to `limit` active schedules due now, locked until the transaction
 /// ends (rows another replica holds are skipped), oldest tick first; with
 /// the database's clock (the one time every replica agrees on).
-pub async fn lock_due(
+pub(super) async fn lock_due(
     client: &impl GenericClient,
     limit: i64,
 ) -> Result<(DateTime<Utc>, Vec<ScheduleRow>), ApiError> {
@@ -249,7 +252,7 @@ pub async fn lock_due(
 }
 
 /// Whether a job for this tick exists already.
-pub async fn tick_fired(
+pub(super) async fn tick_fired(
     client: &impl GenericClient,
     schedule_id: Uuid,
     scheduled_for: DateTime<Utc>,
@@ -264,7 +267,7 @@ pub async fn tick_fired(
 }
 
 /// Marks `job_id` as the job of this tick (the unique index refuses a second).
-pub async fn mark_tick(
+pub(super) async fn mark_tick(
     client: &impl GenericClient,
     job_id: Uuid,
     schedule_id: Uuid,
@@ -279,7 +282,7 @@ pub async fn mark_tick(
 }
 
 /// Moves a schedule on to its next tick, recording the job just created.
-pub async fn advance(
+pub(super) async fn advance(
     client: &impl GenericClient,
     id: Uuid,
     next_run_at: DateTime<Utc>,
@@ -296,7 +299,7 @@ pub async fn advance(
 }
 
 /// Pauses a schedule whose rule no longer fires.
-pub async fn pause(client: &impl GenericClient, id: Uuid) -> Result<(), ApiError> {
+pub(super) async fn pause(client: &impl GenericClient, id: Uuid) -> Result<(), ApiError> {
     const SQL: &str = "UPDATE schedules SET paused = true, updated_at = now() WHERE id = $1";
     let stmt = client.prepare_cached(SQL).await?;
     client.execute(&stmt, &[&id]).await?;

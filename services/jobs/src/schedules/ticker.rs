@@ -11,11 +11,11 @@ use super::service::Schedules;
 
 /// Most ticks fired in one transaction; a full batch is followed at once by
 /// another.
-pub const BATCH: i64 = 100;
+pub(crate) const BATCH: i64 = 100;
 
 /// Each round waits `every` first (so the first is one interval after
 /// start-up), then fires what is due, batch after batch while batches are full.
-pub async fn run(schedules: Arc<Schedules>, every: Duration, shutdown: CancellationToken) {
+pub(crate) async fn run(schedules: Arc<Schedules>, every: Duration, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -288,7 +288,7 @@ async fn committed_unpublished(svc: &Svc, n: usize) -> Vec<Uuid> {
         schedule_timeout: None,
         timeout: None,
     };
-    let rows: Vec<NewRow> = (0..n)
+    let rows: Vec<NewRow<'_>> = (0..n)
         .map(|_| NewRow {
             id: Uuid::now_v7(),
             user_id: svc.user,

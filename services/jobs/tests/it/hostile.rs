@@ -29,7 +29,7 @@ const SERVICE: &str = "jobs";
 const TABLES: [&str; 2] = ["jobs", "job_events"];
 
 /// Every job and transition, as one comparable value.
-pub async fn snapshot(db: &TestDb) -> (i64, String, i64) {
+pub(crate) async fn snapshot(db: &TestDb) -> (i64, String, i64) {
     let client = db.pool.get().await.unwrap();
     let row = client
         .query_one(

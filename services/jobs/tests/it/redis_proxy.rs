@@ -11,7 +11,7 @@ use keel_shared::testing;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-pub struct RedisProxy {
+pub(crate) struct RedisProxy {
     /// The Redis URL that goes through the proxy.
     pub url: String,
     /// Local ports of the proxy's open connections to Redis.
@@ -24,10 +24,10 @@ pub struct RedisProxy {
 }
 
 /// One `CLIENT LIST` line as its fields.
-pub type ClientInfo = HashMap<String, String>;
+pub(crate) type ClientInfo = HashMap<String, String>;
 
 impl RedisProxy {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let target = testing::redis_url();
         let (scheme, userinfo, host_port, rest) = split_url(&target);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
@@ -64,17 +64,17 @@ impl RedisProxy {
     }
 
     /// Refuse (true) or accept again (false) new connections.
-    pub fn refuse(&self, refusing: bool) {
+    pub(crate) fn refuse(&self, refusing: bool) {
         self.refusing.store(refusing, Ordering::SeqCst);
     }
 
     /// How many connections were refused so far.
-    pub fn refused(&self) -> usize {
+    pub(crate) fn refused(&self) -> usize {
         self.refused.load(Ordering::SeqCst)
     }
 
     /// `CLIENT LIST` entries of the connections made through this proxy.
-    pub async fn clients(&self) -> Vec<ClientInfo> {
+    pub(crate) async fn clients(&self) -> Vec<ClientInfo> {
         let list: String = redis::cmd("CLIENT")
             .arg("LIST")
             .query_async(&mut admin().await)
@@ -99,7 +99,7 @@ impl RedisProxy {
     }
 
     /// Those of them in pub/sub mode (`flags` has P).
-    pub async fn pubsub_clients(&self) -> Vec<ClientInfo> {
+    pub(crate) async fn pubsub_clients(&self) -> Vec<ClientInfo> {
         self.clients()
             .await
             .into_iter()
@@ -108,7 +108,7 @@ impl RedisProxy {
     }
 
     /// `CLIENT KILL ID` for each of them; how many there were.
-    pub async fn kill_pubsub_clients(&self) -> usize {
+    pub(crate) async fn kill_pubsub_clients(&self) -> usize {
         let clients = self.pubsub_clients().await;
         let mut conn = admin().await;
         for client in &clients {
@@ -131,7 +131,7 @@ impl Drop for RedisProxy {
 }
 
 /// A direct connection to the test Redis (not through any proxy).
-pub async fn admin() -> redis::aio::MultiplexedConnection {
+pub(crate) async fn admin() -> redis::aio::MultiplexedConnection {
     redis::Client::open(testing::redis_url())
         .expect("redis url")
         .get_multiplexed_async_connection()
@@ -140,7 +140,7 @@ pub async fn admin() -> redis::aio::MultiplexedConnection {
 }
 
 /// `PUBSUB NUMSUB` of one channel.
-pub async fn numsub(channel: &str) -> i64 {
+pub(crate) async fn numsub(channel: &str) -> i64 {
     let (_, n): (String, i64) = redis::cmd("PUBSUB")
         .arg("NUMSUB")
         .arg(channel)

@@ -41,7 +41,7 @@ async fn runner_rpcs(svc: &Svc, token: &str, job_id: &str) -> Vec<(&'static str,
 }
 
 /// Tokens that must not pass, each named, all claiming to be `user`.
-pub fn bad_tokens(user: Uuid) -> Vec<(&'static str, Option<String>)> {
+pub(crate) fn bad_tokens(user: Uuid) -> Vec<(&'static str, Option<String>)> {
     let signer = &testing::keys().signer;
     let good = signer.sign_claims(&claims(user));
     let flipped = tokens::forged_signature(&good);

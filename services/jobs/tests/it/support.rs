@@ -16,12 +16,13 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use uuid::Uuid;
 
-pub const WORKER_TOKEN: &str = "test-worker-token";
-pub const WAIT: Duration = Duration::from_secs(15);
+pub(crate) const WORKER_TOKEN: &str = "test-worker-token";
+pub(crate) const WAIT: Duration = Duration::from_secs(15);
 /// The kinds a stream worker serves in these tests.
-pub const STREAM_KINDS: &[&str] = &["echo", "batch", "fail", "flaky", "later", "now", "crashy"];
+pub(crate) const STREAM_KINDS: &[&str] =
+    &["echo", "batch", "fail", "flaky", "later", "now", "crashy"];
 
-pub struct Svc {
+pub(crate) struct Svc {
     pub db: TestDb,
     /// Deletes this test's Redis keys on drop.
     _redis: TestRedis,
@@ -36,12 +37,12 @@ pub struct Svc {
 }
 
 impl Svc {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
     /// Starts the service after `tweak` adjusted its config.
-    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+    pub(crate) async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         let db = TestDb::new().await;
         let redis = TestRedis::new();
         let (listener, addr) = testing::listener().await;
@@ -80,7 +81,7 @@ impl Svc {
     }
 
     /// A second user with their own token.
-    pub async fn other_user(&self) -> (Uuid, String) {
+    pub(crate) async fn other_user(&self) -> (Uuid, String) {
         let id = self
             .db
             .create_user(&format!("{}@example.com", Uuid::new_v4().simple()))
@@ -88,15 +89,15 @@ impl Svc {
         (id, testing::user_token(id, "other@example.com"))
     }
 
-    pub fn u<T>(&self, msg: T) -> Request<T> {
+    pub(crate) fn u<T>(&self, msg: T) -> Request<T> {
         testing::authed(msg, &self.token)
     }
 
-    pub fn w<T>(&self, msg: T) -> Request<T> {
+    pub(crate) fn w<T>(&self, msg: T) -> Request<T> {
         testing::authed(msg, WORKER_TOKEN)
     }
 
-    pub async fn create(&self, req: CreateJobRequest) -> Job {
+    pub(crate) async fn create(&self, req: CreateJobRequest) -> Job {
         self.jobs
             .clone()
             .create_job(self.u(req))
@@ -107,7 +108,7 @@ impl Svc {
             .unwrap()
     }
 
-    pub async fn create_kind(&self, kind: &str) -> Job {
+    pub(crate) async fn create_kind(&self, kind: &str) -> Job {
         self.create(CreateJobRequest {
             kind: kind.into(),
             ..Default::default()
@@ -115,7 +116,7 @@ impl Svc {
         .await
     }
 
-    pub async fn get(&self, id: &str) -> Job {
+    pub(crate) async fn get(&self, id: &str) -> Job {
         self.jobs
             .clone()
             .get_job(self.u(GetJobRequest { id: id.into() }))
@@ -126,7 +127,7 @@ impl Svc {
             .unwrap()
     }
 
-    pub async fn start_job(&self, id: &str) -> Result<StartJobResponse, tonic::Status> {
+    pub(crate) async fn start_job(&self, id: &str) -> Result<StartJobResponse, tonic::Status> {
         self.runner
             .clone()
             .start_job(self.w(StartJobRequest {
@@ -139,7 +140,7 @@ impl Svc {
     }
 
     /// StartJob, retried until the job is due (retries and re-queues run later).
-    pub async fn start_when_due(&self, id: &str) -> StartJobResponse {
+    pub(crate) async fn start_when_due(&self, id: &str) -> StartJobResponse {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match self.start_job(id).await {
@@ -158,7 +159,7 @@ impl Svc {
         }
     }
 
-    pub async fn fail_job(
+    pub(crate) async fn fail_job(
         &self,
         id: &str,
         attempt: i32,
@@ -177,7 +178,7 @@ impl Svc {
             .map(|r| r.into_inner().job.unwrap())
     }
 
-    pub async fn complete_job(
+    pub(crate) async fn complete_job(
         &self,
         id: &str,
         attempt: i32,
@@ -199,12 +200,12 @@ impl Svc {
     }
 
     /// Job ids in the jobs stream, in order (XRANGE under this test's prefix).
-    pub async fn stream_ids(&self) -> Vec<String> {
+    pub(crate) async fn stream_ids(&self) -> Vec<String> {
         stream_ids(&self.redis_config).await
     }
 
     /// How many times each job id was XADDed.
-    pub async fn stream_counts(&self) -> HashMap<String, usize> {
+    pub(crate) async fn stream_counts(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
         for id in self.stream_ids().await {
             *counts.entry(id).or_default() += 1;
@@ -213,12 +214,12 @@ impl Svc {
     }
 
     /// Outbox rows: every queued job has one until it starts.
-    pub async fn outbox_len(&self) -> i64 {
+    pub(crate) async fn outbox_len(&self) -> i64 {
         self.count("SELECT count(*) FROM job_outbox").await
     }
 
     /// Outbox rows never published to the stream yet.
-    pub async fn undelivered_len(&self) -> i64 {
+    pub(crate) async fn undelivered_len(&self) -> i64 {
         self.count("SELECT count(*) FROM job_outbox WHERE published_at IS NULL")
             .await
     }
@@ -229,7 +230,7 @@ impl Svc {
     }
 
     /// The job's history: (event, status, attempt).
-    pub async fn events(&self, id: &str) -> Vec<(String, String, i32)> {
+    pub(crate) async fn events(&self, id: &str) -> Vec<(String, String, i32)> {
         let client = self.db.pool.get().await.unwrap();
         let id = Uuid::parse_str(id).unwrap();
         client
@@ -244,7 +245,7 @@ impl Svc {
             .collect()
     }
 
-    pub async fn wait_delivered(&self) {
+    pub(crate) async fn wait_delivered(&self) {
         testing::eventually(WAIT, "every job published", || async {
             self.undelivered_len().await == 0
         })
@@ -252,7 +253,7 @@ impl Svc {
     }
 
     /// Another replica of the service on the same database and Redis prefix.
-    pub async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> Replica {
+    pub(crate) async fn replica(&self, tweak: impl FnOnce(&mut Config)) -> Replica {
         let (listener, addr) = testing::listener().await;
         let mut config = Config::new(
             addr,
@@ -273,7 +274,7 @@ impl Svc {
     }
 }
 
-pub struct Replica {
+pub(crate) struct Replica {
     pub jobs: JobsServiceClient<Channel>,
     pub runner: JobRunnerServiceClient<Channel>,
     shutdown: CancellationToken,
@@ -292,7 +293,7 @@ impl Drop for Svc {
 }
 
 /// Records `kinds` as served by stream workers now (see `keel_shared::queue`).
-pub async fn announce_kinds(config: &RedisConfig, kinds: &[&str]) {
+pub(crate) async fn announce_kinds(config: &RedisConfig, kinds: &[&str]) {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     keel_shared::redis::announce_kinds(&mut conn, config, kinds)
@@ -302,7 +303,7 @@ pub async fn announce_kinds(config: &RedisConfig, kinds: &[&str]) {
 
 /// Job ids in the streams of [`STREAM_KINDS`] (every priority band), in the
 /// order they were added (XRANGE under this test's prefix).
-pub async fn stream_ids(config: &RedisConfig) -> Vec<String> {
+pub(crate) async fn stream_ids(config: &RedisConfig) -> Vec<String> {
     let client = redis::Client::open(config.redis_url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mut entries: Vec<((u64, u64), String)> = Vec::new();
@@ -327,6 +328,6 @@ pub async fn stream_ids(config: &RedisConfig) -> Vec<String> {
     entries.into_iter().map(|(_, job)| job).collect()
 }
 
-pub fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
+pub(crate) fn code<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> Code {
     result.expect_err("expected an error").code()
 }

@@ -16,11 +16,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-pub const WORKER_TOKEN: &str = "test-worker-token";
+pub(crate) const WORKER_TOKEN: &str = "test-worker-token";
 /// Long enough for a loaded 2-core CI machine.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
-pub struct Env {
+pub(crate) struct Env {
     _db: TestDb,
     pub redis: TestRedis,
     pub jobs_addr: SocketAddr,
@@ -33,11 +33,11 @@ pub struct Env {
 
 impl Env {
     /// Jobs service with quick retries and relay; leases of `lease_ms`.
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
-    pub async fn start_with(tune: impl FnOnce(&mut keel_jobs::Config)) -> Self {
+    pub(crate) async fn start_with(tune: impl FnOnce(&mut keel_jobs::Config)) -> Self {
         if std::env::var_os("RUST_LOG").is_some() {
             keel_shared::telemetry::init(Default::default());
         }
@@ -79,7 +79,7 @@ impl Env {
     }
 
     /// Stops the jobs service (the worker sees an outage).
-    pub async fn stop_jobs(&mut self) {
+    pub(crate) async fn stop_jobs(&mut self) {
         self.jobs_shutdown.cancel();
         if let Some(task) = self.jobs_task.take() {
             task.await.expect("jobs task").expect("jobs clean shutdown");
@@ -87,7 +87,7 @@ impl Env {
     }
 
     /// Starts the jobs service again on the same address.
-    pub async fn restart_jobs(&mut self) {
+    pub(crate) async fn restart_jobs(&mut self) {
         let listener = tokio::net::TcpListener::bind(self.jobs_addr)
             .await
             .expect("rebind the jobs address");
@@ -100,7 +100,7 @@ impl Env {
     }
 
     /// A worker config against this environment, tuned for tests.
-    pub fn worker_config(&self) -> Config {
+    pub(crate) fn worker_config(&self) -> Config {
         let mut config = Config::new(
             "127.0.0.1:0".parse().unwrap(),
             format!("http://{}", self.jobs_addr),
@@ -115,7 +115,7 @@ impl Env {
         config
     }
 
-    pub async fn start_worker(&self, config: Config, registry: Registry) -> Worker {
+    pub(crate) async fn start_worker(&self, config: Config, registry: Registry) -> Worker {
         let (listener, health_addr) = testing::listener().await;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(keel_worker::run_with(
@@ -131,7 +131,7 @@ impl Env {
         }
     }
 
-    pub async fn create(&self, kind: &str, payload: Value, max_attempts: i32) -> Job {
+    pub(crate) async fn create(&self, kind: &str, payload: Value, max_attempts: i32) -> Job {
         let request = CreateJobRequest {
             kind: kind.into(),
             payload: Some(keel_shared::json::json_to_struct(&payload)),
@@ -149,7 +149,7 @@ impl Env {
     }
 
     /// Creates one `kind` job per payload in one BatchCreateJobs call.
-    pub async fn create_many(
+    pub(crate) async fn create_many(
         &self,
         kind: &str,
         payloads: impl IntoIterator<Item = Value>,
@@ -174,7 +174,7 @@ impl Env {
             .jobs
     }
 
-    pub async fn get(&self, id: &str) -> Job {
+    pub(crate) async fn get(&self, id: &str) -> Job {
         self.jobs
             .clone()
             .get_job(testing::authed(
@@ -188,7 +188,7 @@ impl Env {
             .expect("job")
     }
 
-    pub async fn cancel(&self, id: &str) -> Job {
+    pub(crate) async fn cancel(&self, id: &str) -> Job {
         self.jobs
             .clone()
             .cancel_job(testing::authed(
@@ -203,7 +203,7 @@ impl Env {
     }
 
     /// Waits until the job has `status`, and returns it.
-    pub async fn wait_for(&self, id: &str, status: JobStatus) -> Job {
+    pub(crate) async fn wait_for(&self, id: &str, status: JobStatus) -> Job {
         testing::eventually(WAIT, &format!("job {id} to be {status:?}"), || async {
             self.get(id).await.status() == status
         })
@@ -211,12 +211,12 @@ impl Env {
         self.get(id).await
     }
 
-    pub async fn redis(&self) -> deadpool_redis::Connection {
+    pub(crate) async fn redis(&self) -> deadpool_redis::Connection {
         self.redis.pool().get().await.expect("redis connection")
     }
 
     /// The job streams that exist under this test's prefix (one per kind).
-    pub async fn streams(&self) -> Vec<String> {
+    pub(crate) async fn streams(&self) -> Vec<String> {
         let mut conn = self.redis().await;
         let pattern = self.redis.config.jobs_stream("*").replace("{*}", "*");
         let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -229,7 +229,7 @@ impl Env {
     }
 
     /// Messages of the consumer group not yet acknowledged, over every stream.
-    pub async fn pending(&self) -> u64 {
+    pub(crate) async fn pending(&self) -> u64 {
         let mut total = 0;
         for stream in self.streams().await {
             let mut conn = self.redis().await;
@@ -249,7 +249,7 @@ impl Env {
     }
 
     /// Waits until every stream is fully read and acknowledged by the group.
-    pub async fn wait_drained(&self) {
+    pub(crate) async fn wait_drained(&self) {
         testing::eventually(WAIT, "every stream entry read and acknowledged", || async {
             for stream in self.streams().await {
                 if !self.drained(&stream).await {
@@ -288,7 +288,7 @@ impl Env {
 
     /// Records `kinds` as served by a stream worker now, as a worker does
     /// when it starts: the jobs service then publishes their jobs.
-    pub async fn announce_kinds(&self, kinds: &[&str]) {
+    pub(crate) async fn announce_kinds(&self, kinds: &[&str]) {
         let mut conn = self.redis().await;
         keel_shared::redis::announce_kinds(&mut *conn, &self.redis.config, kinds)
             .await
@@ -302,19 +302,19 @@ impl Drop for Env {
     }
 }
 
-pub struct Worker {
+pub(crate) struct Worker {
     pub shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), StartupError>>>,
     pub health_addr: SocketAddr,
 }
 
 impl Worker {
-    pub fn is_running(&self) -> bool {
+    pub(crate) fn is_running(&self) -> bool {
         self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 
     /// Signals shutdown and waits for the worker to drain and return.
-    pub async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             task.await
@@ -332,7 +332,7 @@ impl Drop for Worker {
 
 impl Env {
     /// The real `keel-worker` binary against this environment.
-    pub fn spawn_binary(&self) -> tokio::process::Child {
+    pub(crate) fn spawn_binary(&self) -> tokio::process::Child {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_keel-worker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())

@@ -18,9 +18,12 @@ pub struct Opts {
     /// Small counts and short durations: a smoke run of every scenario.
     #[arg(long)]
     pub quick: bool,
-    /// Run only these scenarios (default: all).
+    /// Run only these scenarios (default: all; --list names them).
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
+    /// Print the scenarios (name, what it needs, what it measures) and exit.
+    #[arg(long)]
+    pub list: bool,
     /// Concurrent clients per scenario.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -85,16 +88,18 @@ impl Opts {
         }
         self
     }
-
-    pub fn wants(&self, scenario: &str) -> bool {
-        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
-    }
 }
 
 #[tokio::main]
 async fn main() {
     let opts = keel_shared::config::parse_config::<Opts>().quickened();
-    if let Err(e) = scenarios::run_all(opts).await {
+    let done = if opts.list {
+        scenarios::print_list();
+        Ok(())
+    } else {
+        scenarios::run(opts).await.map(|outcome| outcome.print())
+    };
+    if let Err(e) = done {
         eprintln!("keel-bench: {e:#}");
         std::process::exit(1);
     }

@@ -4,6 +4,7 @@
 //! directly against Postgres. See BENCHMARKS.md for the command and figures.
 
 mod baseline;
+mod peers;
 mod scenarios;
 mod stats;
 mod system;
@@ -24,6 +25,15 @@ pub struct Opts {
     /// Print the scenarios (name, what it needs, what it measures) and exit.
     #[arg(long)]
     pub list: bool,
+    /// Side by side with the peer job queues: e2e-jobs, batch-e2e and
+    /// claim-e2e, then BullMQ, graphile-worker and pg-boss from --peers-dir
+    /// at the same N (--e2e-jobs) and worker processes (--workers); prints one
+    /// table of jobs/s with the ratios Keel/peer. Needs Node.js and npm.
+    #[arg(long)]
+    pub peers: bool,
+    /// The peer harness folder (read only: it is copied, then `npm ci`).
+    #[arg(long, env = "KEEL_PEERS_DIR", default_value = "../shared/peers")]
+    pub peers_dir: PathBuf,
     /// Concurrent clients per scenario.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -96,6 +106,8 @@ async fn main() {
     let done = if opts.list {
         scenarios::print_list();
         Ok(())
+    } else if opts.peers {
+        peers::run(opts).await
     } else {
         scenarios::run(opts).await.map(|outcome| outcome.print())
     };

@@ -266,6 +266,13 @@ pub fn own_cpu() -> f64 {
     proc_usage(std::process::id()).0
 }
 
+/// CPU seconds so far of this process's children that it has waited for
+/// (and of the children they waited for): the peer harness's node processes.
+pub fn children_cpu() -> f64 {
+    // cutime and cstime are the 16th and 17th fields.
+    stat_seconds(std::process::id(), [13, 14])
+}
+
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, f64) {
     // utime and stime are the 14th and 15th fields.

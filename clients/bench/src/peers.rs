@@ -24,6 +24,9 @@ use crate::stats::{self, Stats};
 /// The Keel scenarios the peers are set against.
 const KEEL_SCENARIOS: [&str; 3] = ["e2e-jobs", "batch-e2e", "claim-e2e"];
 
+/// Lines of a failed peer run's stderr shown.
+const STDERR_SHOWN: usize = 15;
+
 /// Job slots per peer worker process (the harness's own default).
 const PEER_CONCURRENCY: usize = 64;
 
@@ -450,7 +453,7 @@ impl Harness {
     }
 
     async fn node(&self, peer: &Peer, n: usize, procs: usize) -> Result<f64> {
-        let child = Command::new("node")
+        let mut child = Command::new("node")
             .arg(peer.script)
             .arg(peer.mode.arg())
             .arg(procs.to_string())
@@ -469,31 +472,62 @@ impl Harness {
             .spawn()
             .with_context(|| format!("cannot start node {}", peer.script))?;
         let pid = child.id();
-        let output = match tokio::time::timeout(PEER_PATIENCE, child.wait_with_output()).await {
-            Ok(output) => output?,
-            Err(_) => {
-                if let Some(pid) = pid {
-                    let _ = Command::new("kill")
-                        .args(["-KILL", "--", &format!("-{pid}")])
-                        .status()
-                        .await;
-                }
-                bail!("no answer within {} s", PEER_PATIENCE.as_secs());
-            }
-        };
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-        match line.map(parse_run) {
-            Some(Ok(rate)) if output.status.success() => Ok(rate),
-            Some(Ok(_)) => bail!("its completion check failed ({})", output.status),
-            Some(Err(e)) => Err(e),
-            None => bail!(
-                "{} printed no result: {}",
-                output.status,
-                tail(&output.stderr)
-            ),
+        // Read to the end apart from waiting for the exit: the worker
+        // processes the harness forked share its stdout and stderr.
+        let stdout = read_all(child.stdout.take());
+        let stderr = read_all(child.stderr.take());
+        let status = tokio::time::timeout(PEER_PATIENCE, child.wait()).await;
+        // A worker process outlives the harness when the harness gave up on
+        // it (say a crashed sibling left jobs locked) or was stopped: end
+        // whatever is left of the run's process group.
+        if let Some(pid) = pid {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .stderr(Stdio::null())
+                .status()
+                .await;
         }
+        let (stdout, stderr) = (stdout.await?, stderr.await?);
+        let Ok(status) = status else {
+            bail!(
+                "no answer within {} s: {}",
+                PEER_PATIENCE.as_secs(),
+                tail(&stderr)
+            );
+        };
+        let status = status?;
+        let stdout = String::from_utf8_lossy(&stdout);
+        let line = stdout.lines().rev().find(|l| l.starts_with('{'));
+        let rate = match line.map(parse_run) {
+            Some(Ok(rate)) if status.success() => Ok(rate),
+            Some(Ok(_)) => Err(anyhow::anyhow!("its completion check failed ({status})")),
+            Some(Err(e)) => Err(e),
+            None => Err(anyhow::anyhow!("{status}, no result: {}", tail(&stderr))),
+        };
+        if rate.is_err() {
+            // What the harness and its workers said, for the reader to judge.
+            let text = String::from_utf8_lossy(&stderr);
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            for line in &lines[lines.len().saturating_sub(STDERR_SHOWN)..] {
+                println!("peers:   | {line}");
+            }
+        }
+        rate
     }
+}
+
+/// Everything a child writes to this pipe, until every writer closed it.
+fn read_all<R>(pipe: Option<R>) -> tokio::task::JoinHandle<Vec<u8>>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut out = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut pipe, &mut out).await;
+        }
+        out
+    })
 }
 
 impl Drop for Harness {
@@ -513,14 +547,18 @@ fn parse_run(line: &str) -> Result<f64> {
         .context("harness result line without e2e_rate")
 }
 
-/// The last line of a child's stderr, for an error message.
+/// The line of a child's stderr that says what went wrong: the last error
+/// line at the start of a line (not a stack frame, not node's closing
+/// `Node.js vX` line), else the last line.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
-    text.lines()
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines
+        .iter()
         .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("(nothing on stderr)")
-        .trim()
+        .find(|l| !l.starts_with(char::is_whitespace) && l.contains("rror"))
+        .or_else(|| lines.iter().rev().find(|l| !l.starts_with("Node.js v")))
+        .map_or("nothing on stderr", |l| l.trim())
         .to_string()
 }
 
@@ -653,6 +691,17 @@ mod tests {
         assert!(
             targets(&keel(), &peers).contains("batching-on bulk: 0.50 (4,000 / 8,000 jobs/s): met")
         );
+    }
+
+    #[test]
+    fn a_failed_run_is_summed_up_by_its_error_line() {
+        let stderr = b"/tmp/peers/harness.js:28\n    throw new Error(`timeout`);\n    ^\n\n\
+            Error: timeout: 19986/20000\n    at waitDone (/tmp/peers/harness.js:28:41)\n\n\
+            Node.js v20.20.2\n";
+        assert_eq!(tail(stderr), "Error: timeout: 19986/20000");
+        assert_eq!(tail(b"npm ERR! network\n"), "npm ERR! network");
+        assert_eq!(tail(b"just this\nNode.js v20.20.2\n"), "just this");
+        assert_eq!(tail(b""), "nothing on stderr");
     }
 
     #[test]

@@ -287,7 +287,7 @@ fn table(keel: &[KeelRow], peers: &[PeerResult]) -> String {
                     .keel()
                     .iter()
                     .filter_map(|name| {
-                        let k = keel.iter().find(|k| k.name == *name)?;
+                        let k = keel.iter().find(|k| k.name == *name && k.errors == 0)?;
                         Some(format!("{name} {:.2}", k.jobs_per_sec / rate))
                     })
                     .collect();
@@ -320,7 +320,7 @@ fn targets(keel: &[KeelRow], peers: &[PeerResult]) -> String {
             p.peer.system == t.system && p.peer.config == t.config && p.peer.mode == t.mode
         });
         let verdict = match (k, p.map(|p| &p.e2e)) {
-            (Some(k), Some(Ok(rate))) if *rate > 0.0 => {
+            (Some(k), Some(Ok(rate))) if *rate > 0.0 && k.errors == 0 => {
                 let ratio = k.jobs_per_sec / rate;
                 let met = if ratio >= t.at_least {
                     "met"
@@ -334,6 +334,10 @@ fn targets(keel: &[KeelRow], peers: &[PeerResult]) -> String {
                 )
             }
             (None, _) => format!("not measured: no {} figure", t.keel),
+            (Some(k), _) if k.errors > 0 => format!(
+                "not measured: {} had {} errors (jobs not created or not finished)",
+                t.keel, k.errors
+            ),
             _ => "not measured: the peer run failed".to_string(),
         };
         out.push_str(&format!("- {}: {verdict}\n", t.label));
@@ -678,6 +682,25 @@ mod tests {
                 "- batch-e2e >= 0.5 x graphile-worker batching-on bulk: not measured: the peer run failed"
             ),
             "{targets}"
+        );
+    }
+
+    #[test]
+    fn a_keel_scenario_with_errors_gives_no_ratio() {
+        let mut keel = keel();
+        keel[1].errors = 19_606;
+        let peers = [PeerResult {
+            peer: peer(GRAPHILE, "batching on", Mode::Bulk),
+            e2e: Ok(8000.0),
+            cpu_us_per_job: None,
+        }];
+        let table = table(&keel, &peers);
+        assert!(table.contains("| 4,000 (19606 errors) |"), "{table}");
+        assert!(table.contains("| 8,000 |  |"), "{table}");
+        assert!(
+            targets(&keel, &peers).contains(
+                "batching-on bulk: not measured: batch-e2e had 19606 errors (jobs not created or not finished)"
+            )
         );
     }
 

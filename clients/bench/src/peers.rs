@@ -24,7 +24,7 @@ use crate::stats::{self, Stats};
 /// The Keel scenarios the peers are set against.
 const KEEL_SCENARIOS: [&str; 3] = ["e2e-jobs", "batch-e2e", "claim-e2e"];
 
-/// Lines of a failed peer run's stderr shown.
+/// Lines of a failed peer run's stderr shown (its first: what failed first).
 const STDERR_SHOWN: usize = 15;
 
 /// Job slots per peer worker process (the harness's own default).
@@ -512,7 +512,7 @@ impl Harness {
             // What the harness and its workers said, for the reader to judge.
             let text = String::from_utf8_lossy(&stderr);
             let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-            for line in &lines[lines.len().saturating_sub(STDERR_SHOWN)..] {
+            for line in lines.iter().take(STDERR_SHOWN) {
                 println!("peers:   | {line}");
             }
         }
@@ -551,16 +551,15 @@ fn parse_run(line: &str) -> Result<f64> {
         .context("harness result line without e2e_rate")
 }
 
-/// The line of a child's stderr that says what went wrong: the last error
-/// line at the start of a line (not a stack frame, not node's closing
-/// `Node.js vX` line), else the last line.
+/// The line of a child's stderr that says what went wrong: the first error
+/// line that is not a stack frame (what failed first; later ones are often
+/// its echoes), else the last line that is not node's closing `Node.js vX`.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines
         .iter()
-        .rev()
-        .find(|l| !l.starts_with(char::is_whitespace) && l.contains("rror"))
+        .find(|l| !l.starts_with(char::is_whitespace) && l.contains("Error"))
         .or_else(|| lines.iter().rev().find(|l| !l.starts_with("Node.js v")))
         .map_or("nothing on stderr", |l| l.trim())
         .to_string()
@@ -723,6 +722,10 @@ mod tests {
             Node.js v20.20.2\n";
         assert_eq!(tail(stderr), "Error: timeout: 19986/20000");
         assert_eq!(tail(b"npm ERR! network\n"), "npm ERR! network");
+        assert_eq!(
+            tail(b"Error: connect ECONNREFUSED\nlater: Error [ERR_IPC_CHANNEL_CLOSED]\n"),
+            "Error: connect ECONNREFUSED"
+        );
         assert_eq!(tail(b"just this\nNode.js v20.20.2\n"), "just this");
         assert_eq!(tail(b""), "nothing on stderr");
     }

@@ -4,6 +4,7 @@
 //! directly against Postgres. See BENCHMARKS.md for the command and figures.
 
 mod baseline;
+mod peers;
 mod scenarios;
 mod stats;
 mod system;
@@ -18,9 +19,21 @@ pub struct Opts {
     /// Small counts and short durations: a smoke run of every scenario.
     #[arg(long)]
     pub quick: bool,
-    /// Run only these scenarios (default: all).
+    /// Run only these scenarios (default: all; --list names them).
     #[arg(long = "scenario")]
     pub scenarios: Vec<String>,
+    /// Print the scenarios (name, what it needs, what it measures) and exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Side by side with the peer job queues: e2e-jobs, batch-e2e and
+    /// claim-e2e, then BullMQ, graphile-worker and pg-boss from --peers-dir
+    /// at the same N (--e2e-jobs) and worker processes (--workers); prints one
+    /// table of jobs/s with the ratios Keel/peer. Needs Node.js and npm.
+    #[arg(long)]
+    pub peers: bool,
+    /// The peer harness folder (read only: it is copied, then `npm ci`).
+    #[arg(long, env = "KEEL_PEERS_DIR", default_value = "../shared/peers")]
+    pub peers_dir: PathBuf,
     /// Concurrent clients per scenario.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
@@ -85,16 +98,20 @@ impl Opts {
         }
         self
     }
-
-    pub fn wants(&self, scenario: &str) -> bool {
-        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
-    }
 }
 
 #[tokio::main]
 async fn main() {
     let opts = keel_shared::config::parse_config::<Opts>().quickened();
-    if let Err(e) = scenarios::run_all(opts).await {
+    let done = if opts.list {
+        scenarios::print_list();
+        Ok(())
+    } else if opts.peers {
+        peers::run(opts).await
+    } else {
+        scenarios::run(opts).await.map(|outcome| outcome.print())
+    };
+    if let Err(e) = done {
         eprintln!("keel-bench: {e:#}");
         std::process::exit(1);
     }

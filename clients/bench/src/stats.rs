@@ -12,6 +12,8 @@ pub struct Stats {
     /// Raw-SQL baseline throughput (ops/s) at the same concurrency, when there is one.
     pub baseline_ops_per_sec: Option<f64>,
     pub note: String,
+    /// CPU microseconds per job of each process (end-to-end scenarios only).
+    pub cpu_us_per_job: Vec<(String, f64)>,
 }
 
 impl Stats {
@@ -33,6 +35,15 @@ pub fn percentile(samples: &[u64], p: f64) -> u64 {
     sorted.sort_unstable();
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank.min(sorted.len() - 1)]
+}
+
+/// "jobs 75, worker x2 52, bench 30": CPU microseconds per job by process.
+pub fn cpu_list(per_process: &[(String, f64)]) -> String {
+    per_process
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn print_header() {

@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
+/// A process's (name, CPU seconds so far, peak RSS in MiB).
+pub type Usage = (String, f64, f64);
+
 pub struct System {
     pub auth: String,
     pub jobs: String,
@@ -170,6 +173,10 @@ impl System {
         Ok(())
     }
 
+    pub fn has_workers(&self) -> bool {
+        !self.workers.is_empty()
+    }
+
     pub fn stop_workers(&mut self) {
         for mut w in self.workers.drain(..) {
             let _ = w.kill();
@@ -233,8 +240,8 @@ impl System {
         Ok((all, pubsub))
     }
 
-    pub fn usage(&self) -> Vec<(String, f64, f64)> {
-        let mut out: Vec<(String, f64, f64)> = self
+    pub fn usage(&self) -> Vec<Usage> {
+        let mut out: Vec<Usage> = self
             .services
             .iter()
             .map(|(name, c)| {
@@ -259,20 +266,32 @@ pub fn own_cpu() -> f64 {
     proc_usage(std::process::id()).0
 }
 
+/// CPU seconds so far of this process's children that it has waited for
+/// (and of the children they waited for): the peer harness's node processes.
+pub fn children_cpu() -> f64 {
+    // cutime and cstime are the 16th and 17th fields.
+    stat_seconds(std::process::id(), [13, 14])
+}
+
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, f64) {
+    // utime and stime are the 14th and 15th fields.
+    (stat_seconds(pid, [11, 12]), status_mib(pid, "VmHWM:"))
+}
+
+/// The sum of two clock-tick fields of /proc/<pid>/stat, in seconds;
+/// `fields` count from the one after the parenthesised command name (the 3rd).
+fn stat_seconds(pid: u32, fields: [usize; 2]) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are 14th and 15th overall.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
+    let values: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| {
-        fields
+        values
             .get(i)
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    let cpu = (ticks(11) + ticks(12)) / 100.0; // USER_HZ is 100 on Linux
-    (cpu, status_mib(pid, "VmHWM:"))
+    (ticks(fields[0]) + ticks(fields[1])) / 100.0 // USER_HZ is 100 on Linux
 }
 
 /// Local ports of the process's TCP connections to `remote_port`, from its

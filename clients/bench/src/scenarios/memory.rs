@@ -1,0 +1,265 @@
+//! The memory paths: put, get, search and workspace over a seeded corpus,
+//! each against the same SQL straight on Postgres; and the corpus's words.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Result;
+use keel_proto::memory::v1::{
+    GetMemoryRequest, GetWorkspaceRequest, PutMemoryRequest, SearchMemoriesRequest,
+};
+
+use super::Ctx;
+use super::drive::{Limit, authed, drive};
+use crate::stats::Stats;
+
+/// Words for realistic memory text.
+const WORDS: &[&str] = &[
+    "agent",
+    "plan",
+    "memory",
+    "vector",
+    "search",
+    "customer",
+    "invoice",
+    "meeting",
+    "deploy",
+    "database",
+    "latency",
+    "budget",
+    "roadmap",
+    "summary",
+    "contract",
+    "review",
+    "incident",
+    "kubernetes",
+    "python",
+    "rust",
+    "report",
+    "quarter",
+    "design",
+    "feedback",
+    "schedule",
+    "travel",
+    "research",
+    "paper",
+    "model",
+    "training",
+    "evaluation",
+    "pipeline",
+    "metric",
+    "dashboard",
+    "alert",
+    "backup",
+    "migration",
+    "release",
+    "ticket",
+    "support",
+];
+
+pub fn text(seed: usize, words: usize) -> String {
+    let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..words)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            WORDS[x % WORDS.len()]
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The tag of memory-put call `i`.
+pub fn tag(i: usize) -> String {
+    WORDS[i % WORDS.len()].to_string()
+}
+
+/// The search query of call `i` (two corpus words).
+pub fn query(i: usize) -> String {
+    format!(
+        "{} {}",
+        WORDS[i % WORDS.len()],
+        WORDS[(i * 7 + 3) % WORDS.len()]
+    )
+}
+
+pub(super) async fn memory_put(cx: &mut Ctx) -> Result<Option<Stats>> {
+    let (opts, c, baseline, token) = (&cx.opts, cx.opts.concurrency, &cx.baseline, &cx.token);
+    let (memory_client, put_count) = (cx.memory_client(), Arc::new(AtomicUsize::new(0)));
+    let (mc, tk, count) = (memory_client.clone(), token.clone(), put_count.clone());
+    let mut s = drive(
+        "memory-put",
+        c,
+        Limit::Time(Duration::from_secs(opts.seconds)),
+        move |i| {
+            let (mut client, tk, count) = (mc(i), tk.clone(), count.clone());
+            async move {
+                client
+                    .put_memory(authed(
+                        &tk,
+                        PutMemoryRequest {
+                            key: format!("put/{i:08}"),
+                            content: text(i, 40),
+                            tags: vec![WORDS[i % WORDS.len()].to_string()],
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                count.fetch_max(i + 1, Ordering::Relaxed);
+                Ok(())
+            }
+        },
+    )
+    .await;
+    s.baseline_ops_per_sec = Some(
+        baseline
+            .put_memory(c, Duration::from_secs(opts.seconds))
+            .await?,
+    );
+    cx.memory_puts = put_count.load(Ordering::Relaxed);
+    Ok(Some(s))
+}
+
+pub(super) async fn memory_get(cx: &mut Ctx) -> Result<Option<Stats>> {
+    let (opts, c, baseline, token) = (&cx.opts, cx.opts.concurrency, &cx.baseline, &cx.token);
+    let memory_client = cx.memory_client();
+    let puts = cx.memory_puts.max(1);
+    let (mc, tk) = (memory_client.clone(), token.clone());
+    let mut s = drive(
+        "memory-get",
+        c,
+        Limit::Time(Duration::from_secs(opts.seconds)),
+        move |i| {
+            let (mut client, tk) = (mc(i), tk.clone());
+            async move {
+                let key = format!("put/{:08}", i.wrapping_mul(7919) % puts);
+                match client
+                    .get_memory(authed(
+                        &tk,
+                        GetMemoryRequest {
+                            key,
+                            ..Default::default()
+                        },
+                    ))
+                    .await
+                {
+                    // A put that errored leaves a gap; NOT_FOUND is still a served read.
+                    Ok(_) => Ok(()),
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(()),
+                    Err(s) => Err(s.into()),
+                }
+            }
+        },
+    )
+    .await;
+    s.baseline_ops_per_sec = Some(
+        baseline
+            .get_memory(c, Duration::from_secs(opts.seconds), puts)
+            .await?,
+    );
+    Ok(Some(s))
+}
+
+/// Seeds the corpus memory-search and workspace read through the API (not measured).
+pub(super) async fn seed_corpus(cx: &mut Ctx) {
+    let (opts, c, token) = (&cx.opts, cx.opts.concurrency, &cx.token);
+    let memory_client = cx.memory_client();
+    let (mc, tk) = (memory_client.clone(), token.clone());
+    let seeded = drive("seed", c, Limit::Ops(opts.search_corpus), move |i| {
+        let (mut client, tk) = (mc(i), tk.clone());
+        async move {
+            client
+                .put_memory(authed(
+                    &tk,
+                    PutMemoryRequest {
+                        key: format!("corpus/{i:08}"),
+                        content: text(i + 1_000_003, 60),
+                        tags: vec![
+                            WORDS[i % WORDS.len()].to_string(),
+                            WORDS[(i / 7) % WORDS.len()].to_string(),
+                        ],
+                        ..Default::default()
+                    },
+                ))
+                .await?;
+            Ok(())
+        }
+    })
+    .await;
+    println!(
+        "seeded {} memories in {:.1}s ({} errors)",
+        seeded.ops,
+        seeded.elapsed.as_secs_f64(),
+        seeded.errors
+    );
+}
+
+pub(super) async fn memory_search(cx: &mut Ctx) -> Result<Option<Stats>> {
+    let (opts, c, baseline, token) = (&cx.opts, cx.opts.concurrency, &cx.baseline, &cx.token);
+    let memory_client = cx.memory_client();
+    let (mc, tk) = (memory_client.clone(), token.clone());
+    let mut s = drive(
+        "memory-search",
+        c,
+        Limit::Time(Duration::from_secs(opts.seconds)),
+        move |i| {
+            let (mut client, tk) = (mc(i), tk.clone());
+            async move {
+                let query = query(i);
+                client
+                    .search_memories(authed(
+                        &tk,
+                        SearchMemoriesRequest {
+                            query,
+                            limit: 10,
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                Ok(())
+            }
+        },
+    )
+    .await;
+    s.note = format!("{} corpus, limit 10 {}", opts.search_corpus, s.note);
+    s.baseline_ops_per_sec = Some(
+        baseline
+            .search(c, Duration::from_secs(opts.seconds))
+            .await?,
+    );
+    Ok(Some(s))
+}
+
+pub(super) async fn workspace(cx: &mut Ctx) -> Result<Option<Stats>> {
+    let (opts, c, baseline, token) = (&cx.opts, cx.opts.concurrency, &cx.baseline, &cx.token);
+    let memory_client = cx.memory_client();
+    let (mc, tk) = (memory_client.clone(), token.clone());
+    let mut s = drive(
+        "workspace",
+        c,
+        Limit::Time(Duration::from_secs(opts.seconds)),
+        move |i| {
+            let (mut client, tk) = (mc(i), tk.clone());
+            async move {
+                client
+                    .get_workspace(authed(
+                        &tk,
+                        GetWorkspaceRequest {
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                Ok(())
+            }
+        },
+    )
+    .await;
+    s.baseline_ops_per_sec = Some(
+        baseline
+            .workspace(c, Duration::from_secs(opts.seconds))
+            .await?,
+    );
+    Ok(Some(s))
+}

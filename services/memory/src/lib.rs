@@ -1,10 +1,13 @@
 //! Keel memory service: per-user keyed memories, search and a workspace aggregate.
 
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod service;
 pub mod store;
+pub mod sweeper;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,12 +43,19 @@ pub async fn run(
         async move { server::postgres_ready(&pool).await }
     });
 
+    let store = store::Store::new(pool);
+    tokio::spawn(sweeper::run(
+        store.clone(),
+        config.sweep.clone(),
+        shutdown.clone(),
+    ));
+
     let authenticator = Authenticator::new(verifier, None);
     let service = InterceptedService::new(
-        MemoryServiceServer::new(grpc::MemoryApi::new(
-            store::Store::new(pool),
+        MemoryServiceServer::new(grpc::MemoryApi::new(service::Memories::new(
+            store,
             config.limits.clone(),
-        ))
+        )))
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
         authenticator,
     );

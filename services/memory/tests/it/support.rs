@@ -76,7 +76,10 @@ impl Env {
     pub async fn get(&self, user: &User, key: &str) -> Result<Memory, Status> {
         self.client()
             .get_memory(testing::authed(
-                GetMemoryRequest { key: key.into() },
+                GetMemoryRequest {
+                    key: key.into(),
+                    ..Default::default()
+                },
                 &user.token,
             ))
             .await
@@ -94,6 +97,7 @@ impl Env {
                 DeleteMemoryRequest {
                     key: key.into(),
                     expected_version,
+                    ..Default::default()
                 },
                 &user.token,
             ))
@@ -136,6 +140,7 @@ impl Env {
                 SearchMemoriesRequest {
                     query: query.into(),
                     limit,
+                    ..Default::default()
                 },
                 &user.token,
             ))
@@ -145,7 +150,7 @@ impl Env {
 
     pub async fn workspace(&self, user: &User) -> Result<Workspace, Status> {
         self.client()
-            .get_workspace(testing::authed(GetWorkspaceRequest {}, &user.token))
+            .get_workspace(testing::authed(GetWorkspaceRequest::default(), &user.token))
             .await
             .map(|r| r.into_inner().workspace.expect("workspace"))
     }
@@ -164,6 +169,7 @@ pub fn put_req(key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         metadata: None,
         expected_version: 0,
+        ..Default::default()
     }
 }
 

@@ -49,6 +49,13 @@ CREATE FUNCTION memories_keep_history() RETURNS trigger
 DECLARE
     kept bigint := coalesce(nullif(current_setting('keel.memory_versions_kept', true), '')::bigint, 20);
 BEGIN
+    IF OLD.expires_at <= now() THEN
+        -- A put over an expired memory (not swept yet) creates a new one:
+        -- the expired one's history goes.
+        DELETE FROM memory_history
+         WHERE user_id = OLD.user_id AND namespace = OLD.namespace AND key = OLD.key;
+        RETURN NULL;
+    END IF;
     IF kept > 0 THEN
         INSERT INTO memory_history
             (user_id, namespace, key, version, content, tags, metadata, created_at, updated_at, expires_at)

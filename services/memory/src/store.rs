@@ -44,10 +44,10 @@ macro_rules! live {
 /// is read after the row lock is taken, so updated_at never goes backwards
 /// under concurrent writers. `xmax = 0` only on a row this statement inserted.
 ///
-/// An expired row not swept yet is not updated (no row comes back): the
-/// caller removes it and puts again, so the put creates a fresh memory. The
-/// history trigger (V12) reads how many versions to keep from the setting
-/// made here for this statement only.
+/// An expired row not swept yet is replaced as if absent: it gets the new
+/// created_at (so created_at = updated_at marks a creation, as on insert)
+/// and the history trigger (V12) drops its history. That trigger reads how
+/// many versions to keep from the setting made here for this statement only.
 const PUT_UNCONDITIONAL: &str = concat!(
     "WITH issued AS ( \
          INSERT INTO memory_versions AS v (user_id, namespace, key, version) VALUES ($1, $2, $3, 1) \
@@ -61,10 +61,12 @@ const PUT_UNCONDITIONAL: &str = concat!(
                           set_config('keel.memory_versions_kept', $8, true) AS kept) AS now \
      ON CONFLICT (user_id, namespace, key) DO UPDATE \
         SET content = EXCLUDED.content, tags = EXCLUDED.tags, metadata = EXCLUDED.metadata, \
-            version = EXCLUDED.version, updated_at = clock_timestamp(), \
-            expires_at = EXCLUDED.expires_at \
-      WHERE m.expires_at IS NULL OR m.expires_at > now() \
-     RETURNING (m.xmax = 0) AS created, ",
+            version = EXCLUDED.version, expires_at = EXCLUDED.expires_at, \
+            created_at = CASE WHEN m.expires_at <= now() THEN EXCLUDED.created_at \
+                              ELSE m.created_at END, \
+            updated_at = CASE WHEN m.expires_at <= now() THEN EXCLUDED.updated_at \
+                              ELSE clock_timestamp() END \
+     RETURNING (m.xmax = 0 OR m.created_at = m.updated_at) AS created, ",
     memory_cols!()
 );
 
@@ -95,10 +97,6 @@ const PUT_CONDITIONAL: &str = concat!(
      RETURNING ",
     memory_cols!()
 );
-
-/// Removes one memory that expired and is not swept yet (before a put re-creates it).
-const DELETE_EXPIRED_ONE: &str = "DELETE FROM memories \
-     WHERE user_id = $1 AND namespace = $2 AND key = $3 AND expires_at <= now()";
 
 const GET: &str = concat!(
     "SELECT ",
@@ -397,29 +395,10 @@ impl Store {
                 &memory.expires_at,
                 &kept,
             ];
-            let mut row = client
-                .query_opt(&stmt, &params)
+            let row = client
+                .query_one(&stmt, &params)
                 .await
                 .map_err(write_error)?;
-            if row.is_none() {
-                // The key holds an expired memory not swept yet: remove it,
-                // then this put creates the memory afresh.
-                let delete = client.prepare_cached(DELETE_EXPIRED_ONE).await?;
-                client
-                    .execute(&delete, &[&user_id, &memory.namespace, &memory.key])
-                    .await?;
-                row = client
-                    .query_opt(&stmt, &params)
-                    .await
-                    .map_err(write_error)?;
-            }
-            // Still nothing: the key expired again meanwhile (a concurrent put's
-            // expiry passed); report it as a conflict to retry.
-            let row = row.ok_or_else(|| {
-                MemoryError::Api(ApiError::Aborted(
-                    "the memory changed concurrently; retry".into(),
-                ))
-            })?;
             let created = row.try_get("created")?;
             (Some(row), created)
         } else {

@@ -434,7 +434,13 @@ pub async fn run_all(opts: Opts) -> Result<()> {
                 async move {
                     let key = format!("put/{:08}", i.wrapping_mul(7919) % puts);
                     match client
-                        .get_memory(authed(&tk, GetMemoryRequest { key }))
+                        .get_memory(authed(
+                            &tk,
+                            GetMemoryRequest {
+                                key,
+                                ..Default::default()
+                            },
+                        ))
                         .await
                     {
                         // A put that errored leaves a gap; NOT_FOUND is still a served read.
@@ -483,6 +489,17 @@ pub async fn run_all(opts: Opts) -> Result<()> {
             seeded.elapsed.as_secs_f64(),
             seeded.errors
         );
+        // The same corpus for other users, so the indexes are shared as in a
+        // real deployment (straight into Postgres: only the reads are measured).
+        let started = Instant::now();
+        let others = baseline
+            .seed_other_users(opts.search_other_users, opts.search_corpus)
+            .await?;
+        println!(
+            "seeded {others} memories for {} other users in {:.1}s",
+            opts.search_other_users,
+            started.elapsed().as_secs_f64()
+        );
     }
     if opts.wants("memory-search") {
         let (mc, tk) = (memory_client.clone(), token.clone());
@@ -495,14 +512,24 @@ pub async fn run_all(opts: Opts) -> Result<()> {
                 async move {
                     let query = query(i);
                     client
-                        .search_memories(authed(&tk, SearchMemoriesRequest { query, limit: 10 }))
+                        .search_memories(authed(
+                            &tk,
+                            SearchMemoriesRequest {
+                                query,
+                                limit: 10,
+                                ..Default::default()
+                            },
+                        ))
                         .await?;
                     Ok(())
                 }
             },
         )
         .await;
-        s.note = format!("{} corpus, limit 10 {}", opts.search_corpus, s.note);
+        s.note = format!(
+            "{} corpus (+{} other users' alike), limit 10 {}",
+            opts.search_corpus, opts.search_other_users, s.note
+        );
         s.baseline_ops_per_sec = Some(
             baseline
                 .search(c, Duration::from_secs(opts.seconds))
@@ -520,7 +547,7 @@ pub async fn run_all(opts: Opts) -> Result<()> {
                 let (mut client, tk) = (mc(i), tk.clone());
                 async move {
                     client
-                        .get_workspace(authed(&tk, GetWorkspaceRequest {}))
+                        .get_workspace(authed(&tk, GetWorkspaceRequest::default()))
                         .await?;
                     Ok(())
                 }

@@ -8,7 +8,7 @@ use deadpool_postgres::{Client, Pool};
 use keel_shared::ApiError;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
 use crate::domain::{NewMemory, RECENT_MEMORIES};
@@ -546,24 +546,25 @@ impl Store {
         search: &SearchQuery<'_>,
     ) -> Result<Option<Vec<SearchHit>>, MemoryError> {
         let client = self.client().await?;
-        // Not a cached statement: planned with the query's words, so the
-        // planner can choose between the recency index and the GIN index.
+        // Not a cached statement: an unnamed one, planned with this call's
+        // words (so the planner can choose between the recency index and the
+        // GIN index), sent with its parameter types in one round trip.
         let (score, key) = match search.after {
             Some(c) => (Some(c.score), c.key),
             None => (None, ""),
         };
         let rows = client
-            .query(
+            .query_typed(
                 SEARCH,
                 &[
-                    &user_id,
-                    &search.namespace,
-                    &search.query,
-                    &search.tags,
-                    &search.candidates,
-                    &search.limit,
-                    &score,
-                    &key,
+                    (&user_id, Type::UUID),
+                    (&search.namespace, Type::TEXT),
+                    (&search.query, Type::TEXT),
+                    (&search.tags, Type::TEXT_ARRAY),
+                    (&search.candidates, Type::INT8),
+                    (&search.limit, Type::INT8),
+                    (&score, Type::FLOAT4),
+                    (&key, Type::TEXT),
                 ],
             )
             .await?;

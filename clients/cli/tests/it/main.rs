@@ -3,5 +3,6 @@
 
 mod control;
 mod dead_letters;
+mod memories;
 mod output;
 mod support;

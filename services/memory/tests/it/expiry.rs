@@ -256,3 +256,44 @@ async fn the_background_sweeper_reclaims_expired_rows() {
     }
     assert_eq!(env.get(&alice, "keep").await.unwrap().content, "x");
 }
+
+#[tokio::test]
+async fn concurrent_sweepers_of_several_replicas_share_the_work() {
+    let env = Env::start_with(|c| c.sweep.sweep_interval_ms = 3_600_000).await;
+    let alice = env.user("alice").await;
+    for i in 0..60 {
+        env.put(
+            &alice,
+            expiring(
+                &format!("k{i:02}"),
+                "x",
+                &["t"],
+                at(chrono::Duration::milliseconds(300)),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    wait_until_gone(&env, &alice, "k59").await;
+    let sweepers = (0..3).map(|_| {
+        let store = keel_memory::store::Store::new(env.db.pool.clone());
+        async move {
+            let mut total = 0;
+            loop {
+                match store.sweep_expired(7).await.unwrap() {
+                    0 => return total,
+                    n => total += n,
+                }
+            }
+        }
+    });
+    let totals = futures::future::join_all(sweepers).await;
+    assert_eq!(totals.iter().sum::<u64>(), 60, "{totals:?}");
+    assert_eq!(env.sql_count("SELECT count(*) FROM memories").await, 0);
+    assert_eq!(env.sql_count("SELECT count(*) FROM memory_totals").await, 0);
+    assert_eq!(
+        env.sql_count("SELECT count(*) FROM memory_tag_counts")
+            .await,
+        0
+    );
+}

@@ -85,7 +85,10 @@ impl Clients {
             "memory.GetMemory",
             self.memory
                 .clone()
-                .get_memory(testing::authed(GetMemoryRequest { key: key(0) }, token))
+                .get_memory(testing::authed(GetMemoryRequest {
+                        key: key(0),
+                        ..Default::default()
+                    }, token))
         );
         out
     }
@@ -237,7 +240,10 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
             .memory
             .clone()
             .get_memory(testing::authed(
-                GetMemoryRequest { key: key(i) },
+                GetMemoryRequest {
+                    key: key(i),
+                    ..Default::default()
+                },
                 &clients.token,
             ))
             .await

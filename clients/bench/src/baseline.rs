@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use deadpool_postgres::Pool;
 use keel_jobs::domain::NewJob;
-use keel_memory::domain::NewMemory;
 use keel_memory::config::{DEFAULT_SEARCH_CANDIDATES, DEFAULT_VERSIONS_KEPT};
+use keel_memory::domain::NewMemory;
 use keel_memory::store::{Scope, SearchQuery, Store as MemoryStore};
 use uuid::Uuid;
 
@@ -210,6 +210,7 @@ impl Baseline {
                     candidates: DEFAULT_SEARCH_CANDIDATES,
                     // A page of 10 and one more, as the service asks.
                     limit: 11,
+                    snippets: 10,
                     after: None,
                 };
                 store.search(user, &search).await?;

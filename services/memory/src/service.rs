@@ -158,6 +158,7 @@ impl Memories {
             tags: req.tags,
             candidates: self.limits.search_candidates,
             limit: req.page_size + 1,
+            snippets: req.page_size,
             after: cursor.as_ref().map(|c| SearchCursor {
                 score: c.score,
                 key: &c.key,

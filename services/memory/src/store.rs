@@ -186,16 +186,19 @@ const LIST_TAGGED: &str = concat!(
 /// one-word query, a single key or tag hit (weight A, 0.61) always outranks
 /// any number of content-only hits (weight C, below 0.33). The page is the
 /// next $6 after the cursor ($7 score, $8 key) in (score DESC, key) order;
-/// the snippet is made for the page's rows only.
+/// the snippet (ts_headline, the costliest part per row) is made for the
+/// first $9 rows only, not for the one fetched to know a next page exists.
 const SEARCH: &str = concat!(
     "SELECT s.selective, p.*, \
-            ts_headline('english'::regconfig, p.content, q, \
-                        'StartSel=«, StopSel=», MaxWords=30, MinWords=10, MaxFragments=2, \
-                         FragmentDelimiter=\" … \"') AS snippet \
+            CASE WHEN p.position <= $9 THEN \
+                ts_headline('english'::regconfig, p.content, q, \
+                            'StartSel=«, StopSel=», MaxWords=30, MinWords=10, MaxFragments=1') \
+            END AS snippet \
      FROM websearch_to_tsquery('english'::regconfig, $3) AS q \
      CROSS JOIN LATERAL (SELECT numnode(q) > 0 AND NOT (''::tsvector @@ q) AS selective) AS s \
      LEFT JOIN LATERAL ( \
-         SELECT * FROM ( \
+         SELECT ranked.*, row_number() OVER (ORDER BY ranked.score DESC, ranked.key) AS position \
+         FROM ( \
              SELECT ",
     memory_cols!(),
     ", ts_rank(search, q) AS score \
@@ -338,6 +341,8 @@ pub struct SearchQuery<'a> {
     pub tags: &'a [String],
     pub candidates: i64,
     pub limit: i64,
+    /// How many of the first results get a snippet.
+    pub snippets: i64,
     pub after: Option<SearchCursor<'a>>,
 }
 
@@ -565,6 +570,7 @@ impl Store {
                     (&search.limit, Type::INT8),
                     (&score, Type::FLOAT4),
                     (&key, Type::TEXT),
+                    (&search.snippets, Type::INT8),
                 ],
             )
             .await?;

@@ -83,12 +83,13 @@ impl Clients {
         );
         call!(
             "memory.GetMemory",
-            self.memory
-                .clone()
-                .get_memory(testing::authed(GetMemoryRequest {
-                        key: key(0),
-                        ..Default::default()
-                    }, token))
+            self.memory.clone().get_memory(testing::authed(
+                GetMemoryRequest {
+                    key: key(0),
+                    ..Default::default()
+                },
+                token
+            ))
         );
         out
     }

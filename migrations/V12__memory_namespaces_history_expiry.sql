@@ -97,78 +97,123 @@ ALTER TABLE memory_tag_counts ADD COLUMN namespace text COLLATE "C" NOT NULL DEF
 ALTER TABLE memory_tag_counts DROP CONSTRAINT memory_tag_counts_pkey;
 ALTER TABLE memory_tag_counts ADD PRIMARY KEY (user_id, namespace, tag);
 
+-- Totals are split over 16 shards per (user, namespace) by key hash:
+-- every write of a user touches its totals, and one row would make all of
+-- a user's concurrent writes queue on its lock until commit. Readers sum
+-- the shards; a shard row goes once both its figures are back at zero.
+CREATE FUNCTION memories_shard(key text) RETURNS smallint
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN (hashtext(key) & 15)::smallint;
+
 CREATE TABLE memory_totals (
     user_id       uuid NOT NULL,
     namespace     text COLLATE "C" NOT NULL,
+    shard         smallint NOT NULL,
     memories      bigint NOT NULL,
     content_bytes bigint NOT NULL,
-    PRIMARY KEY (user_id, namespace)
+    PRIMARY KEY (user_id, namespace, shard)
 );
 
-INSERT INTO memory_totals (user_id, namespace, memories, content_bytes)
-SELECT user_id, namespace, count(*), sum(content_bytes) FROM memories GROUP BY 1, 2;
+INSERT INTO memory_totals (user_id, namespace, shard, memories, content_bytes)
+SELECT user_id, namespace, memories_shard(key), count(*), sum(content_bytes)
+FROM memories GROUP BY 1, 2, 3;
 
 DROP TRIGGER memories_count_tags_insert ON memories;
 DROP TRIGGER memories_count_tags_update ON memories;
 DROP TRIGGER memories_count_tags_delete ON memories;
 DROP FUNCTION memories_count_tags();
 
--- Applies one statement's changes in (user, namespace, tag) order, so
--- concurrent writers lock count rows in the same order. The transition
--- tables that exist depend on the operation, hence the one dynamic source.
-CREATE FUNCTION memories_count() RETURNS trigger
+-- One function per operation (each sees only the transition tables it
+-- has), static SQL so plpgsql keeps the plans. Each applies one
+-- statement's changes in key order, tag counts before totals, so
+-- concurrent writers lock count rows in the same order.
+CREATE FUNCTION memories_count_insert() RETURNS trigger
     LANGUAGE plpgsql AS $$
-DECLARE
-    changes text := CASE TG_OP
-        WHEN 'INSERT' THEN 'SELECT user_id, namespace, tags, content_bytes, 1 AS n FROM new_rows'
-        WHEN 'DELETE' THEN 'SELECT user_id, namespace, tags, content_bytes, -1 AS n FROM old_rows'
-        ELSE 'SELECT user_id, namespace, tags, content_bytes, 1 AS n FROM new_rows
-              UNION ALL SELECT user_id, namespace, tags, content_bytes, -1 FROM old_rows'
-    END;
 BEGIN
-    EXECUTE format($q$
-        WITH changes AS (%s)
-        INSERT INTO memory_tag_counts AS c (user_id, namespace, tag, memories)
-        SELECT c.user_id, c.namespace, t.tag, sum(c.n)
-          FROM changes AS c, unnest(c.tags) AS t(tag)
-         GROUP BY 1, 2, 3 HAVING sum(c.n) <> 0 ORDER BY 1, 2, 3
-        ON CONFLICT (user_id, namespace, tag) DO UPDATE SET memories = c.memories + EXCLUDED.memories
-    $q$, changes);
-    EXECUTE format($q$
-        WITH changes AS (%s)
-        DELETE FROM memory_tag_counts AS c
-         USING (SELECT DISTINCT c.user_id, c.namespace, t.tag
-                  FROM changes AS c, unnest(c.tags) AS t(tag)) AS d
-         WHERE c.user_id = d.user_id AND c.namespace = d.namespace AND c.tag = d.tag
-           AND c.memories <= 0
-    $q$, changes);
+    INSERT INTO memory_tag_counts AS c (user_id, namespace, tag, memories)
+    SELECT r.user_id, r.namespace, t.tag, count(*)
+      FROM new_rows AS r, unnest(r.tags) AS t(tag)
+     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, namespace, tag) DO UPDATE SET memories = c.memories + EXCLUDED.memories;
+    INSERT INTO memory_totals AS t (user_id, namespace, shard, memories, content_bytes)
+    SELECT r.user_id, r.namespace, memories_shard(r.key), count(*), sum(r.content_bytes)
+      FROM new_rows AS r
+     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, namespace, shard) DO UPDATE
+        SET memories = t.memories + EXCLUDED.memories,
+            content_bytes = t.content_bytes + EXCLUDED.content_bytes;
+    RETURN NULL;
+END
+$$;
 
-    EXECUTE format($q$
-        WITH changes AS (%s)
-        INSERT INTO memory_totals AS t (user_id, namespace, memories, content_bytes)
-        SELECT user_id, namespace, sum(n), sum(n * content_bytes)
-          FROM changes GROUP BY 1, 2
-        HAVING sum(n) <> 0 OR sum(n * content_bytes) <> 0 ORDER BY 1, 2
-        ON CONFLICT (user_id, namespace) DO UPDATE
-            SET memories = t.memories + EXCLUDED.memories,
-                content_bytes = t.content_bytes + EXCLUDED.content_bytes
-    $q$, changes);
-    EXECUTE format($q$
-        WITH changes AS (%s)
-        DELETE FROM memory_totals AS t
-         USING (SELECT DISTINCT user_id, namespace FROM changes) AS d
-         WHERE t.user_id = d.user_id AND t.namespace = d.namespace AND t.memories <= 0
-    $q$, changes);
+CREATE FUNCTION memories_count_delete() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO memory_tag_counts AS c (user_id, namespace, tag, memories)
+    SELECT r.user_id, r.namespace, t.tag, -count(*)
+      FROM old_rows AS r, unnest(r.tags) AS t(tag)
+     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, namespace, tag) DO UPDATE SET memories = c.memories + EXCLUDED.memories;
+    DELETE FROM memory_tag_counts AS c
+     USING (SELECT DISTINCT r.user_id, r.namespace, t.tag
+              FROM old_rows AS r, unnest(r.tags) AS t(tag)) AS d
+     WHERE c.user_id = d.user_id AND c.namespace = d.namespace AND c.tag = d.tag
+       AND c.memories <= 0;
+    INSERT INTO memory_totals AS t (user_id, namespace, shard, memories, content_bytes)
+    SELECT r.user_id, r.namespace, memories_shard(r.key), -count(*), -sum(r.content_bytes)
+      FROM old_rows AS r
+     GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, namespace, shard) DO UPDATE
+        SET memories = t.memories + EXCLUDED.memories,
+            content_bytes = t.content_bytes + EXCLUDED.content_bytes;
+    DELETE FROM memory_totals AS t
+     USING (SELECT DISTINCT r.user_id, r.namespace, memories_shard(r.key) AS shard
+              FROM old_rows AS r) AS d
+     WHERE t.user_id = d.user_id AND t.namespace = d.namespace AND t.shard = d.shard
+       AND t.memories = 0 AND t.content_bytes = 0;
+    RETURN NULL;
+END
+$$;
+
+-- An update keeps user, namespace and key (the primary key is never
+-- updated), so only tags and content bytes can change.
+CREATE FUNCTION memories_count_update() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO memory_tag_counts AS c (user_id, namespace, tag, memories)
+    SELECT d.user_id, d.namespace, d.tag, sum(d.n)
+      FROM (SELECT r.user_id, r.namespace, t.tag, 1 AS n
+              FROM new_rows AS r, unnest(r.tags) AS t(tag)
+            UNION ALL
+            SELECT r.user_id, r.namespace, t.tag, -1
+              FROM old_rows AS r, unnest(r.tags) AS t(tag)) AS d
+     GROUP BY 1, 2, 3 HAVING sum(d.n) <> 0 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, namespace, tag) DO UPDATE SET memories = c.memories + EXCLUDED.memories;
+    DELETE FROM memory_tag_counts AS c
+     USING (SELECT DISTINCT r.user_id, r.namespace, t.tag
+              FROM old_rows AS r, unnest(r.tags) AS t(tag)) AS d
+     WHERE c.user_id = d.user_id AND c.namespace = d.namespace AND c.tag = d.tag
+       AND c.memories <= 0;
+    INSERT INTO memory_totals AS t (user_id, namespace, shard, memories, content_bytes)
+    SELECT d.user_id, d.namespace, d.shard, 0, sum(d.bytes)
+      FROM (SELECT r.user_id, r.namespace, memories_shard(r.key) AS shard, r.content_bytes AS bytes
+              FROM new_rows AS r
+            UNION ALL
+            SELECT r.user_id, r.namespace, memories_shard(r.key), -r.content_bytes
+              FROM old_rows AS r) AS d
+     GROUP BY 1, 2, 3 HAVING sum(d.bytes) <> 0 ORDER BY 1, 2, 3
+    ON CONFLICT (user_id, namespace, shard) DO UPDATE
+        SET content_bytes = t.content_bytes + EXCLUDED.content_bytes;
     RETURN NULL;
 END
 $$;
 
 CREATE TRIGGER memories_count_insert
     AFTER INSERT ON memories REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION memories_count();
+    FOR EACH STATEMENT EXECUTE FUNCTION memories_count_insert();
 CREATE TRIGGER memories_count_update
     AFTER UPDATE ON memories REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION memories_count();
+    FOR EACH STATEMENT EXECUTE FUNCTION memories_count_update();
 CREATE TRIGGER memories_count_delete
     AFTER DELETE ON memories REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION memories_count();
+    FOR EACH STATEMENT EXECUTE FUNCTION memories_count_delete();

@@ -358,3 +358,69 @@ async fn a_stale_expected_version_never_succeeds_across_delete_and_recreate_in_a
         .unwrap();
     assert_eq!(other.memory.unwrap().version, 1);
 }
+
+/// Totals are sharded rows kept by triggers: concurrent writers of one
+/// user and namespace (inserts, updates, deletes) leave them exact.
+#[tokio::test]
+async fn concurrent_writers_leave_exact_workspace_totals() {
+    let env = Env::start().await;
+    let alice = env.user("alice").await;
+    let writes = (0..48).map(|i| {
+        let env = &env;
+        let alice = alice.clone();
+        async move {
+            let key = format!("k{}", i % 24);
+            let content = "x".repeat(i + 1);
+            env.put(&alice, put_in("ns", &key, &content, &["t"]))
+                .await
+                .unwrap();
+            if i % 6 == 0 {
+                let _ = env
+                    .delete_req(
+                        &alice,
+                        DeleteMemoryRequest {
+                            namespace: "ns".into(),
+                            key,
+                            ..Default::default()
+                        },
+                    )
+                    .await;
+            }
+        }
+    });
+    futures::future::join_all(writes).await;
+    let listed = env
+        .list_all(
+            &alice,
+            ListMemoriesRequest {
+                namespace: "ns".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut bytes = 0;
+    for key in &listed {
+        bytes += env
+            .get_req(&alice, get_in("ns", key, 0))
+            .await
+            .unwrap()
+            .content
+            .len() as i64;
+    }
+    let ws = env
+        .workspace_req(
+            &alice,
+            GetWorkspaceRequest {
+                namespace: "ns".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(ws.memory_count, listed.len() as i64);
+    assert_eq!(ws.total_content_bytes, bytes);
+    assert_eq!(
+        ws.tag_counts,
+        HashMap::from([("t".to_string(), listed.len() as i64)])
+    );
+}

@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use deadpool_postgres::Pool;
 use keel_jobs::domain::NewJob;
+use keel_memory::config::{DEFAULT_SEARCH_CANDIDATES, DEFAULT_VERSIONS_KEPT};
 use keel_memory::domain::NewMemory;
-use keel_memory::store::Store as MemoryStore;
+use keel_memory::store::{Scope, SearchQuery, Store as MemoryStore};
 use uuid::Uuid;
 
 pub struct Baseline {
@@ -43,7 +44,55 @@ where
     Ok(done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Memories inserted per statement when seeding other users.
+const SEED_BATCH: usize = 1000;
+
 impl Baseline {
+    /// Gives `users` new users each the memory-search corpus of `corpus`
+    /// memories (the same keys, contents and tags as the gRPC seed), straight
+    /// into Postgres; returns how many memories it inserted.
+    pub async fn seed_other_users(&self, users: usize, corpus: usize) -> Result<u64> {
+        if users == 0 {
+            return Ok(0);
+        }
+        let client = self.pool.get().await?;
+        let ids: Vec<Uuid> = (0..users).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            client
+                .execute(
+                    "INSERT INTO users (id, email, display_name, password_hash) \
+                     VALUES ($1, $2, 'bench', 'not-a-hash')",
+                    &[id, &format!("bench-other-{}@example.com", id.simple())],
+                )
+                .await?;
+        }
+        let stmt = client
+            .prepare(
+                "INSERT INTO memories (user_id, key, content, tags, created_at, updated_at) \
+                 SELECT u, m.key, m.content, ARRAY[m.tag1, m.tag2], now(), now() \
+                 FROM unnest($1::uuid[]) AS u, \
+                      unnest($2::text[], $3::text[], $4::text[], $5::text[]) \
+                          AS m(key, content, tag1, tag2)",
+            )
+            .await?;
+        let mut inserted = 0;
+        for start in (0..corpus).step_by(SEED_BATCH) {
+            let range = start..(start + SEED_BATCH).min(corpus);
+            let keys: Vec<String> = range.clone().map(|i| format!("corpus/{i:08}")).collect();
+            let contents: Vec<String> = range
+                .clone()
+                .map(|i| crate::scenarios::text(i + 1_000_003, 60))
+                .collect();
+            let tag1: Vec<String> = range.clone().map(crate::scenarios::tag).collect();
+            let tag2: Vec<String> = range.map(|i| crate::scenarios::tag(i / 7)).collect();
+            inserted += client
+                .execute(&stmt, &[&ids, &keys, &contents, &tag1, &tag2])
+                .await?;
+        }
+        client.batch_execute("ANALYZE memories").await?;
+        Ok(inserted)
+    }
+
     pub async fn connect(db_url: &str, user_id: &str) -> Result<Self> {
         let mut cfg = keel_shared::config::DatabaseConfig::from_url(db_url);
         // Same pool size the services use by default.
@@ -118,14 +167,16 @@ impl Baseline {
             let store = store.clone();
             async move {
                 let memory = NewMemory {
+                    namespace: String::new(),
                     key: format!("raw/{i:08}"),
                     content: crate::scenarios::text(i, 40),
                     // The same tag spread as the gRPC scenario (tag counts are per row).
                     tags: vec![crate::scenarios::tag(i)],
                     metadata: serde_json::json!({}),
                     expected_version: 0,
+                    expires_at: None,
                 };
-                store.put(user, &memory).await?;
+                store.put(user, &memory, DEFAULT_VERSIONS_KEPT).await?;
                 Ok(())
             }
         })
@@ -139,7 +190,7 @@ impl Baseline {
             async move {
                 let key = format!("put/{:08}", i.wrapping_mul(7919) % keys);
                 // NOT_FOUND is a served read, as in the gRPC scenario.
-                let _ = store.get(user, &key).await;
+                let _ = store.get(user, "", &key, 0, DEFAULT_VERSIONS_KEPT).await;
                 Ok(())
             }
         })
@@ -152,7 +203,17 @@ impl Baseline {
             let store = store.clone();
             async move {
                 let query = crate::scenarios::query(i);
-                store.search(user, &query, 10).await?;
+                let search = SearchQuery {
+                    namespace: "",
+                    query: &query,
+                    tags: &[],
+                    candidates: DEFAULT_SEARCH_CANDIDATES,
+                    // A page of 10 and one more, as the service asks.
+                    limit: 11,
+                    snippets: 10,
+                    after: None,
+                };
+                store.search(user, &search).await?;
                 Ok(())
             }
         })
@@ -164,7 +225,7 @@ impl Baseline {
         rate(c, d, move |_| {
             let store = store.clone();
             async move {
-                store.workspace(user).await?;
+                store.workspace(user, Scope::Namespace("")).await?;
                 Ok(())
             }
         })

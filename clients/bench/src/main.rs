@@ -71,6 +71,10 @@ pub struct Opts {
     /// Memories seeded before memory-search.
     #[arg(long, default_value_t = 100_000)]
     pub search_corpus: usize,
+    /// Other users given the same corpus (straight into Postgres) before
+    /// memory-search and workspace, so indexes are shared as in production.
+    #[arg(long, default_value_t = 20)]
+    pub search_other_users: usize,
     /// Folder with the keel-* binaries.
     #[arg(long, default_value = "target/release")]
     pub bin_dir: PathBuf,
@@ -91,6 +95,7 @@ impl Opts {
             self.seconds = 2;
             self.e2e_jobs = self.e2e_jobs.min(500);
             self.search_corpus = self.search_corpus.min(1_000);
+            self.search_other_users = self.search_other_users.min(2);
             self.watchers = self.watchers.min(200);
             self.concurrency = self.concurrency.min(16);
             self.e2e_clients = self.e2e_clients.min(16);

@@ -26,7 +26,7 @@ use keel_proto::jobs::v1::{
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::{
     DeleteMemoryRequest, GetMemoryRequest, GetWorkspaceRequest, ListMemoriesRequest,
-    PutMemoryRequest, SearchMemoriesRequest,
+    ListMemoryVersionsRequest, PutMemoryRequest, SearchMemoriesRequest,
 };
 use keel_shared::config::GrpcClientTlsConfig;
 use keel_shared::config::RedisConfig;
@@ -95,11 +95,17 @@ enum Command {
     /// Cron schedules that create jobs: create, list, get, pause, resume, delete.
     #[command(subcommand)]
     Schedules(schedules::SchedulesCommand),
-    /// Memories: put, get, list, search, delete.
-    #[command(subcommand)]
-    Memories(MemoriesCommand),
+    /// Memories: put, get, list, search, delete, history.
+    Memories(MemoriesArgs),
     /// The signed-in user's memory workspace figures.
-    Workspace,
+    Workspace {
+        /// The namespace to sum ("" = the default namespace).
+        #[arg(long, default_value = "")]
+        namespace: String,
+        /// Sum every namespace.
+        #[arg(long, conflicts_with = "namespace")]
+        all_namespaces: bool,
+    },
     /// Health of each server (exit 1 unless all are SERVING).
     Health,
     /// The worker's dead-letter stream: list and replay. Reaches Redis
@@ -192,6 +198,15 @@ enum JobsCommand {
     },
 }
 
+#[derive(clap::Args)]
+struct MemoriesArgs {
+    /// The namespace (an agent's or session's own space); "" = the default one.
+    #[arg(long, global = true, default_value = "")]
+    namespace: String,
+    #[command(subcommand)]
+    cmd: MemoriesCommand,
+}
+
 #[derive(Subcommand)]
 enum MemoriesCommand {
     Put {
@@ -206,10 +221,18 @@ enum MemoriesCommand {
         metadata: Option<String>,
         #[arg(long, default_value_t = 0)]
         expected_version: i64,
+        /// When the memory stops existing (RFC 3339, e.g. 2030-01-01T00:00:00Z).
+        #[arg(long)]
+        expires_at: Option<chrono::DateTime<chrono::Utc>>,
     },
     Get {
         key: String,
+        /// An earlier version still kept (0 = the current one).
+        #[arg(long, default_value_t = 0)]
+        version: i64,
     },
+    /// The current version and the earlier ones kept, newest first.
+    History { key: String },
     List {
         #[arg(long, default_value = "")]
         prefix: String,
@@ -224,6 +247,13 @@ enum MemoriesCommand {
         query: String,
         #[arg(long, default_value_t = 0)]
         limit: i32,
+        /// Only memories carrying this tag (repeatable: all must match).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        page_size: i32,
+        #[arg(long, default_value = "")]
+        page_token: String,
     },
     Delete {
         key: String,
@@ -373,13 +403,17 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Memories(cmd) => memories(&cli, cmd).await?,
         Command::DeadLetters(cmd) => dead_letters(format, cmd).await?,
         Command::WorkerCredential(cmd) => worker_credential::run(cmd)?,
-        Command::Workspace => {
+        Command::Workspace {
+            namespace,
+            all_namespaces,
+        } => {
             let s = current_session(&cli).await?;
             let mut client = MemoryServiceClient::new(connect(&cli.tls, &cli.memory_url).await?);
-            let resp = client
-                .get_workspace(authed(&s, GetWorkspaceRequest {})?)
-                .await?
-                .into_inner();
+            let req = GetWorkspaceRequest {
+                namespace: namespace.clone(),
+                all_namespaces: *all_namespaces,
+            };
+            let resp = client.get_workspace(authed(&s, req)?).await?.into_inner();
             let workspace = resp.workspace.unwrap_or_default();
             format.emit(
                 || output::workspace(&workspace),
@@ -555,7 +589,8 @@ fn next_page_hint(format: Format, token: &str) {
     }
 }
 
-async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
+async fn memories(cli: &Cli, args: &MemoriesArgs) -> Result<()> {
+    let (cmd, namespace) = (&args.cmd, args.namespace.clone());
     let format = cli.output;
     let s = current_session(cli).await?;
     let mut client = MemoryServiceClient::new(connect(&cli.tls, &cli.memory_url).await?);
@@ -566,6 +601,7 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
             tags,
             metadata,
             expected_version,
+            expires_at,
         } => {
             let content = match content {
                 Some(c) => c.clone(),
@@ -584,6 +620,11 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                         tags: tags.clone(),
                         metadata,
                         expected_version: *expected_version,
+                        namespace,
+                        expires_at: expires_at.map(|t| prost_types::Timestamp {
+                            seconds: t.timestamp(),
+                            nanos: t.timestamp_subsec_nanos() as i32,
+                        }),
                     },
                 )?)
                 .await?
@@ -597,9 +638,14 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                 },
             );
         }
-        MemoriesCommand::Get { key } => {
+        MemoriesCommand::Get { key, version } => {
+            let req = GetMemoryRequest {
+                key: key.clone(),
+                namespace,
+                version: *version,
+            };
             let memory = client
-                .get_memory(authed(&s, GetMemoryRequest { key: key.clone() })?)
+                .get_memory(authed(&s, req)?)
                 .await?
                 .into_inner()
                 .memory;
@@ -623,6 +669,7 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                         page_token: page_token.clone(),
                         key_prefix: prefix.clone(),
                         tag: tag.clone(),
+                        namespace,
                     },
                 )?)
                 .await?
@@ -638,32 +685,57 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
             );
             next_page_hint(format, &resp.next_page_token);
         }
-        MemoriesCommand::Search { query, limit } => {
+        MemoriesCommand::Search {
+            query,
+            limit,
+            tags,
+            page_size,
+            page_token,
+        } => {
             let resp = client
                 .search_memories(authed(
                     &s,
                     SearchMemoriesRequest {
                         query: query.clone(),
                         limit: *limit,
+                        namespace,
+                        tags: tags.clone(),
+                        page_size: *page_size,
+                        page_token: page_token.clone(),
                     },
                 )?)
                 .await?
                 .into_inner();
-            let results: Vec<_> = resp
-                .results
-                .into_iter()
-                .map(|r| (r.score, r.memory.unwrap_or_default()))
-                .collect();
             format.emit(
                 || {
                     json!(
-                        results
+                        resp.results
                             .iter()
-                            .map(|(score, m)| json!({"score": score, "memory": output::memory(m)}))
+                            .map(|r| json!({
+                                "score": r.score,
+                                "snippet": r.snippet,
+                                "memory": output::memory(&r.memory.clone().unwrap_or_default()),
+                            }))
                             .collect::<Vec<_>>()
                     )
                 },
-                || output::search_table(&results),
+                || output::search_table(&resp.results),
+            );
+            next_page_hint(format, &resp.next_page_token);
+        }
+        MemoriesCommand::History { key } => {
+            let req = ListMemoryVersionsRequest {
+                namespace,
+                key: key.clone(),
+            };
+            let versions = client
+                .list_memory_versions(authed(&s, req)?)
+                .await?
+                .into_inner()
+                .versions;
+            format.emit(
+                || json!(versions.iter().map(output::memory).collect::<Vec<_>>()),
+                || output::memories_table(&versions),
             );
         }
         MemoriesCommand::Delete {
@@ -676,6 +748,7 @@ async fn memories(cli: &Cli, cmd: &MemoriesCommand) -> Result<()> {
                     DeleteMemoryRequest {
                         key: key.clone(),
                         expected_version: *expected_version,
+                        namespace,
                     },
                 )?)
                 .await?;

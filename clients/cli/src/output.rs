@@ -4,7 +4,7 @@
 use chrono::SecondsFormat;
 use keel_proto::auth::v1::{TokenPair, User};
 use keel_proto::jobs::v1::{Job, JobEvent, JobStatus};
-use keel_proto::memory::v1::{Memory, Workspace};
+use keel_proto::memory::v1::{Memory, SearchResult, Workspace};
 use keel_shared::json::struct_to_json;
 use prost_types::{Struct, Timestamp};
 use serde_json::{Value, json};
@@ -304,6 +304,7 @@ pub(crate) fn memory(m: &Memory) -> Value {
     json!({
         "key": m.key, "content": m.content, "tags": m.tags, "metadata": object(&m.metadata),
         "version": m.version, "created_at": time(&m.created_at), "updated_at": time(&m.updated_at),
+        "namespace": m.namespace, "expires_at": time(&m.expires_at),
     })
 }
 
@@ -328,15 +329,17 @@ pub(crate) fn memories_table(memories: &[Memory]) -> String {
     table.render()
 }
 
-pub(crate) fn search_table(results: &[(f64, Memory)]) -> String {
-    let mut table = Table::new(&["SCORE", "KEY", "VERSION", "TAGS", "UPDATED"]);
-    for (score, m) in results {
+pub(crate) fn search_table(results: &[SearchResult]) -> String {
+    let mut table = Table::new(&["SCORE", "KEY", "VERSION", "TAGS", "UPDATED", "SNIPPET"]);
+    for r in results {
+        let m = r.memory.clone().unwrap_or_default();
         table.row(vec![
-            format!("{score:.4}"),
+            format!("{:.4}", r.score),
             m.key.clone(),
             m.version.to_string(),
-            tags(m),
+            tags(&m),
             when(&m.updated_at),
+            r.snippet.replace(['\n', '\t'], " "),
         ]);
     }
     table.render()

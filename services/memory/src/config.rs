@@ -1,6 +1,7 @@
 //! The memory service's one typed config, from flags or env.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use keel_shared::auth::VerifierConfig;
 use keel_shared::config::{DatabaseConfig, RuntimeConfig};
@@ -11,6 +12,11 @@ pub const DEFAULT_MAX_TAGS: usize = 32;
 pub const DEFAULT_MAX_TAG_CHARS: usize = 64;
 pub const DEFAULT_MAX_METADATA_BYTES: usize = 16 * 1024;
 pub const DEFAULT_MAX_QUERY_BYTES: usize = 1024;
+pub const DEFAULT_MAX_SEARCH_TAGS: usize = 16;
+pub const DEFAULT_VERSIONS_KEPT: i64 = 20;
+pub const DEFAULT_SEARCH_CANDIDATES: i64 = 500;
+pub const DEFAULT_SWEEP_INTERVAL_MS: u64 = 30_000;
+pub const DEFAULT_SWEEP_BATCH: i64 = 1000;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-memory", about = "Keel memory service", version)]
@@ -26,6 +32,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[command(flatten)]
     pub limits: Limits,
+    #[command(flatten)]
+    pub sweep: SweepConfig,
 }
 
 impl Config {
@@ -37,6 +45,7 @@ impl Config {
             tokens,
             runtime: RuntimeConfig::default(),
             limits: Limits::default(),
+            sweep: SweepConfig::default(),
         }
     }
 }
@@ -62,6 +71,18 @@ pub struct Limits {
     /// Longest search query, in bytes.
     #[arg(long, env = "KEEL_MEMORY_MAX_QUERY_BYTES", default_value_t = DEFAULT_MAX_QUERY_BYTES)]
     pub max_query_bytes: usize,
+    /// Most tags a search may filter on.
+    #[arg(long, env = "KEEL_MEMORY_MAX_SEARCH_TAGS", default_value_t = DEFAULT_MAX_SEARCH_TAGS)]
+    pub max_search_tags: usize,
+    /// Earlier versions kept per memory (0..=1000); older ones are dropped.
+    #[arg(long, env = "KEEL_MEMORY_VERSIONS_KEPT", default_value_t = DEFAULT_VERSIONS_KEPT,
+          value_parser = clap::value_parser!(i64).range(0..=1000))]
+    pub versions_kept: i64,
+    /// Most matches a search ranks: when more match, only the most recently
+    /// updated ones up to this bound are ranked (1..=100000).
+    #[arg(long, env = "KEEL_MEMORY_SEARCH_CANDIDATES", default_value_t = DEFAULT_SEARCH_CANDIDATES,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub search_candidates: i64,
 }
 
 impl Default for Limits {
@@ -73,6 +94,37 @@ impl Default for Limits {
             max_tag_chars: DEFAULT_MAX_TAG_CHARS,
             max_metadata_bytes: DEFAULT_MAX_METADATA_BYTES,
             max_query_bytes: DEFAULT_MAX_QUERY_BYTES,
+            max_search_tags: DEFAULT_MAX_SEARCH_TAGS,
+            versions_kept: DEFAULT_VERSIONS_KEPT,
+            search_candidates: DEFAULT_SEARCH_CANDIDATES,
+        }
+    }
+}
+
+/// The background sweep that deletes expired memories from storage (readers
+/// stop seeing them at expiry, whatever the sweep's pace).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct SweepConfig {
+    /// Pause between sweeps, in milliseconds, once nothing expired is left.
+    #[arg(long, env = "KEEL_MEMORY_SWEEP_INTERVAL_MS", default_value_t = DEFAULT_SWEEP_INTERVAL_MS)]
+    pub sweep_interval_ms: u64,
+    /// Most expired memories deleted per statement (1..=100000).
+    #[arg(long, env = "KEEL_MEMORY_SWEEP_BATCH", default_value_t = DEFAULT_SWEEP_BATCH,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub sweep_batch: i64,
+}
+
+impl SweepConfig {
+    pub fn interval(&self) -> Duration {
+        Duration::from_millis(self.sweep_interval_ms.max(10))
+    }
+}
+
+impl Default for SweepConfig {
+    fn default() -> Self {
+        Self {
+            sweep_interval_ms: DEFAULT_SWEEP_INTERVAL_MS,
+            sweep_batch: DEFAULT_SWEEP_BATCH,
         }
     }
 }

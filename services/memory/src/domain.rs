@@ -1,8 +1,9 @@
 //! Validation of memory requests against the configured limits, and the pure
 //! helpers (prefix ranges, page filters, search limits) that the handlers use.
 
+use chrono::{DateTime, Utc};
 use keel_shared::json::struct_to_json;
-use prost_types::Struct;
+use prost_types::{Struct, Timestamp};
 
 use crate::config::Limits;
 use crate::error::MemoryError;
@@ -11,6 +12,9 @@ use crate::error::MemoryError;
 pub const RECENT_MEMORIES: i64 = 5;
 pub const DEFAULT_SEARCH_LIMIT: i64 = 10;
 pub const MAX_SEARCH_LIMIT: i64 = 100;
+
+/// Longest namespace, in bytes.
+pub const MAX_NAMESPACE_BYTES: usize = 64;
 
 /// Greater than every valid key: the byte after the highest allowed character.
 const KEY_UPPER_BOUND: &str = "\u{7f}";
@@ -37,6 +41,82 @@ pub fn validate_key(field: &str, key: &str, limits: &Limits) -> Result<(), Memor
         ));
     }
     Ok(())
+}
+
+/// A namespace: "" (the default one) or 1..=64 bytes of `[A-Za-z0-9._:/-]`.
+pub fn validate_namespace(namespace: &str) -> Result<(), MemoryError> {
+    if namespace.len() > MAX_NAMESPACE_BYTES {
+        return Err(MemoryError::invalid(
+            "namespace",
+            format!("must be at most {MAX_NAMESPACE_BYTES} bytes"),
+        ));
+    }
+    if !namespace.chars().all(is_key_char) {
+        return Err(MemoryError::invalid(
+            "namespace",
+            "may only contain A-Z a-z 0-9 . _ : / -",
+        ));
+    }
+    Ok(())
+}
+
+/// An expiry: absent (never) or a valid instant after `now`.
+pub fn validate_expires_at(
+    expires_at: Option<&Timestamp>,
+    now: DateTime<Utc>,
+) -> Result<Option<DateTime<Utc>>, MemoryError> {
+    let Some(ts) = expires_at else {
+        return Ok(None);
+    };
+    let at = u32::try_from(ts.nanos)
+        .ok()
+        .and_then(|nanos| DateTime::from_timestamp(ts.seconds, nanos))
+        .ok_or_else(|| MemoryError::invalid("expires_at", "is not a valid timestamp"))?;
+    if at <= now {
+        return Err(MemoryError::invalid("expires_at", "must be in the future"));
+    }
+    Ok(Some(at))
+}
+
+/// GetMemory's version: 0 = current, else a version (>= 1).
+pub fn validate_version(version: i64) -> Result<i64, MemoryError> {
+    if version < 0 {
+        return Err(MemoryError::invalid(
+            "version",
+            "must be 0 (the current version) or a version (>= 1)",
+        ));
+    }
+    Ok(version)
+}
+
+/// A search's tag filter: each a valid tag, at most `max_search_tags`
+/// distinct ones, returned sorted and deduplicated (so the page-token filter
+/// does not depend on their order).
+pub fn search_tags(tags: &[String], limits: &Limits) -> Result<Vec<String>, MemoryError> {
+    for (i, tag) in tags.iter().enumerate() {
+        validate_tag(&format!("tags[{i}]"), tag, limits)?;
+    }
+    let mut tags = tags.to_vec();
+    tags.sort();
+    tags.dedup();
+    if tags.len() > limits.max_search_tags {
+        return Err(MemoryError::invalid(
+            "tags",
+            format!("at most {} tags to filter on", limits.max_search_tags),
+        ));
+    }
+    Ok(tags)
+}
+
+/// What a SearchMemories page token is bound to: caller, namespace, query
+/// and tags. Namespaces cannot hold `|` and the query is length-prefixed, so
+/// the string stays unambiguous.
+pub fn search_filter(user_id: uuid::Uuid, namespace: &str, query: &str, tags: &[String]) -> String {
+    format!(
+        "search|{user_id}|{namespace}|{}:{query}|{}",
+        query.len(),
+        serde_json::to_string(tags).unwrap_or_default()
+    )
 }
 
 /// A key prefix for listing: empty (all keys) or a valid key's beginning.
@@ -154,34 +234,48 @@ pub fn validate_expected_version(expected: i64) -> Result<i64, MemoryError> {
 /// A validated PutMemory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMemory {
+    pub namespace: String,
     pub key: String,
     pub content: String,
     pub tags: Vec<String>,
     pub metadata: serde_json::Value,
     /// 0 = unconditional.
     pub expected_version: i64,
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 impl NewMemory {
     pub fn validate(
-        key: String,
-        content: String,
-        tags: &[String],
-        metadata: Option<&Struct>,
-        expected_version: i64,
+        req: keel_proto::memory::v1::PutMemoryRequest,
         limits: &Limits,
+        now: DateTime<Utc>,
     ) -> Result<Self, MemoryError> {
-        validate_key("key", &key, limits)?;
-        validate_content(&content, limits)?;
-        let tags = normalize_tags(tags, limits)?;
-        let metadata = metadata_json(metadata, limits)?;
-        let expected_version = validate_expected_version(expected_version)?;
-        Ok(Self {
+        let keel_proto::memory::v1::PutMemoryRequest {
             key,
             content,
             tags,
             metadata,
             expected_version,
+            namespace,
+            expires_at,
+        } = req;
+        validate_namespace(&namespace)?;
+        validate_key("key", &key, limits)?;
+        let expires_at = validate_expires_at(expires_at.as_ref(), now)?;
+        let tags = &tags;
+        let metadata = metadata.as_ref();
+        validate_content(&content, limits)?;
+        let tags = normalize_tags(tags, limits)?;
+        let metadata = metadata_json(metadata, limits)?;
+        let expected_version = validate_expected_version(expected_version)?;
+        Ok(Self {
+            namespace,
+            key,
+            content,
+            tags,
+            metadata,
+            expected_version,
+            expires_at,
         })
     }
 }
@@ -214,10 +308,27 @@ pub fn search_limit(limit: i32) -> Result<i64, MemoryError> {
     }
 }
 
+/// A search page: `page_size` when set (1..=100), else the `limit` given.
+pub fn search_page_size(page_size: i32, limit: i64) -> Result<i64, MemoryError> {
+    match i64::from(page_size) {
+        0 => Ok(limit),
+        n if (1..=MAX_SEARCH_LIMIT).contains(&n) => Ok(n),
+        _ => Err(MemoryError::invalid(
+            "page_size",
+            format!("must be between 1 and {MAX_SEARCH_LIMIT} (0 means limit)"),
+        )),
+    }
+}
+
 /// What a ListMemories page token is bound to. Keys and prefixes cannot hold
 /// `|`, so the tag (which can) goes last and the string stays unambiguous.
-pub fn list_filter(user_id: uuid::Uuid, key_prefix: &str, tag: &str) -> String {
-    format!("memories|{user_id}|{key_prefix}|{tag}")
+pub fn list_filter(user_id: uuid::Uuid, namespace: &str, key_prefix: &str, tag: &str) -> String {
+    if namespace.is_empty() {
+        // Unchanged for the default namespace: tokens issued before namespaces stay valid.
+        format!("memories|{user_id}|{key_prefix}|{tag}")
+    } else {
+        format!("memories|{user_id}|ns={namespace}|{key_prefix}|{tag}")
+    }
 }
 
 #[cfg(test)]
@@ -317,5 +428,46 @@ mod tests {
         assert!(search_query(&"q".repeat(1024), &l).is_ok());
         assert!(search_query(&"q".repeat(1025), &l).is_err());
         assert!(validate_expected_version(-1).is_err());
+    }
+
+    #[test]
+    fn namespaces() {
+        assert!(validate_namespace("").is_ok());
+        assert!(validate_namespace("agent-7/session:2").is_ok());
+        assert!(validate_namespace(&"n".repeat(64)).is_ok());
+        assert!(validate_namespace(&"n".repeat(65)).is_err());
+        for bad in ["a b", "a|b", "é", "a\0"] {
+            assert!(validate_namespace(bad).is_err(), "{bad:?}");
+        }
+        // Distinct filters per namespace, so a token never crosses namespaces.
+        let u = uuid::Uuid::nil();
+        assert_ne!(list_filter(u, "", "", ""), list_filter(u, "a", "", ""));
+        assert_ne!(
+            search_filter(u, "", "a|b", &[]),
+            search_filter(u, "", "a", &["b".into()])
+        );
+    }
+
+    #[test]
+    fn expiry_and_versions() {
+        let now = Utc::now();
+        assert_eq!(validate_expires_at(None, now).unwrap(), None);
+        let past = Timestamp {
+            seconds: now.timestamp() - 1,
+            nanos: 0,
+        };
+        assert!(validate_expires_at(Some(&past), now).is_err());
+        let future = Timestamp {
+            seconds: now.timestamp() + 60,
+            nanos: 0,
+        };
+        assert!(validate_expires_at(Some(&future), now).unwrap().is_some());
+        let bad = Timestamp {
+            seconds: now.timestamp() + 60,
+            nanos: -1,
+        };
+        assert!(validate_expires_at(Some(&bad), now).is_err());
+        assert_eq!(validate_version(0).unwrap(), 0);
+        assert!(validate_version(-1).is_err());
     }
 }

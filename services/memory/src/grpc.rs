@@ -1,43 +1,27 @@
-//! gRPC handlers for `keel.memory.v1.MemoryService`: decode, authorize, call the store, encode.
+//! gRPC handlers for `keel.memory.v1.MemoryService`: decode, validate, call
+//! the service layer, encode.
 
+use chrono::Utc;
 use keel_proto::memory::v1::memory_service_server::MemoryService;
 use keel_proto::memory::v1::*;
 use keel_shared::auth::Caller;
-use keel_shared::json::json_to_struct;
-use keel_shared::time::{opt_timestamp, to_timestamp};
-use keel_shared::{ApiError, paging};
+use keel_shared::paging;
 use tonic::{Request, Response, Status};
 
-use crate::config::Limits;
+use crate::convert::{encode_hit, encode_memory, encode_workspace};
 use crate::domain::{self, NewMemory};
 use crate::error::MemoryError;
-use crate::store::{MemoryRow, Store};
+use crate::service::{ListRequest, Memories, SearchRequest};
+use crate::store::Scope;
 
 pub struct MemoryApi {
-    store: Store,
-    limits: Limits,
+    memories: Memories,
 }
 
 impl MemoryApi {
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    pub fn new(memories: Memories) -> Self {
+        Self { memories }
     }
-}
-
-fn encode(m: MemoryRow) -> Memory {
-    Memory {
-        key: m.key,
-        content: m.content,
-        tags: m.tags,
-        metadata: Some(json_to_struct(&m.metadata)),
-        version: m.version,
-        created_at: Some(to_timestamp(m.created_at)),
-        updated_at: Some(to_timestamp(m.updated_at)),
-    }
-}
-
-fn status(e: impl Into<ApiError>) -> Status {
-    e.into().into()
 }
 
 #[tonic::async_trait]
@@ -47,18 +31,10 @@ impl MemoryService for MemoryApi {
         request: Request<PutMemoryRequest>,
     ) -> Result<Response<PutMemoryResponse>, Status> {
         let user_id = Caller::of(&request)?.user_id()?;
-        let req = request.into_inner();
-        let memory = NewMemory::validate(
-            req.key,
-            req.content,
-            &req.tags,
-            req.metadata.as_ref(),
-            req.expected_version,
-            &self.limits,
-        )?;
-        let (stored, created) = self.store.put(user_id, &memory).await?;
+        let memory = NewMemory::validate(request.into_inner(), self.memories.limits(), Utc::now())?;
+        let (stored, created) = self.memories.put(user_id, &memory).await?;
         Ok(Response::new(PutMemoryResponse {
-            memory: Some(encode(stored)),
+            memory: Some(encode_memory(stored)),
             created,
         }))
     }
@@ -69,10 +45,15 @@ impl MemoryService for MemoryApi {
     ) -> Result<Response<GetMemoryResponse>, Status> {
         let user_id = Caller::of(&request)?.user_id()?;
         let req = request.into_inner();
-        domain::validate_key("key", &req.key, &self.limits)?;
-        let memory = self.store.get(user_id, &req.key).await?;
+        domain::validate_namespace(&req.namespace)?;
+        domain::validate_key("key", &req.key, self.memories.limits())?;
+        let version = domain::validate_version(req.version)?;
+        let memory = self
+            .memories
+            .get(user_id, &req.namespace, &req.key, version)
+            .await?;
         Ok(Response::new(GetMemoryResponse {
-            memory: Some(encode(memory)),
+            memory: Some(encode_memory(memory)),
         }))
     }
 
@@ -82,34 +63,29 @@ impl MemoryService for MemoryApi {
     ) -> Result<Response<ListMemoriesResponse>, Status> {
         let user_id = Caller::of(&request)?.user_id()?;
         let req = request.into_inner();
+        let limits = self.memories.limits();
         let page_size = paging::page_size(req.page_size)?;
-        domain::validate_key_prefix(&req.key_prefix, &self.limits)?;
+        domain::validate_namespace(&req.namespace)?;
+        domain::validate_key_prefix(&req.key_prefix, limits)?;
         let tag = (!req.tag.is_empty()).then_some(req.tag.as_str());
         if let Some(tag) = tag {
-            domain::validate_tag("tag", tag, &self.limits)?;
+            domain::validate_tag("tag", tag, limits)?;
         }
-        let filter = domain::list_filter(user_id, &req.key_prefix, &req.tag);
-        let after: String = paging::decode_token(&req.page_token, &filter)?.unwrap_or_default();
-        if !after.is_empty() && domain::validate_key("page_token", &after, &self.limits).is_err() {
-            return Err(status(MemoryError::invalid(
-                "page_token",
-                "malformed page token",
-            )));
-        }
-        let (lower, upper) = domain::prefix_range(&req.key_prefix);
-        let mut memories = self
-            .store
-            .list(user_id, &after, (&lower, &upper), tag, page_size + 1)
+        let (memories, next_page_token) = self
+            .memories
+            .list(
+                user_id,
+                &ListRequest {
+                    namespace: &req.namespace,
+                    key_prefix: &req.key_prefix,
+                    tag,
+                    page_size,
+                    page_token: &req.page_token,
+                },
+            )
             .await?;
-        let next_page_token = if memories.len() as i64 > page_size {
-            memories.truncate(page_size as usize);
-            let last = memories.last().map(|m| m.key.clone()).unwrap_or_default();
-            paging::encode_token(&filter, &last)
-        } else {
-            String::new()
-        };
         Ok(Response::new(ListMemoriesResponse {
-            memories: memories.into_iter().map(encode).collect(),
+            memories: memories.into_iter().map(encode_memory).collect(),
             next_page_token,
         }))
     }
@@ -120,9 +96,12 @@ impl MemoryService for MemoryApi {
     ) -> Result<Response<DeleteMemoryResponse>, Status> {
         let user_id = Caller::of(&request)?.user_id()?;
         let req = request.into_inner();
-        domain::validate_key("key", &req.key, &self.limits)?;
+        domain::validate_namespace(&req.namespace)?;
+        domain::validate_key("key", &req.key, self.memories.limits())?;
         let expected = domain::validate_expected_version(req.expected_version)?;
-        self.store.delete(user_id, &req.key, expected).await?;
+        self.memories
+            .delete(user_id, &req.namespace, &req.key, expected)
+            .await?;
         Ok(Response::new(DeleteMemoryResponse {}))
     }
 
@@ -132,26 +111,28 @@ impl MemoryService for MemoryApi {
     ) -> Result<Response<SearchMemoriesResponse>, Status> {
         let user_id = Caller::of(&request)?.user_id()?;
         let req = request.into_inner();
-        let query = domain::search_query(&req.query, &self.limits)?;
+        let limits = self.memories.limits();
+        domain::validate_namespace(&req.namespace)?;
+        let query = domain::search_query(&req.query, limits)?;
         let limit = domain::search_limit(req.limit)?;
-        let results = self
-            .store
-            .search(user_id, &query, limit)
-            .await?
-            .ok_or_else(|| {
-                MemoryError::invalid(
-                    "query",
-                    "has no words to search for (only stop words, symbols or exclusions)",
-                )
-            })?;
+        let page_size = domain::search_page_size(req.page_size, limit)?;
+        let tags = domain::search_tags(&req.tags, limits)?;
+        let (hits, next_page_token) = self
+            .memories
+            .search(
+                user_id,
+                &SearchRequest {
+                    namespace: &req.namespace,
+                    query: &query,
+                    tags: &tags,
+                    page_size,
+                    page_token: &req.page_token,
+                },
+            )
+            .await?;
         Ok(Response::new(SearchMemoriesResponse {
-            results: results
-                .into_iter()
-                .map(|(memory, score)| SearchResult {
-                    memory: Some(encode(memory)),
-                    score: f64::from(score),
-                })
-                .collect(),
+            results: hits.into_iter().map(encode_hit).collect(),
+            next_page_token,
         }))
     }
 
@@ -160,15 +141,39 @@ impl MemoryService for MemoryApi {
         request: Request<GetWorkspaceRequest>,
     ) -> Result<Response<GetWorkspaceResponse>, Status> {
         let user_id = Caller::of(&request)?.user_id()?;
-        let ws = self.store.workspace(user_id).await?;
+        let req = request.into_inner();
+        domain::validate_namespace(&req.namespace)?;
+        let scope = match (req.all_namespaces, req.namespace.as_str()) {
+            (false, ns) => Scope::Namespace(ns),
+            (true, "") => Scope::AllNamespaces,
+            (true, _) => {
+                return Err(MemoryError::invalid(
+                    "namespace",
+                    "must be empty when all_namespaces is set",
+                )
+                .into());
+            }
+        };
+        let ws = self.memories.workspace(user_id, scope).await?;
         Ok(Response::new(GetWorkspaceResponse {
-            workspace: Some(Workspace {
-                memory_count: ws.memory_count,
-                total_content_bytes: ws.total_content_bytes,
-                tag_counts: ws.tag_counts.into_iter().collect(),
-                last_updated_at: opt_timestamp(ws.last_updated_at),
-                recent: ws.recent.into_iter().map(encode).collect(),
-            }),
+            workspace: Some(encode_workspace(ws)),
+        }))
+    }
+
+    async fn list_memory_versions(
+        &self,
+        request: Request<ListMemoryVersionsRequest>,
+    ) -> Result<Response<ListMemoryVersionsResponse>, Status> {
+        let user_id = Caller::of(&request)?.user_id()?;
+        let req = request.into_inner();
+        domain::validate_namespace(&req.namespace)?;
+        domain::validate_key("key", &req.key, self.memories.limits())?;
+        let versions = self
+            .memories
+            .versions(user_id, &req.namespace, &req.key)
+            .await?;
+        Ok(Response::new(ListMemoryVersionsResponse {
+            versions: versions.into_iter().map(encode_memory).collect(),
         }))
     }
 }

@@ -1,10 +1,13 @@
 //! Keel memory service: per-user keyed memories, search and a workspace aggregate.
 
 pub mod config;
+pub mod convert;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod service;
 pub mod store;
+pub mod sweeper;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,12 +47,19 @@ pub async fn run(
         pool.clone(),
         config.tokens.credential_cache(),
     ));
+    let store = store::Store::new(pool);
+    tokio::spawn(sweeper::run(
+        store.clone(),
+        config.sweep.clone(),
+        shutdown.clone(),
+    ));
+
     let authenticator = Authenticator::new(verifier, None).with_identity(identity);
     let service = authenticator.users(
-        MemoryServiceServer::new(grpc::MemoryApi::new(
-            store::Store::new(pool),
+        MemoryServiceServer::new(grpc::MemoryApi::new(service::Memories::new(
+            store,
             config.limits.clone(),
-        ))
+        )))
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
     );
     let router = server::builder()

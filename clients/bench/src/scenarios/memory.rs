@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use keel_proto::memory::v1::{
@@ -162,8 +162,10 @@ pub(super) async fn memory_get(cx: &mut Ctx) -> Result<Option<Stats>> {
     Ok(Some(s))
 }
 
-/// Seeds the corpus memory-search and workspace read through the API (not measured).
-pub(super) async fn seed_corpus(cx: &mut Ctx) {
+/// Seeds the corpus memory-search and workspace read through the API, and
+/// the same corpus for other users straight into Postgres so the indexes are
+/// shared as in a real deployment (neither is measured).
+pub(super) async fn seed_corpus(cx: &mut Ctx) -> Result<()> {
     let (opts, c, token) = (&cx.opts, cx.opts.concurrency, &cx.token);
     let memory_client = cx.memory_client();
     let (mc, tk) = (memory_client.clone(), token.clone());
@@ -194,6 +196,17 @@ pub(super) async fn seed_corpus(cx: &mut Ctx) {
         seeded.elapsed.as_secs_f64(),
         seeded.errors
     );
+    let started = Instant::now();
+    let others = cx
+        .baseline
+        .seed_other_users(cx.opts.search_other_users, cx.opts.search_corpus)
+        .await?;
+    println!(
+        "seeded {others} memories for {} other users in {:.1}s",
+        cx.opts.search_other_users,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 pub(super) async fn memory_search(cx: &mut Ctx) -> Result<Option<Stats>> {
@@ -223,7 +236,10 @@ pub(super) async fn memory_search(cx: &mut Ctx) -> Result<Option<Stats>> {
         },
     )
     .await;
-    s.note = format!("{} corpus, limit 10 {}", opts.search_corpus, s.note);
+    s.note = format!(
+        "{} corpus (+{} other users' alike), limit 10 {}",
+        opts.search_corpus, opts.search_other_users, s.note
+    );
     s.baseline_ops_per_sec = Some(
         baseline
             .search(c, Duration::from_secs(opts.seconds))

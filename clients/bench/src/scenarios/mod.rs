@@ -351,7 +351,7 @@ impl Ctx {
             self.stop_stream_workers();
         }
         if scenario.needs.contains(&Need::SearchCorpus) && !self.corpus_seeded {
-            memory::seed_corpus(self).await;
+            memory::seed_corpus(self).await?;
             self.corpus_seeded = true;
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 mod control;
 mod dead_letters;
+mod memories;
 mod output;
 mod schedules;
 mod support;

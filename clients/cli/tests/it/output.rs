@@ -207,7 +207,10 @@ async fn memories_print_tables_by_default_and_json_on_request() {
     assert_eq!(json["version"], 1);
 
     let (header, rows) = parse_table(&env.ok(&["memories", "search", "command line"]).await);
-    assert_eq!(header, ["SCORE", "KEY", "VERSION", "TAGS", "UPDATED"]);
+    assert_eq!(
+        header,
+        ["SCORE", "KEY", "VERSION", "TAGS", "UPDATED", "SNIPPET"]
+    );
     assert_eq!(rows[0][1], "notes/cli");
     let found = env.json(&["memories", "search", "command line"]).await;
     assert_eq!(found[0]["memory"]["key"], "notes/cli");

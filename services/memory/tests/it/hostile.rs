@@ -70,7 +70,10 @@ impl Mem {
 
     pub async fn get(&self, key: &str) -> Result<Memory, Status> {
         self.client()
-            .get_memory(self.u(GetMemoryRequest { key: key.into() }))
+            .get_memory(self.u(GetMemoryRequest {
+                key: key.into(),
+                ..Default::default()
+            }))
             .await
             .map(|r| r.into_inner().memory.expect("memory"))
     }
@@ -207,6 +210,7 @@ fn put_memory_survives_hostile_requests() {
                     tags: tags.clone(),
                     metadata: metadata.clone(),
                     expected_version,
+                    ..Default::default()
                 };
                 let Ok(stored) = mem.checked("PutMemory", mem.put(req)).await else {
                     return;
@@ -254,6 +258,7 @@ fn get_and_delete_memory_survive_hostile_requests() {
                     let req = DeleteMemoryRequest {
                         key: key.clone(),
                         expected_version,
+                        ..Default::default()
                     };
                     let r = mem
                         .checked("DeleteMemory", mem.client().delete_memory(mem.u(req)))
@@ -323,7 +328,7 @@ fn list_memories_survives_hostile_requests() {
             async move {
                 let page_token = token.resolve(real_token, |c| {
                     keel_shared::paging::encode_token(
-                        &keel_memory::domain::list_filter(mem.user_id, &key_prefix, &tag),
+                        &keel_memory::domain::list_filter(mem.user_id, "", &key_prefix, &tag),
                         &c,
                     )
                 });
@@ -332,6 +337,7 @@ fn list_memories_survives_hostile_requests() {
                     page_token,
                     key_prefix: key_prefix.clone(),
                     tag: tag.clone(),
+                    ..Default::default()
                 };
                 let before = mem.snapshot().await;
                 let r = mem
@@ -392,7 +398,11 @@ fn search_memories_survives_hostile_requests() {
             let mem = &mem;
             async move {
                 let before = mem.snapshot().await;
-                let req = SearchMemoriesRequest { query, limit };
+                let req = SearchMemoriesRequest {
+                    query,
+                    limit,
+                    ..Default::default()
+                };
                 let r = mem
                     .checked("SearchMemories", mem.client().search_memories(mem.u(req)))
                     .await;
@@ -424,7 +434,7 @@ fn random_credentials_are_unauthenticated_and_change_nothing() {
                 r.expect_err("random credential").code(),
                 Code::Unauthenticated
             );
-            let mut req = tonic::Request::new(GetWorkspaceRequest {});
+            let mut req = tonic::Request::new(GetWorkspaceRequest::default());
             req.metadata_mut().insert("authorization", value);
             let r = mem
                 .checked("GetWorkspace", mem.client().get_workspace(req))

@@ -83,7 +83,13 @@ async fn every_rpc_needs_a_valid_token() {
         );
         assert_code(
             client
-                .get_memory(req(GetMemoryRequest { key: "k".into() }, token))
+                .get_memory(req(
+                    GetMemoryRequest {
+                        key: "k".into(),
+                        ..Default::default()
+                    },
+                    token,
+                ))
                 .await,
             Code::Unauthenticated,
         );
@@ -99,6 +105,7 @@ async fn every_rpc_needs_a_valid_token() {
                     DeleteMemoryRequest {
                         key: "k".into(),
                         expected_version: 0,
+                        ..Default::default()
                     },
                     token,
                 ))
@@ -111,6 +118,7 @@ async fn every_rpc_needs_a_valid_token() {
                     SearchMemoriesRequest {
                         query: "v".into(),
                         limit: 0,
+                        ..Default::default()
                     },
                     token,
                 ))
@@ -119,7 +127,7 @@ async fn every_rpc_needs_a_valid_token() {
         );
         assert_code(
             client
-                .get_workspace(req(GetWorkspaceRequest {}, token))
+                .get_workspace(req(GetWorkspaceRequest::default(), token))
                 .await,
             Code::Unauthenticated,
         );

@@ -36,6 +36,7 @@ fn list_req(page_size: i32, key_prefix: &str, tag: &str) -> ListMemoriesRequest 
         page_token: String::new(),
         key_prefix: key_prefix.into(),
         tag: tag.into(),
+        ..Default::default()
     }
 }
 

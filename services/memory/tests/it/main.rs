@@ -3,11 +3,16 @@
 mod support;
 
 mod crud;
+mod expiry;
+mod history;
 mod hostile;
 mod isolation;
 mod limits;
 mod listing;
+mod namespaces;
+mod ranking;
 mod search;
+mod search_pages;
 mod security;
 mod startup;
 mod versions;

@@ -85,9 +85,15 @@ async fn every_rpc(mem: &Mem, header: Option<&str>, key: &str) -> Vec<(&'static 
         (
             "GetMemory",
             code(
-                c.get_memory(with(GetMemoryRequest { key: key.into() }, header))
-                    .await
-                    .map(|_| ()),
+                c.get_memory(with(
+                    GetMemoryRequest {
+                        key: key.into(),
+                        ..Default::default()
+                    },
+                    header,
+                ))
+                .await
+                .map(|_| ()),
             ),
         ),
         (
@@ -105,6 +111,7 @@ async fn every_rpc(mem: &Mem, header: Option<&str>, key: &str) -> Vec<(&'static 
                     DeleteMemoryRequest {
                         key: key.into(),
                         expected_version: 0,
+                        ..Default::default()
                     },
                     header,
                 ))
@@ -119,6 +126,7 @@ async fn every_rpc(mem: &Mem, header: Option<&str>, key: &str) -> Vec<(&'static 
                     SearchMemoriesRequest {
                         query: "secret".into(),
                         limit: 0,
+                        ..Default::default()
                     },
                     header,
                 ))
@@ -129,7 +137,7 @@ async fn every_rpc(mem: &Mem, header: Option<&str>, key: &str) -> Vec<(&'static 
         (
             "GetWorkspace",
             code(
-                c.get_workspace(with(GetWorkspaceRequest {}, header))
+                c.get_workspace(with(GetWorkspaceRequest::default(), header))
                     .await
                     .map(|_| ()),
             ),
@@ -178,7 +186,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
         .into_inner();
     let alice_workspace = mem
         .client()
-        .get_workspace(mem.u(GetWorkspaceRequest {}))
+        .get_workspace(mem.u(GetWorkspaceRequest::default()))
         .await
         .unwrap()
         .into_inner();
@@ -195,6 +203,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
         .get_memory(with(
             GetMemoryRequest {
                 key: "shared/key".into(),
+                ..Default::default()
             },
             header,
         ))
@@ -224,6 +233,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
             SearchMemoriesRequest {
                 query: "walrus".into(),
                 limit: 100,
+                ..Default::default()
             },
             header,
         ))
@@ -232,7 +242,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
         .into_inner();
     assert!(found.results.is_empty());
     let ws = c
-        .get_workspace(with(GetWorkspaceRequest {}, header))
+        .get_workspace(with(GetWorkspaceRequest::default(), header))
         .await
         .unwrap()
         .into_inner()
@@ -261,6 +271,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
                 DeleteMemoryRequest {
                     key: "shared/key".into(),
                     expected_version,
+                    ..Default::default()
                 },
                 header,
             ))
@@ -307,6 +318,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
             DeleteMemoryRequest {
                 key: "shared/key".into(),
                 expected_version: 1,
+                ..Default::default()
             },
             header,
         ))
@@ -331,7 +343,7 @@ async fn another_users_token_finds_nothing_and_changes_nothing_on_any_rpc() {
     assert_eq!(page, alice_page);
     let ws = mem
         .client()
-        .get_workspace(mem.u(GetWorkspaceRequest {}))
+        .get_workspace(mem.u(GetWorkspaceRequest::default()))
         .await
         .unwrap()
         .into_inner();
@@ -364,6 +376,7 @@ async fn sql_metacharacters_are_data() {
             tags: vec![s.to_string()],
             metadata: Some(json_to_struct(&serde_json::json!({ *s: [s, {"k": s}] }))),
             expected_version: 0,
+            ..Default::default()
         };
         let stored = mem.put(req.clone()).await.unwrap();
         assert_eq!(stored.content, req.content);
@@ -388,6 +401,7 @@ async fn sql_metacharacters_are_data() {
             .search_memories(mem.u(SearchMemoriesRequest {
                 query: s.to_string(),
                 limit: 100,
+                ..Default::default()
             }))
             .await;
         match search {
@@ -402,6 +416,7 @@ async fn sql_metacharacters_are_data() {
             .search_memories(mem.u(SearchMemoriesRequest {
                 query: format!("{s} walrus{i}"),
                 limit: 100,
+                ..Default::default()
             }))
             .await
             .unwrap()

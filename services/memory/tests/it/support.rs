@@ -76,7 +76,10 @@ impl Env {
     pub async fn get(&self, user: &User, key: &str) -> Result<Memory, Status> {
         self.client()
             .get_memory(testing::authed(
-                GetMemoryRequest { key: key.into() },
+                GetMemoryRequest {
+                    key: key.into(),
+                    ..Default::default()
+                },
                 &user.token,
             ))
             .await
@@ -94,6 +97,7 @@ impl Env {
                 DeleteMemoryRequest {
                     key: key.into(),
                     expected_version,
+                    ..Default::default()
                 },
                 &user.token,
             ))
@@ -136,6 +140,7 @@ impl Env {
                 SearchMemoriesRequest {
                     query: query.into(),
                     limit,
+                    ..Default::default()
                 },
                 &user.token,
             ))
@@ -145,10 +150,98 @@ impl Env {
 
     pub async fn workspace(&self, user: &User) -> Result<Workspace, Status> {
         self.client()
-            .get_workspace(testing::authed(GetWorkspaceRequest {}, &user.token))
+            .get_workspace(testing::authed(GetWorkspaceRequest::default(), &user.token))
             .await
             .map(|r| r.into_inner().workspace.expect("workspace"))
     }
+}
+
+/// Requests with every field a test sets (the new namespace, version, page
+/// and filter fields included).
+impl Env {
+    pub async fn get_req(&self, user: &User, req: GetMemoryRequest) -> Result<Memory, Status> {
+        self.client()
+            .get_memory(testing::authed(req, &user.token))
+            .await
+            .map(|r| r.into_inner().memory.expect("memory"))
+    }
+
+    pub async fn delete_req(&self, user: &User, req: DeleteMemoryRequest) -> Result<(), Status> {
+        self.client()
+            .delete_memory(testing::authed(req, &user.token))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn search_req(
+        &self,
+        user: &User,
+        req: SearchMemoriesRequest,
+    ) -> Result<SearchMemoriesResponse, Status> {
+        self.client()
+            .search_memories(testing::authed(req, &user.token))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn workspace_req(
+        &self,
+        user: &User,
+        req: GetWorkspaceRequest,
+    ) -> Result<Workspace, Status> {
+        self.client()
+            .get_workspace(testing::authed(req, &user.token))
+            .await
+            .map(|r| r.into_inner().workspace.expect("workspace"))
+    }
+
+    pub async fn versions(
+        &self,
+        user: &User,
+        namespace: &str,
+        key: &str,
+    ) -> Result<Vec<Memory>, Status> {
+        self.client()
+            .list_memory_versions(testing::authed(
+                ListMemoryVersionsRequest {
+                    namespace: namespace.into(),
+                    key: key.into(),
+                },
+                &user.token,
+            ))
+            .await
+            .map(|r| r.into_inner().versions)
+    }
+
+    /// One SQL value, for checks of what is stored.
+    pub async fn sql_count(&self, sql: &str) -> i64 {
+        let client = self.db.pool.get().await.expect("pool");
+        client.query_one(sql, &[]).await.expect(sql).get(0)
+    }
+}
+
+/// A put into `namespace`.
+pub fn put_in(namespace: &str, key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
+    PutMemoryRequest {
+        namespace: namespace.into(),
+        ..put_req(key, content, tags)
+    }
+}
+
+pub fn get_in(namespace: &str, key: &str, version: i64) -> GetMemoryRequest {
+    GetMemoryRequest {
+        namespace: namespace.into(),
+        key: key.into(),
+        version,
+    }
+}
+
+/// The keys of search results, in order.
+pub fn hit_keys(results: &[SearchResult]) -> Vec<String> {
+    results
+        .iter()
+        .map(|r| r.memory.as_ref().expect("memory").key.clone())
+        .collect()
 }
 
 impl Drop for Env {
@@ -164,6 +257,7 @@ pub fn put_req(key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
         tags: tags.iter().map(|t| t.to_string()).collect(),
         metadata: None,
         expected_version: 0,
+        ..Default::default()
     }
 }
 

@@ -92,6 +92,7 @@ impl Clients {
             7 => {
                 let request = GetMemoryRequest {
                     key: format!("load/{client}/{}", (i / 10) % 50),
+                    ..Default::default()
                 };
                 match self
                     .memory
@@ -109,6 +110,7 @@ impl Clients {
                 let request = SearchMemoriesRequest {
                     query: "sustained note".into(),
                     limit: 10,
+                    ..Default::default()
                 };
                 self.memory
                     .clone()

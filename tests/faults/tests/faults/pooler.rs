@@ -189,6 +189,7 @@ async fn services_migrate_and_serve_through_pgbouncer_in_session_mode() {
             .get_memory(testing::authed(
                 GetMemoryRequest {
                     key: format!("notes/{i}"),
+                    ..Default::default()
                 },
                 &token,
             ))

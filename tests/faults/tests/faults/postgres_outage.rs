@@ -83,9 +83,13 @@ impl Clients {
         );
         call!(
             "memory.GetMemory",
-            self.memory
-                .clone()
-                .get_memory(testing::authed(GetMemoryRequest { key: key(0) }, token))
+            self.memory.clone().get_memory(testing::authed(
+                GetMemoryRequest {
+                    key: key(0),
+                    ..Default::default()
+                },
+                token
+            ))
         );
         out
     }
@@ -237,7 +241,10 @@ async fn services_answer_unavailable_without_postgres_and_recover_when_it_return
             .memory
             .clone()
             .get_memory(testing::authed(
-                GetMemoryRequest { key: key(i) },
+                GetMemoryRequest {
+                    key: key(i),
+                    ..Default::default()
+                },
                 &clients.token,
             ))
             .await

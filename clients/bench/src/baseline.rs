@@ -15,7 +15,7 @@ use keel_memory::domain::NewMemory;
 use keel_memory::store::{Scope, SearchQuery, Store as MemoryStore};
 use uuid::Uuid;
 
-pub struct Baseline {
+pub(crate) struct Baseline {
     pool: Pool,
     user_id: Uuid,
 }
@@ -51,7 +51,7 @@ impl Baseline {
     /// Gives `users` new users each the memory-search corpus of `corpus`
     /// memories (the same keys, contents and tags as the gRPC seed), straight
     /// into Postgres; returns how many memories it inserted.
-    pub async fn seed_other_users(&self, users: usize, corpus: usize) -> Result<u64> {
+    pub(crate) async fn seed_other_users(&self, users: usize, corpus: usize) -> Result<u64> {
         if users == 0 {
             return Ok(0);
         }
@@ -93,7 +93,7 @@ impl Baseline {
         Ok(inserted)
     }
 
-    pub async fn connect(db_url: &str, user_id: &str) -> Result<Self> {
+    pub(crate) async fn connect(db_url: &str, user_id: &str) -> Result<Self> {
         let mut cfg = keel_shared::config::DatabaseConfig::from_url(db_url);
         // Same pool size the services use by default.
         cfg.db_pool_size = 16;
@@ -103,7 +103,7 @@ impl Baseline {
         })
     }
 
-    pub async fn create_job(&self, c: usize, d: Duration) -> Result<f64> {
+    pub(crate) async fn create_job(&self, c: usize, d: Duration) -> Result<f64> {
         let (pool, user) = (self.pool.clone(), self.user_id);
         rate(c, d, move |i| {
             let pool = pool.clone();
@@ -134,7 +134,7 @@ impl Baseline {
         .await
     }
 
-    pub async fn get_job(&self, c: usize, d: Duration, ids: &[String]) -> Result<f64> {
+    pub(crate) async fn get_job(&self, c: usize, d: Duration, ids: &[String]) -> Result<f64> {
         let ids: Arc<Vec<Uuid>> = Arc::new(ids.iter().filter_map(|s| s.parse().ok()).collect());
         let (pool, user) = (self.pool.clone(), self.user_id);
         rate(c, d, move |i| {
@@ -148,7 +148,7 @@ impl Baseline {
         .await
     }
 
-    pub async fn list_jobs(&self, c: usize, d: Duration) -> Result<f64> {
+    pub(crate) async fn list_jobs(&self, c: usize, d: Duration) -> Result<f64> {
         let (pool, user) = (self.pool.clone(), self.user_id);
         rate(c, d, move |_| {
             let pool = pool.clone();
@@ -161,7 +161,7 @@ impl Baseline {
         .await
     }
 
-    pub async fn put_memory(&self, c: usize, d: Duration) -> Result<f64> {
+    pub(crate) async fn put_memory(&self, c: usize, d: Duration) -> Result<f64> {
         let (store, user) = (Arc::new(MemoryStore::new(self.pool.clone())), self.user_id);
         rate(c, d, move |i| {
             let store = store.clone();
@@ -183,7 +183,7 @@ impl Baseline {
         .await
     }
 
-    pub async fn get_memory(&self, c: usize, d: Duration, keys: usize) -> Result<f64> {
+    pub(crate) async fn get_memory(&self, c: usize, d: Duration, keys: usize) -> Result<f64> {
         let (store, user) = (Arc::new(MemoryStore::new(self.pool.clone())), self.user_id);
         rate(c, d, move |i| {
             let store = store.clone();
@@ -197,7 +197,7 @@ impl Baseline {
         .await
     }
 
-    pub async fn search(&self, c: usize, d: Duration) -> Result<f64> {
+    pub(crate) async fn search(&self, c: usize, d: Duration) -> Result<f64> {
         let (store, user) = (Arc::new(MemoryStore::new(self.pool.clone())), self.user_id);
         rate(c, d, move |i| {
             let store = store.clone();
@@ -220,7 +220,7 @@ impl Baseline {
         .await
     }
 
-    pub async fn workspace(&self, c: usize, d: Duration) -> Result<f64> {
+    pub(crate) async fn workspace(&self, c: usize, d: Duration) -> Result<f64> {
         let (store, user) = (Arc::new(MemoryStore::new(self.pool.clone())), self.user_id);
         rate(c, d, move |_| {
             let store = store.clone();

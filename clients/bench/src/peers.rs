@@ -198,7 +198,7 @@ impl KeelRow {
     }
 }
 
-pub async fn run(mut opts: Opts) -> Result<()> {
+pub(crate) async fn run(mut opts: Opts) -> Result<()> {
     if !opts.scenarios.is_empty() {
         bail!(
             "--peers runs {}; leave out --scenario",

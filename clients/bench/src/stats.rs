@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-pub struct Stats {
+pub(crate) struct Stats {
     pub name: String,
     pub ops: usize,
     pub errors: usize,
@@ -17,7 +17,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn ops_per_sec(&self) -> f64 {
+    pub(crate) fn ops_per_sec(&self) -> f64 {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
@@ -27,7 +27,7 @@ impl Stats {
 }
 
 /// `p` in 0..=100 over unsorted samples.
-pub fn percentile(samples: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(samples: &[u64], p: f64) -> u64 {
     if samples.is_empty() {
         return 0;
     }
@@ -38,7 +38,7 @@ pub fn percentile(samples: &[u64], p: f64) -> u64 {
 }
 
 /// "jobs 75, worker x2 52, bench 30": CPU microseconds per job by process.
-pub fn cpu_list(per_process: &[(String, f64)]) -> String {
+pub(crate) fn cpu_list(per_process: &[(String, f64)]) -> String {
     per_process
         .iter()
         .map(|(name, us)| format!("{name} {us:.0}"))
@@ -46,7 +46,7 @@ pub fn cpu_list(per_process: &[(String, f64)]) -> String {
         .join(", ")
 }
 
-pub fn print_header() {
+pub(crate) fn print_header() {
     let columns = [
         "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors", "svc/raw",
     ];
@@ -58,7 +58,7 @@ pub fn print_header() {
     println!("{line}  note");
 }
 
-pub fn print_row(s: &Stats) {
+pub(crate) fn print_row(s: &Stats) {
     let ratio = match s.baseline_ops_per_sec {
         Some(raw) if raw > 0.0 => format!("{:.0}%", 100.0 * s.ops_per_sec() / raw),
         _ => "-".to_string(),

@@ -10,9 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 /// A process's (name, CPU seconds so far, peak RSS in MiB).
-pub type Usage = (String, f64, f64);
+pub(crate) type Usage = (String, f64, f64);
 
-pub struct System {
+pub(crate) struct System {
     pub auth: String,
     pub jobs: String,
     pub memory: String,
@@ -40,7 +40,7 @@ fn free_port() -> Result<u16> {
 }
 
 impl System {
-    pub async fn start(bin_dir: &Path, admin_url: &str, redis_url: &str) -> Result<Self> {
+    pub(crate) async fn start(bin_dir: &Path, admin_url: &str, redis_url: &str) -> Result<Self> {
         let db_name = format!("keel_bench_{}", std::process::id());
         let (admin, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
             .await
@@ -157,7 +157,7 @@ impl System {
     }
 
     /// Starts `n` worker processes with `concurrency` handlers each.
-    pub async fn start_workers(&mut self, n: usize, concurrency: usize) -> Result<()> {
+    pub(crate) async fn start_workers(&mut self, n: usize, concurrency: usize) -> Result<()> {
         for _ in 0..n {
             let addr = format!("127.0.0.1:{}", free_port()?);
             let child = self.spawn(
@@ -173,11 +173,11 @@ impl System {
         Ok(())
     }
 
-    pub fn has_workers(&self) -> bool {
+    pub(crate) fn has_workers(&self) -> bool {
         !self.workers.is_empty()
     }
 
-    pub fn stop_workers(&mut self) {
+    pub(crate) fn stop_workers(&mut self) {
         for mut w in self.workers.drain(..) {
             let _ = w.kill();
             let _ = w.wait();
@@ -186,7 +186,7 @@ impl System {
 
     /// (name, CPU seconds so far, peak RSS in MiB) of each service process and of the workers together.
     /// Resident memory (MiB) of each service now, and the largest worker's.
-    pub fn rss_now(&self) -> Vec<(String, f64)> {
+    pub(crate) fn rss_now(&self) -> Vec<(String, f64)> {
         let mut out: Vec<(String, f64)> = self
             .services
             .iter()
@@ -205,7 +205,7 @@ impl System {
 
     /// Redis connections a service holds now: (all, in pub/sub mode). Its
     /// sockets come from /proc; Redis's `CLIENT LIST` says which subscribe.
-    pub async fn redis_connections(&self, name: &str) -> Result<(usize, usize)> {
+    pub(crate) async fn redis_connections(&self, name: &str) -> Result<(usize, usize)> {
         let pid = self
             .services
             .iter()
@@ -240,7 +240,7 @@ impl System {
         Ok((all, pubsub))
     }
 
-    pub fn usage(&self) -> Vec<Usage> {
+    pub(crate) fn usage(&self) -> Vec<Usage> {
         let mut out: Vec<Usage> = self
             .services
             .iter()
@@ -262,13 +262,13 @@ impl System {
 }
 
 /// CPU seconds so far of this process (the bench client).
-pub fn own_cpu() -> f64 {
+pub(crate) fn own_cpu() -> f64 {
     proc_usage(std::process::id()).0
 }
 
 /// CPU seconds so far of this process's children that it has waited for
 /// (and of the children they waited for): the peer harness's node processes.
-pub fn children_cpu() -> f64 {
+pub(crate) fn children_cpu() -> f64 {
     // cutime and cstime are the 16th and 17th fields.
     stat_seconds(std::process::id(), [13, 14])
 }

@@ -58,7 +58,7 @@ const WORDS: &[&str] = &[
     "support",
 ];
 
-pub fn text(seed: usize, words: usize) -> String {
+pub(crate) fn text(seed: usize, words: usize) -> String {
     let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
     (0..words)
         .map(|_| {
@@ -72,12 +72,12 @@ pub fn text(seed: usize, words: usize) -> String {
 }
 
 /// The tag of memory-put call `i`.
-pub fn tag(i: usize) -> String {
+pub(crate) fn tag(i: usize) -> String {
     WORDS[i % WORDS.len()].to_string()
 }
 
 /// The search query of call `i` (two corpus words).
-pub fn query(i: usize) -> String {
+pub(crate) fn query(i: usize) -> String {
     format!(
         "{} {}",
         WORDS[i % WORDS.len()],

@@ -27,7 +27,7 @@ use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use tonic::transport::Channel;
 
 use self::drive::{Channels, channel};
-pub use self::memory::{query, tag, text};
+pub(crate) use self::memory::{query, tag, text};
 use crate::Opts;
 use crate::baseline::Baseline;
 use crate::stats::{self, Stats};
@@ -39,7 +39,7 @@ const PASSWORD: &str = "bench password 123";
 /// scripts use the name), what it measures, what must be in place before it
 /// runs, and the function that runs it (`None`: nothing to report, e.g.
 /// get-job when create-job created no job).
-pub struct Scenario {
+pub(crate) struct Scenario {
     pub name: &'static str,
     pub description: &'static str,
     pub needs: &'static [Need],
@@ -51,7 +51,7 @@ type Run = for<'a> fn(&'a mut Ctx) -> LocalBoxFuture<'a, Result<Option<Stats>>>;
 /// What a scenario needs before it starts. Without `StreamWorkers`, no
 /// stream worker process runs when it starts.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Need {
+pub(crate) enum Need {
     /// `--workers` keel-worker processes running, warmed up by one echo job.
     StreamWorkers,
     /// That scenario runs first (and is reported), even when not asked
@@ -69,7 +69,7 @@ macro_rules! boxed {
 }
 
 /// Every scenario, in the order they run.
-pub const SCENARIOS: &[Scenario] = &[
+pub(crate) const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "e2e-jobs",
         description: "N echo jobs, one CreateJob each from --e2e-clients clients, until all SUCCEEDED on the stream workers",
@@ -162,7 +162,7 @@ pub const SCENARIOS: &[Scenario] = &[
 
 /// The scenarios to run for `asked` (all when empty), with what they need,
 /// in table order; an unknown name is an error that lists the known ones.
-pub fn plan(asked: &[String]) -> Result<Vec<&'static Scenario>> {
+pub(crate) fn plan(asked: &[String]) -> Result<Vec<&'static Scenario>> {
     let mut chosen = BTreeSet::new();
     for name in asked {
         let Some(scenario) = SCENARIOS.iter().find(|s| s.name == name) else {
@@ -198,7 +198,7 @@ pub fn plan(asked: &[String]) -> Result<Vec<&'static Scenario>> {
 }
 
 /// `--list`: one line per scenario, in the order they run.
-pub fn print_list() {
+pub(crate) fn print_list() {
     for s in SCENARIOS {
         let needs: Vec<String> = s
             .needs
@@ -219,13 +219,13 @@ pub fn print_list() {
 
 /// What a run produced: one row per scenario, and each process's CPU
 /// seconds and peak RSS (the workers' as they were when they stopped).
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub results: Vec<Stats>,
     pub usage: Vec<Usage>,
 }
 
 impl Outcome {
-    pub fn print(&self) {
+    pub(crate) fn print(&self) {
         println!();
         stats::print_header();
         for s in &self.results {
@@ -246,7 +246,7 @@ impl Outcome {
 
 /// Starts the system, runs the planned scenarios in table order, and stops
 /// everything (the bench database is dropped) before returning.
-pub async fn run(opts: Opts) -> Result<Outcome> {
+pub(crate) async fn run(opts: Opts) -> Result<Outcome> {
     let plan = plan(&opts.scenarios)?;
     let mut cx = Ctx::start(opts).await?;
     for scenario in plan {
@@ -270,7 +270,7 @@ pub async fn run(opts: Opts) -> Result<Outcome> {
 
 /// What the scenarios share: the running system, a registered user, clients,
 /// the raw-SQL baseline, and what earlier scenarios left for later ones.
-pub struct Ctx {
+pub(crate) struct Ctx {
     opts: Opts,
     system: System,
     cores: usize,

@@ -27,7 +27,7 @@ const SERVICE: &str = "memory";
 const TABLES: [&str; 2] = ["memories", "memory_tag_counts"];
 
 /// A memory server on its own database, with one user.
-pub struct Mem {
+pub(crate) struct Mem {
     pub db: TestDb,
     pub channel: Channel,
     pub user_id: Uuid,
@@ -36,7 +36,7 @@ pub struct Mem {
 }
 
 impl Mem {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let db = TestDb::new().await;
         let (listener, addr) = testing::listener().await;
         let config = keel_memory::Config::new(addr, db.config(), testing::verifier_config());
@@ -53,22 +53,22 @@ impl Mem {
         }
     }
 
-    pub fn client(&self) -> MemoryServiceClient<Channel> {
+    pub(crate) fn client(&self) -> MemoryServiceClient<Channel> {
         MemoryServiceClient::new(self.channel.clone())
     }
 
-    pub fn u<T>(&self, message: T) -> tonic::Request<T> {
+    pub(crate) fn u<T>(&self, message: T) -> tonic::Request<T> {
         testing::authed(message, &self.token)
     }
 
-    pub async fn put(&self, req: PutMemoryRequest) -> Result<Memory, Status> {
+    pub(crate) async fn put(&self, req: PutMemoryRequest) -> Result<Memory, Status> {
         self.client()
             .put_memory(self.u(req))
             .await
             .map(|r| r.into_inner().memory.expect("memory"))
     }
 
-    pub async fn get(&self, key: &str) -> Result<Memory, Status> {
+    pub(crate) async fn get(&self, key: &str) -> Result<Memory, Status> {
         self.client()
             .get_memory(self.u(GetMemoryRequest {
                 key: key.into(),
@@ -79,7 +79,7 @@ impl Mem {
     }
 
     /// Every memory, tag count and key's last version, as one comparable value.
-    pub async fn snapshot(&self) -> (i64, String, String, String) {
+    pub(crate) async fn snapshot(&self) -> (i64, String, String, String) {
         let client = self.db.pool.get().await.unwrap();
         let row = client
             .query_one(
@@ -95,7 +95,7 @@ impl Mem {
     }
 
     /// Runs `call` and asserts a clean code, and that an error changed nothing.
-    pub async fn checked<T, Fut>(&self, rpc: &str, call: Fut) -> Result<T, Status>
+    pub(crate) async fn checked<T, Fut>(&self, rpc: &str, call: Fut) -> Result<T, Status>
     where
         Fut: Future<Output = Result<T, Status>>,
     {
@@ -119,7 +119,7 @@ impl Drop for Mem {
     }
 }
 
-pub fn put(key: &str, content: &str) -> PutMemoryRequest {
+pub(crate) fn put(key: &str, content: &str) -> PutMemoryRequest {
     PutMemoryRequest {
         key: key.into(),
         content: content.into(),

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-pub struct Env {
+pub(crate) struct Env {
     pub db: TestDb,
     pub client: MemoryServiceClient<Channel>,
     shutdown: CancellationToken,
@@ -16,17 +16,17 @@ pub struct Env {
 
 /// A user with a valid access token.
 #[derive(Clone)]
-pub struct User {
+pub(crate) struct User {
     pub token: String,
 }
 
 impl Env {
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
 
     /// Starts the service after `adjust` has changed its config.
-    pub async fn start_with(adjust: impl FnOnce(&mut keel_memory::Config)) -> Self {
+    pub(crate) async fn start_with(adjust: impl FnOnce(&mut keel_memory::Config)) -> Self {
         let db = TestDb::new().await;
         let (listener, addr) = testing::listener().await;
         let mut config = keel_memory::Config::new(addr, db.config(), testing::verifier_config());
@@ -41,7 +41,7 @@ impl Env {
         }
     }
 
-    pub async fn user(&self, name: &str) -> User {
+    pub(crate) async fn user(&self, name: &str) -> User {
         let email = format!("{name}@example.com");
         let id = self.db.create_user(&email).await;
         User {
@@ -49,11 +49,11 @@ impl Env {
         }
     }
 
-    pub fn client(&self) -> MemoryServiceClient<Channel> {
+    pub(crate) fn client(&self) -> MemoryServiceClient<Channel> {
         self.client.clone()
     }
 
-    pub async fn put(
+    pub(crate) async fn put(
         &self,
         user: &User,
         req: PutMemoryRequest,
@@ -65,7 +65,13 @@ impl Env {
     }
 
     /// An unconditional put of `key` with `content` and `tags`; panics on error.
-    pub async fn put_ok(&self, user: &User, key: &str, content: &str, tags: &[&str]) -> Memory {
+    pub(crate) async fn put_ok(
+        &self,
+        user: &User,
+        key: &str,
+        content: &str,
+        tags: &[&str],
+    ) -> Memory {
         self.put(user, put_req(key, content, tags))
             .await
             .unwrap_or_else(|e| panic!("put {key}: {e:?}"))
@@ -73,7 +79,7 @@ impl Env {
             .expect("memory")
     }
 
-    pub async fn get(&self, user: &User, key: &str) -> Result<Memory, Status> {
+    pub(crate) async fn get(&self, user: &User, key: &str) -> Result<Memory, Status> {
         self.client()
             .get_memory(testing::authed(
                 GetMemoryRequest {
@@ -86,7 +92,7 @@ impl Env {
             .map(|r| r.into_inner().memory.expect("memory"))
     }
 
-    pub async fn delete(
+    pub(crate) async fn delete(
         &self,
         user: &User,
         key: &str,
@@ -105,7 +111,7 @@ impl Env {
             .map(|_| ())
     }
 
-    pub async fn list(
+    pub(crate) async fn list(
         &self,
         user: &User,
         req: ListMemoriesRequest,
@@ -117,7 +123,7 @@ impl Env {
     }
 
     /// Every page of a listing, as keys in the order returned.
-    pub async fn list_all(&self, user: &User, mut req: ListMemoriesRequest) -> Vec<String> {
+    pub(crate) async fn list_all(&self, user: &User, mut req: ListMemoriesRequest) -> Vec<String> {
         let mut keys = Vec::new();
         loop {
             let page = self.list(user, req.clone()).await.expect("list page");
@@ -129,7 +135,7 @@ impl Env {
         }
     }
 
-    pub async fn search(
+    pub(crate) async fn search(
         &self,
         user: &User,
         query: &str,
@@ -148,7 +154,7 @@ impl Env {
             .map(|r| r.into_inner().results)
     }
 
-    pub async fn workspace(&self, user: &User) -> Result<Workspace, Status> {
+    pub(crate) async fn workspace(&self, user: &User) -> Result<Workspace, Status> {
         self.client()
             .get_workspace(testing::authed(GetWorkspaceRequest::default(), &user.token))
             .await
@@ -159,21 +165,29 @@ impl Env {
 /// Requests with every field a test sets (the new namespace, version, page
 /// and filter fields included).
 impl Env {
-    pub async fn get_req(&self, user: &User, req: GetMemoryRequest) -> Result<Memory, Status> {
+    pub(crate) async fn get_req(
+        &self,
+        user: &User,
+        req: GetMemoryRequest,
+    ) -> Result<Memory, Status> {
         self.client()
             .get_memory(testing::authed(req, &user.token))
             .await
             .map(|r| r.into_inner().memory.expect("memory"))
     }
 
-    pub async fn delete_req(&self, user: &User, req: DeleteMemoryRequest) -> Result<(), Status> {
+    pub(crate) async fn delete_req(
+        &self,
+        user: &User,
+        req: DeleteMemoryRequest,
+    ) -> Result<(), Status> {
         self.client()
             .delete_memory(testing::authed(req, &user.token))
             .await
             .map(|_| ())
     }
 
-    pub async fn search_req(
+    pub(crate) async fn search_req(
         &self,
         user: &User,
         req: SearchMemoriesRequest,
@@ -184,7 +198,7 @@ impl Env {
             .map(|r| r.into_inner())
     }
 
-    pub async fn workspace_req(
+    pub(crate) async fn workspace_req(
         &self,
         user: &User,
         req: GetWorkspaceRequest,
@@ -195,7 +209,7 @@ impl Env {
             .map(|r| r.into_inner().workspace.expect("workspace"))
     }
 
-    pub async fn versions(
+    pub(crate) async fn versions(
         &self,
         user: &User,
         namespace: &str,
@@ -214,21 +228,21 @@ impl Env {
     }
 
     /// One SQL value, for checks of what is stored.
-    pub async fn sql_count(&self, sql: &str) -> i64 {
+    pub(crate) async fn sql_count(&self, sql: &str) -> i64 {
         let client = self.db.pool.get().await.expect("pool");
         client.query_one(sql, &[]).await.expect(sql).get(0)
     }
 }
 
 /// A put into `namespace`.
-pub fn put_in(namespace: &str, key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
+pub(crate) fn put_in(namespace: &str, key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
     PutMemoryRequest {
         namespace: namespace.into(),
         ..put_req(key, content, tags)
     }
 }
 
-pub fn get_in(namespace: &str, key: &str, version: i64) -> GetMemoryRequest {
+pub(crate) fn get_in(namespace: &str, key: &str, version: i64) -> GetMemoryRequest {
     GetMemoryRequest {
         namespace: namespace.into(),
         key: key.into(),
@@ -237,7 +251,7 @@ pub fn get_in(namespace: &str, key: &str, version: i64) -> GetMemoryRequest {
 }
 
 /// The keys of search results, in order.
-pub fn hit_keys(results: &[SearchResult]) -> Vec<String> {
+pub(crate) fn hit_keys(results: &[SearchResult]) -> Vec<String> {
     results
         .iter()
         .map(|r| r.memory.as_ref().expect("memory").key.clone())
@@ -250,7 +264,7 @@ impl Drop for Env {
     }
 }
 
-pub fn put_req(key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
+pub(crate) fn put_req(key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
     PutMemoryRequest {
         key: key.into(),
         content: content.into(),
@@ -263,7 +277,7 @@ pub fn put_req(key: &str, content: &str, tags: &[&str]) -> PutMemoryRequest {
 
 /// Asserts `result` failed with `code`; returns the message.
 #[track_caller]
-pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> String {
+pub(crate) fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> String {
     match result {
         Err(s) if s.code() == code => s.message().to_string(),
         other => panic!("expected {code:?}, got {other:?}"),
@@ -272,7 +286,7 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) ->
 
 /// Asserts INVALID_ARGUMENT whose message names `field` first.
 #[track_caller]
-pub fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Status>, field: &str) {
+pub(crate) fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Status>, field: &str) {
     let message = assert_code(result, Code::InvalidArgument);
     assert!(
         message.starts_with(&format!("{field}: ")),

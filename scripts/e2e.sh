@@ -52,21 +52,41 @@ export KEEL_JOBS_URL="http://$KEEL_JOBS_ADDR"
 # killed worker's job handed on, and a retry, within seconds.
 export KEEL_JOBS_LEASE_MS=2000 KEEL_WORKER_HEARTBEAT_MS=500 KEEL_JOBS_RETRY_BASE_MS=100
 
-start() { # name addr
-  "$bin/keel-$1" >"$tmp/$1.log" 2>&1 &
+start() { # name addr [log name]
+  local log="$tmp/${3:-$1}.log"
+  "$bin/keel-$1" >"$log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 300); do
     "$bin/keel-$1" healthcheck "$2" >/dev/null 2>&1 && return 0
-    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$tmp/$1.log" >&2; die "keel-$1 exited"; }
+    kill -0 "${pids[-1]}" 2>/dev/null || { cat "$log" >&2; die "keel-$1 exited"; }
     sleep 0.1
   done
-  cat "$tmp/$1.log" >&2
+  cat "$log" >&2
   die "keel-$1 did not become healthy"
 }
 start auth "$KEEL_AUTH_ADDR"
 start jobs "$KEEL_JOBS_ADDR"
 start memory "$KEEL_MEMORY_ADDR"
 start worker "$KEEL_WORKER_HEALTH_ADDR"
+
+# A second jobs replica serving TLS only, with a CA made here, for the worker
+# libraries' TLS test (tests/test_workers.py).
+mkdir -p "$tmp/tls"
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=keel e2e CA" \
+  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+  -keyout "$tmp/tls/ca.key" -out "$tmp/tls/ca.pem" 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+  -keyout "$tmp/tls/server.key" -out "$tmp/tls/server.csr" 2>/dev/null
+printf 'subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\n' >"$tmp/tls/ext"
+openssl x509 -req -in "$tmp/tls/server.csr" -CA "$tmp/tls/ca.pem" -CAkey "$tmp/tls/ca.key" \
+  -CAcreateserial -days 1 -extfile "$tmp/tls/ext" -out "$tmp/tls/server.pem" 2>/dev/null
+tls_port=$(free_port)
+export KEEL_JOBS_TLS_URL="https://localhost:$tls_port" KEEL_E2E_CA_FILE="$tmp/tls/ca.pem"
+# (The variables before `start` hold for it and what it runs: the server and
+# its TLS healthcheck.)
+KEEL_JOBS_ADDR="127.0.0.1:$tls_port" KEEL_TLS_CERT_FILE="$tmp/tls/server.pem" \
+  KEEL_TLS_KEY_FILE="$tmp/tls/server.key" KEEL_TLS_CA_FILE="$tmp/tls/ca.pem" \
+  start jobs "127.0.0.1:$tls_port" jobs-tls
 
 gen="$tmp/gen"
 mkdir -p "$gen"

@@ -5,6 +5,7 @@ import os
 import pathlib
 import signal
 import sys
+import time
 
 from google.protobuf import json_format
 
@@ -117,3 +118,30 @@ def test_sigterm_fails_the_running_job_back_and_another_worker_completes_it(keel
     procs.python_app("b", APP_KINDS="py.term")
     job = keel.wait_status(held, "SUCCEEDED")
     assert job.output["worker"] == "b" and job.attempt == 2, describe(job)
+
+
+def test_python_and_typescript_workers_claim_over_tls_trusting_a_ca_file(keel, procs):
+    """A jobs replica that serves TLS only (scripts/e2e.sh made its CA): each
+    library connects with the CA file, runs its kind, and a worker that does
+    not trust that CA runs nothing."""
+    url, ca = os.environ["KEEL_JOBS_TLS_URL"], os.environ["KEEL_E2E_CA_FILE"]
+    procs.python_app("py-untrusting", KEEL_JOBS_URL=url, APP_KINDS="py.tls")
+    procs.python_app("py-tls", KEEL_JOBS_URL=url, APP_CA_FILE=ca)
+    procs.start("ts-tls", ts_example(), KEEL_JOBS_URL=url, KEEL_TLS_CA_FILE=ca)
+    py_job = keel.create("py.sleep", {"ms": 1})
+    ts_job = keel.create("report.render", {"title": "T", "sections": ["tls"]})
+    job = keel.wait_status(py_job, "SUCCEEDED")
+    assert job.output["worker"] == "py-tls", describe(job)
+    job = keel.wait_status(ts_job, "SUCCEEDED")
+    assert list(job.output["toc"]) == ["T: tls"], describe(job)
+    # The worker without the CA file cannot claim: its calls fail the TLS
+    # handshake, and the kind only it serves stays queued.
+    untrusted = keel.create("py.tls", {})
+    log = procs.tmp / "py-untrusting.log"
+    deadline = time.monotonic() + 30
+    while "ClaimJobs failed (UNAVAILABLE" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the untrusting worker never reported a failed claim"
+        time.sleep(0.1)
+    job = keel.get(untrusted)
+    assert status_name(job) == "QUEUED", describe(job)
+

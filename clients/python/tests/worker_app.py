@@ -1,4 +1,5 @@
-"""A worker for the system tests. Environment: KEEL_JOBS_URL,
+"""A worker for the system tests. Environment: KEEL_JOBS_URL (https://: TLS,
+trusting APP_CA_FILE when set),
 KEEL_WORKER_TOKEN, APP_NAME (put in outputs and progress, so a test sees
 which worker ran a job), APP_KINDS (comma-separated kinds of the `hold`
 handler), APP_GRACE (shutdown grace, seconds).
@@ -26,6 +27,7 @@ worker = Worker(
     claim_wait=2.0,
     shutdown_grace=float(os.environ.get("APP_GRACE", "2")),
     cancel_patience=1.0,
+    ca_file=os.environ.get("APP_CA_FILE") or None,
 )
 
 

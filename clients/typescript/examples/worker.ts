@@ -11,6 +11,8 @@ const w = new Worker({
   token: process.env.KEEL_WORKER_TOKEN ?? "",
   concurrency: Number(process.env.KEEL_WORKER_CONCURRENCY ?? 4),
   shutdownGraceMs: Number(process.env.KEEL_WORKER_SHUTDOWN_GRACE_MS ?? 10000),
+  // With an https:// URL: the CA to trust instead of the system's roots.
+  caFile: process.env.KEEL_TLS_CA_FILE || undefined,
 });
 
 w.handle("report.render", async (job, ctx) => {

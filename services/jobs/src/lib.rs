@@ -122,6 +122,7 @@ pub async fn run(
     let retention_pool = pool.clone();
     let schedules = Arc::new(schedules::Schedules::new(
         pool.clone(),
+        delivery.clone(),
         schedules::Settings {
             limits: schedules::domain::Limits {
                 per_user: config.schedules_per_user.max(0),

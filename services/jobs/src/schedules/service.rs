@@ -1,6 +1,7 @@
 //! What each ScheduleService RPC does, and firing due ticks: between the
 //! gRPC handlers and the store.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -12,8 +13,9 @@ use uuid::Uuid;
 use super::cron::Rule;
 use super::domain::{self, Limits};
 use super::store::{self, ScheduleRow};
+use crate::delivery::{Delivery, PUBLISH_GRACE};
 use crate::domain::NewJob;
-use crate::store::{NewRow, insert_jobs};
+use crate::store::{NewRow, Publication, insert_jobs};
 
 /// Tunables (from `Config`).
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +27,9 @@ pub(crate) struct Settings {
 
 pub(crate) struct Schedules {
     pool: Pool,
+    /// A tick's job is published as soon as its transaction commits, like a
+    /// created job (the relay covers a publication that does not happen).
+    delivery: Arc<Delivery>,
     settings: Settings,
 }
 
@@ -38,8 +43,12 @@ fn next_tick(rule: &Rule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
 }
 
 impl Schedules {
-    pub(crate) fn new(pool: Pool, settings: Settings) -> Self {
-        Self { pool, settings }
+    pub(crate) fn new(pool: Pool, delivery: Arc<Delivery>, settings: Settings) -> Self {
+        Self {
+            pool,
+            delivery,
+            settings,
+        }
     }
 
     /// Validates and stores a schedule; the per-user limit is checked under a
@@ -149,8 +158,14 @@ impl Schedules {
                 Ok(fired) => {
                     sp.commit().await?;
                     handled += 1;
-                    if fired {
-                        created.push(schedule.kind.as_str());
+                    if let Some(job_id) = fired {
+                        created.push(Publication {
+                            job_id,
+                            kind: schedule.kind.clone(),
+                            priority: schedule.priority,
+                            attempt: 0,
+                            traceparent: None,
+                        });
                     }
                 }
                 Err(e) => {
@@ -160,19 +175,20 @@ impl Schedules {
             }
         }
         tx.commit().await?;
-        for kind in &created {
-            keel_shared::metrics::job_transition("created", kind);
+        for job in &created {
+            keel_shared::metrics::job_transition("created", &job.kind);
         }
+        self.delivery.publish_soon(created);
         Ok(handled)
     }
 
-    /// One schedule's due tick; true when it created a job.
+    /// One schedule's due tick; the job it created, if it did.
     async fn fire(
         &self,
         tx: &deadpool_postgres::Transaction<'_>,
         schedule: &ScheduleRow,
         now: DateTime<Utc>,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Option<Uuid>, ApiError> {
         let tick = schedule.next_run_at;
         let next = Rule::parse(&schedule.cron, &schedule.timezone)
             .ok()
@@ -198,8 +214,9 @@ impl Schedules {
                 schedule_timeout: self.settings.schedule_timeout,
                 traceparent: None,
             };
-            // No publish grace: the relay delivers it on its next round.
-            insert_jobs(tx, &[row], Duration::ZERO).await?;
+            // Published after the commit (fire_due); the relay leaves it
+            // alone for the grace, then delivers it if that did not happen.
+            insert_jobs(tx, &[row], PUBLISH_GRACE).await?;
             store::mark_tick(tx, id, schedule.id, tick).await?;
             Some(id)
         };
@@ -211,6 +228,6 @@ impl Schedules {
                 store::pause(tx, schedule.id).await?;
             }
         }
-        Ok(job_id.is_some())
+        Ok(job_id)
     }
 }

@@ -327,22 +327,8 @@ async fn a_logged_out_session_is_refused_at_jobs_and_memory() {
     let env = Env::new().await;
     let others = Others::start(&env, 2).await;
     env.register("leaving@example.com").await;
-    let session = env
-        .client()
-        .login(login_req("leaving@example.com", PASSWORD))
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap();
-    let other_session = env
-        .client()
-        .login(login_req("leaving@example.com", PASSWORD))
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap();
+    let session = env.login("leaving@example.com").await;
+    let other_session = env.login("leaving@example.com").await;
     // Seen as live (and remembered) everywhere first.
     assert_eq!(others.call_everywhere(&session.access_token).await, Ok(()));
 
@@ -373,14 +359,7 @@ async fn logout_all_ends_every_session_of_the_caller() {
     let env = Env::new().await;
     let others = Others::start(&env, 1).await;
     let first = env.register("everywhere@example.com").await.tokens.unwrap();
-    let second = env
-        .client()
-        .login(login_req("everywhere@example.com", PASSWORD))
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap();
+    let second = env.login("everywhere@example.com").await;
     let bystander = env.register("bystander@example.com").await.tokens.unwrap();
     assert_eq!(others.call_everywhere(&first.access_token).await, Ok(()));
     assert_eq!(others.call_everywhere(&second.access_token).await, Ok(()));
@@ -413,14 +392,7 @@ async fn change_password_keeps_only_the_new_session() {
     let env = Env::new().await;
     let others = Others::start(&env, 1).await;
     let old = env.register("rotating@example.com").await.tokens.unwrap();
-    let elsewhere = env
-        .client()
-        .login(login_req("rotating@example.com", PASSWORD))
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap();
+    let elsewhere = env.login("rotating@example.com").await;
     assert_eq!(
         others.call_everywhere(&elsewhere.access_token).await,
         Ok(())
@@ -597,14 +569,7 @@ async fn malformed_keys_and_headers_are_unauthenticated_everywhere() {
 async fn concurrent_password_changes_leave_one_winner() {
     let env = Env::new().await;
     let first = env.register("contested@example.com").await.tokens.unwrap();
-    let second = env
-        .client()
-        .login(login_req("contested@example.com", PASSWORD))
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens
-        .unwrap();
+    let second = env.login("contested@example.com").await;
     let change = |access: String, new: &'static str| {
         let mut client = env.client();
         async move {
@@ -636,17 +601,8 @@ async fn concurrent_password_changes_leave_one_winner() {
         other => panic!("exactly one change must win: {other:?}"),
     };
     let live: Vec<uuid::Uuid> = env
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query("SELECT id FROM sessions WHERE revoked_at IS NULL", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .column("SELECT id FROM sessions WHERE revoked_at IS NULL")
+        .await;
     assert_eq!(live.len(), 1, "only the winner's session is left");
     env.client()
         .refresh(RefreshRequest {

@@ -168,18 +168,7 @@ async fn concurrent_creates_and_revokes() {
         .keys;
     assert_eq!(listed.len(), 7);
     // Stored only as hashes.
-    let stored: Vec<Vec<u8>> = env
-        .db
-        .pool
-        .get()
-        .await
-        .unwrap()
-        .query("SELECT key_hash FROM api_keys", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let stored: Vec<Vec<u8>> = env.column("SELECT key_hash FROM api_keys").await;
     for secret in &secrets {
         assert!(
             stored

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keel_auth::Config;
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
-use keel_proto::auth::v1::{LoginRequest, RegisterRequest, RegisterResponse};
+use keel_proto::auth::v1::{LoginRequest, RegisterRequest, RegisterResponse, TokenPair};
 use keel_shared::StartupError;
 use keel_shared::auth::SigningKeyPem;
 use keel_shared::testing::{self, TestDb};
@@ -149,6 +149,32 @@ impl Env {
             )
             .await
             .unwrap();
+    }
+
+    /// Signs `email` in again (with [`PASSWORD`]): a new session's tokens.
+    pub(crate) async fn login(&self, email: &str) -> TokenPair {
+        self.client()
+            .login(login_req(email, PASSWORD))
+            .await
+            .expect("login")
+            .into_inner()
+            .tokens
+            .expect("tokens")
+    }
+
+    /// The first column of every row `sql` returns.
+    pub(crate) async fn column<T>(&self, sql: &str) -> Vec<T>
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a>,
+    {
+        let client = self.db.pool.get().await.unwrap();
+        client
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     pub(crate) async fn user_count(&self) -> i64 {

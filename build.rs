@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "keel/jobs/v1/jobs.proto",
     "keel/jobs/v1/schedules.proto",
     "keel/memory/v1/memory.proto",
+    "keel/admin/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -25,6 +25,13 @@ pub mod memory {
     }
 }
 
+/// `keel.admin.v1`: the operators' API (see `proto/keel/admin/v1/admin.proto`).
+pub mod admin {
+    pub mod v1 {
+        tonic::include_proto!("keel.admin.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every Keel proto and its imports, for
 /// `tonic_reflection`.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");

@@ -1,11 +1,22 @@
 //! The client side of gRPC: endpoints in plaintext or TLS (the worker, the
-//! CLI, health checks), and health probes asking the standard health
-//! service whether a server is SERVING.
+//! CLI, health checks), client-side load balancing over several replicas of
+//! a service, and health probes asking the standard health service whether a
+//! server is SERVING.
 
 use std::path::Path;
 use std::time::Duration;
 
+use tonic::transport::channel::Change;
+use tonic::transport::{Channel, Endpoint};
+
 use crate::config::GrpcClientTlsConfig;
+
+/// How often a balanced channel asks each of its endpoints whether it is
+/// SERVING.
+pub const BALANCE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one of those health checks may take before the endpoint counts
+/// as down.
+const BALANCE_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An endpoint for `url`: plaintext for `http://`, TLS trusting
 /// `tls.tls_ca_file` (and presenting the client certificate, if any) for
@@ -40,6 +51,138 @@ pub fn client_endpoint(
         .map_err(|e| format!("TLS for {url}: {e}"))
 }
 
+/// The endpoints of `urls`: one URL, or the URLs of several replicas of one
+/// service separated by commas (`http://a:50052,http://b:50052`), each made
+/// by [`client_endpoint`] (so each `https://` one checks its own host name).
+pub fn client_endpoints(urls: &str, tls: &GrpcClientTlsConfig) -> Result<Vec<Endpoint>, String> {
+    let urls: Vec<&str> = urls.split(',').map(str::trim).collect();
+    if urls.iter().any(|u| u.is_empty()) {
+        return Err("an empty URL in the list (URLs are separated by single commas)".into());
+    }
+    urls.into_iter()
+        .map(|url| client_endpoint(url, tls))
+        .collect()
+}
+
+/// A channel to one service that connects on first use and reconnects by
+/// itself. Over one endpoint it is that endpoint's own channel. Over several
+/// (replicas of the service) it is tonic's balanced channel: each call goes
+/// to the less busy of two ready replicas picked at random (tower's
+/// power-of-two-choices), and every [`BALANCE_HEALTH_INTERVAL`] each
+/// replica's health service is asked whether it is SERVING. One that is not
+/// (killed, restarting, lost its database) leaves the balance while another
+/// one is SERVING, and comes back once it answers SERVING again. When none
+/// is SERVING all stay in, so calls fail fast with UNAVAILABLE rather than
+/// wait. A call sent to a replica just before it died fails (UNAVAILABLE
+/// when the connection is refused): retry it.
+///
+/// Must be called inside a Tokio runtime; the health checks stop when the
+/// last clone of the channel is dropped.
+///
+/// # Panics
+///
+/// When `endpoints` is empty.
+pub fn balanced_channel(endpoints: Vec<Endpoint>) -> Channel {
+    assert!(!endpoints.is_empty(), "a channel needs an endpoint");
+    if let [endpoint] = endpoints.as_slice() {
+        return endpoint.connect_lazy();
+    }
+    let (channel, changes) = Channel::balance_channel(endpoints.len());
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        changes
+            .try_send(Change::Insert(i, endpoint.clone()))
+            .expect("the change queue holds one change per endpoint");
+    }
+    tokio::spawn(keep_balance_healthy(endpoints, changes));
+    channel
+}
+
+/// A channel connected to one of `endpoints` (replicas of one service): the
+/// first, in random order, that accepts a connection; the last error when
+/// none does. For short-lived clients (the CLI) making a call or two, where
+/// a [`balanced_channel`] would send the first call before knowing which
+/// replicas are up.
+///
+/// # Panics
+///
+/// When `endpoints` is empty.
+pub async fn connect_any(mut endpoints: Vec<Endpoint>) -> Result<Channel, tonic::transport::Error> {
+    use rand::seq::SliceRandom;
+
+    endpoints.shuffle(&mut rand::thread_rng());
+    let mut last = None;
+    for endpoint in endpoints {
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("at least one endpoint"))
+}
+
+/// Takes the endpoints that do not answer SERVING out of the balance behind
+/// `changes` (all of them in at first), and puts them back when they do.
+async fn keep_balance_healthy(
+    endpoints: Vec<Endpoint>,
+    changes: tokio::sync::mpsc::Sender<Change<usize, Endpoint>>,
+) {
+    use tonic_health::pb::health_client::HealthClient;
+
+    let probes: Vec<HealthClient<Channel>> = endpoints
+        .iter()
+        .map(|e| {
+            let e = e.clone().connect_timeout(BALANCE_HEALTH_TIMEOUT);
+            HealthClient::new(e.connect_lazy())
+        })
+        .collect();
+    let mut in_balance = vec![true; endpoints.len()];
+    let mut ticks = tokio::time::interval(BALANCE_HEALTH_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if changes.is_closed() {
+            return;
+        }
+        let serving = futures::future::join_all(probes.iter().map(|p| is_serving(p.clone()))).await;
+        let want = if serving.iter().any(|s| *s) {
+            serving
+        } else {
+            vec![true; endpoints.len()]
+        };
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            if want[i] == in_balance[i] {
+                continue;
+            }
+            let change = if want[i] {
+                tracing::info!(endpoint = %endpoint.uri(), "replica back in the balance");
+                Change::Insert(i, endpoint.clone())
+            } else {
+                tracing::warn!(endpoint = %endpoint.uri(), "replica not SERVING: out of the balance");
+                Change::Remove(i)
+            };
+            if changes.send(change).await.is_err() {
+                return;
+            }
+            in_balance[i] = want[i];
+        }
+    }
+}
+
+/// True when the health service behind `client` answers "" SERVING within
+/// [`BALANCE_HEALTH_TIMEOUT`].
+async fn is_serving(mut client: tonic_health::pb::health_client::HealthClient<Channel>) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+
+    let check = client.check(HealthCheckRequest::default());
+    matches!(
+        tokio::time::timeout(BALANCE_HEALTH_TIMEOUT, check)
+            .await
+            .map(|r| r.map(|r| r.into_inner().status())),
+        Ok(Ok(ServingStatus::Serving))
+    )
+}
+
 /// Asks the health service at `addr` whether "" is SERVING.
 pub async fn probe(addr: &str) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{addr}")) else {
@@ -50,7 +193,7 @@ pub async fn probe(addr: &str) -> bool {
 
 /// Asks the health service at `endpoint` (plaintext or TLS, see
 /// [`client_endpoint`]) whether "" is SERVING.
-pub async fn probe_endpoint(endpoint: tonic::transport::Endpoint) -> bool {
+pub async fn probe_endpoint(endpoint: Endpoint) -> bool {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
@@ -68,4 +211,13 @@ pub async fn probe_endpoint(endpoint: tonic::transport::Endpoint) -> bool {
             .map(|r| r.into_inner().status()),
         Ok(ServingStatus::Serving)
     )
+}
+
+/// True when at least one of `endpoints` (replicas of one service) answers
+/// SERVING: the service is usable through a [`balanced_channel`].
+pub async fn probe_any(endpoints: &[Endpoint]) -> bool {
+    futures::future::join_all(endpoints.iter().cloned().map(probe_endpoint))
+        .await
+        .into_iter()
+        .any(|serving| serving)
 }

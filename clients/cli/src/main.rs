@@ -274,10 +274,12 @@ async fn main() {
     }
 }
 
+/// A channel to the service at `url`, or at one of its comma-separated
+/// replicas (the first, in random order, that accepts a connection).
 async fn connect(tls: &GrpcClientTlsConfig, url: &str) -> Result<Channel> {
-    keel_shared::grpc_client::client_endpoint(url, tls)
-        .map_err(anyhow::Error::msg)?
-        .connect()
+    let endpoints =
+        keel_shared::grpc_client::client_endpoints(url, tls).map_err(anyhow::Error::msg)?;
+    keel_shared::grpc_client::connect_any(endpoints)
         .await
         .with_context(|| format!("cannot reach {url}"))
 }
@@ -424,8 +426,11 @@ async fn run(cli: Cli) -> Result<()> {
             let mut all = true;
             let mut report = serde_json::Map::new();
             let mut table = output::Table::new(&["SERVER", "STATUS"]);
-            for url in [&cli.auth_url, &cli.jobs_url, &cli.memory_url] {
-                let ok = match keel_shared::grpc_client::client_endpoint(url, &cli.tls) {
+            let urls = [&cli.auth_url, &cli.jobs_url, &cli.memory_url]
+                .into_iter()
+                .flat_map(|list| list.split(',').map(|url| url.trim().to_string()));
+            for url in urls {
+                let ok = match keel_shared::grpc_client::client_endpoint(&url, &cli.tls) {
                     Ok(endpoint) => keel_shared::grpc_client::probe_endpoint(endpoint).await,
                     Err(_) => false,
                 };

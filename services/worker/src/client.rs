@@ -44,50 +44,43 @@ impl Interceptor for Bearer {
 }
 
 /// A client that connects on first use (and reconnects after outages), so
-/// the worker starts whether or not the jobs service is up.
-pub fn connect(
-    jobs_url: &str,
-    tls: &GrpcClientTlsConfig,
-    token: &str,
-) -> Result<JobsClient, StartupError> {
-    let endpoint = endpoint(jobs_url, tls)?;
-    let channel = endpoint.connect_lazy();
+/// the worker starts whether or not the jobs service is up. Over several
+/// jobs replicas it spreads its calls over those SERVING
+/// ([`keel_shared::grpc_client::balanced_channel`]).
+pub fn connect(endpoints: Vec<Endpoint>, token: &str) -> Result<JobsClient, StartupError> {
+    let channel = keel_shared::grpc_client::balanced_channel(endpoints);
     Ok(JobRunnerServiceClient::with_interceptor(
         channel,
         Bearer::new(token)?,
     ))
 }
 
-/// The jobs service's endpoint: plaintext for http://, TLS for https://
-/// (trusting KEEL_TLS_CA_FILE).
-pub fn endpoint(jobs_url: &str, tls: &GrpcClientTlsConfig) -> Result<Endpoint, StartupError> {
-    let endpoint = keel_shared::grpc_client::client_endpoint(jobs_url, tls).map_err(|reason| {
-        StartupError::InvalidVar {
-            var: "KEEL_JOBS_URL",
-            reason,
-        }
-    })?;
-    Ok(endpoint
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .tcp_nodelay(true))
-}
-
-/// `host:port` of the jobs service, for its health probe.
-pub fn authority(jobs_url: &str) -> Result<String, StartupError> {
-    let uri: tonic::codegen::http::Uri =
-        jobs_url.parse().map_err(|e| StartupError::InvalidVar {
-            var: "KEEL_JOBS_URL",
-            reason: format!("{e}"),
-        })?;
-    uri.authority()
-        .map(|a| a.to_string())
-        .ok_or(StartupError::InvalidVar {
-            var: "KEEL_JOBS_URL",
-            reason: "needs a host, e.g. http://127.0.0.1:50052".into(),
+/// The jobs service's endpoints, one per comma-separated URL of
+/// KEEL_JOBS_URL: plaintext for http://, TLS for https:// (trusting
+/// KEEL_TLS_CA_FILE). Each URL needs a host.
+pub fn endpoints(jobs_url: &str, tls: &GrpcClientTlsConfig) -> Result<Vec<Endpoint>, StartupError> {
+    let invalid = |reason: String| StartupError::InvalidVar {
+        var: "KEEL_JOBS_URL",
+        reason,
+    };
+    let endpoints = keel_shared::grpc_client::client_endpoints(jobs_url, tls).map_err(invalid)?;
+    endpoints
+        .into_iter()
+        .map(|endpoint| {
+            if endpoint.uri().host().is_none_or(str::is_empty) {
+                return Err(invalid(format!(
+                    "{} needs a host, e.g. http://127.0.0.1:50052",
+                    endpoint.uri()
+                )));
+            }
+            Ok(endpoint
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10))
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .tcp_nodelay(true))
         })
+        .collect()
 }
 
 /// How the worker treats an error answer from the jobs service.
@@ -131,13 +124,33 @@ mod tests {
     }
 
     #[test]
-    fn authority_of_urls() {
+    fn one_endpoint_per_url() {
+        let tls = GrpcClientTlsConfig::default();
+        let hosts = |url: &str| -> Vec<String> {
+            endpoints(url, &tls)
+                .unwrap()
+                .iter()
+                .map(|e| e.uri().authority().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(hosts("http://127.0.0.1:50052"), ["127.0.0.1:50052"]);
         assert_eq!(
-            authority("http://127.0.0.1:50052").unwrap(),
-            "127.0.0.1:50052"
+            hosts("http://a:50052, http://b:50052/,http://c:50052"),
+            ["a:50052", "b:50052", "c:50052"]
         );
-        assert_eq!(authority("http://jobs:50052/").unwrap(), "jobs:50052");
-        assert!(authority("not a url").is_err());
+        for bad in [
+            "not a url",
+            "http://a:50052,,http://b:50052",
+            "http://a:1,",
+            "/path",
+        ] {
+            let Err(StartupError::InvalidVar { var, .. }) = endpoints(bad, &tls) else {
+                panic!("{bad:?} accepted");
+            };
+            assert_eq!(var, "KEEL_JOBS_URL");
+        }
+        // https:// needs the CA to trust, for every URL of the list.
+        assert!(endpoints("http://a:50052,https://b:50052", &tls).is_err());
     }
 
     #[test]

@@ -87,9 +87,8 @@ pub async fn run_with(
     // server, which loads it again, starts alongside the consumer).
     keel_shared::server_tls::TlsServer::from_config(&config.runtime.tls)?;
     keel_shared::metrics::install(&config.runtime.metrics)?;
-    let client = client::connect(&config.jobs_url, &config.jobs_tls, config.worker_token()?)?;
-    client::authority(&config.jobs_url)?;
-    let jobs_endpoint = client::endpoint(&config.jobs_url, &config.jobs_tls)?;
+    let jobs_endpoints = client::endpoints(&config.jobs_url, &config.jobs_tls)?;
+    let client = client::connect(jobs_endpoints.clone(), config.worker_token()?)?;
     let redis = keel_shared::redis::pool(&config.redis)?;
     let stream = stream::JobStream::new(
         redis.clone(),
@@ -126,10 +125,10 @@ pub async fn run_with(
     let (reflection_v1, reflection_v1alpha) = server::reflection(&[]);
     health.watch(Duration::from_secs(2), shutdown.clone(), move || {
         let redis = redis.clone();
-        let jobs = jobs_endpoint.clone();
+        let jobs = jobs_endpoints.clone();
         async move {
             keel_shared::redis::ping(&redis).await
-                && keel_shared::grpc_client::probe_endpoint(jobs).await
+                && keel_shared::grpc_client::probe_any(&jobs).await
         }
     });
     let router = server::builder()

@@ -1,5 +1,6 @@
 //! Integration tests of the shared crate against a real Postgres.
 
+mod balance;
 mod config;
 mod grpc_tls;
 mod health;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tonic::transport::channel::Change;
 use tonic::transport::{Channel, Endpoint};
+use tower::util::MapErr;
 
 use crate::config::GrpcClientTlsConfig;
 
@@ -67,8 +68,9 @@ pub fn client_endpoints(urls: &str, tls: &GrpcClientTlsConfig) -> Result<Vec<End
 /// A channel to one service that connects on first use and reconnects by
 /// itself. Over one endpoint it is that endpoint's own channel. Over several
 /// (replicas of the service) it is tonic's balanced channel: each call goes
-/// to the less busy of two ready replicas picked at random (tower's
-/// power-of-two-choices), and every [`BALANCE_HEALTH_INTERVAL`] each
+/// to a ready replica picked at random (tower's power of two choices, over
+/// connections that all report the same load), and every
+/// [`BALANCE_HEALTH_INTERVAL`] each
 /// replica's health service is asked whether it is SERVING. One that is not
 /// (killed, restarting, lost its database) leaves the balance while another
 /// one is SERVING, and comes back once it answers SERVING again. When none
@@ -82,19 +84,44 @@ pub fn client_endpoints(urls: &str, tls: &GrpcClientTlsConfig) -> Result<Vec<End
 /// # Panics
 ///
 /// When `endpoints` is empty.
-pub fn balanced_channel(endpoints: Vec<Endpoint>) -> Channel {
+pub fn balanced_channel(endpoints: Vec<Endpoint>) -> BalancedChannel {
     assert!(!endpoints.is_empty(), "a channel needs an endpoint");
-    if let [endpoint] = endpoints.as_slice() {
-        return endpoint.connect_lazy();
+    let channel = if let [endpoint] = endpoints.as_slice() {
+        endpoint.connect_lazy()
+    } else {
+        let (channel, changes) = Channel::balance_channel(endpoints.len());
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            changes
+                .try_send(Change::Insert(i, endpoint.clone()))
+                .expect("the change queue holds one change per endpoint");
+        }
+        tokio::spawn(keep_balance_healthy(endpoints, changes));
+        channel
+    };
+    MapErr::new(channel, transport_failure_status)
+}
+
+/// The channel [`balanced_channel`] makes: a tonic [`Channel`] whose
+/// transport failures are statuses as the gRPC spec has them.
+pub type BalancedChannel = MapErr<Channel, fn(tonic::transport::Error) -> tonic::Status>;
+
+/// The status of a call that failed in the transport, before the server
+/// answered. tonic calls a connection broken mid-call (a replica SIGKILLed
+/// while answering) UNKNOWN "transport error"; the gRPC spec says a client
+/// reports a broken connection as UNAVAILABLE, the retryable code, which is
+/// what callers of a replicated service must see. Other mapped codes
+/// (UNAVAILABLE for a refused connection, CANCELLED for a client-side
+/// timeout) stay as tonic has them.
+fn transport_failure_status(error: tonic::transport::Error) -> tonic::Status {
+    let status = tonic::Status::from_error(Box::new(error));
+    if status.code() == tonic::Code::Unknown {
+        tonic::Status::unavailable(format!(
+            "connection to the server lost: {}",
+            status.message()
+        ))
+    } else {
+        status
     }
-    let (channel, changes) = Channel::balance_channel(endpoints.len());
-    for (i, endpoint) in endpoints.iter().enumerate() {
-        changes
-            .try_send(Change::Insert(i, endpoint.clone()))
-            .expect("the change queue holds one change per endpoint");
-    }
-    tokio::spawn(keep_balance_healthy(endpoints, changes));
-    channel
 }
 
 /// A channel connected to one of `endpoints` (replicas of one service): the

@@ -6,13 +6,14 @@ use std::time::Duration;
 use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
 use keel_shared::StartupError;
 use keel_shared::config::GrpcClientTlsConfig;
+use keel_shared::grpc_client::BalancedChannel;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Request, Status};
 
-pub type JobsClient = JobRunnerServiceClient<InterceptedService<Channel, Bearer>>;
+pub type JobsClient = JobRunnerServiceClient<InterceptedService<BalancedChannel, Bearer>>;
 
 /// Adds `authorization: Bearer <worker token>` and the current trace context
 /// to every request.

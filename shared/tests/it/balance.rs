@@ -12,7 +12,6 @@ use keel_shared::{grpc_client, testing};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -56,7 +55,7 @@ impl Replica {
 
 /// Which replica answered each of [`CALLS`] calls ("a" or "b"), or the
 /// error code of a call that failed.
-async fn answers(channel: &Channel) -> Vec<Result<&'static str, Code>> {
+async fn answers(channel: &grpc_client::BalancedChannel) -> Vec<Result<&'static str, Code>> {
     let mut out = Vec::new();
     for _ in 0..CALLS {
         let reply = HealthClient::new(channel.clone())

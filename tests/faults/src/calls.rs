@@ -22,6 +22,31 @@ pub fn channel(addr: SocketAddr) -> Channel {
         .connect_lazy()
 }
 
+/// `http://a,http://b,...`: the URL form of several replicas of one service
+/// (KEEL_JOBS_URL and the CLI's URLs).
+pub fn urls(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A channel spreading its calls over the replicas at `addrs` (Keel's
+/// client-side load balancing, `grpc_client::balanced_channel`); every call
+/// on it has the [`CALL_TIMEOUT`] deadline.
+pub fn balanced_channel(addrs: &[SocketAddr]) -> keel_shared::grpc_client::BalancedChannel {
+    let endpoints = keel_shared::grpc_client::client_endpoints(&urls(addrs), &Default::default())
+        .expect("endpoints")
+        .into_iter()
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .timeout(CALL_TIMEOUT)
+        })
+        .collect();
+    keel_shared::grpc_client::balanced_channel(endpoints)
+}
+
 /// A lazily connecting channel without a per-call deadline (for streams).
 pub fn stream_channel(addr: SocketAddr) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))

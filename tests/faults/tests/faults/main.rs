@@ -8,5 +8,6 @@ mod pooler;
 mod postgres_outage;
 mod redis_outage;
 mod schedules_kill;
+mod topology;
 mod traces;
 mod worker_crash;

@@ -70,13 +70,13 @@ pub fn client_endpoints(urls: &str, tls: &GrpcClientTlsConfig) -> Result<Vec<End
 /// (replicas of the service) it is tonic's balanced channel: each call goes
 /// to a ready replica picked at random (tower's power of two choices, over
 /// connections that all report the same load), and every
-/// [`BALANCE_HEALTH_INTERVAL`] each
-/// replica's health service is asked whether it is SERVING. One that is not
-/// (killed, restarting, lost its database) leaves the balance while another
-/// one is SERVING, and comes back once it answers SERVING again. When none
-/// is SERVING all stay in, so calls fail fast with UNAVAILABLE rather than
-/// wait. A call sent to a replica just before it died fails (UNAVAILABLE
-/// when the connection is refused): retry it.
+/// [`BALANCE_HEALTH_INTERVAL`] each replica's health service is asked
+/// whether it is SERVING. One that is not (killed, restarting, lost its
+/// database) leaves the balance while another one is SERVING, and comes
+/// back once it answers SERVING again. When none is SERVING all stay in, so
+/// calls fail fast with UNAVAILABLE rather than wait. A call sent to a
+/// replica just before it died, or cut by its death, is UNAVAILABLE (see
+/// [`BalancedChannel`]): retry it.
 ///
 /// Must be called inside a Tokio runtime; the health checks stop when the
 /// last clone of the channel is dropped.

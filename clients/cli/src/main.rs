@@ -38,6 +38,8 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(name = "keel", version, about = "Command-line client for Keel")]
 struct Cli {
+    /// The service's URL, or its replicas' URLs separated by commas (the
+    /// first that accepts a connection, in random order, is used).
     #[arg(
         long,
         env = "KEEL_AUTH_URL",
@@ -45,6 +47,8 @@ struct Cli {
         global = true
     )]
     auth_url: String,
+    /// The service's URL, or its replicas' URLs separated by commas (the
+    /// first that accepts a connection, in random order, is used).
     #[arg(
         long,
         env = "KEEL_JOBS_URL",
@@ -52,6 +56,8 @@ struct Cli {
         global = true
     )]
     jobs_url: String,
+    /// The service's URL, or its replicas' URLs separated by commas (the
+    /// first that accepts a connection, in random order, is used).
     #[arg(
         long,
         env = "KEEL_MEMORY_URL",

@@ -20,7 +20,8 @@ pub struct Config {
     /// Address of the worker's own health (and reflection) server.
     #[arg(long, env = "KEEL_WORKER_HEALTH_ADDR", default_value = "0.0.0.0:50054")]
     pub health_addr: SocketAddr,
-    /// URL of the jobs service.
+    /// URL of the jobs service, or the URLs of several of its replicas
+    /// separated by commas: calls are spread over those SERVING.
     #[arg(long, env = "KEEL_JOBS_URL", default_value = "http://127.0.0.1:50052")]
     pub jobs_url: String,
     /// The worker credential (required): the jobs service's shared

@@ -216,3 +216,33 @@ async fn memories_print_tables_by_default_and_json_on_request() {
     assert_eq!(found[0]["memory"]["key"], "notes/cli");
     assert_eq!(env.json(&["workspace"]).await["memory_count"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_urls_reach_a_live_replica_and_health_lists_each() {
+    let env = Env::start(Servers::All).await;
+    env.sign_in("replicas@example.com").await;
+    let jobs = env.jobs_addr.expect("the jobs service runs");
+    let live = format!("http://{jobs}");
+    // Nothing listens on port 9: a replica that is down.
+    let down = "http://127.0.0.1:9";
+    for urls in [format!("{down},{live}"), format!("{live}, {down}")] {
+        // The replicas are tried in random order: a few runs meet both.
+        for _ in 0..4 {
+            let listed = env.json(&["--jobs-url", &urls, "jobs", "list"]).await;
+            assert!(listed["jobs"].is_array(), "{listed}");
+        }
+        let run = env
+            .keel(&["-o", "json", "--jobs-url", &urls, "health"])
+            .await;
+        assert!(!run.success, "a replica is down: {}", run.stdout);
+        let report: Value = serde_json::from_str(&run.stdout).expect("JSON");
+        assert_eq!(report[&live], "SERVING", "{report}");
+        assert_eq!(report[down], "NOT_SERVING", "{report}");
+    }
+    // An empty URL in the list is refused, saying so.
+    let run = env
+        .keel(&["--jobs-url", &format!("{live},,{down}"), "jobs", "list"])
+        .await;
+    assert!(!run.success);
+    assert!(run.stderr.contains("empty URL"), "{}", run.stderr);
+}

@@ -574,3 +574,81 @@ pub async fn announce_kinds(
     }
     cmd.query_async::<u64>(conn).await.map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_url_names_each_node_with_the_userinfo_and_tls() {
+        assert_eq!(cluster_nodes("redis://127.0.0.1:6379"), Ok(None));
+        assert_eq!(
+            cluster_nodes("redis+cluster://a:7000,b:7001"),
+            Ok(Some(vec!["redis://a:7000".into(), "redis://b:7001".into()]))
+        );
+        assert_eq!(
+            cluster_nodes("rediss+cluster://u:p%40w@a:7000, b:7001/?protocol=resp3"),
+            Ok(Some(vec![
+                "rediss://u:p%40w@a:7000/?protocol=resp3".into(),
+                "rediss://u:p%40w@b:7001/?protocol=resp3".into()
+            ]))
+        );
+        assert!(cluster_nodes("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn a_bad_cluster_url_or_a_ca_file_without_tls_is_a_startup_error() {
+        let mut cfg = RedisConfig::new("redis+cluster://,", "keel");
+        let err = pool(&cfg).expect_err("no node");
+        assert!(err.to_string().contains("REDIS_URL"), "{err}");
+        cfg.redis_url = "redis+cluster://127.0.0.1:27000,127.0.0.1:27001".into();
+        assert!(pool(&cfg).expect("a cluster pool").is_cluster());
+        cfg.redis_ca_file = Some("/nonexistent/ca.pem".into());
+        let err = pool(&cfg).expect_err("CA file with redis+cluster://");
+        assert!(err.to_string().contains("KEEL_REDIS_CA_FILE"), "{err}");
+    }
+
+    #[test]
+    fn a_pipeline_across_slots_splits_per_slot_with_publish_riding_along() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("XADD").arg("k:{echo}").arg("*").arg("f").arg("v");
+        pipe.cmd("XADD").arg("k:{sleep}").arg("*").arg("f").arg("v");
+        pipe.cmd("PUBLISH").arg("ch:1").arg("x");
+        pipe.cmd("XACK").arg("k:{echo}:high").arg("g").arg("1-0");
+        let parts = split_by_slot(&pipe).expect("two slots");
+        let places: Vec<Vec<usize>> = parts.iter().map(|p| p.0.clone()).collect();
+        assert_eq!(places, vec![vec![0, 3, 2], vec![1]]);
+
+        let mut one_slot = redis::pipe();
+        one_slot
+            .cmd("XADD")
+            .arg("k:{echo}")
+            .arg("*")
+            .arg("f")
+            .arg("v");
+        one_slot
+            .cmd("XADD")
+            .arg("k:{echo}:low")
+            .arg("*")
+            .arg("f")
+            .arg("v");
+        assert!(split_by_slot(&one_slot).is_none());
+
+        let mut publishes = redis::pipe();
+        publishes.cmd("PUBLISH").arg("ch:1").arg("x");
+        publishes.cmd("PUBLISH").arg("ch:2").arg("x");
+        let parts = split_by_slot(&publishes).expect("routed explicitly");
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].0, vec![0, 1]);
+
+        let mut unknown = redis::pipe();
+        unknown
+            .cmd("XADD")
+            .arg("k:{echo}")
+            .arg("*")
+            .arg("f")
+            .arg("v");
+        unknown.cmd("SUNION").arg("a").arg("b");
+        assert!(split_by_slot(&unknown).is_none());
+    }
+}

@@ -605,7 +605,17 @@ mod tests {
         assert!(pool(&cfg).expect("a cluster pool").is_cluster());
         cfg.redis_ca_file = Some("/nonexistent/ca.pem".into());
         let err = pool(&cfg).expect_err("CA file with redis+cluster://");
+        assert!(err.to_string().contains("not a rediss://"), "{err}");
+        cfg.redis_url = "rediss+cluster://127.0.0.1:27000,127.0.0.1:27001".into();
+        let err = pool(&cfg).expect_err("an unreadable CA file");
         assert!(err.to_string().contains("KEEL_REDIS_CA_FILE"), "{err}");
+        assert!(err.to_string().contains("cannot read"), "{err}");
+        cfg.redis_ca_file = None;
+        assert!(
+            pool(&cfg)
+                .expect("TLS with the system's roots")
+                .is_cluster()
+        );
     }
 
     #[test]

@@ -103,7 +103,10 @@ impl DatabaseConfig {
 /// Redis settings.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RedisConfig {
-    /// Redis URL.
+    /// Redis URL: `redis://[user:password@]host:port` (`rediss://` for TLS)
+    /// for one server, or `redis+cluster://[user:password@]host1:port1,host2:port2`
+    /// (`rediss+cluster://` for TLS) for a Redis Cluster: some of its nodes,
+    /// the rest are discovered.
     #[arg(
         long,
         env = "REDIS_URL",

@@ -86,7 +86,7 @@ pub(crate) fn table(entries: &[Entry]) -> String {
 }
 
 /// A connection to the Redis in `config`.
-pub(crate) async fn connect(config: &RedisConfig) -> Result<deadpool_redis::Connection> {
+pub(crate) async fn connect(config: &RedisConfig) -> Result<keel_shared::redis::Connection> {
     let pool = keel_shared::redis::pool(config)?;
     // The URL may hold a password: name the variable, not its value.
     pool.get()

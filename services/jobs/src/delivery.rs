@@ -50,7 +50,7 @@ pub type Announcement = (String, Vec<u8>);
 
 pub struct Delivery {
     pool: Pool,
-    redis: deadpool_redis::Pool,
+    redis: keel_shared::redis::Pool,
     redis_config: RedisConfig,
     /// Streams whose consumer group exists (we create it at id 0, so entries
     /// added before any worker read them are still delivered).
@@ -72,7 +72,7 @@ pub struct DeliveryQueues {
 impl Delivery {
     pub fn new(
         pool: Pool,
-        redis: deadpool_redis::Pool,
+        redis: keel_shared::redis::Pool,
         redis_config: RedisConfig,
         redeliver_after: Duration,
         served: Arc<ServedKinds>,

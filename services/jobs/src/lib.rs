@@ -194,13 +194,13 @@ pub async fn run(
     // WatchJob's one pub/sub connection (without it watchers poll Postgres).
     let (subscriptions, changes) =
         subscriptions::Subscriptions::new(config.redis.clone(), config.max_watchers);
-    match keel_shared::redis::client(&config.redis) {
+    match keel_shared::redis::Client::open(&config.redis) {
         Ok(client) => {
-            tokio::spawn(
-                subscriptions
-                    .clone()
-                    .run(client, changes, background.clone()),
-            );
+            tokio::spawn(subscriptions.clone().run(
+                client.node_clients(),
+                changes,
+                background.clone(),
+            ));
         }
         Err(_) => subscriptions.went_down(),
     }

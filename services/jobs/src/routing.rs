@@ -47,7 +47,7 @@ impl ServedKinds {
     /// that were not served before. On failure the last known set stays.
     pub async fn refresh(
         &self,
-        redis: &deadpool_redis::Pool,
+        redis: &keel_shared::redis::Pool,
         config: &RedisConfig,
     ) -> Result<Vec<String>, ApiError> {
         let now_ms = SystemTime::now()
@@ -83,7 +83,7 @@ impl ServedKinds {
 pub(crate) async fn run_refresher(
     kinds: Arc<ServedKinds>,
     pool: Pool,
-    redis: deadpool_redis::Pool,
+    redis: keel_shared::redis::Pool,
     config: RedisConfig,
     shutdown: CancellationToken,
 ) {

@@ -210,17 +210,24 @@ impl Subscriptions {
 
     /// Keeps the one pub/sub connection (reconnecting with backoff) and the
     /// watched jobs' channels subscribed on it, and fans its messages out,
-    /// until `shutdown`.
+    /// until `shutdown`. `clients` are Redis Cluster nodes (or the one
+    /// server): a cluster broadcasts PUBLISH to every node, so any node
+    /// will do, and each reconnection tries the next one.
     pub async fn run(
         self: Arc<Self>,
-        client: redis::Client,
+        clients: Vec<redis::Client>,
         mut changes: mpsc::UnboundedReceiver<Uuid>,
         shutdown: CancellationToken,
     ) {
         let mut failures = 0;
         let mut healthy = true;
+        let mut attempt = 0usize;
         loop {
             self.state.store(CONNECTING, Ordering::SeqCst);
+            let Some(client) = clients.get(attempt % clients.len().max(1)) else {
+                return;
+            };
+            attempt += 1;
             let connected = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = tokio::time::timeout(REDIS_TIMEOUT, client.get_async_pubsub()) => c,

@@ -2,17 +2,24 @@
 //! (XREADGROUP), taking over from dead consumers (XAUTOCLAIM), keeping our own
 //! pending messages fresh, acknowledging, dead-lettering and trimming.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
 use keel_shared::config::RedisConfig;
 use keel_shared::queue::{Band, CONSUMER_GROUP, FIELD_JOB_ID, FIELD_TRACEPARENT, dead_letter};
-use redis::aio::MultiplexedConnection;
+use keel_shared::redis::{Connection, Pool};
+use redis::RedisError;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
     StreamPendingCountReply, StreamPendingReply, StreamReadReply,
 };
-use redis::{AsyncConnectionConfig, RedisError};
+
+/// In a Redis Cluster, how long one blocking read waits on one kind while
+/// the worker serves several (a read cannot span kinds there: their streams
+/// live in different slots), so a job of another kind waits at most about
+/// this long for the read after.
+const CLUSTER_BLOCK_SLICE: Duration = Duration::from_millis(250);
 
 /// One stream entry handed to this consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +87,7 @@ impl StreamError {
 #[derive(Clone)]
 pub(crate) struct JobStream {
     pool: Pool,
-    client: redis::Client,
+    client: keel_shared::redis::Client,
     /// Three per kind this worker serves (one per priority band): every
     /// kind's high stream first, then the normal ones, then the low ones.
     streams: Vec<String>,
@@ -90,6 +97,8 @@ pub(crate) struct JobStream {
     dead_letter_maxlen: Option<usize>,
     consumer: String,
     block: Duration,
+    /// In a cluster, the kind the next blocking read waits on.
+    next_blocking: Arc<AtomicUsize>,
 }
 
 impl JobStream {
@@ -102,7 +111,7 @@ impl JobStream {
     ) -> Result<Self, RedisError> {
         Ok(Self {
             pool,
-            client: keel_shared::redis::client(config).map_err(|e| {
+            client: keel_shared::redis::Client::open(config).map_err(|e| {
                 RedisError::from((
                     redis::ErrorKind::InvalidClientConfig,
                     "invalid Redis config",
@@ -119,6 +128,7 @@ impl JobStream {
             dead_letter_maxlen: None,
             consumer,
             block,
+            next_blocking: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -131,7 +141,7 @@ impl JobStream {
         &self.streams
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StreamError> {
+    async fn conn(&self) -> Result<Connection, StreamError> {
         Ok(self.pool.get().await?)
     }
 
@@ -157,13 +167,10 @@ impl JobStream {
 
     /// A connection of its own for blocking reads: the pool's connections
     /// give up on an answer long before a blocking read returns.
-    pub(crate) async fn reader(&self) -> Result<MultiplexedConnection, StreamError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(self.block + Duration::from_secs(5)));
+    pub(crate) async fn reader(&self) -> Result<Connection, StreamError> {
         Ok(self
             .client
-            .get_multiplexed_async_connection_with_config(&config)
+            .dedicated(self.block + Duration::from_secs(5))
             .await?)
     }
 
@@ -171,29 +178,63 @@ impl JobStream {
     /// highest priority band that has any (a lower band is read only while
     /// the higher ones are empty), else whatever arrives first within the
     /// block time.
+    ///
+    /// In a Redis Cluster each read covers one kind (its streams share a
+    /// slot): a band is read kind by kind, and the blocking read waits on
+    /// one kind at a time, in turn (see [`CLUSTER_BLOCK_SLICE`]).
     pub(crate) async fn read(
         &self,
-        reader: &mut MultiplexedConnection,
+        reader: &mut Connection,
         count: usize,
     ) -> Result<Vec<Message>, StreamError> {
         if self.streams.is_empty() {
             tokio::time::sleep(self.block).await;
             return Ok(Vec::new());
         }
-        for band in self.streams.chunks(self.streams.len() / Band::ALL.len()) {
-            let read = self.read_from(reader, band, count, None).await?;
+        let kinds = self.kinds.len();
+        let cluster = self.client.is_cluster();
+        for band in self.streams.chunks(kinds) {
+            let mut read = Vec::new();
+            if cluster {
+                for stream in band {
+                    read.extend(
+                        self.read_from(reader, std::slice::from_ref(stream), count, None)
+                            .await?,
+                    );
+                }
+            } else {
+                read = self.read_from(reader, band, count, None).await?;
+            }
             if !read.is_empty() {
                 return Ok(read);
             }
         }
-        self.read_from(reader, &self.streams, count, Some(self.block))
-            .await
+        if !cluster || kinds == 1 {
+            return self
+                .read_from(reader, &self.streams, count, Some(self.block))
+                .await;
+        }
+        let kind = self.next_blocking.fetch_add(1, Ordering::Relaxed) % kinds;
+        let streams: Vec<String> = self
+            .streams
+            .iter()
+            .skip(kind)
+            .step_by(kinds)
+            .cloned()
+            .collect();
+        self.read_from(
+            reader,
+            &streams,
+            count,
+            Some(self.block.min(CLUSTER_BLOCK_SLICE)),
+        )
+        .await
     }
 
     /// One XREADGROUP of new entries of `streams`, blocking for `block` if given.
     async fn read_from(
         &self,
-        reader: &mut MultiplexedConnection,
+        reader: &mut Connection,
         streams: &[String],
         count: usize,
         block: Option<Duration>,
@@ -296,7 +337,8 @@ impl JobStream {
         Ok(())
     }
 
-    /// Acknowledges messages: one XACK per stream, in one pipeline.
+    /// Acknowledges messages: one XACK per stream, in one pipeline (one per
+    /// slot in a cluster: see `keel_shared::redis`).
     pub(crate) async fn ack(&self, messages: &[MessageKey]) -> Result<(), StreamError> {
         if messages.is_empty() {
             return Ok(());
@@ -482,10 +524,7 @@ impl std::fmt::Display for EntryId {
 /// The lowest id any group of `stream` still needs: for each group, its
 /// oldest pending entry, else its last delivered one. None when the stream
 /// has no group (nothing is known to be read: keep everything).
-async fn trim_point(
-    conn: &mut deadpool_redis::Connection,
-    stream: &str,
-) -> Result<Option<EntryId>, StreamError> {
+async fn trim_point(conn: &mut Connection, stream: &str) -> Result<Option<EntryId>, StreamError> {
     let groups: StreamInfoGroupsReply = match redis::cmd("XINFO")
         .arg("GROUPS")
         .arg(stream)

@@ -38,14 +38,15 @@ pub fn sample_pools(
     every: Duration,
     shutdown: CancellationToken,
     postgres: Option<deadpool_postgres::Pool>,
-    redis: Option<deadpool_redis::Pool>,
+    redis: Option<crate::redis::Pool>,
 ) {
     sample_every(every, shutdown, move || {
         if let Some(pool) = &postgres {
             pool_gauges(service, "postgres", pool.status());
         }
-        if let Some(pool) = &redis {
-            pool_gauges(service, "redis", pool.status());
+        // A cluster has one multiplexed connection: no pool to report.
+        if let Some(status) = redis.as_ref().and_then(|pool| pool.status()) {
+            pool_gauges(service, "redis", status);
         }
         std::future::ready(())
     });

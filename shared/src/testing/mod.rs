@@ -216,7 +216,7 @@ impl TestRedis {
         }
     }
 
-    pub fn pool(&self) -> deadpool_redis::Pool {
+    pub fn pool(&self) -> crate::redis::Pool {
         crate::redis::pool(&self.config).expect("redis pool")
     }
 }

@@ -29,9 +29,11 @@ macro_rules! report {
 mod calls;
 mod history;
 mod processes;
+mod redis_cluster;
 mod servers;
 
 pub use calls::*;
 pub use history::*;
 pub use processes::*;
+pub use redis_cluster::*;
 pub use servers::*;

@@ -167,7 +167,7 @@ impl Env {
         self.ok(&["register", email, "--name", "CLI"]).await;
     }
 
-    pub(crate) async fn redis(&self) -> deadpool_redis::Connection {
+    pub(crate) async fn redis(&self) -> keel_shared::redis::Connection {
         self.redis.pool().get().await.expect("redis connection")
     }
 }

@@ -211,7 +211,7 @@ impl Env {
         self.get(id).await
     }
 
-    pub(crate) async fn redis(&self) -> deadpool_redis::Connection {
+    pub(crate) async fn redis(&self) -> keel_shared::redis::Connection {
         self.redis.pool().get().await.expect("redis connection")
     }
 

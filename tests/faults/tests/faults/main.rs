@@ -6,6 +6,7 @@ mod jobs_kill;
 mod load;
 mod pooler;
 mod postgres_outage;
+mod redis_cluster;
 mod redis_outage;
 mod schedules_kill;
 mod topology;

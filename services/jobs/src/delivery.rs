@@ -258,7 +258,10 @@ impl Delivery {
         let rooms = self.backlog.rooms(&kinds, limit).await?;
         let with_room: Vec<(&str, i64)> = kinds
             .iter()
-            .filter_map(|k| rooms.get(*k).filter(|r| **r > 0).map(|r| (*k, *r)))
+            .filter_map(|k| {
+                let room = rooms.get(*k).filter(|r| r.worth_filling())?;
+                Some((*k, room.free))
+            })
             .collect();
         let mut round = RelayRound::default();
         if with_room.is_empty() && !full {

@@ -23,30 +23,59 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// waiting for it (a Redis call per kind; Postgres only once there is room).
 pub(crate) const WAITING_POLL: Duration = Duration::from_millis(10);
 
-/// Entries of a kind's streams not yet delivered to any worker: the
-/// workers' group `lag` summed over the bands (the stream's length where
-/// Redis cannot tell the lag, e.g. before the group exists).
+/// The backlog bound never goes below this many entries, however few
+/// messages the workers hold.
+const MIN_BACKLOG: i64 = 32;
+
+/// A kind's streams, summed over the bands: {entries not yet delivered to
+/// any worker (the workers' group `lag`; the stream's length where Redis
+/// cannot tell it, e.g. before the group exists), entries delivered and not
+/// yet acknowledged (the group's `pending`: what the workers hold)}.
 const BACKLOG_SCRIPT: &str = r"
-local total = 0
+local backlog, held = 0, 0
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
     local lag = nil
     local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
     if ok then
       for _, g in ipairs(groups) do
-        local name, glag
+        local name, glag, pending
         for i = 1, #g, 2 do
-          if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'lag' then glag = g[i + 1] end
+          if g[i] == 'name' then name = g[i + 1]
+          elseif g[i] == 'lag' then glag = g[i + 1]
+          elseif g[i] == 'pending' then pending = g[i + 1] end
         end
-        if name == ARGV[1] then lag = glag end
+        if name == ARGV[1] then
+          lag = glag
+          held = held + (pending or 0)
+        end
       end
     end
     if not lag then lag = redis.call('XLEN', key) end
-    total = total + lag
+    backlog = backlog + lag
   end
 end
-return total
+return {backlog, held}
 ";
+
+/// Room in a kind's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Room {
+    /// Entries that may be added now.
+    pub(crate) free: i64,
+    /// The backlog bound in force: as many entries as the workers hold
+    /// (about their concurrency while they are busy), at least
+    /// [`MIN_BACKLOG`], at most the configured bound.
+    pub(crate) bound: i64,
+}
+
+impl Room {
+    /// Worth a relay round: at least half the bound is free, so each round
+    /// publishes a good batch and the stream never runs dry meanwhile.
+    pub(crate) fn worth_filling(&self) -> bool {
+        self.free > 0 && self.free * 2 >= self.bound
+    }
+}
 
 /// The per-kind bound on the streams' backlog, and the kinds with outbox
 /// rows waiting for room.
@@ -79,15 +108,19 @@ impl Backlog {
         self.bound > 0
     }
 
-    /// Room in each kind's streams: the bound minus their backlog, at most
-    /// `cap` (everything when unbounded).
+    /// Room in each kind's streams: the bound in force minus their backlog,
+    /// at most `cap` (`cap` when unbounded).
     pub(crate) async fn rooms(
         &self,
         kinds: &[&str],
         cap: i64,
-    ) -> Result<HashMap<String, i64>, ApiError> {
+    ) -> Result<HashMap<String, Room>, ApiError> {
         if !self.bounded() {
-            return Ok(kinds.iter().map(|k| (k.to_string(), cap)).collect());
+            let room = Room {
+                free: cap,
+                bound: cap,
+            };
+            return Ok(kinds.iter().map(|k| (k.to_string(), room)).collect());
         }
         let read = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = self.redis.get().await?;
@@ -98,8 +131,10 @@ impl Backlog {
                     invocation.key(self.config.jobs_band_stream(kind, band));
                 }
                 invocation.arg(CONSUMER_GROUP);
-                let backlog: i64 = invocation.invoke_async(&mut *conn).await?;
-                rooms.insert(kind.to_string(), (self.bound - backlog).clamp(0, cap));
+                let (backlog, held): (i64, i64) = invocation.invoke_async(&mut *conn).await?;
+                let bound = held.max(MIN_BACKLOG).min(self.bound);
+                let free = (bound - backlog).clamp(0, cap);
+                rooms.insert(kind.to_string(), Room { free, bound });
             }
             Ok::<_, ApiError>(rooms)
         })
@@ -129,8 +164,8 @@ impl Backlog {
         let (mut now, mut later) = (Vec::new(), Vec::new());
         for p in batch {
             match rooms.get_mut(&p.kind) {
-                Some(room) if *room > 0 && !self.is_waiting(&p.kind) => {
-                    *room -= 1;
+                Some(room) if room.free > 0 && !self.is_waiting(&p.kind) => {
+                    room.free -= 1;
                     now.push(p);
                 }
                 _ => later.push(p),

@@ -356,10 +356,7 @@ async fn a_users_job_starts_before_another_users_backlog_is_half_done() {
         let created = svc
             .jobs
             .clone()
-            .batch_create_jobs(svc.u(BatchCreateJobsRequest {
-                requests,
-                ..Default::default()
-            }))
+            .batch_create_jobs(svc.u(BatchCreateJobsRequest { requests }))
             .await
             .unwrap()
             .into_inner()

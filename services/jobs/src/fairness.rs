@@ -143,7 +143,8 @@ impl Backlog {
     }
 
     /// Splits `batch` into what fits in the streams now (in order) and what
-    /// must wait in the outbox. When the room cannot be read, everything waits.
+    /// must wait in the outbox; jobs of the high band (priority above 0)
+    /// always fit. When the room cannot be read, the others wait.
     pub(crate) async fn admit(
         &self,
         batch: Vec<Publication>,
@@ -163,6 +164,12 @@ impl Backlog {
         };
         let (mut now, mut later) = (Vec::new(), Vec::new());
         for p in batch {
+            // The high band skips the bound: workers read it first, so a
+            // job that outranks the backlog goes ahead of it at once.
+            if Band::of(p.priority) == Band::High {
+                now.push(p);
+                continue;
+            }
             match rooms.get_mut(&p.kind) {
                 Some(room) if room.free > 0 && !self.is_waiting(&p.kind) => {
                     room.free -= 1;

@@ -304,6 +304,8 @@ pub async fn pay<'a>(
 #[derive(Debug)]
 pub struct FlowControl {
     path: Option<PathBuf>,
+    /// The file's text the limits were read from at start-up.
+    loaded: Option<String>,
     current: RwLock<Arc<Limits>>,
 }
 
@@ -312,6 +314,7 @@ impl FlowControl {
     pub fn unlimited() -> Self {
         Self {
             path: None,
+            loaded: None,
             current: RwLock::new(Arc::new(Limits::default())),
         }
     }
@@ -323,6 +326,7 @@ impl FlowControl {
         let limits = Limits::parse(path, &text)?;
         Ok(Self {
             path: Some(path.to_path_buf()),
+            loaded: Some(text),
             current: RwLock::new(Arc::new(limits)),
         })
     }
@@ -339,7 +343,8 @@ impl FlowControl {
         let Some(path) = self.path.clone() else {
             return;
         };
-        let mut last_text = std::fs::read_to_string(&path).ok();
+        // From the text loaded at start-up: a change made since is applied.
+        let mut last_text = self.loaded.clone();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,

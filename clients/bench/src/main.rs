@@ -43,6 +43,9 @@ pub struct Opts {
     /// Jobs in the end-to-end scenarios.
     #[arg(long, default_value_t = 20_000)]
     pub e2e_jobs: usize,
+    /// User A's backlog in the fairness scenario.
+    #[arg(long, default_value_t = 100_000)]
+    pub fairness_jobs: usize,
     /// Jobs per second offered in e2e-half-load (default: half of the
     /// e2e-jobs throughput measured in the same run).
     #[arg(long)]
@@ -94,6 +97,7 @@ impl Opts {
         if self.quick {
             self.seconds = 2;
             self.e2e_jobs = self.e2e_jobs.min(500);
+            self.fairness_jobs = self.fairness_jobs.min(2_000);
             self.search_corpus = self.search_corpus.min(1_000);
             self.search_other_users = self.search_other_users.min(2);
             self.watchers = self.watchers.min(200);

@@ -23,6 +23,7 @@ pub const DEFAULT_CLAIM_POLL_MS: u64 = 250;
 pub const DEFAULT_SCHEDULES_PER_USER: i64 = 100;
 pub const DEFAULT_SCHEDULE_MIN_INTERVAL_SECS: u64 = 60;
 pub const DEFAULT_SCHEDULE_TICK_MS: u64 = 1_000;
+pub const DEFAULT_STREAM_BACKLOG: i64 = 1024;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "keel-jobs", about = "Keel jobs service", version)]
@@ -117,6 +118,18 @@ pub struct Config {
     /// fires at most this late).
     #[arg(long, env = "KEEL_SCHEDULE_TICK_MS", default_value_t = DEFAULT_SCHEDULE_TICK_MS)]
     pub schedule_tick_ms: u64,
+    /// Per-kind flow control limits (`max_running`, `rate_per_second`,
+    /// `burst`), TOML, or JSON when the name ends in `.json`; re-read every
+    /// second (a bad file keeps the last good limits). Unset: no limits.
+    #[arg(long, env = "KEEL_FLOW_CONTROL_FILE")]
+    pub flow_control_file: Option<std::path::PathBuf>,
+    /// Most entries a kind's streams hold not yet delivered to a worker
+    /// (fewer while the workers hold fewer messages: the bound follows
+    /// their pending count, at least 32); the rest wait in Postgres and are
+    /// published taking turns between users (fairness). 0: no bound (every
+    /// job is published at once, as before).
+    #[arg(long, env = "KEEL_JOBS_STREAM_BACKLOG", default_value_t = DEFAULT_STREAM_BACKLOG)]
+    pub stream_backlog: i64,
 }
 
 impl Config {
@@ -154,6 +167,8 @@ impl Config {
             schedules_per_user: DEFAULT_SCHEDULES_PER_USER,
             schedule_min_interval_secs: DEFAULT_SCHEDULE_MIN_INTERVAL_SECS,
             schedule_tick_ms: DEFAULT_SCHEDULE_TICK_MS,
+            flow_control_file: None,
+            stream_backlog: DEFAULT_STREAM_BACKLOG,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::announcements;
 use crate::domain::JobState;
 use crate::error::JobsError;
+use crate::fairness::{self, Backlog};
 use crate::routing::ServedKinds;
 use crate::store::{self, JobRow, Publication};
 
@@ -48,6 +49,15 @@ const MARK_AFTER: Duration = Duration::from_millis(500);
 /// A transition to publish: (channel, payload).
 pub type Announcement = (String, Vec<u8>);
 
+/// What a relay round did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayRound {
+    /// Rows added to streams.
+    pub published: usize,
+    /// A kind filled its whole batch: another round should follow at once.
+    pub more: bool,
+}
+
 pub struct Delivery {
     pool: Pool,
     redis: keel_shared::redis::Pool,
@@ -57,6 +67,8 @@ pub struct Delivery {
     groups_ready: Mutex<HashSet<String>>,
     /// The kinds stream workers serve: only those are added to streams.
     served: Arc<ServedKinds>,
+    /// Keeps each kind's stream short; the rest waits for the relay's turns.
+    backlog: Backlog,
     /// First wait before re-publishing a job that has not started.
     redeliver_after: Duration,
     announcements: mpsc::Sender<Announcement>,
@@ -76,15 +88,18 @@ impl Delivery {
         redis_config: RedisConfig,
         redeliver_after: Duration,
         served: Arc<ServedKinds>,
+        stream_backlog: i64,
     ) -> (Self, DeliveryQueues) {
         let (announcements, announce_queue) = mpsc::channel(ANNOUNCE_QUEUE);
         let (publications, publish_queue) = mpsc::channel(PUBLISH_QUEUE);
+        let backlog = Backlog::new(stream_backlog, redis.clone(), redis_config.clone());
         let delivery = Self {
             pool,
             redis,
             redis_config,
             groups_ready: Mutex::new(HashSet::new()),
             served,
+            backlog,
             redeliver_after,
             announcements,
             publications,
@@ -98,6 +113,18 @@ impl Delivery {
 
     pub fn redis_config(&self) -> &RedisConfig {
         &self.redis_config
+    }
+
+    /// Whether streams are kept short (`KEEL_JOBS_STREAM_BACKLOG` > 0): then
+    /// a large batch of new jobs is left to the relay's turns at once.
+    pub fn streams_bounded(&self) -> bool {
+        self.backlog.bounded()
+    }
+
+    /// New jobs of `kinds` were committed due now for the relay (not for
+    /// the immediate publication): it takes them at its next turn.
+    pub fn hand_over<'a>(&self, kinds: impl IntoIterator<Item = &'a str>) {
+        self.backlog.hand_over(kinds);
     }
 
     /// Queues newly committed jobs (due now) for publication as soon as
@@ -147,6 +174,20 @@ impl Delivery {
             if batch.is_empty() {
                 continue;
             }
+            // Only as many as fit under the kind's backlog bound; the rest
+            // waits in the outbox for the relay, which takes turns between users.
+            let (fit, wait) = self.backlog.admit(std::mem::take(&mut batch)).await;
+            batch = fit;
+            if !wait.is_empty() {
+                if let Err(e) = self.hand_to_relay(&wait).await {
+                    // They are published by the relay after the grace.
+                    tracing::debug!(error = %e, "could not hand the jobs to the relay");
+                }
+                self.backlog.hand_over(wait.iter().map(|p| p.kind.as_str()));
+            }
+            if batch.is_empty() {
+                continue;
+            }
             match self.xadd(&batch).await {
                 Ok(()) => {
                     unmarked.push_back((Instant::now() + MARK_AFTER, std::mem::take(&mut batch)))
@@ -190,36 +231,85 @@ impl Delivery {
         store::hand_to_relay(&client, unpublished).await
     }
 
-    /// One relay round: publishes up to `limit` due outbox rows.
+    /// One relay round: publishes due outbox rows of served kinds, as many
+    /// as each kind's stream has room for (at most `limit` per kind), taking
+    /// turns between users; in a `full` round it looks at every served kind
+    /// and puts off the rows of kinds no stream worker serves, otherwise
+    /// only at the kinds with rows waiting for room.
     ///
     /// Claims rows with FOR UPDATE SKIP LOCKED, XADDs them and marks them
     /// published, all inside one transaction: a crash or a Redis error before
     /// the commit leaves the rows for the next round, and two replicas never
-    /// both publish the same row. The commit does not wait for its flush:
-    /// losing it in a crash only publishes those rows again, and workers
-    /// refuse duplicates through StartJob. Rows of kinds no stream worker
-    /// serves are put off instead (still unpublished).
-    pub async fn relay_once(&self, limit: i64) -> Result<usize, JobsError> {
+    /// both publish the same row (nor fill the same kind's stream at once).
+    /// The commit does not wait for its flush: losing it in a crash only
+    /// publishes those rows again, and workers refuse duplicates through
+    /// StartJob. Rows of kinds no stream worker serves are put off instead
+    /// (still unpublished).
+    pub async fn relay_once(&self, limit: i64, full: bool) -> Result<RelayRound, JobsError> {
+        let limit = limit.max(1);
+        let kinds: Vec<String> = if full {
+            self.served.snapshot()
+        } else {
+            let mut waiting = self.backlog.waiting();
+            waiting.retain(|k| self.served.contains(k));
+            waiting
+        };
+        let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+        let rooms = self.backlog.rooms(&kinds, limit).await?;
+        let with_room: Vec<(&str, i64)> = kinds
+            .iter()
+            .filter_map(|k| {
+                let room = rooms.get(*k).filter(|r| r.worth_filling())?;
+                Some((*k, room.free))
+            })
+            .collect();
+        let mut round = RelayRound::default();
+        if with_room.is_empty() && !full {
+            return Ok(round);
+        }
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
         store::relax_commit(&tx).await?;
-        let claimed = store::claim_outbox(&tx, limit).await?;
-        if claimed.is_empty() {
-            return Ok(0);
+        if !with_room.is_empty() {
+            let names: Vec<&str> = with_room.iter().map(|(k, _)| *k).collect();
+            let ours = store::fairness::lock_relay_kinds(&tx, &names).await?;
+            let (names, rooms): (Vec<&str>, Vec<i64>) = with_room
+                .iter()
+                .filter(|(k, _)| ours.iter().any(|o| o == k))
+                .copied()
+                .unzip();
+            if !names.is_empty() {
+                let claimed = store::fairness::claim_fair(&tx, &names, &rooms).await?;
+                if !claimed.is_empty() {
+                    self.xadd(&claimed).await?;
+                    store::mark_published(&tx, &claimed, self.redeliver_after).await?;
+                }
+                for (kind, room) in names.iter().zip(&rooms) {
+                    let taken = claimed.iter().filter(|p| p.kind == *kind).count() as i64;
+                    // A full room: more rows may wait for the next.
+                    self.backlog.set_waiting(kind, taken >= *room);
+                    round.more |= taken >= limit;
+                }
+                round.published = claimed.len();
+            }
         }
-        let (served, unserved): (Vec<Publication>, Vec<Publication>) = claimed
-            .iter()
-            .cloned()
-            .partition(|p| self.served.contains(&p.kind));
-        if !served.is_empty() {
-            self.xadd(&served).await?;
-            store::mark_published(&tx, &served, self.redeliver_after).await?;
-        }
-        if !unserved.is_empty() {
-            store::defer_unpublished(&tx, &unserved, self.redeliver_after).await?;
+        if full {
+            let outboxed = store::fairness::outbox_kinds(&tx).await?;
+            let unserved: Vec<&str> = outboxed
+                .iter()
+                .map(String::as_str)
+                .filter(|k| !self.served.contains(k))
+                .collect();
+            if !unserved.is_empty() {
+                let claimed = store::claim_outbox(&tx, &unserved, limit).await?;
+                if !claimed.is_empty() {
+                    store::defer_unpublished(&tx, &claimed, self.redeliver_after).await?;
+                }
+                round.more |= claimed.len() as i64 >= limit;
+            }
         }
         tx.commit().await?;
-        Ok(claimed.len())
+        Ok(round)
     }
 
     /// The stream of the job's kind and priority band.
@@ -308,7 +398,9 @@ impl Delivery {
         }
     }
 
-    /// Publishes due outbox rows every `interval` until `shutdown`.
+    /// Publishes due outbox rows every `interval` until `shutdown`, and
+    /// every [`fairness::WAITING_POLL`] for kinds with rows waiting for
+    /// room in their streams (woken at once when rows are handed over).
     pub async fn run_relay(
         self: Arc<Self>,
         interval: Duration,
@@ -317,14 +409,19 @@ impl Delivery {
     ) {
         let batch = batch.max(1);
         let mut healthy = true;
+        let mut last_full: Option<Instant> = None;
         loop {
-            match self.relay_once(batch).await {
-                Ok(n) => {
+            let full = last_full.is_none_or(|at| at.elapsed() >= interval);
+            if full {
+                last_full = Some(Instant::now());
+            }
+            match self.relay_once(batch, full).await {
+                Ok(round) => {
                     if !healthy {
                         tracing::info!("outbox relay delivering again");
                         healthy = true;
                     }
-                    if n as i64 == batch && !shutdown.is_cancelled() {
+                    if round.more && !shutdown.is_cancelled() {
                         continue; // a backlog: keep draining
                     }
                 }
@@ -335,9 +432,16 @@ impl Delivery {
                     }
                 }
             }
+            let next_full = last_full.map_or(Instant::now(), |at| at + interval);
+            let next = if healthy && !self.backlog.waiting().is_empty() {
+                next_full.min(Instant::now() + fairness::WAITING_POLL)
+            } else {
+                next_full
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::time::sleep_until(next) => {}
+                _ = self.backlog.woken(), if healthy => {}
             }
         }
     }

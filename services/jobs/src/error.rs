@@ -12,6 +12,10 @@ pub enum JobsError {
     /// The job is not in a state that allows this call.
     #[error("{0}")]
     WrongState(String),
+    /// Flow control held the start back (the message names the limit and
+    /// a retry delay: see `crate::flow::Held`).
+    #[error("{0}")]
+    Held(String),
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -37,6 +41,7 @@ impl From<JobsError> for ApiError {
             JobsError::Invalid { field, reason } => ApiError::invalid(field, reason),
             JobsError::NotFound => ApiError::NotFound("job".into()),
             JobsError::WrongState(m) => ApiError::FailedPrecondition(m),
+            JobsError::Held(m) => ApiError::ResourceExhausted(m),
             JobsError::Api(a) => a,
         }
     }

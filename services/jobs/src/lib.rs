@@ -6,6 +6,8 @@ mod convert;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+mod fairness;
+pub mod flow;
 pub mod grpc;
 mod retention;
 mod routing;
@@ -47,6 +49,14 @@ pub async fn run(
             var: "KEEL_WORKER_CREDENTIALS_FILE",
             reason,
         })?;
+    let flow = match &config.flow_control_file {
+        Some(path) => flow::FlowControl::load(path).map_err(|reason| StartupError::InvalidVar {
+            var: "KEEL_FLOW_CONTROL_FILE",
+            reason,
+        })?,
+        None => flow::FlowControl::unlimited(),
+    };
+    let flow = Arc::new(flow);
     if worker_token.is_none() && worker_credentials.is_none() {
         return Err(StartupError::MissingVar(
             "KEEL_WORKER_TOKEN (or KEEL_WORKER_CREDENTIALS_FILE)",
@@ -117,6 +127,7 @@ pub async fn run(
         config.redis.clone(),
         config.redeliver_after(),
         served,
+        config.stream_backlog,
     );
     let delivery = Arc::new(delivery);
     let retention_pool = pool.clone();
@@ -143,6 +154,7 @@ pub async fn run(
             watch_poll: config.watch_poll(),
             schedule_timeout: config.schedule_timeout(),
             claim_poll: config.claim_poll(),
+            flow: flow.clone(),
         },
     );
     let jobs = Arc::new(jobs);
@@ -176,6 +188,10 @@ pub async fn run(
         delivery
             .clone()
             .run_publisher(queues.publications, background.clone()),
+    );
+    tokio::spawn(
+        flow.clone()
+            .run_reloader(flow::RELOAD_EVERY, background.clone()),
     );
     tokio::spawn(retention::run(
         retention_pool,

@@ -34,7 +34,7 @@ impl ServedKinds {
         self.kinds.read().expect("served kinds").contains(kind)
     }
 
-    fn snapshot(&self) -> Vec<String> {
+    pub fn snapshot(&self) -> Vec<String> {
         self.kinds
             .read()
             .expect("served kinds")

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::delivery::{Delivery, PUBLISH_GRACE};
 use crate::domain::{self, JobState, NewJob};
 use crate::error::JobsError;
+use crate::flow::{self, FlowControl};
 use crate::store::{self, JobRow};
 
 /// Tunables the RPCs need (from `Config`).
@@ -31,6 +32,8 @@ pub struct Settings {
     pub schedule_timeout: Duration,
     /// How often a waiting ClaimJobs looks again without being woken.
     pub claim_poll: Duration,
+    /// The per-kind limits starts and claims obey.
+    pub flow: Arc<FlowControl>,
 }
 
 pub struct Jobs {
@@ -88,6 +91,9 @@ const TRANSITION_BATCH: usize = 256;
 const TRANSITION_BATCHES: usize = 2;
 /// Transitions waiting for their batch; beyond this callers wait for room.
 const TRANSITION_QUEUE: usize = 4096;
+/// A BatchCreateJobs of more jobs than this leaves them to the relay (when
+/// streams are bounded: see `crate::fairness`), not the immediate publication.
+const IMMEDIATE_MAX: usize = 64;
 
 impl Jobs {
     pub fn new(
@@ -177,23 +183,35 @@ impl Jobs {
             jobs: with_ids,
             traceparent: traceparent.clone(),
         };
+        // A large batch goes to the relay at once, which takes turns between
+        // users, rather than through the immediate publication.
+        let to_relay = call.jobs.len() > IMMEDIATE_MAX && self.delivery.streams_bounded();
         let inserted = if call.jobs.len() == 1 {
             self.creates.call(call).await?
+        } else if to_relay {
+            self.insert_call(&call, Duration::ZERO).await?
         } else {
-            self.insert_call(&call).await?
+            self.insert_call(&call, PUBLISH_GRACE).await?
         };
         for job in &inserted {
             keel_shared::metrics::job_transition("created", &job.kind);
         }
         // The insert's now() is the jobs' created_at: a job due then is published now.
         let due = inserted.iter().filter(|j| j.run_at <= j.created_at);
-        self.delivery.publish_soon(due.map(|j| store::Publication {
-            job_id: j.id,
-            kind: j.kind.clone(),
-            priority: j.priority,
-            attempt: 0,
-            traceparent: traceparent.clone(),
-        }));
+        if to_relay {
+            let mut kinds: Vec<&str> = due.map(|j| j.kind.as_str()).collect();
+            kinds.sort_unstable();
+            kinds.dedup();
+            self.delivery.hand_over(kinds);
+        } else {
+            self.delivery.publish_soon(due.map(|j| store::Publication {
+                job_id: j.id,
+                kind: j.kind.clone(),
+                priority: j.priority,
+                attempt: 0,
+                traceparent: traceparent.clone(),
+            }));
+        }
         if !inserted.is_empty() {
             self.jobs_due.notify_waiters();
         }
@@ -230,13 +248,18 @@ impl Jobs {
             .collect()
     }
 
-    /// One create call in a statement of its own.
-    async fn insert_call(&self, call: &CreateCall) -> Result<Vec<JobRow>, JobsError> {
+    /// One create call in a statement of its own; its jobs due now are left
+    /// to the relay after `publish_grace`.
+    async fn insert_call(
+        &self,
+        call: &CreateCall,
+        publish_grace: Duration,
+    ) -> Result<Vec<JobRow>, JobsError> {
         let client = self.pool.get().await?;
         store::insert_jobs(
             &client,
             &new_rows(std::slice::from_ref(call), self.settings.schedule_timeout),
-            PUBLISH_GRACE,
+            publish_grace,
         )
         .await
     }
@@ -268,7 +291,7 @@ impl Jobs {
         }
         let mut outcomes = Vec::with_capacity(calls.len());
         for call in &calls {
-            outcomes.push(self.insert_call(call).await);
+            outcomes.push(self.insert_call(call, PUBLISH_GRACE).await);
         }
         outcomes
     }
@@ -450,16 +473,44 @@ impl Jobs {
                 delivery_id: &c.delivery_id,
             })
             .collect();
+        let limits = self.settings.flow.current();
         let started = async {
-            let client = self.pool.get().await?;
-            store::start_jobs(&client, &distinct, self.settings.lease).await
+            let mut client = self.pool.get().await?;
+            if limits.is_empty() {
+                let jobs = store::start_jobs(&client, &distinct, self.settings.lease).await?;
+                return Ok((jobs, HashMap::new()));
+            }
+            // Flow control: the limited kinds' starts are counted and made
+            // under their start locks, in one transaction.
+            let tx = client.transaction().await?;
+            let ids: Vec<Uuid> = distinct.iter().map(|s| s.id).collect();
+            let held = flow::gate_starts(&tx, &limits, &ids).await?;
+            let admitted: Vec<store::Start<'_>> = distinct
+                .iter()
+                .filter(|s| !held.contains_key(&s.id))
+                .copied()
+                .collect();
+            let jobs = if admitted.is_empty() {
+                Vec::new()
+            } else {
+                store::start_jobs(&tx, &admitted, self.settings.lease).await?
+            };
+            flow::pay(&tx, &limits, jobs.iter().map(|j| j.kind.as_str())).await?;
+            tx.commit().await?;
+            Ok::<_, JobsError>((jobs, held))
         }
         .await;
         match started {
-            Ok(jobs) => {
+            Ok((jobs, held)) => {
                 let mut by_id: HashMap<Uuid, JobRow> =
                     jobs.into_iter().map(|j| (j.id, j)).collect();
-                calls.iter().map(|c| Ok(by_id.remove(&c.id))).collect()
+                calls
+                    .iter()
+                    .map(|c| match held.get(&c.id) {
+                        Some(why) => Err(JobsError::Held(why.message.clone())),
+                        None => Ok(by_id.remove(&c.id)),
+                    })
+                    .collect()
             }
             Err(e) => calls.iter().map(|_| Err(e.clone())).collect(),
         }
@@ -528,11 +579,7 @@ impl Jobs {
             tokio::pin!(woken);
             // Registered before looking, so a wake-up during the query counts.
             woken.as_mut().enable();
-            let claimed = {
-                let client = self.pool.get().await?;
-                let lease = self.settings.lease;
-                store::claim_jobs(&client, kinds, worker_id, max_jobs, lease).await?
-            };
+            let claimed = self.claim_once(worker_id, kinds, max_jobs).await?;
             let now = tokio::time::Instant::now();
             if !claimed.is_empty() || now >= deadline {
                 for job in &claimed {
@@ -548,6 +595,41 @@ impl Jobs {
                 _ = shutdown.cancelled() => return Ok(Vec::new()),
             }
         }
+    }
+
+    /// One claim: up to `max_jobs` due jobs of `kinds`, fewer (or none) of
+    /// the kinds flow control limits.
+    async fn claim_once(
+        &self,
+        worker_id: &str,
+        kinds: &[String],
+        max_jobs: i64,
+    ) -> Result<Vec<JobRow>, JobsError> {
+        let lease = self.settings.lease;
+        let limits = self.settings.flow.current();
+        let kinds: Vec<&str> = kinds.iter().map(String::as_str).collect();
+        let mut client = self.pool.get().await?;
+        if !kinds.iter().any(|k| limits.of(k).is_some()) {
+            let caps = vec![max_jobs; kinds.len()];
+            return store::claim_jobs(&client, &kinds, &caps, worker_id, max_jobs, lease).await;
+        }
+        let tx = client.transaction().await?;
+        let allowances = flow::allowances(&tx, &limits, &kinds).await?;
+        let caps: Vec<i64> = kinds
+            .iter()
+            .map(|k| {
+                allowances
+                    .get(*k)
+                    .map_or(max_jobs, |(n, _)| (*n).min(max_jobs))
+            })
+            .collect();
+        if caps.iter().all(|&n| n == 0) {
+            return Ok(Vec::new());
+        }
+        let jobs = store::claim_jobs(&tx, &kinds, &caps, worker_id, max_jobs, lease).await?;
+        flow::pay(&tx, &limits, jobs.iter().map(|j| j.kind.as_str())).await?;
+        tx.commit().await?;
+        Ok(jobs)
     }
 
     /// Running attempt `attempt` -> succeeded (or cancelled).

@@ -15,6 +15,9 @@ use uuid::Uuid;
 use crate::domain::{self, JobState, NewJob};
 use crate::error::JobsError;
 
+pub mod fairness;
+pub mod flow;
+
 macro_rules! job_cols {
     () => {
         "id, user_id, kind, payload, status, priority, attempt, max_attempts, output, error, \
@@ -154,10 +157,10 @@ pub async fn insert_jobs(
             INSERT INTO job_events (job_id, event, status, attempt)
             SELECT id, 'created', status, attempt FROM ins
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority)
+            INSERT INTO job_outbox (job_id, deliver_at, priority, kind, user_id)
             SELECT id, CASE WHEN run_at <= now() THEN now() + make_interval(secs => $10)
                             ELSE run_at END,
-                   priority
+                   priority, kind, user_id
             FROM ins
          )
          SELECT * FROM ins"
@@ -426,12 +429,14 @@ pub async fn resume_start(
     )
 }
 
-/// Up to `limit` due queued jobs of `kinds`, highest priority first, then
-/// oldest, started for `worker_id` in one statement (rows other claims
-/// hold are skipped). Returns them in that order.
+/// Up to `limit` due queued jobs of `kinds` (at most `caps[i]` of
+/// `kinds[i]`: flow control), highest priority first, then oldest, started
+/// for `worker_id` in one statement (rows other claims hold are skipped).
+/// Returns them in that order.
 pub async fn claim_jobs(
     client: &impl GenericClient,
-    kinds: &[String],
+    kinds: &[&str],
+    caps: &[i64],
     worker_id: &str,
     limit: i64,
     lease: Duration,
@@ -440,12 +445,12 @@ pub async fn claim_jobs(
     // candidates in order; the best `limit` of those are started.
     const SQL: &str = concat!(
         "WITH candidates AS MATERIALIZED (
-            SELECT c.* FROM unnest($1::text[]) AS k(claim_kind),
+            SELECT c.* FROM unnest($1::text[], $5::int8[]) AS k(claim_kind, claim_cap),
             LATERAL (SELECT id AS claim_id, priority AS claim_priority, run_at AS claim_run_at
                      FROM jobs
                      WHERE kind = claim_kind AND status = 'queued' AND run_at <= now()
                      ORDER BY priority DESC, run_at, id
-                     LIMIT $3
+                     LIMIT least($3, claim_cap)
                      FOR NO KEY UPDATE SKIP LOCKED) c
          ), picked AS (
             SELECT claim_id FROM candidates
@@ -473,7 +478,10 @@ pub async fn claim_jobs(
     let stmt = client.prepare_cached(SQL).await?;
     rows(
         &client
-            .query(&stmt, &[&kinds, &worker_id, &limit, &lease.as_secs_f64()])
+            .query(
+                &stmt,
+                &[&kinds, &worker_id, &limit, &lease.as_secs_f64(), &caps],
+            )
             .await?,
     )
 }
@@ -599,8 +607,8 @@ pub async fn fail_job(
             SELECT id, CASE status WHEN 'queued' THEN 'retry_scheduled' ELSE status END,
                    status, attempt, coalesce(nullif($6, ''), worker_id), error FROM j
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
-            SELECT id, run_at, priority, attempt FROM j WHERE status = 'queued'
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt, kind, user_id)
+            SELECT id, run_at, priority, attempt, kind, user_id FROM j WHERE status = 'queued'
          )
          SELECT * FROM j"
     );
@@ -657,8 +665,8 @@ pub async fn reap_expired_leases(
             INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)
             SELECT id, 'lease_expired', status, attempt, worker_id, error FROM j
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
-            SELECT id, run_at, priority, attempt FROM j WHERE status = 'queued'
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt, kind, user_id)
+            SELECT id, run_at, priority, attempt, kind, user_id FROM j WHERE status = 'queued'
          )
          SELECT * FROM j"
     );
@@ -711,8 +719,8 @@ pub async fn fail_timed_out(
             INSERT INTO job_events (job_id, event, status, attempt, worker_id, error)
             SELECT id, 'timed_out', status, attempt, worker_id, error FROM j
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
-            SELECT id, run_at, priority, attempt FROM j WHERE status = 'queued'
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt, kind, user_id)
+            SELECT id, run_at, priority, attempt, kind, user_id FROM j WHERE status = 'queued'
          )
          SELECT * FROM j"
     );
@@ -768,8 +776,8 @@ pub async fn retry_job(
             INSERT INTO job_events (job_id, event, status, attempt)
             SELECT id, 'retried', status, attempt FROM j
          ), ob AS (
-            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt)
-            SELECT id, now() + make_interval(secs => $3), priority, 0 FROM j
+            INSERT INTO job_outbox (job_id, deliver_at, priority, attempt, kind, user_id)
+            SELECT id, now() + make_interval(secs => $3), priority, 0, kind, user_id FROM j
             ON CONFLICT (job_id) DO UPDATE
                 SET deliver_at = excluded.deliver_at, priority = excluded.priority,
                     attempt = 0, published_at = NULL, publications = 0
@@ -898,21 +906,23 @@ pub struct Publication {
     pub traceparent: Option<String>,
 }
 
-/// Locks up to `limit` due outbox rows no one else holds, highest priority
-/// first. Call inside a transaction; the locks last until it ends.
+/// Locks up to `limit` due outbox rows of `kinds` no one else holds,
+/// highest priority first. Call inside a transaction; the locks last until
+/// it ends.
 pub async fn claim_outbox(
     client: &impl GenericClient,
+    kinds: &[&str],
     limit: i64,
 ) -> Result<Vec<Publication>, JobsError> {
     const SQL: &str = "SELECT o.job_id, j.kind, o.attempt, j.traceparent, j.priority
                        FROM job_outbox o JOIN jobs j ON j.id = o.job_id
-                       WHERE o.deliver_at <= now()
+                       WHERE o.deliver_at <= now() AND o.kind = ANY($2)
                        ORDER BY o.priority DESC, o.deliver_at, o.job_id
                        LIMIT $1
                        FOR UPDATE OF o SKIP LOCKED";
     let stmt = client.prepare_cached(SQL).await?;
     client
-        .query(&stmt, &[&limit])
+        .query(&stmt, &[&limit, &kinds])
         .await?
         .iter()
         .map(|r| {

@@ -3,11 +3,12 @@
 //! jobs service until the worker has to give up.
 
 use std::future::Future;
+use std::time::Duration;
 
 use keel_proto::jobs::v1::{CompleteJobRequest, FailJobRequest, StartJobRequest, StartJobResponse};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::client::{Answer, classify};
 use crate::context::{RETRY, Worker};
@@ -78,6 +79,25 @@ where
     loop {
         match f().await {
             Ok(response) => return Ok(response),
+            Err(status) if flow_hint(&status).is_some() => {
+                // Flow control held the start back: not a failure. The
+                // message stays ours (the keepalive keeps it from looking
+                // idle, so no one takes it over and its delivery count does
+                // not grow: it is never dead-lettered for this); try again
+                // after the suggested delay.
+                let wait = jittered(flow_hint(&status).unwrap_or_default());
+                tracing::debug!(
+                    job_id = job,
+                    call = what,
+                    ?wait,
+                    reason = status.message(),
+                    "held back by flow control; trying again"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = give_up.cancelled() => return Err(CallError::GaveUp),
+                }
+            }
             Err(status) => match classify(&status) {
                 Answer::Refused => return Err(CallError::Refused(status)),
                 Answer::Rejected => return Err(CallError::Rejected(status)),
@@ -201,6 +221,26 @@ pub(crate) async fn record(worker: &Worker, id: &str, attempt: i32, outcome: Out
     }
 }
 
+/// The retry delay of a flow control refusal (RESOURCE_EXHAUSTED,
+/// "flow control: ...; retry in N ms"); None for any other answer.
+fn flow_hint(status: &Status) -> Option<Duration> {
+    if status.code() != Code::ResourceExhausted {
+        return None;
+    }
+    let rest = status.message().strip_prefix("flow control: ")?;
+    let ms = rest.rsplit_once("retry in ")?.1.strip_suffix(" ms")?;
+    ms.parse().ok().map(Duration::from_millis)
+}
+
+/// `wait` plus up to a quarter more, so held-back workers spread out.
+fn jittered(wait: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    wait + wait.mul_f64(f64::from(nanos % 1024) / 4096.0)
+}
+
 fn truncate(s: &str, max_chars: usize) -> String {
     match s.char_indices().nth(max_chars) {
         Some((i, _)) => format!("{}…", &s[..i]),
@@ -211,6 +251,24 @@ fn truncate(s: &str, max_chars: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flow_control_refusals_carry_their_delay() {
+        let held = Status::resource_exhausted(
+            "flow control: kind \"echo\" has 2 running jobs, its max_running; retry in 500 ms",
+        );
+        assert_eq!(flow_hint(&held), Some(Duration::from_millis(500)));
+        assert_eq!(
+            flow_hint(&Status::resource_exhausted("too many watchers")),
+            None
+        );
+        assert_eq!(
+            flow_hint(&Status::unavailable("flow control: x; retry in 5 ms")),
+            None
+        );
+        let w = jittered(Duration::from_millis(400));
+        assert!(w >= Duration::from_millis(400) && w <= Duration::from_millis(500));
+    }
 
     #[test]
     fn long_errors_are_truncated_on_a_char_boundary() {

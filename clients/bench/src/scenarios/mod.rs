@@ -11,6 +11,7 @@
 mod auth;
 mod drive;
 mod e2e;
+mod fairness;
 mod jobs;
 mod memory;
 mod watch;
@@ -89,6 +90,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         description: "N echo jobs through BatchCreateJobs, 500 per call, until all SUCCEEDED on the stream workers",
         needs: &[Need::StreamWorkers],
         run: boxed!(e2e::batch_e2e),
+    },
+    Scenario {
+        name: "fairness",
+        description: "user A's --fairness-jobs echo jobs (BatchCreateJobs), then user B's one job per 100 ms while they drain: B's create->start, A's jobs/s with and without B",
+        needs: &[Need::StreamWorkers],
+        run: boxed!(fairness::fairness),
     },
     // No stream worker runs now: claim-e2e's jobs go to the bench's own
     // claiming workers only, and the figures hold no idle stream worker.
@@ -427,6 +434,7 @@ mod tests {
                 "e2e-jobs",
                 "e2e-half-load",
                 "batch-e2e",
+                "fairness",
                 "claim-e2e",
                 "watch",
                 "create-job",

@@ -8,6 +8,7 @@ mod claims;
 mod control;
 mod create;
 mod delivery;
+mod flow;
 mod hostile;
 mod lifecycle;
 mod listing;

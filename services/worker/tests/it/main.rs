@@ -2,6 +2,7 @@
 //! jobs service running in-process.
 
 mod delivery;
+mod flow;
 mod kinds;
 mod metrics;
 mod recovery;

@@ -1,0 +1,189 @@
+//! The fairness scenario: user A enqueues a large backlog of echo jobs
+//! through BatchCreateJobs, then user B creates one echo job every 100 ms
+//! while A's backlog drains. Reports B's create->start (the latency
+//! columns) and A's throughput, against A's throughput for the same backlog
+//! without B, measured first in the same run.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use keel_proto::auth::v1::RegisterRequest;
+use keel_proto::jobs::v1::{BatchCreateJobsRequest, CreateJobRequest};
+
+use super::drive::{Limit, authed, drive};
+use super::{Ctx, PASSWORD};
+use crate::stats::{self, Stats};
+
+/// Jobs per BatchCreateJobs call of user A.
+const PER_CALL: usize = 500;
+/// How often user B creates a job.
+const B_EVERY: Duration = Duration::from_millis(100);
+
+/// Echo job `i` of the run `marker`.
+fn job(marker: &str, i: usize) -> CreateJobRequest {
+    CreateJobRequest {
+        kind: "echo".into(),
+        payload: Some(keel_shared::json::json_to_struct(
+            &serde_json::json!({"run": marker, "i": i}),
+        )),
+        ..Default::default()
+    }
+}
+
+pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
+    let n = cx.opts.fairness_jobs.max(1);
+    let (db, conn) = tokio_postgres::connect(&cx.system.db_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+
+    // A alone, for comparison.
+    let alone = uuid::Uuid::new_v4().simple().to_string();
+    let errors_alone = enqueue(cx, &alone, n).await?;
+    wait_finished(&db, &alone, cx.opts.quick).await?;
+    let (alone_done, alone_rate) = throughput(&db, &alone).await?;
+
+    // A again, with B creating a job every 100 ms while A's backlog drains.
+    let mut auth = cx.auth_client()(0);
+    let b_token = auth
+        .register(RegisterRequest {
+            email: format!("bench-b-{}@example.com", uuid::Uuid::new_v4().simple()),
+            password: PASSWORD.into(),
+            display_name: "bench user B".into(),
+            ..Default::default()
+        })
+        .await
+        .context("Register user B")?
+        .into_inner()
+        .tokens
+        .context("tokens")?
+        .access_token;
+    let a_run = uuid::Uuid::new_v4().simple().to_string();
+    let b_run = uuid::Uuid::new_v4().simple().to_string();
+    let errors_a = enqueue(cx, &a_run, n).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let b = tokio::spawn({
+        let (stop, mut client, run) = (stop.clone(), cx.jobs_client()(1), b_run.clone());
+        async move {
+            let mut ticks = tokio::time::interval(B_EVERY);
+            let (mut created, mut errors) = (0usize, 0usize);
+            while !stop.load(Ordering::Relaxed) {
+                ticks.tick().await;
+                match client
+                    .create_job(authed(&b_token, job(&run, created)))
+                    .await
+                {
+                    Ok(_) => created += 1,
+                    Err(_) => errors += 1,
+                }
+            }
+            (created, errors)
+        }
+    });
+    wait_finished(&db, &a_run, cx.opts.quick).await?;
+    stop.store(true, Ordering::Relaxed);
+    let (b_created, b_errors) = b.await?;
+    wait_finished(&db, &b_run, cx.opts.quick).await?;
+    let (a_done, a_rate) = throughput(&db, &a_run).await?;
+    let rows = db
+        .query(
+            "SELECT (extract(epoch FROM started_at - created_at) * 1e6)::bigint
+             FROM jobs WHERE payload->>'run' = $1 AND started_at IS NOT NULL",
+            &[&b_run],
+        )
+        .await?;
+    let b_to_start: Vec<u64> = rows
+        .iter()
+        .map(|r| r.get::<_, i64>(0).max(0) as u64)
+        .collect();
+    let ms = |p| stats::percentile(&b_to_start, p) as f64 / 1000.0;
+    let elapsed = Duration::from_secs_f64(a_done as f64 / a_rate.max(1e-9));
+    Ok(Some(Stats {
+        name: "fairness".into(),
+        ops: a_done,
+        errors: errors_alone + errors_a + b_errors + (n - a_done.min(n)) + (n - alone_done.min(n)),
+        elapsed,
+        latencies_us: b_to_start.clone(),
+        baseline_ops_per_sec: None,
+        cpu_us_per_job: Vec::new(),
+        note: format!(
+            "A: {n} echo jobs via BatchCreateJobs ({PER_CALL}/call), {a_rate:.0} jobs/s while B ran vs \
+             {alone_rate:.0} jobs/s alone ({:+.0}%); B: {b_created} jobs, one per 100 ms, \
+             create->start p50 {:.1} / p99 {:.1} / max {:.1} ms (latency columns: B's create->start)",
+            (a_rate / alone_rate.max(1e-9) - 1.0) * 100.0,
+            ms(50.0),
+            ms(99.0),
+            b_to_start.iter().max().copied().unwrap_or(0) as f64 / 1000.0,
+        ),
+    }))
+}
+
+/// User A's `n` jobs of run `marker`, through BatchCreateJobs from up to
+/// --e2e-clients clients; returns the failed calls.
+async fn enqueue(cx: &Ctx, marker: &str, n: usize) -> Result<usize> {
+    let calls = n.div_ceil(PER_CALL);
+    let (jc, tk, m) = (
+        cx.jobs_client(),
+        cx.token.clone(),
+        Arc::new(marker.to_string()),
+    );
+    let created = drive(
+        "fairness-create",
+        cx.opts.e2e_clients.min(calls),
+        Limit::Ops(calls),
+        move |i| {
+            let (mut client, tk, m) = (jc(i), tk.clone(), m.clone());
+            let count = PER_CALL.min(n - i * PER_CALL);
+            async move {
+                let requests = (0..count).map(|j| job(&m, i * PER_CALL + j)).collect();
+                client
+                    .batch_create_jobs(authed(
+                        &tk,
+                        BatchCreateJobsRequest {
+                            requests,
+                            ..Default::default()
+                        },
+                    ))
+                    .await?;
+                Ok(())
+            }
+        },
+    )
+    .await;
+    Ok(created.errors)
+}
+
+/// Waits until every job of run `marker` finished (or the patience ran out).
+async fn wait_finished(db: &tokio_postgres::Client, marker: &str, quick: bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(if quick { 60 } else { 600 });
+    while Instant::now() < deadline {
+        let row = db
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status NOT IN ('succeeded', 'failed', 'cancelled'))
+                 FROM jobs WHERE payload->>'run' = $1",
+                &[&marker],
+            )
+            .await?;
+        if row.get::<_, i64>(0) == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(())
+}
+
+/// Run `marker`'s succeeded jobs, and how many per second from its first
+/// creation to its last finish.
+async fn throughput(db: &tokio_postgres::Client, marker: &str) -> Result<(usize, f64)> {
+    let row = db
+        .query_one(
+            "SELECT count(*) FILTER (WHERE status = 'succeeded'),
+                    coalesce(extract(epoch FROM max(finished_at) - min(created_at))::float8, 0)
+             FROM jobs WHERE payload->>'run' = $1",
+            &[&marker],
+        )
+        .await?;
+    let done = row.get::<_, i64>(0) as usize;
+    let secs: f64 = row.get(1);
+    Ok((done, done as f64 / secs.max(1e-9)))
+}

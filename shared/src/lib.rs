@@ -5,6 +5,8 @@
 //! by the jobs service and read by the worker.
 
 #[cfg(feature = "server")]
+pub mod audit;
+#[cfg(feature = "server")]
 pub mod auth;
 pub mod backoff;
 #[cfg(feature = "server")]

@@ -14,6 +14,7 @@ pub mod batch;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod db;
+pub mod dead_letters;
 pub mod error;
 pub mod grpc_client;
 #[cfg(feature = "server")]

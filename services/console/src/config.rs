@@ -22,7 +22,11 @@ pub struct Config {
     #[arg(long, env = "KEEL_JOBS_URL", default_value = "http://127.0.0.1:50052")]
     pub jobs_url: String,
     /// URL of the memory service (MemoryAdminService).
-    #[arg(long, env = "KEEL_MEMORY_URL", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "KEEL_MEMORY_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
     pub memory_url: String,
     /// Mark the session cookie `Secure` (the browser then sends it over
     /// HTTPS only): set it when the console is reached through TLS.
@@ -101,7 +105,12 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_reported_at_once() {
-        let mut c = Config::new("127.0.0.1:0".parse().unwrap(), "http://a", "http://j", "http://m");
+        let mut c = Config::new(
+            "127.0.0.1:0".parse().unwrap(),
+            "http://a",
+            "http://j",
+            "http://m",
+        );
         assert!(c.validate().is_ok());
         c.session_idle_secs = 0;
         c.session_max_secs = 0;

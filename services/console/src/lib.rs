@@ -79,7 +79,10 @@ pub async fn run(
     match tokio::time::timeout(grace, server).await {
         Ok(res) => res.map_err(|e| StartupError::Other(e.to_string())),
         Err(_) => {
-            tracing::warn!(?grace, "requests still running after the grace period; stopping");
+            tracing::warn!(
+                ?grace,
+                "requests still running after the grace period; stopping"
+            );
             Ok(())
         }
     }

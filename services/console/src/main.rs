@@ -4,8 +4,7 @@ async fn main() {
     let result = async {
         let telemetry = keel_shared::telemetry::init_service("keel-console", &config.runtime)?;
         let listener = keel_shared::server::bind(config.addr).await?;
-        let result =
-            keel_console::run(config, listener, keel_shared::shutdown::on_signal()).await;
+        let result = keel_console::run(config, listener, keel_shared::shutdown::on_signal()).await;
         telemetry.shutdown().await;
         result
     }

@@ -72,9 +72,12 @@ pub(crate) async fn check_post(State(app): State<App>, request: Request, next: N
     };
     if !ok {
         tracing::warn!(path = %parts.uri.path(), "POST refused: missing or wrong CSRF token");
-        return forbidden("This form has expired or did not come from the console. Reload the page and try again.");
+        return forbidden(
+            "This form has expired or did not come from the console. Reload the page and try again.",
+        );
     }
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn forbidden(message: &'static str) -> Response {

@@ -77,7 +77,9 @@ pub(crate) async fn login(State(app): State<App>, Form(form): Form<LoginForm>) -
         .await;
     let tokens = match answer.map(|r| r.into_inner().tokens) {
         Ok(Some(pair)) => Tokens::from_pair(pair),
-        Ok(None) => return PageError::Backend(tonic::Status::internal("no tokens")).into_response(),
+        Ok(None) => {
+            return PageError::Backend(tonic::Status::internal("no tokens")).into_response();
+        }
         Err(status) => {
             return match status.code() {
                 Code::Unauthenticated | Code::InvalidArgument | Code::NotFound => login_form(

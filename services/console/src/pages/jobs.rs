@@ -321,7 +321,13 @@ pub(crate) async fn act(
 
 /// A path segment, percent-encoded (ids are UUIDs, but the URL came from a user).
 pub(crate) fn percent_path(s: &str) -> String {
-    percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    // Everything but RFC 3986's unreserved characters.
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 #[cfg(test)]
@@ -362,5 +368,9 @@ mod tests {
     #[test]
     fn paths_are_percent_encoded() {
         assert_eq!(percent_path("a/b c"), "a%2Fb%20c");
+        assert_eq!(
+            percent_path("0190e0b4-0000-7000-8000-00000000000a"),
+            "0190e0b4-0000-7000-8000-00000000000a"
+        );
     }
 }

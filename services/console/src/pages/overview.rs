@@ -188,9 +188,15 @@ mod tests {
         let chart = Chart::new(&[kind(a), kind(b)]);
         assert_eq!(chart.max, 4);
         let last = chart.started.split(' ').next_back().unwrap();
-        assert_eq!(last, format!("{:.1},{:.1}", f64::from(CHART_W - PAD_X), f64::from(PAD_Y)));
+        assert_eq!(
+            last,
+            format!("{:.1},{:.1}", f64::from(CHART_W - PAD_X), f64::from(PAD_Y))
+        );
         let first = chart.started.split(' ').next().unwrap();
-        assert_eq!(first, format!("{:.1},{:.1}", f64::from(PAD_X), f64::from(CHART_H - PAD_Y)));
+        assert_eq!(
+            first,
+            format!("{:.1},{:.1}", f64::from(PAD_X), f64::from(CHART_H - PAD_Y))
+        );
     }
 
     #[test]

@@ -92,11 +92,21 @@ pub(crate) async fn act(
     let users = || app.backends.users();
     let answer = match action.as_str() {
         "grant" => users()
-            .grant_admin(authed(GrantAdminRequest { user_id: id.clone() }, token))
+            .grant_admin(authed(
+                GrantAdminRequest {
+                    user_id: id.clone(),
+                },
+                token,
+            ))
             .await
             .map(|r| r.into_inner().user),
         "revoke" => users()
-            .revoke_admin(authed(RevokeAdminRequest { user_id: id.clone() }, token))
+            .revoke_admin(authed(
+                RevokeAdminRequest {
+                    user_id: id.clone(),
+                },
+                token,
+            ))
             .await
             .map(|r| r.into_inner().user),
         _ => return Err(PageError::NotFound("No such page.".into())),

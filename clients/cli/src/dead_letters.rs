@@ -71,9 +71,9 @@ pub(crate) async fn list(
     limit: usize,
 ) -> Result<Vec<Entry>> {
     let count = (limit > 0).then_some(limit);
-    Ok(shared::range(conn, config, "-", "+", count)
+    shared::range(conn, config, "-", "+", count)
         .await
-        .context("XRANGE")?)
+        .context("XRANGE")
 }
 
 /// What became of one entry named for replay.

@@ -369,12 +369,7 @@ impl JobRunnerService for JobsApi {
         let worker = worker(&req)?;
         let claim = domain::validate_claim(req.get_ref())?;
         worker.may_record_as(&claim.worker_id)?;
-        self.saw(
-            &claim.worker_id,
-            &claim.kinds,
-            true,
-            Some(claim.max_jobs as i32),
-        );
+        self.saw(&claim.worker_id, &claim.kinds, true, Some(claim.max_jobs));
         let jobs = self
             .jobs
             .claim(

@@ -197,14 +197,14 @@ async fn jobs_of_every_user_are_listed_filtered_and_paged() {
     })
     .await
     .unwrap();
-    assert_eq!(ids(&by_user), [theirs.id.clone()]);
+    assert_eq!(ids(&by_user), [theirs.id.as_str()]);
     let by_status = list(admin::ListJobsRequest {
         status: JobStatus::Failed as i32,
         ..Default::default()
     })
     .await
     .unwrap();
-    assert_eq!(ids(&by_status), [failed.id.clone()]);
+    assert_eq!(ids(&by_status), [failed.id.as_str()]);
     let by_kind = list(admin::ListJobsRequest {
         kind: "echo".into(),
         page_size: 1,
@@ -212,7 +212,7 @@ async fn jobs_of_every_user_are_listed_filtered_and_paged() {
     })
     .await
     .unwrap();
-    assert_eq!(ids(&by_kind), [theirs.id.clone()]);
+    assert_eq!(ids(&by_kind), [theirs.id.as_str()]);
     let next = list(admin::ListJobsRequest {
         kind: "echo".into(),
         page_size: 1,
@@ -221,7 +221,7 @@ async fn jobs_of_every_user_are_listed_filtered_and_paged() {
     })
     .await
     .unwrap();
-    assert_eq!(ids(&next), [mine.id.clone()]);
+    assert_eq!(ids(&next), [mine.id.as_str()]);
     assert!(next.next_page_token.is_empty());
     let future = testing_time(chrono::Utc::now() + chrono::Duration::hours(1));
     let none = list(admin::ListJobsRequest {

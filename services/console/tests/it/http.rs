@@ -253,3 +253,44 @@ async fn signing_out_ends_the_session() {
     let again = http.get("/").await;
     assert_eq!(location(&again), "/login");
 }
+
+#[tokio::test]
+async fn every_page_renders_for_an_operator_and_actions_are_audited() {
+    let env = Env::start().await;
+    let job = env.failed_job(json!({"n": 1})).await;
+    let mut http = Http::new(&env);
+    http.sign_in(OPERATOR).await;
+    let csrf = http.csrf().await;
+    let retried = http
+        .post(&format!("/jobs/{}/retry", job.id), &[("csrf", &csrf)])
+        .await;
+    assert_eq!(retried.status(), StatusCode::SEE_OTHER);
+    env.wait_for(&job.id, JobStatus::Succeeded).await;
+
+    let users = http.get("/users").await;
+    assert_eq!(users.status(), StatusCode::OK);
+    let users = users.text().await.unwrap();
+    assert!(users.contains(USER) && users.contains(OPERATOR));
+    for path in [
+        "/",
+        "/jobs?status=succeeded&kind=flaky",
+        "/workers",
+        "/dead-letters",
+        "/schedules",
+        &format!("/jobs/{}/delete", job.id),
+        &format!("/users/{}/memories?namespace=agent-1", job.user_id),
+    ] {
+        let page = http.get(path).await;
+        assert_eq!(page.status(), StatusCode::OK, "{path}");
+    }
+    let jobs = http
+        .get("/jobs?status=succeeded")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(jobs.contains(&job.id));
+    let audit = http.get("/audit").await.text().await.unwrap();
+    assert!(audit.contains("job.retry"), "{audit}");
+    assert!(audit.contains("memory.read"), "{audit}");
+}

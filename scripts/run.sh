@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole system locally: auth, jobs, memory and a worker, against the
+# Runs the whole system locally: auth, jobs, memory, a worker and the operator
+# console, against the
 # given DATABASE_URL / REDIS_URL, else local Postgres and Redis on their default
 # ports, else Postgres and Redis started here with their data kept in .keel/.
 # Ctrl-C stops everything it started.
@@ -32,10 +33,16 @@ export KEEL_AUTH_ADDR=${KEEL_AUTH_ADDR:-127.0.0.1:50051}
 export KEEL_JOBS_ADDR=${KEEL_JOBS_ADDR:-127.0.0.1:50052}
 export KEEL_MEMORY_ADDR=${KEEL_MEMORY_ADDR:-127.0.0.1:50053}
 export KEEL_WORKER_HEALTH_ADDR=${KEEL_WORKER_HEALTH_ADDR:-127.0.0.1:50054}
+export KEEL_CONSOLE_ADDR=${KEEL_CONSOLE_ADDR:-127.0.0.1:8080}
 export KEEL_JOBS_URL="http://$KEEL_JOBS_ADDR"
+export KEEL_AUTH_URL="http://$KEEL_AUTH_ADDR"
+export KEEL_MEMORY_URL="http://$KEEL_MEMORY_ADDR"
+# Accounts registered with these emails hold the admin role (the console's
+# operators); passed through when set.
+if [ -n "${KEEL_ADMIN_EMAILS:-}" ]; then export KEEL_ADMIN_EMAILS; fi
 
 log "building (release)"
-cargo build --release --locked -p keel-auth -p keel-jobs -p keel-memory -p keel-worker
+cargo build --release --locked -p keel-auth -p keel-jobs -p keel-memory -p keel-worker -p keel-console
 bin=target/release
 
 pids=()
@@ -73,6 +80,23 @@ start auth "$KEEL_AUTH_ADDR"    # generates the signing key on first run
 start jobs "$KEEL_JOBS_ADDR"
 start memory "$KEEL_MEMORY_ADDR"
 start worker "$KEEL_WORKER_HEALTH_ADDR"
+start_console() {
+  "$bin/keel-console" > >(tee -a "$state/logs/console.log" | sed -u "s/^/[console] /") 2>&1 &
+  pids+=($!)
+  for _ in $(seq 1 150); do
+    # The console serves HTTP: ready once its sign-in page answers.
+    (exec 3<>"/dev/tcp/${KEEL_CONSOLE_ADDR%:*}/${KEEL_CONSOLE_ADDR##*:}") 2>/dev/null && return 0
+    kill -0 "${pids[-1]}" 2>/dev/null || die "keel-console exited; see $state/logs/console.log"
+    sleep 0.2
+  done
+  die "keel-console did not start listening on $KEEL_CONSOLE_ADDR"
+}
+start_console
+if [ -n "${KEEL_ADMIN_EMAILS:-}" ]; then
+  admins="operators: $KEEL_ADMIN_EMAILS"
+else
+  admins="set KEEL_ADMIN_EMAILS=you@example.com before registering to get in"
+fi
 
 cat <<MSG
 
@@ -81,6 +105,7 @@ Keel is running (logs in .keel/logs/):
   jobs    $KEEL_JOBS_ADDR     keel.jobs.v1.JobsService, keel.jobs.v1.JobRunnerService
   memory  $KEEL_MEMORY_ADDR     keel.memory.v1.MemoryService
   worker  $KEEL_WORKER_HEALTH_ADDR     grpc.health.v1.Health
+  console http://$KEEL_CONSOLE_ADDR/   the operator console ($admins)
 Try:
   grpcurl -plaintext $KEEL_AUTH_ADDR list
   grpcurl -plaintext -d '{"email":"me@example.com","password":"correct horse battery","display_name":"Me"}' $KEEL_AUTH_ADDR keel.auth.v1.AuthService/Register

@@ -14,6 +14,12 @@ ensure_redis "$tmp/redis" 56379 no
 # installed here when missing; without it they skip, saying so.
 command -v pgbouncer >/dev/null || [ -x /usr/sbin/pgbouncer ] || apt_install pgbouncer \
   || log "pgbouncer is not installed and cannot be (needs root and apt-get): the pooler tests will skip"
+# The console's browser tests drive Debian's chromium through chromedriver:
+# installed here when missing; without them those tests fail saying how to get
+# them, unless KEEL_SKIP_BROWSER_TESTS=1.
+{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } \
+  || apt_install chromium chromium-driver \
+  || log "chromium/chromedriver are not installed and cannot be (needs root and apt-get): set KEEL_SKIP_BROWSER_TESTS=1 to skip the console's browser tests"
 log "testing against Postgres ${DATABASE_URL%%\?*} and Redis $REDIS_URL"
 
 cargo test --workspace --locked "$@"

@@ -1,6 +1,7 @@
 //! Access tokens: Ed25519-signed JWTs that auth issues and every service
 //! verifies locally, plus the gate that turns `authorization: Bearer ..`
-//! (access token, API key or worker credential) into a typed [`Caller`].
+//! (access token, API key or worker credential) into a typed [`Caller`], and
+//! the admin gate in front of the admin services ([`Admin`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -332,6 +333,24 @@ impl Worker {
     }
 }
 
+/// A signed-in user holding the admin role; admin handlers find it in the
+/// request's extensions (see [`Authenticator::admins_only`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub user_id: Uuid,
+    pub email: String,
+}
+
+impl Admin {
+    /// The admin the admin gate put on the request.
+    pub fn of<T>(request: &Request<T>) -> Result<&Admin, ApiError> {
+        request
+            .extensions()
+            .get::<Admin>()
+            .ok_or_else(|| ApiError::Unauthenticated("missing bearer token".into()))
+    }
+}
+
 impl Caller {
     /// The calling user's id (an access token's or an API key's); a worker
     /// credential is PERMISSION_DENIED here.
@@ -368,6 +387,38 @@ impl Caller {
             Caller::User(_) | Caller::ApiKey { .. } => Err(ApiError::PermissionDenied(
                 "this RPC needs the worker credential".into(),
             )),
+        }
+    }
+
+    /// The access token of a user holding the admin role, checked against
+    /// `identity` (remembered for the credential cache period, so a revoked
+    /// role stops working within it). An API key, a worker credential or a
+    /// user without the role is PERMISSION_DENIED.
+    pub async fn admin(&self, identity: Option<&Identity>) -> Result<&VerifiedToken, ApiError> {
+        let token = match self {
+            Caller::User(t) => t,
+            Caller::ApiKey { .. } => {
+                return Err(ApiError::PermissionDenied(
+                    "admin RPCs need a signed-in admin's access token, not an API key".into(),
+                ));
+            }
+            Caller::Worker(_) => {
+                return Err(ApiError::PermissionDenied(
+                    "the worker credential cannot call admin RPCs".into(),
+                ));
+            }
+        };
+        let Some(identity) = identity else {
+            return Err(ApiError::PermissionDenied(
+                "admin RPCs are not served here".into(),
+            ));
+        };
+        if identity.is_admin(token.user_id).await? {
+            Ok(token)
+        } else {
+            Err(ApiError::PermissionDenied(
+                "this RPC needs the admin role".into(),
+            ))
         }
     }
 
@@ -484,7 +535,7 @@ impl Authenticator {
         Gate {
             inner: service,
             authenticator: self.clone(),
-            workers_only: false,
+            admits: Admits::Users,
         }
     }
 
@@ -495,9 +546,53 @@ impl Authenticator {
         Gate {
             inner: service,
             authenticator: self.clone(),
-            workers_only: true,
+            admits: Admits::Workers,
         }
     }
+
+    /// `service` admitting only signed-in users holding the admin role (see
+    /// [`Caller::admin`]), with the [`Admin`] attached: no admin handler
+    /// can forget the check.
+    pub fn admins_only<S>(&self, service: S) -> Gate<S> {
+        Gate {
+            inner: service,
+            authenticator: self.clone(),
+            admits: Admits::Admins,
+        }
+    }
+
+    async fn admit(
+        &self,
+        admits: Admits,
+        token: &str,
+        extensions: &mut http::Extensions,
+    ) -> Result<(), ApiError> {
+        let caller = self.authenticate_token(token).await?;
+        match admits {
+            Admits::Users => {
+                extensions.insert(caller);
+            }
+            Admits::Workers => {
+                extensions.insert(caller.into_worker()?);
+            }
+            Admits::Admins => {
+                let token = caller.admin(self.identity.as_deref()).await?;
+                extensions.insert(Admin {
+                    user_id: token.user_id,
+                    email: token.email.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which callers a [`Gate`] lets through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admits {
+    Users,
+    Workers,
+    Admins,
 }
 
 /// A gRPC service behind an [`Authenticator`]: an asynchronous interceptor
@@ -506,7 +601,7 @@ impl Authenticator {
 pub struct Gate<S> {
     inner: S,
     authenticator: Authenticator,
-    workers_only: bool,
+    admits: Admits,
 }
 
 impl<S: NamedService> NamedService for Gate<S> {
@@ -529,26 +624,23 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         // The ready service is the one to call; leave a fresh clone behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let authenticator = self.authenticator.clone();
-        let workers_only = self.workers_only;
+        let admits = self.admits;
         Box::pin(async move {
-            let admitted = match bearer_from_headers(request.headers()) {
-                Ok(token) => authenticator.authenticate_token(token).await,
+            let (mut parts, body) = request.into_parts();
+            let admitted = match bearer_from_headers(&parts.headers) {
+                Ok(token) => {
+                    authenticator
+                        .admit(admits, token, &mut parts.extensions)
+                        .await
+                }
                 Err(e) => Err(e),
             };
-            let admitted = admitted.and_then(|caller| {
-                if workers_only {
-                    let worker = caller.into_worker()?;
-                    request.extensions_mut().insert(worker);
-                } else {
-                    request.extensions_mut().insert(caller);
-                }
-                Ok(())
-            });
+            let request = http::Request::from_parts(parts, body);
             match admitted {
                 Ok(()) => inner.call(request).await,
                 Err(e) => Ok(Status::from(e).into_http()),

@@ -1,10 +1,11 @@
 //! The one place outside the auth service that reads auth's tables: whether
-//! a session (an access token's `sid`) has ended, and whom an API key acts
-//! for. Jobs and memory call it through [`crate::auth::Authenticator`].
+//! a session (an access token's `sid`) has ended, whom an API key acts for,
+//! and whether a user holds the admin role. Jobs and memory call it through
+//! [`crate::auth::Authenticator`].
 //!
 //! Postgres is the source of truth and answers are remembered for a short
-//! time (`KEEL_CREDENTIAL_CACHE_SECS`, default 5 s): a revoked session or
-//! API key stops working on every replica within that time, and a known
+//! time (`KEEL_CREDENTIAL_CACHE_SECS`, default 5 s): a revoked session, API
+//! key or admin role stops working on every replica within that time, and a known
 //! credential costs one query per cache period per process. Besides the
 //! reads it writes one column, `api_keys.last_used_at` (at most once a
 //! minute per key). When Postgres cannot answer, a credential whose answer
@@ -67,6 +68,7 @@ pub struct Identity {
     cache_for: Duration,
     sessions: quick_cache::sync::Cache<Uuid, Remembered<bool>>,
     keys: quick_cache::sync::Cache<[u8; 32], Remembered<Option<ApiKeyGrant>>>,
+    admins: quick_cache::sync::Cache<Uuid, Remembered<bool>>,
 }
 
 impl Identity {
@@ -76,6 +78,7 @@ impl Identity {
             cache_for,
             sessions: quick_cache::sync::Cache::new(CACHE_ENTRIES),
             keys: quick_cache::sync::Cache::new(CACHE_ENTRIES),
+            admins: quick_cache::sync::Cache::new(CACHE_ENTRIES),
         }
     }
 
@@ -93,6 +96,36 @@ impl Identity {
     /// Forgets what is remembered about every API key (auth calls it after a revocation).
     pub fn forget_api_keys(&self) {
         self.keys.clear();
+    }
+
+    /// Forgets whether a user is an admin (auth calls it after a grant or revocation).
+    pub fn forget_admin(&self, user_id: Uuid) {
+        self.admins.remove(&user_id);
+    }
+
+    /// Whether the user holds the admin role (the `admins` table).
+    pub async fn is_admin(&self, user_id: Uuid) -> Result<bool, ApiError> {
+        if let Some(admin) = self.fresh(self.admins.get(&user_id)) {
+            return Ok(admin);
+        }
+        let client = self.pool.get().await.map_err(unavailable)?;
+        let stmt = client
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM admins WHERE user_id = $1)")
+            .await
+            .map_err(unavailable)?;
+        let admin: bool = client
+            .query_one(&stmt, &[&user_id])
+            .await
+            .map_err(unavailable)?
+            .get(0);
+        self.admins.insert(
+            user_id,
+            Remembered {
+                value: admin,
+                at: Instant::now(),
+            },
+        );
+        Ok(admin)
     }
 
     /// Ok when the session exists and has not ended.

@@ -5,6 +5,8 @@
 //! by the jobs service and read by the worker.
 
 #[cfg(feature = "server")]
+pub mod audit;
+#[cfg(feature = "server")]
 pub mod auth;
 pub mod backoff;
 #[cfg(feature = "server")]
@@ -12,6 +14,7 @@ pub mod batch;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod db;
+pub mod dead_letters;
 pub mod error;
 pub mod grpc_client;
 #[cfg(feature = "server")]

@@ -1,13 +1,13 @@
 //! `keel dead-letters`: the worker's dead-letter stream, read and replayed
 //! through Redis directly (the admin path: REDIS_URL and KEEL_REDIS_PREFIX,
-//! as the services use them). Key names and entry fields come from
-//! `keel_shared::queue`, where the worker gets them too.
+//! as the services use them). Reading, re-queueing and removing entries is
+//! `keel_shared::dead_letters`, the reader the admin API uses too; this
+//! module presents them.
 
 use anyhow::{Context, Result};
 use keel_shared::config::RedisConfig;
-use keel_shared::queue::{FIELD_JOB_ID, FIELD_TRACEPARENT, dead_letter};
+use keel_shared::dead_letters::{self as shared, Entry};
 use redis::aio::ConnectionLike;
-use redis::streams::{StreamId, StreamRangeReply};
 use serde_json::{Value, json};
 
 use crate::output::Table;
@@ -15,43 +15,13 @@ use crate::output::Table;
 /// How many entries one XRANGE reads while replaying them all.
 const BATCH: usize = 100;
 
-/// One dead-letter entry.
-#[derive(Debug, Clone)]
-pub(crate) struct Entry {
-    /// Its id in the dead-letter stream.
-    pub id: String,
-    pub job_id: Option<String>,
-    /// The stream it came from, when the worker recorded it.
-    pub stream: Option<String>,
-    pub traceparent: Option<String>,
-    pub message_id: Option<String>,
-    pub deliveries: Option<u64>,
-    pub consumer: Option<String>,
-    pub reason: Option<String>,
+/// How an entry is shown by `--json`.
+pub(crate) trait EntryJson {
+    fn to_json(&self) -> Value;
 }
 
-impl Entry {
-    fn from_stream(entry: &StreamId) -> Self {
-        let text = |field: &str| entry.get::<String>(field).filter(|v| !v.is_empty());
-        Self {
-            id: entry.id.clone(),
-            job_id: text(FIELD_JOB_ID),
-            stream: text(dead_letter::FIELD_STREAM),
-            traceparent: text(FIELD_TRACEPARENT),
-            message_id: text(dead_letter::FIELD_MESSAGE_ID),
-            deliveries: entry.get::<u64>(dead_letter::FIELD_DELIVERIES),
-            consumer: text(dead_letter::FIELD_CONSUMER),
-            reason: text(dead_letter::FIELD_REASON),
-        }
-    }
-
-    /// When it was dead-lettered: the time part of its stream id.
-    fn when(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        let millis = self.id.split('-').next()?.parse::<i64>().ok()?;
-        chrono::DateTime::from_timestamp_millis(millis)
-    }
-
-    pub(crate) fn to_json(&self) -> Value {
+impl EntryJson for Entry {
+    fn to_json(&self) -> Value {
         json!({
             "id": self.id,
             "job_id": self.job_id,
@@ -61,7 +31,7 @@ impl Entry {
             "consumer": self.consumer,
             "reason": self.reason,
             "traceparent": self.traceparent,
-            "dead_lettered_at": self.when().map(|t| t.to_rfc3339()),
+            "dead_lettered_at": self.dead_lettered_at().map(|t| t.to_rfc3339()),
         })
     }
 }
@@ -76,7 +46,7 @@ pub(crate) fn table(entries: &[Entry]) -> String {
             e.deliveries.map_or_else(|| "-".into(), |d| d.to_string()),
             dash(&e.consumer),
             dash(&e.reason),
-            e.when().map_or_else(
+            e.dead_lettered_at().map_or_else(
                 || "-".into(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             ),
@@ -94,22 +64,6 @@ pub(crate) async fn connect(config: &RedisConfig) -> Result<keel_shared::redis::
         .context("cannot reach Redis (REDIS_URL / --redis-url)")
 }
 
-async fn range(
-    conn: &mut impl ConnectionLike,
-    key: &str,
-    start: &str,
-    end: &str,
-    count: Option<usize>,
-) -> Result<Vec<Entry>> {
-    let mut cmd = redis::cmd("XRANGE");
-    cmd.arg(key).arg(start).arg(end);
-    if let Some(count) = count {
-        cmd.arg("COUNT").arg(count);
-    }
-    let reply: StreamRangeReply = cmd.query_async(conn).await.context("XRANGE")?;
-    Ok(reply.ids.iter().map(Entry::from_stream).collect())
-}
-
 /// The oldest `limit` entries (all when `limit` is 0).
 pub(crate) async fn list(
     conn: &mut impl ConnectionLike,
@@ -117,7 +71,9 @@ pub(crate) async fn list(
     limit: usize,
 ) -> Result<Vec<Entry>> {
     let count = (limit > 0).then_some(limit);
-    range(conn, &config.dead_letter_stream(), "-", "+", count).await
+    shared::range(conn, config, "-", "+", count)
+        .await
+        .context("XRANGE")
 }
 
 /// What became of one entry named for replay.
@@ -188,15 +144,14 @@ pub(crate) async fn replay(
     config: &RedisConfig,
     ids: Option<&[String]>,
 ) -> Result<Vec<Replay>> {
-    let dead = config.dead_letter_stream();
     let mut results = Vec::new();
     match ids {
         Some(ids) => {
             for id in ids {
-                let found = range(conn, &dead, id, id, Some(1))
+                let found = shared::get(conn, config, id)
                     .await
                     .with_context(|| format!("entry {id}"))?;
-                match found.into_iter().next() {
+                match found {
                     Some(entry) => results.push(replay_one(conn, config, entry).await?),
                     None => results.push(Replay::NotFound { entry: id.clone() }),
                 }
@@ -205,21 +160,17 @@ pub(crate) async fn replay(
         None => {
             // Only what is there now: an entry replayed and dead-lettered
             // again meanwhile gets a newer id and waits for the next run.
-            let last: StreamRangeReply = redis::cmd("XREVRANGE")
-                .arg(&dead)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(conn)
+            let last = shared::newest(conn, config, None, 1)
                 .await
                 .context("XREVRANGE")?;
-            let Some(last) = last.ids.first().map(|e| e.id.clone()) else {
+            let Some(last) = last.first().map(|e| e.id.clone()) else {
                 return Ok(results);
             };
             let mut start = "-".to_string();
             loop {
-                let batch = range(conn, &dead, &start, &last, Some(BATCH)).await?;
+                let batch = shared::range(conn, config, &start, &last, Some(BATCH))
+                    .await
+                    .context("XRANGE")?;
                 let Some(newest) = batch.last().map(|e| e.id.clone()) else {
                     break;
                 };
@@ -250,29 +201,16 @@ async fn replay_one(
             reason: "no job id".into(),
         });
     };
-    // Only a stream of this deployment. Older entries name none: they came
-    // from the single stream of before per-kind streams, which no worker
-    // reads any more (create such a job again).
-    let own = format!("{}:", config.redis_prefix);
-    let Some(stream) = entry.stream.clone().filter(|s| s.starts_with(&own)) else {
+    let Some(stream) = entry.own_stream(config).map(str::to_string) else {
         return Ok(Replay::Skipped {
             entry: entry.id,
             reason: "no job stream of this deployment recorded".into(),
         });
     };
-    let mut xadd = redis::cmd("XADD");
-    xadd.arg(&stream).arg("*").arg(FIELD_JOB_ID).arg(&job_id);
-    if let Some(traceparent) = &entry.traceparent {
-        xadd.arg(FIELD_TRACEPARENT).arg(traceparent);
-    }
-    let new_id: String = xadd
-        .query_async(conn)
+    let new_id = shared::requeue(conn, &stream, &job_id, &entry)
         .await
         .with_context(|| format!("XADD {stream}"))?;
-    let _: u64 = redis::cmd("XDEL")
-        .arg(config.dead_letter_stream())
-        .arg(&entry.id)
-        .query_async(conn)
+    shared::remove(conn, config, &entry.id)
         .await
         .context("XDEL")?;
     Ok(Replay::Replayed {

@@ -13,6 +13,7 @@ use std::io::BufRead;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use dead_letters::EntryJson;
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
 use keel_proto::auth::v1::{
     GetCurrentUserRequest, LoginRequest, LogoutRequest, RefreshRequest, RegisterRequest, TokenPair,

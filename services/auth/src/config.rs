@@ -30,6 +30,11 @@ pub struct Config {
     pub tokens: TokenConfig,
     #[command(flatten)]
     pub login: LoginConfig,
+    /// Accounts with these emails (comma-separated) hold the admin role:
+    /// granted at start-up to those that exist, and on their registration or
+    /// next login. Other admins are made with UserAdminService.GrantAdmin.
+    #[arg(long, env = "KEEL_ADMIN_EMAILS", value_delimiter = ',')]
+    pub admin_emails: Vec<String>,
 }
 
 /// Signing key and token lifetimes.
@@ -128,6 +133,7 @@ impl Config {
                 argon2_parallelism: DEFAULT_ARGON2_PARALLELISM,
                 argon2_max_concurrent: 0,
             },
+            admin_emails: Vec::new(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Keel auth service: users, sessions, access and refresh tokens, API keys.
 
+pub mod admin;
 pub mod config;
 mod convert;
 pub mod domain;
@@ -13,6 +14,7 @@ pub mod store;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_proto::admin::v1::user_admin_service_server::UserAdminServiceServer;
 use keel_proto::auth::v1::auth_service_server::AuthServiceServer;
 use keel_shared::auth::{Authenticator, SigningKeyPem, TokenSigner, TokenVerifier};
 use keel_shared::{StartupError, server};
@@ -37,6 +39,11 @@ pub async fn run(
 ) -> Result<(), StartupError> {
     // Cheap checks first, in the order an operator fixes them.
     config.database.url()?;
+    let bootstrap =
+        admin::Bootstrap::new(&config.admin_emails).map_err(|reason| StartupError::InvalidVar {
+            var: "KEEL_ADMIN_EMAILS",
+            reason,
+        })?;
     let private_pem = keys::load_or_generate(&config.tokens)?;
     let tokens = &config.tokens;
     let key_error = |e: keel_shared::auth::KeyError| StartupError::InvalidVar {
@@ -77,7 +84,7 @@ pub async fn run(
     let every = config.runtime.metrics.sample_every();
     keel_shared::metrics::sample_pools("auth", every, shutdown.clone(), Some(pool.clone()), None);
 
-    const SERVICES: &[&str] = &["keel.auth.v1.AuthService"];
+    const SERVICES: &[&str] = &["keel.auth.v1.AuthService", "keel.admin.v1.UserAdminService"];
     let (health, health_service) = server::health(SERVICES).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection(SERVICES);
     let readiness_pool = pool.clone();
@@ -88,6 +95,10 @@ pub async fn run(
 
     tracing::info!(kid = signer.key_id(), "access tokens signed with key");
     let store = Store::new(pool.clone());
+    bootstrap
+        .grant_existing(&store)
+        .await
+        .map_err(|e| StartupError::Other(format!("KEEL_ADMIN_EMAILS: {e}")))?;
     spawn_sweeper(
         store.clone(),
         config.login.failure_window(),
@@ -99,7 +110,7 @@ pub async fn run(
         config.tokens.credential_cache(),
     ));
     let auth = Auth::new(
-        store,
+        store.clone(),
         signer,
         passwords,
         identity.clone(),
@@ -110,16 +121,24 @@ pub async fn run(
                 max_failures: config.login.login_max_failures,
                 failure_window: config.login.failure_window(),
             },
+            bootstrap,
         },
     );
-    let authenticator = Authenticator::new(verifier.clone(), None).with_identity(identity);
-    let service = grpc::AuthApi::new(auth, verifier, authenticator);
+    let authenticator = Authenticator::new(verifier.clone(), None).with_identity(identity.clone());
+    let user_admin = admin::UserAdminApi::new(store, identity);
+    let service = grpc::AuthApi::new(auth, verifier, authenticator.clone());
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
             AuthServiceServer::new(service).max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            authenticator.admins_only(
+                UserAdminServiceServer::new(user_admin)
+                    .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+            ),
         );
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-auth serving");
     server::serve_runtime(router, listener, shutdown, &config.runtime).await

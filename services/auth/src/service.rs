@@ -12,6 +12,7 @@ use keel_shared::identity::{self, Identity};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
+use crate::admin::Bootstrap;
 use crate::domain::{self, RefreshDecision};
 use crate::error::AuthError;
 use crate::passwords::Passwords;
@@ -62,6 +63,7 @@ pub struct Auth {
     /// This process's session and API-key checks: told at once what it ends
     /// (other processes learn within their cache period).
     identity: Arc<Identity>,
+    bootstrap: Bootstrap,
 }
 
 /// How auth is set up, besides its store, signer and password hasher.
@@ -69,6 +71,8 @@ pub struct Settings {
     pub max_concurrent_hashes: usize,
     pub refresh_token_ttl: Duration,
     pub login: LoginLimits,
+    /// The KEEL_ADMIN_EMAILS accounts.
+    pub bootstrap: Bootstrap,
 }
 
 impl Auth {
@@ -87,6 +91,7 @@ impl Auth {
             refresh_token_ttl: settings.refresh_token_ttl,
             login: settings.login,
             identity,
+            bootstrap: settings.bootstrap,
         }
     }
 
@@ -113,6 +118,9 @@ impl Auth {
             .create_user_with_session(new_user, session_id, &refresh.stored)
             .await?;
         tracing::info!(target: "audit", event = "user_registered", user_id = %user.id, session_id = %session_id);
+        self.bootstrap
+            .grant_if_listed(&self.store, &self.identity, &user.email)
+            .await;
         let tokens = self.issue(&user, session_id, refresh, now);
         Ok((user, tokens))
     }
@@ -148,6 +156,9 @@ impl Auth {
             .create_session(session_id, user.id, &refresh.stored)
             .await?;
         tracing::info!(target: "audit", event = "login_succeeded", user_id = %user.id, session_id = %session_id);
+        self.bootstrap
+            .grant_if_listed(&self.store, &self.identity, &user.email)
+            .await;
         let tokens = self.issue(&user, session_id, refresh, now);
         Ok((user, tokens))
     }

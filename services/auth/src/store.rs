@@ -1,10 +1,11 @@
 //! Every SQL statement of the auth service: users, sessions, refresh tokens,
-//! API keys and the login-failure counters.
+//! API keys, the login-failure counters and the admin role.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Pool, Transaction};
+use keel_shared::auth::Admin;
 use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
@@ -56,6 +57,15 @@ pub enum RefreshOutcome {
         session_id: Uuid,
     },
     Unknown,
+}
+
+/// What RevokeAdmin did.
+pub enum RevokeOutcome {
+    /// The user no longer holds the role (or never did).
+    Revoked(UserRow),
+    /// The user is the only admin: nothing changed.
+    LastAdmin,
+    UnknownUser,
 }
 
 pub enum LogoutOutcome {
@@ -503,6 +513,129 @@ impl Store {
 
     /// Deletes login counters whose window has passed and refresh tokens that
     /// have expired (an expired token is refused whether or not it is kept).
+    /// Gives the admin role to the accounts with these (normalised) emails
+    /// that do not hold it (the KEEL_ADMIN_EMAILS bootstrap); returns them.
+    pub async fn grant_admin_by_email(&self, emails: &[String]) -> Result<Vec<Uuid>, AuthError> {
+        if emails.is_empty() {
+            return Ok(Vec::new());
+        }
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO admins (user_id) \
+                 SELECT id FROM users WHERE lower(email) = ANY($1) \
+                 ON CONFLICT (user_id) DO NOTHING RETURNING user_id",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&emails]).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// A page of accounts, newest first (ids are v7), strictly before
+    /// `before`, whose email contains `email_contains` (case-insensitive;
+    /// empty: every account), each with whether it is an admin.
+    pub async fn list_users(
+        &self,
+        email_contains: &str,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<(UserRow, bool)>, AuthError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT u.id, u.email, u.display_name, u.created_at, \
+                        EXISTS (SELECT 1 FROM admins a WHERE a.user_id = u.id) AS admin \
+                 FROM users u \
+                 WHERE ($1 = '' OR strpos(lower(u.email), lower($1)) > 0) \
+                   AND ($2::uuid IS NULL OR u.id < $2) \
+                 ORDER BY u.id DESC LIMIT $3",
+            )
+            .await?;
+        let rows = client
+            .query(&stmt, &[&email_contains, &before, &limit])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (UserRow::from_row(r), r.get("admin")))
+            .collect())
+    }
+
+    /// Gives `user_id` the admin role (a no-op when it holds it) and records
+    /// the call in the audit trail, in one transaction. None: no such user.
+    pub async fn grant_admin(
+        &self,
+        admin: &Admin,
+        user_id: Uuid,
+    ) -> Result<Option<UserRow>, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let Some(user) = user_for_update(&tx, user_id).await? else {
+            return Ok(None);
+        };
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO admins (user_id, granted_by) VALUES ($1, $2) \
+                 ON CONFLICT (user_id) DO NOTHING",
+            )
+            .await?;
+        let changed = tx.execute(&stmt, &[&user_id, &admin.user_id]).await? == 1;
+        keel_shared::audit::record(
+            &tx,
+            admin,
+            "admin.grant",
+            &format!("user:{user_id}"),
+            serde_json::json!({ "email": user.email, "changed": changed }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(user))
+    }
+
+    /// Takes the admin role from `user_id` (a no-op when it does not hold
+    /// it) and records the call, in one transaction; refuses to leave Keel
+    /// without an admin. Every admin row is locked first, so two admins
+    /// revoking each other at once cannot both succeed.
+    pub async fn revoke_admin(
+        &self,
+        admin: &Admin,
+        user_id: Uuid,
+    ) -> Result<RevokeOutcome, AuthError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx
+            .prepare_cached("SELECT user_id FROM admins ORDER BY user_id FOR UPDATE")
+            .await?;
+        let admins: Vec<Uuid> = tx
+            .query(&stmt, &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(user) = user_for_update(&tx, user_id).await? else {
+            return Ok(RevokeOutcome::UnknownUser);
+        };
+        let holds = admins.contains(&user_id);
+        if holds && admins.len() == 1 {
+            return Ok(RevokeOutcome::LastAdmin);
+        }
+        if holds {
+            let stmt = tx
+                .prepare_cached("DELETE FROM admins WHERE user_id = $1")
+                .await?;
+            tx.execute(&stmt, &[&user_id]).await?;
+        }
+        keel_shared::audit::record(
+            &tx,
+            admin,
+            "admin.revoke",
+            &format!("user:{user_id}"),
+            serde_json::json!({ "email": user.email, "changed": holds }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(RevokeOutcome::Revoked(user))
+    }
+
     pub async fn sweep(&self, login_window: Duration) -> Result<(u64, u64), AuthError> {
         let client = self.pool.get().await?;
         let failures = client
@@ -578,4 +711,18 @@ async fn revoke_user_sessions(
         .await?;
     let rows = tx.query(&stmt, &[&user_id, &reason]).await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The user, its row locked until the transaction ends (so a grant or
+/// revocation does not race the account's deletion).
+async fn user_for_update(tx: &Transaction<'_>, id: Uuid) -> Result<Option<UserRow>, AuthError> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id = $1 FOR KEY SHARE"
+        ))
+        .await?;
+    Ok(tx
+        .query_opt(&stmt, &[&id])
+        .await?
+        .map(|r| UserRow::from_row(&r)))
 }

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::admin::workers::Sightings;
 use crate::convert::{event_to_proto, job_to_proto};
 use crate::domain::{self, JobState};
 use crate::error::JobsError;
@@ -27,6 +28,8 @@ pub struct JobsApi {
     /// WatchJob's shared pub/sub connection and watcher cap.
     subscriptions: Arc<Subscriptions>,
     shutdown: CancellationToken,
+    /// The workers seen, for the admin API's ListWorkers.
+    sightings: Option<Arc<Sightings>>,
 }
 
 impl JobsApi {
@@ -39,6 +42,19 @@ impl JobsApi {
             jobs,
             subscriptions,
             shutdown,
+            sightings: None,
+        }
+    }
+
+    /// Notes the workers that call (see [`Sightings`]).
+    pub(crate) fn with_sightings(mut self, sightings: Arc<Sightings>) -> Self {
+        self.sightings = Some(sightings);
+        self
+    }
+
+    fn saw(&self, worker_id: &str, kinds: &[String], all_kinds: bool, concurrency: Option<i32>) {
+        if let Some(sightings) = &self.sightings {
+            sightings.saw(worker_id, kinds, all_kinds, concurrency);
         }
     }
 }
@@ -257,6 +273,7 @@ impl JobRunnerService for JobsApi {
             .jobs
             .heartbeat(id, attempt(r.attempt)?, progress)
             .await?;
+        self.saw(&r.worker_id, &[], false, None);
         Ok(Response::new(HeartbeatResponse {
             lease_expires_at: Some(to_timestamp(lease_expires_at)),
             cancel_requested,
@@ -352,6 +369,7 @@ impl JobRunnerService for JobsApi {
         let worker = worker(&req)?;
         let claim = domain::validate_claim(req.get_ref())?;
         worker.may_record_as(&claim.worker_id)?;
+        self.saw(&claim.worker_id, &claim.kinds, true, Some(claim.max_jobs));
         let jobs = self
             .jobs
             .claim(
@@ -387,6 +405,7 @@ impl JobsApi {
             return Err(JobsError::invalid("delivery_id", "at most 128 bytes").into());
         }
         let job = self.jobs.start(id, &r.worker_id, &r.delivery_id).await?;
+        self.saw(&r.worker_id, std::slice::from_ref(&job.kind), false, None);
         Ok(StartJobResponse {
             lease_expires_at: opt_timestamp(job.lease_expires_at),
             job: Some(job_to_proto(&job)),

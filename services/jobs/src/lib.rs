@@ -1,5 +1,6 @@
 //! Keel jobs service: durable jobs, delivered to workers through a Redis stream.
 
+mod admin;
 mod announcements;
 pub mod config;
 mod convert;
@@ -20,6 +21,7 @@ mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_proto::admin::v1::admin_service_server::AdminServiceServer;
 use keel_proto::jobs::v1::job_runner_service_server::JobRunnerServiceServer;
 use keel_proto::jobs::v1::jobs_service_server::JobsServiceServer;
 use keel_proto::jobs::v1::schedule_service_server::ScheduleServiceServer;
@@ -84,6 +86,7 @@ pub async fn run(
         "keel.jobs.v1.JobsService",
         "keel.jobs.v1.JobRunnerService",
         "keel.jobs.v1.ScheduleService",
+        "keel.admin.v1.AdminService",
     ];
     let (health, health_service) = server::health(SERVICES).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection(SERVICES);
@@ -121,6 +124,7 @@ pub async fn run(
         config.redis.clone(),
         shutdown.clone(),
     ));
+    let admin_redis = redis.clone();
     let (delivery, queues) = delivery::Delivery::new(
         pool.clone(),
         redis,
@@ -143,6 +147,7 @@ pub async fn run(
             schedule_timeout: config.schedule_timeout(),
         },
     ));
+    let admin_pool = pool.clone();
     let (jobs, transitions) = service::Jobs::new(
         pool,
         delivery.clone(),
@@ -220,7 +225,24 @@ pub async fn run(
         }
         Err(_) => subscriptions.went_down(),
     }
-    let api = Arc::new(grpc::JobsApi::new(jobs, subscriptions, background));
+    let admin = admin::AdminApi::new(
+        Arc::new(admin::AdminService::new(
+            admin_pool.clone(),
+            jobs.clone(),
+            schedules.clone(),
+        )),
+        admin_redis,
+        config.redis.clone(),
+    );
+    let (sightings, seen) = admin::workers::Sightings::new();
+    tokio::spawn(admin::workers::run(
+        admin_pool.clone(),
+        seen,
+        background.clone(),
+    ));
+    let api = Arc::new(
+        grpc::JobsApi::new(jobs, subscriptions, background).with_sightings(Arc::new(sightings)),
+    );
     let router = server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -237,6 +259,9 @@ pub async fn run(
                     .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
             ),
         )
+        .add_service(authenticator.admins_only(
+            AdminServiceServer::new(admin).max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+        ))
         .add_service(
             authenticator.workers_only(
                 JobRunnerServiceServer::from_arc(api)

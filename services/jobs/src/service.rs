@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{GenericClient, Pool};
 use keel_shared::ApiError;
 use keel_shared::batch::{self, Batcher};
 use tokio::sync::Notify;
@@ -339,33 +339,19 @@ impl Jobs {
     /// (cancelled included) is FAILED_PRECONDITION.
     pub async fn cancel(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
         let client = self.pool.get().await?;
-        for _ in 0..CANCEL_TRIES {
-            let job = store::user_job(&client, user_id, id)
-                .await?
-                .ok_or(JobsError::NotFound)?;
-            let changed = match job.status {
-                JobState::Queued => store::cancel_queued(&client, user_id, id).await?,
-                JobState::Running if job.cancel_requested => return Ok(job),
-                JobState::Running => store::request_cancel(&client, user_id, id).await?,
-                finished => {
-                    return Err(JobsError::WrongState(format!(
-                        "job already {}",
-                        finished.as_str()
-                    )));
-                }
-            };
-            if let Some(job) = changed {
-                if job.status == JobState::Cancelled {
-                    count_transition(&job);
-                }
-                self.delivery.announce(&job);
-                return Ok(job);
-            }
-            // It moved between our read and our update: look again.
+        let (job, changed) = cancel_on(&client, user_id, id).await?;
+        if changed {
+            self.cancelled(&job);
         }
-        Err(JobsError::Api(ApiError::Aborted(
-            "the job kept changing, retry".into(),
-        )))
+        Ok(job)
+    }
+
+    /// What follows a committed cancellation ([`cancel_on`] said it changed the job).
+    pub(crate) fn cancelled(&self, job: &JobRow) {
+        if job.status == JobState::Cancelled {
+            count_transition(job);
+        }
+        self.delivery.announce(job);
     }
 
     /// The caller's job's history, oldest first.
@@ -385,14 +371,16 @@ impl Jobs {
     /// relay after the grace if that fails) and waiting claims woken.
     pub async fn retry(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
         let client = self.pool.get().await?;
-        let Some(job) = store::retry_job(&client, user_id, id, PUBLISH_GRACE).await? else {
-            let job = store::user_job(&client, user_id, id)
-                .await?
-                .ok_or(JobsError::NotFound)?;
-            return Err(JobsError::WrongState(domain::retry_refusal(job.status)));
-        };
-        count_transition(&job);
-        self.delivery.announce(&job);
+        let job = retry_on(&client, user_id, id).await?;
+        self.retried(&job);
+        Ok(job)
+    }
+
+    /// What follows a committed retry ([`retry_on`]): the job is delivered
+    /// like a new one.
+    pub(crate) fn retried(&self, job: &JobRow) {
+        count_transition(job);
+        self.delivery.announce(job);
         self.delivery.publish_soon([store::Publication {
             job_id: job.id,
             kind: job.kind.clone(),
@@ -402,20 +390,26 @@ impl Jobs {
             traceparent: keel_shared::telemetry::current_traceparent(),
         }]);
         self.jobs_due.notify_waiters();
-        Ok(job)
+    }
+
+    /// Publishes a queued job to its stream again (a dead letter replayed):
+    /// a duplicate delivery is harmless, StartJob takes each attempt once.
+    pub(crate) fn redeliver(&self, job: &JobRow) {
+        self.delivery.publish_soon([store::Publication {
+            job_id: job.id,
+            kind: job.kind.clone(),
+            priority: job.priority,
+            attempt: job.attempt,
+            traceparent: keel_shared::telemetry::current_traceparent(),
+        }]);
+        self.jobs_due.notify_waiters();
     }
 
     /// Deletes the caller's finished job with its history; anything else
     /// (queued, running) is FAILED_PRECONDITION.
     pub async fn delete(&self, user_id: Uuid, id: Uuid) -> Result<(), JobsError> {
         let client = self.pool.get().await?;
-        if store::delete_finished(&client, user_id, id).await? {
-            return Ok(());
-        }
-        let job = store::user_job(&client, user_id, id)
-            .await?
-            .ok_or(JobsError::NotFound)?;
-        Err(JobsError::WrongState(domain::delete_refusal(job.status)))
+        delete_on(&client, user_id, id).await
     }
 
     /// Queued and due -> running with a new attempt and a lease. The same
@@ -769,4 +763,67 @@ fn count_transition(job: &JobRow) {
         JobState::Cancelled => "cancelled",
     };
     keel_shared::metrics::job_transition(transition, &job.kind);
+}
+
+/// CancelJob's transition on `client` (a transaction when the caller records
+/// more with it), without what follows it ([`Jobs::cancelled`]). Returns the
+/// job and whether it changed.
+pub(crate) async fn cancel_on(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<(JobRow, bool), JobsError> {
+    for _ in 0..CANCEL_TRIES {
+        let job = store::user_job(client, user_id, id)
+            .await?
+            .ok_or(JobsError::NotFound)?;
+        let changed = match job.status {
+            JobState::Queued => store::cancel_queued(client, user_id, id).await?,
+            JobState::Running if job.cancel_requested => return Ok((job, false)),
+            JobState::Running => store::request_cancel(client, user_id, id).await?,
+            finished => {
+                return Err(JobsError::WrongState(format!(
+                    "job already {}",
+                    finished.as_str()
+                )));
+            }
+        };
+        if let Some(job) = changed {
+            return Ok((job, true));
+        }
+        // It moved between our read and our update: look again.
+    }
+    Err(JobsError::Api(ApiError::Aborted(
+        "the job kept changing, retry".into(),
+    )))
+}
+
+/// RetryJob's transition on `client`, without what follows it ([`Jobs::retried`]).
+pub(crate) async fn retry_on(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<JobRow, JobsError> {
+    if let Some(job) = store::retry_job(client, user_id, id, PUBLISH_GRACE).await? {
+        return Ok(job);
+    }
+    let job = store::user_job(client, user_id, id)
+        .await?
+        .ok_or(JobsError::NotFound)?;
+    Err(JobsError::WrongState(domain::retry_refusal(job.status)))
+}
+
+/// DeleteJob on `client`: the finished job goes with its history.
+pub(crate) async fn delete_on(
+    client: &impl GenericClient,
+    user_id: Uuid,
+    id: Uuid,
+) -> Result<(), JobsError> {
+    if store::delete_finished(client, user_id, id).await? {
+        return Ok(());
+    }
+    let job = store::user_job(client, user_id, id)
+        .await?
+        .ok_or(JobsError::NotFound)?;
+    Err(JobsError::WrongState(domain::delete_refusal(job.status)))
 }

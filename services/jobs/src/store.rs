@@ -288,6 +288,55 @@ pub async fn list_jobs(
     )
 }
 
+/// What the admin ListJobs filters on (None: any).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub user_id: Option<Uuid>,
+    pub status: Option<JobState>,
+    pub kind: Option<String>,
+    pub created_after: Option<DateTime<Utc>>,
+    pub created_before: Option<DateTime<Utc>>,
+}
+
+/// A page of every user's jobs, newest first (ids are v7), strictly before `before`.
+pub async fn list_any_jobs(
+    client: &impl GenericClient,
+    filter: &JobFilter,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<JobRow>, JobsError> {
+    const SQL: &str = concat!(
+        "SELECT ",
+        job_cols!(),
+        " FROM jobs
+          WHERE ($1::uuid IS NULL OR user_id = $1)
+            AND ($2::text IS NULL OR status = $2)
+            AND ($3::text IS NULL OR kind = $3)
+            AND ($4::timestamptz IS NULL OR created_at >= $4)
+            AND ($5::timestamptz IS NULL OR created_at < $5)
+            AND ($6::uuid IS NULL OR id < $6)
+          ORDER BY id DESC
+          LIMIT $7"
+    );
+    let stmt = client.prepare_cached(SQL).await?;
+    let status = filter.status.map(JobState::as_str);
+    let found = client
+        .query(
+            &stmt,
+            &[
+                &filter.user_id,
+                &status,
+                &filter.kind,
+                &filter.created_after,
+                &filter.created_before,
+                &before,
+                &limit,
+            ],
+        )
+        .await?;
+    found.iter().map(JobRow::try_from).collect()
+}
+
 /// Queued -> cancelled, dropping its pending delivery. None when the job is
 /// not (any longer) the caller's queued job.
 pub async fn cancel_queued(

@@ -1,5 +1,6 @@
 //! Keel memory service: per-user keyed memories, search and a workspace aggregate.
 
+pub mod admin;
 pub mod config;
 pub mod convert;
 pub mod domain;
@@ -12,6 +13,7 @@ pub mod sweeper;
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_proto::admin::v1::memory_admin_service_server::MemoryAdminServiceServer;
 use keel_proto::memory::v1::memory_service_server::MemoryServiceServer;
 use keel_shared::auth::Authenticator;
 use keel_shared::identity::Identity;
@@ -34,7 +36,10 @@ pub async fn run(
     let every = config.runtime.metrics.sample_every();
     keel_shared::metrics::sample_pools("memory", every, shutdown.clone(), Some(pool.clone()), None);
 
-    const SERVICES: &[&str] = &["keel.memory.v1.MemoryService"];
+    const SERVICES: &[&str] = &[
+        "keel.memory.v1.MemoryService",
+        "keel.admin.v1.MemoryAdminService",
+    ];
     let (health, health_service) = server::health(SERVICES).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection(SERVICES);
     let readiness_pool = pool.clone();
@@ -55,6 +60,13 @@ pub async fn run(
     ));
 
     let authenticator = Authenticator::new(verifier, None).with_identity(identity);
+    let memory_admin = authenticator.admins_only(
+        MemoryAdminServiceServer::new(admin::MemoryAdminApi::new(
+            store.clone(),
+            config.limits.clone(),
+        ))
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+    );
     let service = authenticator.users(
         MemoryServiceServer::new(grpc::MemoryApi::new(service::Memories::new(
             store,
@@ -66,7 +78,8 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service);
+        .add_service(service)
+        .add_service(memory_admin);
     tracing::info!(addr = ?listener.local_addr().ok(), "keel-memory serving");
     server::serve_runtime(router, listener, shutdown, &config.runtime).await
 }

@@ -543,6 +543,46 @@ impl Store {
         rows.iter().map(MemoryRow::try_from).collect()
     }
 
+    /// One user's memories of `namespace`, most recently updated first,
+    /// after the cursor `(updated_at, key)`, read for `admin`: the read is
+    /// recorded in the audit trail in the same transaction.
+    pub async fn list_for_admin(
+        &self,
+        admin: &keel_shared::auth::Admin,
+        user_id: Uuid,
+        namespace: &str,
+        after: Option<(DateTime<Utc>, &str)>,
+        limit: i64,
+    ) -> Result<Vec<MemoryRow>, MemoryError> {
+        const SQL: &str = concat!(
+            "SELECT ",
+            memory_cols!(),
+            " FROM memories \
+             WHERE user_id = $1 AND namespace = $2 AND ",
+            live!(),
+            " AND ($3::timestamptz IS NULL OR updated_at < $3 OR (updated_at = $3 AND key > $4)) \
+             ORDER BY updated_at DESC, key LIMIT $5"
+        );
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let stmt = tx.prepare_cached(SQL).await?;
+        let (at, key) = after.unzip();
+        let key = key.unwrap_or_default();
+        let rows = tx
+            .query(&stmt, &[&user_id, &namespace, &at, &key, &limit])
+            .await?;
+        keel_shared::audit::record(
+            &tx,
+            admin,
+            "memory.read",
+            &format!("user:{user_id}"),
+            serde_json::json!({ "namespace": namespace }),
+        )
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(MemoryRow::try_from).collect()
+    }
+
     /// Best matches first, or None when the query has nothing selective to
     /// search for (only stop words, symbols or exclusions).
     pub async fn search(

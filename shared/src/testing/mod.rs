@@ -178,6 +178,26 @@ impl TestDb {
             .expect("insert user");
         id
     }
+
+    /// Gives a user the admin role directly (as the KEEL_ADMIN_EMAILS
+    /// bootstrap would).
+    pub async fn make_admin(&self, user_id: Uuid) {
+        let client = self.pool.get().await.expect("pool");
+        client
+            .execute(
+                "INSERT INTO admins (user_id) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&user_id],
+            )
+            .await
+            .expect("insert admin");
+    }
+
+    /// A user holding the admin role and an access token of theirs.
+    pub async fn create_admin(&self, email: &str) -> (Uuid, String) {
+        let id = self.create_user(email).await;
+        self.make_admin(id).await;
+        (id, user_token(id, email))
+    }
 }
 
 impl Drop for TestDb {

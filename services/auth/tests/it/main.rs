@@ -1,6 +1,7 @@
 //! Integration tests of the auth service: real Postgres, real gRPC.
 
 mod across;
+mod admin;
 mod api_keys;
 mod audit;
 mod flows;

@@ -92,7 +92,11 @@ async fn serves_health_and_reflection_once_ready() {
     config.listen_addr = addr;
     config.tokens.jwt_generate_key = true;
     let server = tokio::spawn(keel_auth::run(config, listener, shutdown.clone()));
-    testing::assert_serving_with_reflection(addr, &["keel.auth.v1.AuthService"]).await;
+    testing::assert_serving_with_reflection(
+        addr,
+        &["keel.auth.v1.AuthService", "keel.admin.v1.UserAdminService"],
+    )
+    .await;
     shutdown.cancel();
     server.await.unwrap().expect("clean shutdown");
 }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel_auth::Config;
+use keel_proto::admin::v1::user_admin_service_client::UserAdminServiceClient;
 use keel_proto::auth::v1::auth_service_client::AuthServiceClient;
 use keel_proto::auth::v1::{LoginRequest, RegisterRequest, RegisterResponse, TokenPair};
 use keel_shared::StartupError;
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub(crate) type Client = AuthServiceClient<Channel>;
+pub(crate) type AdminClient = UserAdminServiceClient<Channel>;
 
 pub(crate) const PASSWORD: &str = "correct horse battery";
 
@@ -57,6 +59,7 @@ pub(crate) fn config(db: &TestDb, key_file: &Path) -> Config {
 /// A running auth server.
 pub(crate) struct Server {
     pub client: Client,
+    pub admin: AdminClient,
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), StartupError>>,
 }
@@ -66,9 +69,11 @@ impl Server {
         let (listener, addr) = testing::listener().await;
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(keel_auth::run(config, listener, shutdown.clone()));
-        let client = AuthServiceClient::new(testing::channel(addr).await);
+        let channel = testing::channel(addr).await;
+        let client = AuthServiceClient::new(channel.clone());
         Self {
             client,
+            admin: UserAdminServiceClient::new(channel),
             shutdown,
             handle,
         }
@@ -115,6 +120,10 @@ impl Env {
 
     pub(crate) fn client(&self) -> Client {
         self.server.client.clone()
+    }
+
+    pub(crate) fn admin(&self) -> AdminClient {
+        self.server.admin.clone()
     }
 
     pub(crate) async fn register(&self, email: &str) -> RegisterResponse {

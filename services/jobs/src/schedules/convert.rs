@@ -6,7 +6,7 @@ use keel_shared::time::{opt_timestamp, to_timestamp};
 
 use super::store::ScheduleRow;
 
-pub(super) fn schedule_to_proto(s: &ScheduleRow) -> Schedule {
+pub(crate) fn schedule_to_proto(s: &ScheduleRow) -> Schedule {
     Schedule {
         id: s.id.to_string(),
         user_id: s.user_id.to_string(),

@@ -9,5 +9,6 @@ pub(crate) mod service;
 mod store;
 pub(crate) mod ticker;
 
+pub(crate) use convert::schedule_to_proto;
 pub(crate) use grpc::ScheduleApi;
 pub(crate) use service::{Schedules, Settings};

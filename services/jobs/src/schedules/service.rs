@@ -5,9 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Pool, Transaction};
 use keel_proto::jobs::v1::{CreateScheduleRequest, UpdateScheduleRequest};
 use keel_shared::ApiError;
+use keel_shared::auth::Admin;
 use uuid::Uuid;
 
 use super::cron::Rule;
@@ -111,7 +112,20 @@ impl Schedules {
     ) -> Result<ScheduleRow, ApiError> {
         let mut client = self.pool.get().await?;
         let tx = client.transaction().await?;
-        let current = store::user_schedule(&tx, user_id, id, true)
+        let row = self.update_in(&tx, user_id, id, req).await?;
+        tx.commit().await?;
+        Ok(row)
+    }
+
+    /// [`Schedules::update`] inside the caller's transaction.
+    async fn update_in(
+        &self,
+        tx: &Transaction<'_>,
+        user_id: Uuid,
+        id: Uuid,
+        req: &UpdateScheduleRequest,
+    ) -> Result<ScheduleRow, ApiError> {
+        let current = store::user_schedule(tx, user_id, id, true)
             .await?
             .ok_or_else(not_found)?;
         let now = Utc::now();
@@ -122,7 +136,58 @@ impl Schedules {
         } else {
             current.next_run_at
         };
-        let row = store::update(&tx, id, &fields, next).await?;
+        store::update(tx, id, &fields, next).await
+    }
+
+    /// Every user's schedules (or one user's): one page, and where the next
+    /// starts (None on the last page).
+    pub(crate) async fn list_any(
+        &self,
+        user_id: Option<Uuid>,
+        before: Option<Uuid>,
+        limit: i64,
+    ) -> Result<(Vec<ScheduleRow>, Option<Uuid>), ApiError> {
+        let client = self.pool.get().await?;
+        let mut rows = store::list_any(&client, user_id, before, limit + 1).await?;
+        let next = if rows.len() as i64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|s| s.id)
+        } else {
+            None
+        };
+        Ok((rows, next))
+    }
+
+    /// An admin pauses or resumes any user's schedule (UpdateSchedule's
+    /// rules); the audit record commits with the change.
+    pub(crate) async fn set_paused_by_admin(
+        &self,
+        admin: &Admin,
+        id: Uuid,
+        paused: bool,
+    ) -> Result<ScheduleRow, ApiError> {
+        let mut client = self.pool.get().await?;
+        let tx = client.transaction().await?;
+        let owner = store::owner(&tx, id).await?.ok_or_else(not_found)?;
+        let req = UpdateScheduleRequest {
+            id: id.to_string(),
+            paused: Some(paused),
+            ..Default::default()
+        };
+        let row = self.update_in(&tx, owner, id, &req).await?;
+        let action = if paused {
+            "schedule.pause"
+        } else {
+            "schedule.resume"
+        };
+        keel_shared::audit::record(
+            &tx,
+            admin,
+            action,
+            &format!("schedule:{id}"),
+            serde_json::json!({ "user_id": owner.to_string(), "name": row.name }),
+        )
+        .await?;
         tx.commit().await?;
         Ok(row)
     }

@@ -179,6 +179,35 @@ pub(super) async fn list(
         .collect::<Result<_, _>>()?)
 }
 
+/// A page of every user's schedules (or one user's), newest first,
+/// strictly before `before`: the admin listing.
+pub(super) async fn list_any(
+    client: &impl GenericClient,
+    user_id: Option<Uuid>,
+    before: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<ScheduleRow>, ApiError> {
+    let sql = format!(
+        "SELECT {COLS} FROM schedules
+          WHERE ($1::uuid IS NULL OR user_id = $1) AND ($2::uuid IS NULL OR id < $2)
+          ORDER BY id DESC LIMIT $3"
+    );
+    let stmt = client.prepare_cached(&sql).await?;
+    let rows = client.query(&stmt, &[&user_id, &before, &limit]).await?;
+    Ok(rows
+        .iter()
+        .map(ScheduleRow::try_from)
+        .collect::<Result<_, _>>()?)
+}
+
+/// Whose schedule this is (None: no such schedule).
+pub(super) async fn owner(client: &impl GenericClient, id: Uuid) -> Result<Option<Uuid>, ApiError> {
+    let stmt = client
+        .prepare_cached("SELECT user_id FROM schedules WHERE id = $1")
+        .await?;
+    Ok(client.query_opt(&stmt, &[&id]).await?.map(|r| r.get(0)))
+}
+
 pub(super) async fn update(
     client: &impl GenericClient,
     id: Uuid,

@@ -1,6 +1,7 @@
 //! Integration tests of the jobs service: real Postgres, Redis and gRPC.
 
 mod access;
+mod admin;
 mod batched_rpcs;
 mod batching;
 mod cancel;

@@ -23,6 +23,7 @@ async fn serves_health_and_reflection_once_ready() {
             "keel.jobs.v1.JobsService",
             "keel.jobs.v1.JobRunnerService",
             "keel.jobs.v1.ScheduleService",
+            "keel.admin.v1.AdminService",
         ],
     )
     .await;

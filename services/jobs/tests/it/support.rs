@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use keel_jobs::Config;
+use keel_proto::admin::v1::admin_service_client::AdminServiceClient;
 use keel_proto::jobs::v1::job_runner_service_client::JobRunnerServiceClient;
 use keel_proto::jobs::v1::jobs_service_client::JobsServiceClient;
 use keel_proto::jobs::v1::schedule_service_client::ScheduleServiceClient;
@@ -31,6 +32,7 @@ pub(crate) struct Svc {
     pub jobs: JobsServiceClient<Channel>,
     pub runner: JobRunnerServiceClient<Channel>,
     pub schedules: ScheduleServiceClient<Channel>,
+    pub admin: AdminServiceClient<Channel>,
     pub user: Uuid,
     pub token: String,
     shutdown: CancellationToken,
@@ -73,7 +75,8 @@ impl Svc {
             redis_config,
             jobs: JobsServiceClient::new(channel.clone()),
             runner: JobRunnerServiceClient::new(channel.clone()),
-            schedules: ScheduleServiceClient::new(channel),
+            schedules: ScheduleServiceClient::new(channel.clone()),
+            admin: AdminServiceClient::new(channel),
             user,
             token,
             shutdown,

@@ -1,5 +1,6 @@
 //! Integration tests of the memory service: real Postgres, real gRPC.
 
+mod admin;
 mod support;
 
 mod crud;

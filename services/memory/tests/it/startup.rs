@@ -19,7 +19,14 @@ async fn serves_health_and_reflection_once_ready() {
     let shutdown = CancellationToken::new();
     let config = keel_memory::Config::new(addr, db.config(), testing::verifier_config());
     let server = tokio::spawn(keel_memory::run(config, listener, shutdown.clone()));
-    testing::assert_serving_with_reflection(addr, &["keel.memory.v1.MemoryService"]).await;
+    testing::assert_serving_with_reflection(
+        addr,
+        &[
+            "keel.memory.v1.MemoryService",
+            "keel.admin.v1.MemoryAdminService",
+        ],
+    )
+    .await;
     shutdown.cancel();
     server.await.unwrap().expect("clean shutdown");
 }

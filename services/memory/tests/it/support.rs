@@ -1,6 +1,7 @@
 //! The harness: one server per test on its own database, users with tokens,
 //! and short request helpers.
 
+use keel_proto::admin::v1::memory_admin_service_client::MemoryAdminServiceClient;
 use keel_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use keel_proto::memory::v1::*;
 use keel_shared::testing::{self, TestDb};
@@ -11,6 +12,7 @@ use tonic::{Code, Status};
 pub(crate) struct Env {
     pub db: TestDb,
     pub client: MemoryServiceClient<Channel>,
+    pub admin: MemoryAdminServiceClient<Channel>,
     shutdown: CancellationToken,
 }
 
@@ -33,10 +35,12 @@ impl Env {
         adjust(&mut config);
         let shutdown = CancellationToken::new();
         tokio::spawn(keel_memory::run(config, listener, shutdown.clone()));
-        let client = MemoryServiceClient::new(testing::channel(addr).await);
+        let channel = testing::channel(addr).await;
+        let client = MemoryServiceClient::new(channel.clone());
         Self {
             db,
             client,
+            admin: MemoryAdminServiceClient::new(channel),
             shutdown,
         }
     }

@@ -955,6 +955,19 @@ pub struct Publication {
     pub traceparent: Option<String>,
 }
 
+impl Publication {
+    /// From a row of `job_id, kind, attempt, traceparent, priority`.
+    pub(crate) fn from_row(row: &Row) -> Result<Self, JobsError> {
+        Ok(Self {
+            job_id: row.try_get(0)?,
+            kind: row.try_get(1)?,
+            attempt: row.try_get(2)?,
+            traceparent: row.try_get(3)?,
+            priority: row.try_get(4)?,
+        })
+    }
+}
+
 /// Locks up to `limit` due outbox rows of `kinds` no one else holds,
 /// highest priority first. Call inside a transaction; the locks last until
 /// it ends.
@@ -974,15 +987,7 @@ pub async fn claim_outbox(
         .query(&stmt, &[&limit, &kinds])
         .await?
         .iter()
-        .map(|r| {
-            Ok(Publication {
-                job_id: r.try_get(0)?,
-                kind: r.try_get(1)?,
-                attempt: r.try_get(2)?,
-                traceparent: r.try_get(3)?,
-                priority: r.try_get(4)?,
-            })
-        })
+        .map(Publication::from_row)
         .collect()
 }
 

@@ -136,6 +136,29 @@ impl History {
             .find(|(s, _)| s == status)
             .map_or(0, |(_, n)| *n)
     }
+
+    /// Every job whose creation was acknowledged (`acked`, their ids) is in
+    /// the database and SUCCEEDED, as is every job there, and none
+    /// succeeded twice.
+    pub async fn assert_every_job_succeeded_once(
+        &self,
+        db: &tokio_postgres::Client,
+        acked: &[String],
+    ) {
+        for id in acked {
+            let row = db
+                .query_one("SELECT status FROM jobs WHERE id = $1::text::uuid", &[id])
+                .await
+                .unwrap_or_else(|e| panic!("acknowledged job {id} is missing: {e}"));
+            assert_eq!(row.get::<_, String>(0), "succeeded", "job {id}");
+        }
+        assert_eq!(
+            self.count("succeeded"),
+            self.jobs,
+            "every committed job succeeded"
+        );
+        assert_eq!(self.succeeded_twice, 0, "no job succeeded twice");
+    }
 }
 
 async fn scalar(db: &tokio_postgres::Client, sql: &str) -> i64 {

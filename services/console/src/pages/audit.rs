@@ -3,9 +3,8 @@
 use askama::Template;
 use axum::extract::{Query, State};
 use keel_proto::admin::v1::ListAuditEventsRequest;
-use serde::Deserialize;
 
-use super::render;
+use super::{Paging, render};
 use crate::App;
 use crate::backend::authed;
 use crate::error::PageResult;
@@ -26,12 +25,6 @@ struct AuditPage {
     nav: Nav,
     events: Vec<EventRow>,
     next: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct Paging {
-    #[serde(default)]
-    page: String,
 }
 
 pub(crate) async fn page(

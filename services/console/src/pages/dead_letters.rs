@@ -3,9 +3,8 @@
 use askama::Template;
 use axum::extract::{Path, Query, State};
 use keel_proto::admin::v1::{ListDeadLettersRequest, ReplayDeadLetterRequest};
-use serde::Deserialize;
 
-use super::{done, refused, render};
+use super::{Paging, done, refused, render};
 use crate::App;
 use crate::backend::authed;
 use crate::error::PageResult;
@@ -28,12 +27,6 @@ struct DeadLettersPage {
     nav: Nav,
     dead_letters: Vec<DeadLetterRow>,
     next: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct Paging {
-    #[serde(default)]
-    page: String,
 }
 
 pub(crate) async fn page(

@@ -106,6 +106,13 @@ pub(crate) fn query_string(query: &impl serde::Serialize) -> String {
 }
 
 /// The link to the next page of `path`, when there is one.
+/// The page token of a listing page's `?page=` (empty: the first page).
+#[derive(serde::Deserialize)]
+pub(crate) struct Paging {
+    #[serde(default)]
+    pub(crate) page: String,
+}
+
 pub(crate) fn next_link(path: &str, token: &str) -> Option<String> {
     #[derive(serde::Serialize)]
     struct Page<'a> {

@@ -3,9 +3,8 @@
 use askama::Template;
 use axum::extract::{Path, Query, State};
 use keel_proto::admin::v1::{ListSchedulesRequest, PauseScheduleRequest, ResumeScheduleRequest};
-use serde::Deserialize;
 
-use super::{done, refused, render};
+use super::{Paging, done, refused, render};
 use crate::App;
 use crate::backend::authed;
 use crate::error::{PageError, PageResult};
@@ -30,12 +29,6 @@ struct SchedulesPage {
     nav: Nav,
     schedules: Vec<ScheduleRow>,
     next: Option<String>,
-}
-
-#[derive(Deserialize)]
-pub(crate) struct Paging {
-    #[serde(default)]
-    page: String,
 }
 
 pub(crate) async fn page(

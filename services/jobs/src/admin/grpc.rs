@@ -23,14 +23,14 @@ use crate::store::JobFilter;
 
 pub(crate) struct AdminApi {
     service: Arc<Service>,
-    redis: deadpool_redis::Pool,
+    redis: keel_shared::redis::Pool,
     redis_config: RedisConfig,
 }
 
 impl AdminApi {
     pub(crate) fn new(
         service: Arc<Service>,
-        redis: deadpool_redis::Pool,
+        redis: keel_shared::redis::Pool,
         redis_config: RedisConfig,
     ) -> Self {
         Self {
@@ -40,7 +40,7 @@ impl AdminApi {
         }
     }
 
-    async fn redis(&self) -> Result<deadpool_redis::Connection, Status> {
+    async fn redis(&self) -> Result<keel_shared::redis::Connection, Status> {
         self.redis.get().await.map_err(|e| {
             tracing::warn!(error = %e, "admin: redis unavailable");
             Status::unavailable("cannot reach Redis right now, try again")

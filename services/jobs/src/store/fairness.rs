@@ -82,15 +82,7 @@ pub async fn claim_fair(
         .query(&stmt, &[&kinds, &rooms])
         .await?
         .iter()
-        .map(|r| {
-            Ok(Publication {
-                job_id: r.try_get(0)?,
-                kind: r.try_get(1)?,
-                attempt: r.try_get(2)?,
-                traceparent: r.try_get(3)?,
-                priority: r.try_get(4)?,
-            })
-        })
+        .map(Publication::from_row)
         .collect()
 }
 

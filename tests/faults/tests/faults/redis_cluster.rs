@@ -249,18 +249,6 @@ async fn a_master_killed_under_load_loses_no_job() {
         done.as_secs_f64(),
         h.succeeded_twice
     );
-    for id in &acked {
-        let row = history
-            .query_one("SELECT status FROM jobs WHERE id = $1::text::uuid", &[id])
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged job {id} is missing: {e}"));
-        assert_eq!(row.get::<_, String>(0), "succeeded", "job {id}");
-    }
-    assert_eq!(
-        h.count("succeeded"),
-        h.jobs,
-        "every committed job succeeded"
-    );
-    assert_eq!(h.succeeded_twice, 0, "no job succeeded twice");
+    h.assert_every_job_succeeded_once(&history, &acked).await;
     worker.assert_alive();
 }

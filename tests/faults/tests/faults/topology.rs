@@ -682,19 +682,7 @@ async fn three_replicas_of_everything_under_sigkills_keep_every_promise() {
         unexpected.is_empty(),
         "client errors other than UNAVAILABLE: {unexpected:?}"
     );
-    for id in &acked {
-        let row = history
-            .query_one("SELECT status FROM jobs WHERE id = $1::text::uuid", &[id])
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged job {id} is missing: {e}"));
-        assert_eq!(row.get::<_, String>(0), "succeeded", "job {id}");
-    }
-    assert_eq!(
-        h.count("succeeded"),
-        h.jobs,
-        "every committed job succeeded"
-    );
-    assert_eq!(h.succeeded_twice, 0, "no job succeeded twice");
+    h.assert_every_job_succeeded_once(&history, &acked).await;
     assert_eq!(
         leases_expired_twice, 0,
         "the reaper expired each lease once"

@@ -80,18 +80,7 @@ start auth "$KEEL_AUTH_ADDR"    # generates the signing key on first run
 start jobs "$KEEL_JOBS_ADDR"
 start memory "$KEEL_MEMORY_ADDR"
 start worker "$KEEL_WORKER_HEALTH_ADDR"
-start_console() {
-  "$bin/keel-console" > >(tee -a "$state/logs/console.log" | sed -u "s/^/[console] /") 2>&1 &
-  pids+=($!)
-  for _ in $(seq 1 150); do
-    # The console serves HTTP: ready once its sign-in page answers.
-    (exec 3<>"/dev/tcp/${KEEL_CONSOLE_ADDR%:*}/${KEEL_CONSOLE_ADDR##*:}") 2>/dev/null && return 0
-    kill -0 "${pids[-1]}" 2>/dev/null || die "keel-console exited; see $state/logs/console.log"
-    sleep 0.2
-  done
-  die "keel-console did not start listening on $KEEL_CONSOLE_ADDR"
-}
-start_console
+start console "$KEEL_CONSOLE_ADDR"  # HTTP; its healthcheck asks GET /healthz
 if [ -n "${KEEL_ADMIN_EMAILS:-}" ]; then
   admins="operators: $KEEL_ADMIN_EMAILS"
 else

@@ -1,6 +1,6 @@
 """Static check of compose.yaml (no Docker engine here): it parses, every Keel
 service runs a binary the Dockerfile ships, has a grpc health check through
-that binary, and gets the configuration its binary requires."""
+that binary (the console's asks its HTTP /healthz), and gets the configuration its binary requires."""
 
 import re
 import sys
@@ -12,6 +12,7 @@ REQUIRED = {
     "keel-jobs": ["DATABASE_URL", "REDIS_URL", "KEEL_WORKER_TOKEN", "KEEL_JWT_PUBLIC_KEY_FILES"],
     "keel-memory": ["DATABASE_URL", "KEEL_JWT_PUBLIC_KEY_FILES"],
     "keel-worker": ["REDIS_URL", "KEEL_WORKER_TOKEN", "KEEL_JOBS_URL"],
+    "keel-console": ["KEEL_CONSOLE_ADDR", "KEEL_AUTH_URL", "KEEL_JOBS_URL", "KEEL_MEMORY_URL"],
 }
 
 

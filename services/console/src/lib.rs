@@ -11,6 +11,7 @@
 mod backend;
 pub mod config;
 mod error;
+pub mod health;
 mod pages;
 mod security;
 mod session;
@@ -107,6 +108,7 @@ fn router(app: App) -> Router {
         .route("/users/{id}/memories", get(users::memories))
         .route("/audit", get(audit::page))
         .route("/static/console.css", get(pages::stylesheet))
+        .route("/healthz", get(health::healthz))
         .fallback(pages::not_found)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),

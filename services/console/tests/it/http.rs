@@ -294,3 +294,19 @@ async fn every_page_renders_for_an_operator_and_actions_are_audited() {
     assert!(audit.contains("job.retry"), "{audit}");
     assert!(audit.contains("memory.read"), "{audit}");
 }
+
+#[tokio::test]
+async fn the_health_endpoint_answers_without_a_session_and_the_probe_reads_it() {
+    let env = Env::start().await;
+    let http = Http::new(&env);
+    let answer = http.get("/healthz").await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(answer.text().await.unwrap(), "ok\n");
+    let addr = env.url.trim_start_matches("http://");
+    assert!(keel_console::health::probe(addr).await);
+    // Nothing listening there: the probe says so.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_addr = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    assert!(!keel_console::health::probe(&closed_addr).await);
+}

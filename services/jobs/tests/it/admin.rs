@@ -315,8 +315,7 @@ async fn jobs_of_every_user_are_listed_filtered_and_paged() {
     ];
     for (req, field) in bad {
         let got = list(req).await.unwrap_err();
-        assert_eq!(got.code(), Code::InvalidArgument, "{field}: {got:?}");
-        assert!(got.message().starts_with(field), "{field}: {got:?}");
+        assert_invalid(&got, field);
     }
     for id in ["", "nope"] {
         let got = svc
@@ -325,8 +324,7 @@ async fn jobs_of_every_user_are_listed_filtered_and_paged() {
             .get_job(a(&token, admin::GetJobRequest { id: id.into() }))
             .await
             .unwrap_err();
-        assert_eq!(got.code(), Code::InvalidArgument);
-        assert!(got.message().starts_with("id"), "{got:?}");
+        assert_invalid(&got, "id");
     }
     let got = svc
         .admin
@@ -452,8 +450,7 @@ async fn admins_cancel_retry_and_delete_any_users_job_and_each_is_audited() {
             .cancel_job(a(&token, admin::CancelJobRequest { id: id.into() }))
             .await
             .unwrap_err();
-        assert_eq!(got.code(), Code::InvalidArgument);
-        assert!(got.message().starts_with("id"), "{got:?}");
+        assert_invalid(&got, "id");
     }
     let got = svc
         .admin
@@ -524,8 +521,7 @@ async fn admins_cancel_retry_and_delete_any_users_job_and_each_is_audited() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(got.code(), Code::InvalidArgument);
-    assert!(got.message().starts_with("page_token"));
+    assert_invalid(&got, "page_token");
 }
 
 #[tokio::test]
@@ -702,8 +698,7 @@ async fn dead_letters_are_listed_newest_first_and_replayed() {
     assert_eq!(replay("1-0").await.unwrap_err().code(), Code::NotFound);
     for bad in ["", "nope", "+", "(1-0"] {
         let got = replay(bad).await.unwrap_err();
-        assert_eq!(got.code(), Code::InvalidArgument, "{bad:?}");
-        assert!(got.message().starts_with("id"), "{got:?}");
+        assert_invalid(&got, "id");
     }
     let job = replay(&e_failed).await.unwrap().job.unwrap();
     assert_eq!(job.id, failed.id);
@@ -836,8 +831,7 @@ async fn schedules_of_every_user_are_listed_paused_and_resumed() {
             .pause_schedule(a(&token, admin::PauseScheduleRequest { id: id.into() }))
             .await
             .unwrap_err();
-        assert_eq!(got.code(), Code::InvalidArgument);
-        assert!(got.message().starts_with("id"), "{got:?}");
+        assert_invalid(&got, "id");
     }
     let got = c
         .resume_schedule(a(
@@ -859,8 +853,7 @@ async fn schedules_of_every_user_are_listed_paused_and_resumed() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(got.code(), Code::InvalidArgument);
-    assert!(got.message().starts_with("user_id"));
+    assert_invalid(&got, "user_id");
     let got = c
         .pause_schedule(a(
             &svc.token,
@@ -890,4 +883,10 @@ async fn schedules_of_every_user_are_listed_paused_and_resumed() {
             ),
         ]
     );
+}
+
+/// `got` is INVALID_ARGUMENT and its message starts with the field it names.
+fn assert_invalid(got: &tonic::Status, field: &str) {
+    assert_eq!(got.code(), Code::InvalidArgument, "{field}: {got:?}");
+    assert!(got.message().starts_with(field), "{field}: {got:?}");
 }

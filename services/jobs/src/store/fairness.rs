@@ -35,7 +35,10 @@ pub async fn lock_relay_kinds(
 ///
 /// The users are found with a loose scan of the (kind, user, ...) index,
 /// so a round costs one probe per user with rows waiting plus the rows it
-/// takes, however long one user's backlog is.
+/// takes, however long one user's backlog is. The picked ids go to the
+/// final lookup as an array, which the planner sees as a few rows: as an
+/// `IN (subquery)` it hash-joined the whole outbox with `jobs` (~200 ms a
+/// round with 100,000 rows waiting, instead of ~2 ms).
 pub async fn claim_fair(
     client: &impl GenericClient,
     kinds: &[&str],
@@ -74,7 +77,7 @@ pub async fn claim_fair(
          )
          SELECT o.job_id, j.kind, o.attempt, j.traceparent, j.priority
          FROM job_outbox o JOIN jobs j ON j.id = o.job_id
-         WHERE o.job_id IN (SELECT c_id FROM picked WHERE place <= room)
+         WHERE o.job_id = ANY (ARRAY(SELECT c_id FROM picked WHERE place <= room))
            AND o.deliver_at <= now()
          FOR UPDATE OF o SKIP LOCKED";
     let stmt = client.prepare_cached(SQL).await?;

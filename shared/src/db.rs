@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Pool, PoolBuilder, RecyclingMethod, Runtime,
+};
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -254,7 +256,7 @@ pub async fn connect(cfg: &DatabaseConfig) -> Result<Pool, StartupError> {
             None => Manager::from_config(pg.clone(), NoTls, manager_config()),
             Some(tls) => Manager::from_config(pg.clone(), tls.clone(), manager_config()),
         };
-        Pool::builder(manager)
+        with_session_settings(Pool::builder(manager))
             .max_size(max_size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(Duration::from_secs(5)))
@@ -327,6 +329,29 @@ const PROBE_HOLDERS: usize = 2;
 /// session mode, or with a pooler that re-prepares, it simply runs. Anything
 /// else (a holder that cannot connect, a queued statement) is inconclusive
 /// and logged, not fatal.
+/// Settings each new connection gets before its first use.
+///
+/// JIT off: Keel's statements are short, and once a table is large the
+/// planner's estimate for a prepared statement's generic plan can pass
+/// `jit_above_cost`, after which Postgres compiles the statement with LLVM
+/// on every execution (measured: 250-300 ms per relay round with 100,000
+/// jobs waiting, more than half of the machine's CPU). Behind a
+/// transaction-mode pooler a session setting may land on another server
+/// connection: there, set it on the role (`ALTER ROLE keel SET jit = off`,
+/// docs/operations.md).
+const SESSION_SETTINGS: &str = "SET jit = off";
+
+fn with_session_settings(builder: PoolBuilder) -> PoolBuilder {
+    builder.post_create(Hook::async_fn(|client, _| {
+        Box::pin(async move {
+            client
+                .batch_execute(SESSION_SETTINGS)
+                .await
+                .map_err(HookError::Backend)
+        })
+    }))
+}
+
 async fn refuse_statement_losing_pooler(probe: &Pool, target: &str) -> Result<(), StartupError> {
     const SQL: &str = "SELECT pg_backend_pid()";
     let inconclusive = |why: &dyn std::fmt::Display| {

@@ -2,6 +2,7 @@
 
 mod balance;
 mod config;
+mod db;
 mod grpc_tls;
 mod health;
 mod migrations;

@@ -258,10 +258,7 @@ impl Delivery {
         let rooms = self.backlog.rooms(&kinds, limit).await?;
         let with_room: Vec<(&str, i64)> = kinds
             .iter()
-            .filter_map(|k| {
-                let room = rooms.get(*k).filter(|r| r.worth_filling())?;
-                Some((*k, room.free))
-            })
+            .filter_map(|k| Some((*k, *rooms.get(*k).filter(|free| **free > 0)?)))
             .collect();
         let mut round = RelayRound::default();
         if with_room.is_empty() && !full {

@@ -58,25 +58,6 @@ end
 return {backlog, held}
 ";
 
-/// Room in a kind's streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Room {
-    /// Entries that may be added now.
-    pub(crate) free: i64,
-    /// The backlog bound in force: as many entries as the workers hold
-    /// (about their concurrency while they are busy), at least
-    /// [`MIN_BACKLOG`], at most the configured bound.
-    pub(crate) bound: i64,
-}
-
-impl Room {
-    /// Worth a relay round: at least half the bound is free, so each round
-    /// publishes a good batch and the stream never runs dry meanwhile.
-    pub(crate) fn worth_filling(&self) -> bool {
-        self.free > 0 && self.free * 2 >= self.bound
-    }
-}
-
 /// The per-kind bound on the streams' backlog, and the kinds with outbox
 /// rows waiting for room.
 pub(crate) struct Backlog {
@@ -108,19 +89,24 @@ impl Backlog {
         self.bound > 0
     }
 
-    /// Room in each kind's streams: the bound in force minus their backlog,
-    /// at most `cap` (`cap` when unbounded).
+    /// Room in each kind's streams (entries that may be added now): the
+    /// bound in force minus their backlog, at most `cap` (`cap` when
+    /// unbounded). The bound in force is as many entries as the workers
+    /// hold (about their concurrency while they are busy), at least
+    /// [`MIN_BACKLOG`], at most the configured bound.
+    ///
+    /// The relay fills any room at once (every [`WAITING_POLL`] while rows
+    /// wait). Waiting for half the bound to be free made each round bigger
+    /// but left the workers short (2,591 jobs/s for a 100,000-job backlog,
+    /// against 4,203 with rounds on any room: BENCHMARKS.md, "Fairness"),
+    /// and made a newly arrived user's job wait for that half to drain.
     pub(crate) async fn rooms(
         &self,
         kinds: &[&str],
         cap: i64,
-    ) -> Result<HashMap<String, Room>, ApiError> {
+    ) -> Result<HashMap<String, i64>, ApiError> {
         if !self.bounded() {
-            let room = Room {
-                free: cap,
-                bound: cap,
-            };
-            return Ok(kinds.iter().map(|k| (k.to_string(), room)).collect());
+            return Ok(kinds.iter().map(|k| (k.to_string(), cap)).collect());
         }
         let read = tokio::time::timeout(REDIS_TIMEOUT, async {
             let mut conn = self.redis.get().await?;
@@ -133,8 +119,7 @@ impl Backlog {
                 invocation.arg(CONSUMER_GROUP);
                 let (backlog, held): (i64, i64) = invocation.invoke_async(&mut *conn).await?;
                 let bound = held.max(MIN_BACKLOG).min(self.bound);
-                let free = (bound - backlog).clamp(0, cap);
-                rooms.insert(kind.to_string(), Room { free, bound });
+                rooms.insert(kind.to_string(), (bound - backlog).clamp(0, cap));
             }
             Ok::<_, ApiError>(rooms)
         })
@@ -171,8 +156,8 @@ impl Backlog {
                 continue;
             }
             match rooms.get_mut(&p.kind) {
-                Some(room) if room.free > 0 && !self.is_waiting(&p.kind) => {
-                    room.free -= 1;
+                Some(free) if *free > 0 && !self.is_waiting(&p.kind) => {
+                    *free -= 1;
                     now.push(p);
                 }
                 _ => later.push(p),

@@ -30,8 +30,11 @@ pub async fn lock_relay_kinds(
 /// Locks up to `rooms[i]` due outbox rows of `kinds[i]`, taking turns
 /// between users: each user's rows in their own order (priority, then due
 /// time), then the first of every user before the second of any, and so
-/// on, higher priority first. Rows others hold are skipped. Call inside a
-/// transaction; the locks last until it ends.
+/// on, higher priority first; within a turn, the row that became due last
+/// goes first, so a user who just arrived is not put behind the head of a
+/// backlog that has waited (the order within a turn is otherwise free).
+/// Rows others hold are skipped. Call inside a transaction; the locks last
+/// until it ends.
 ///
 /// The users are found with a loose scan of the (kind, user, ...) index,
 /// so a round costs one probe per user with rows waiting plus the rows it
@@ -72,7 +75,7 @@ pub async fn claim_fair(
          ), picked AS (
             SELECT c_id, room,
                    row_number() OVER (PARTITION BY fair_kind
-                                      ORDER BY c_priority DESC, turn, c_deliver_at, c_id) AS place
+                                      ORDER BY c_priority DESC, turn, c_deliver_at DESC, c_id) AS place
             FROM candidates
          )
          SELECT o.job_id, j.kind, o.attempt, j.traceparent, j.priority

@@ -479,9 +479,15 @@ pub async fn resume_start(
 }
 
 /// Up to `limit` due queued jobs of `kinds` (at most `caps[i]` of
-/// `kinds[i]`: flow control), highest priority first, then oldest, started
-/// for `worker_id` in one statement (rows other claims hold are skipped).
-/// Returns them in that order.
+/// `kinds[i]`: flow control), started for `worker_id` in one statement
+/// (rows other claims hold are skipped), taking turns between users as the
+/// relay does (`store::fairness::claim_fair`): each user's jobs highest
+/// priority first, then oldest; then higher priority first, the first job
+/// of every user before the second of any, and within a turn the job that
+/// became due last first. Each user with due jobs offers an equal share of
+/// `limit` (rounded up), so a claim locks about `limit` rows however many
+/// users wait; with one user alone the share is the whole `limit`. Returns
+/// them highest priority first, then oldest.
 pub async fn claim_jobs(
     client: &impl GenericClient,
     kinds: &[&str],
@@ -490,20 +496,50 @@ pub async fn claim_jobs(
     limit: i64,
     lease: Duration,
 ) -> Result<Vec<JobRow>, JobsError> {
-    // Per kind, the index (kind, priority DESC, run_at, id) yields the best
-    // candidates in order; the best `limit` of those are started.
+    // The users are found by a loose scan of (kind, user_id, ...): one
+    // probe per user with due jobs, however long their backlogs are.
     const SQL: &str = concat!(
-        "WITH candidates AS MATERIALIZED (
-            SELECT c.* FROM unnest($1::text[], $5::int8[]) AS k(claim_kind, claim_cap),
+        "WITH RECURSIVE input AS (
+            SELECT * FROM unnest($1::text[], $5::int8[]) AS k(claim_kind, claim_cap)
+         ), users AS (
+            SELECT i.claim_kind, i.claim_cap,
+                   (SELECT q.user_id FROM jobs q
+                    WHERE q.kind = i.claim_kind AND q.status = 'queued' AND q.run_at <= now()
+                    ORDER BY q.user_id LIMIT 1) AS uid
+            FROM input i
+            UNION ALL
+            SELECT u.claim_kind, u.claim_cap,
+                   (SELECT q.user_id FROM jobs q
+                    WHERE q.kind = u.claim_kind AND q.status = 'queued' AND q.user_id > u.uid
+                      AND q.run_at <= now()
+                    ORDER BY q.user_id LIMIT 1)
+            FROM users u WHERE u.uid IS NOT NULL
+         ), shares AS (
+            SELECT claim_kind, claim_cap, uid,
+                   ceil(least($3, claim_cap)::float8
+                        / count(*) OVER (PARTITION BY claim_kind))::int8 AS share
+            FROM users WHERE uid IS NOT NULL
+         ), candidates AS MATERIALIZED (
+            SELECT s.claim_kind, s.claim_cap, c.*,
+                   row_number() OVER (PARTITION BY s.claim_kind, s.uid
+                                      ORDER BY c.claim_priority DESC, c.claim_run_at, c.claim_id) AS turn
+            FROM shares s,
             LATERAL (SELECT id AS claim_id, priority AS claim_priority, run_at AS claim_run_at
                      FROM jobs
-                     WHERE kind = claim_kind AND status = 'queued' AND run_at <= now()
+                     WHERE kind = s.claim_kind AND user_id = s.uid AND status = 'queued'
+                       AND run_at <= now()
                      ORDER BY priority DESC, run_at, id
-                     LIMIT least($3, claim_cap)
+                     LIMIT s.share
                      FOR NO KEY UPDATE SKIP LOCKED) c
+         ), placed AS (
+            SELECT claim_id, claim_priority, turn, claim_run_at, claim_cap,
+                   row_number() OVER (PARTITION BY claim_kind
+                                      ORDER BY claim_priority DESC, turn, claim_run_at DESC, claim_id) AS place
+            FROM candidates
          ), picked AS (
-            SELECT claim_id FROM candidates
-            ORDER BY claim_priority DESC, claim_run_at, claim_id
+            SELECT claim_id FROM placed
+            WHERE place <= claim_cap
+            ORDER BY claim_priority DESC, turn, claim_run_at DESC, claim_id
             LIMIT $3
          ), j AS (
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),

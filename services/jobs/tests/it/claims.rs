@@ -382,3 +382,57 @@ async fn a_repeated_start_of_the_same_delivery_gets_the_same_attempt_back() {
     let long = "x".repeat(129);
     assert_eq!(code(start("w-1", &long).await), Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn a_claim_takes_turns_between_users_with_queued_jobs() {
+    let svc = Svc::start().await;
+    // User A's backlog first, then user B's two jobs.
+    let backlog = create_with(&svc, "echo", 0, 50).await;
+    let (_, b_token) = svc.other_user().await;
+    let mut b_ids = Vec::new();
+    for _ in 0..2 {
+        let job = svc
+            .jobs
+            .clone()
+            .create_job(keel_shared::testing::authed(
+                CreateJobRequest {
+                    kind: "echo".into(),
+                    ..Default::default()
+                },
+                &b_token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .job
+            .unwrap();
+        b_ids.push(job.id);
+    }
+
+    // A claim of four takes two of each, each user's oldest first; without
+    // turns it took A's four oldest.
+    let claimed = claim(&svc, claim_request(&["echo"], 4, Duration::ZERO))
+        .await
+        .unwrap();
+    let ids: HashSet<&str> = claimed.iter().map(|c| job_of(c).id.as_str()).collect();
+    let expected: HashSet<&str> = backlog[..2]
+        .iter()
+        .map(|j| j.id.as_str())
+        .chain(b_ids.iter().map(String::as_str))
+        .collect();
+    assert_eq!(ids, expected);
+
+    // Then A's backlog goes on in order, nothing skipped or taken twice.
+    let mut rest = Vec::new();
+    loop {
+        let batch = claim(&svc, claim_request(&["echo"], 16, Duration::ZERO))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        rest.extend(batch.iter().map(|c| job_of(c).id.clone()));
+    }
+    let backlog_rest: Vec<String> = backlog[2..].iter().map(|j| j.id.clone()).collect();
+    assert_eq!(rest, backlog_rest);
+}

@@ -78,6 +78,10 @@ pub struct Opts {
     /// memory-search and workspace, so indexes are shared as in production.
     #[arg(long, default_value_t = 20)]
     pub search_other_users: usize,
+    /// Leave the bench database in place at the end (its name is printed),
+    /// e.g. to EXPLAIN the statements on the seeded corpus afterwards.
+    #[arg(long)]
+    pub keep_database: bool,
     /// Folder with the keel-* binaries.
     #[arg(long, default_value = "target/release")]
     pub bin_dir: PathBuf,

@@ -30,6 +30,8 @@ pub(crate) struct System {
     workers: Vec<Child>,
     /// Stands in for autovacuum's ANALYZE when the server has it off.
     analyzer: Option<tokio::task::JoinHandle<()>>,
+    /// `--keep-database`: not dropped at the end.
+    keep_database: bool,
 }
 
 /// How often the bench runs ANALYZE when the server's autovacuum is off.
@@ -40,7 +42,12 @@ fn free_port() -> Result<u16> {
 }
 
 impl System {
-    pub(crate) async fn start(bin_dir: &Path, admin_url: &str, redis_url: &str) -> Result<Self> {
+    pub(crate) async fn start(
+        bin_dir: &Path,
+        admin_url: &str,
+        redis_url: &str,
+        keep_database: bool,
+    ) -> Result<Self> {
         let db_name = format!("keel_bench_{}", std::process::id());
         let (admin, conn) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls)
             .await
@@ -111,6 +118,7 @@ impl System {
             services: Vec::new(),
             workers: Vec::new(),
             analyzer,
+            keep_database,
         };
         for (name, addr) in [
             ("auth", system.auth.clone()),
@@ -351,6 +359,11 @@ impl Drop for System {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.keep_database {
+            println!("keel-bench: kept database {}", self.db_name);
+            return;
+        }
         let admin_url = self.admin_url.clone();
         let db = self.db_name.clone();
         let _ = std::thread::spawn(move || {
@@ -370,7 +383,6 @@ impl Drop for System {
             })
         })
         .join();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -10,6 +10,9 @@ use keel_proto::memory::v1::{
     GetMemoryRequest, GetWorkspaceRequest, PutMemoryRequest, SearchMemoriesRequest,
 };
 
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
 use super::Ctx;
 use super::drive::{Limit, authed, drive};
 use crate::stats::Stats;
@@ -159,6 +162,33 @@ pub(super) async fn memory_get(cx: &mut Ctx) -> Result<Option<Stats>> {
             .get_memory(c, Duration::from_secs(opts.seconds), puts)
             .await?,
     );
+    Ok(Some(s))
+}
+
+/// The hop alone: `grpc.health.v1.Health/Check` on the memory service over
+/// the same connections and concurrency as memory-get, a unary call that
+/// touches neither Postgres nor the token check. Next to memory-get and its
+/// raw SQL it shows what one gRPC round trip costs on this machine.
+pub(super) async fn memory_health(cx: &mut Ctx) -> Result<Option<Stats>> {
+    let (opts, c) = (&cx.opts, cx.opts.concurrency);
+    let channels = cx.memory.clone();
+    let s = drive(
+        "memory-health",
+        c,
+        Limit::Time(Duration::from_secs(opts.seconds)),
+        move |i| {
+            let mut client = HealthClient::new(channels.get(i));
+            async move {
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await?;
+                Ok(())
+            }
+        },
+    )
+    .await;
     Ok(Some(s))
 }
 

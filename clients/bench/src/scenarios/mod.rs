@@ -142,6 +142,12 @@ pub(crate) const SCENARIOS: &[Scenario] = &[
         run: boxed!(memory::memory_get),
     },
     Scenario {
+        name: "memory-health",
+        description: "grpc.health.v1.Health/Check on the memory service: the gRPC hop alone, no SQL, no token",
+        needs: &[],
+        run: boxed!(memory::memory_health),
+    },
+    Scenario {
         name: "memory-search",
         description: "SearchMemories (limit 10) over the seeded corpus, against raw SQL",
         needs: &[Need::SearchCorpus],
@@ -299,7 +305,13 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     async fn start(opts: Opts) -> Result<Self> {
-        let system = System::start(&opts.bin_dir, &opts.database_url, &opts.redis_url).await?;
+        let system = System::start(
+            &opts.bin_dir,
+            &opts.database_url,
+            &opts.redis_url,
+            opts.keep_database,
+        )
+        .await?;
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -442,6 +454,7 @@ mod tests {
                 "list-jobs",
                 "memory-put",
                 "memory-get",
+                "memory-health",
                 "memory-search",
                 "workspace",
                 "auth-login",

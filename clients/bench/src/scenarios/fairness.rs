@@ -47,6 +47,7 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
     wait_finished(&db, &warm_up, cx.opts.quick).await?;
 
     // A alone, for comparison.
+    settle(&db).await?;
     let alone = uuid::Uuid::new_v4().simple().to_string();
     let errors_alone = enqueue(cx, &alone, n).await?;
     wait_finished(&db, &alone, cx.opts.quick).await?;
@@ -67,6 +68,7 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
         .tokens
         .context("tokens")?
         .access_token;
+    settle(&db).await?;
     let a_run = uuid::Uuid::new_v4().simple().to_string();
     let b_run = uuid::Uuid::new_v4().simple().to_string();
     let errors_a = enqueue(cx, &a_run, n).await?;
@@ -184,6 +186,16 @@ async fn enqueue(cx: &Ctx, marker: &str, n: usize) -> Result<usize> {
     )
     .await;
     Ok(created.errors)
+}
+
+/// Vacuums the tables a run leaves dead rows in, so that each measured run
+/// starts from tables as autovacuum would leave them between two bursts
+/// (the bench's server may run without it), and not the second run behind
+/// the first one's dead rows.
+async fn settle(db: &tokio_postgres::Client) -> Result<()> {
+    db.batch_execute("VACUUM (ANALYZE) jobs, job_outbox, job_events")
+        .await
+        .context("VACUUM between the fairness runs")
 }
 
 /// Waits until every job of run `marker` finished (or the patience ran out).

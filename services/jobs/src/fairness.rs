@@ -23,39 +23,34 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// waiting for it (a Redis call per kind; Postgres only once there is room).
 pub(crate) const WAITING_POLL: Duration = Duration::from_millis(10);
 
-/// The backlog bound never goes below this many entries, however few
-/// messages the workers hold.
+/// The backlog bound never goes below this many entries (nor above the
+/// configured bound).
 const MIN_BACKLOG: i64 = 32;
 
-/// A kind's streams, summed over the bands: {entries not yet delivered to
-/// any worker (the workers' group `lag`; the stream's length where Redis
-/// cannot tell it, e.g. before the group exists), entries delivered and not
-/// yet acknowledged (the group's `pending`: what the workers hold)}.
+/// A kind's streams, summed over the bands: the entries not yet delivered
+/// to any worker (the workers' group `lag`; the stream's length where Redis
+/// cannot tell it, e.g. before the group exists).
 const BACKLOG_SCRIPT: &str = r"
-local backlog, held = 0, 0
+local backlog = 0
 for _, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
     local lag = nil
     local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
     if ok then
       for _, g in ipairs(groups) do
-        local name, glag, pending
+        local name, glag
         for i = 1, #g, 2 do
           if g[i] == 'name' then name = g[i + 1]
-          elseif g[i] == 'lag' then glag = g[i + 1]
-          elseif g[i] == 'pending' then pending = g[i + 1] end
+          elseif g[i] == 'lag' then glag = g[i + 1] end
         end
-        if name == ARGV[1] then
-          lag = glag
-          held = held + (pending or 0)
-        end
+        if name == ARGV[1] then lag = glag end
       end
     end
     if not lag then lag = redis.call('XLEN', key) end
     backlog = backlog + lag
   end
 end
-return {backlog, held}
+return backlog
 ";
 
 /// The per-kind bound on the streams' backlog, and the kinds with outbox
@@ -68,6 +63,8 @@ pub(crate) struct Backlog {
     script: redis::Script,
     /// Kinds whose rows wait in the outbox for room in their streams.
     waiting: Mutex<HashSet<String>>,
+    /// The bound in force per kind (see [`Backlog::rooms`]).
+    in_force: Mutex<HashMap<String, i64>>,
     /// Wakes the relay: rows were handed to it.
     wake: Notify,
 }
@@ -80,6 +77,7 @@ impl Backlog {
             config,
             script: redis::Script::new(BACKLOG_SCRIPT),
             waiting: Mutex::new(HashSet::new()),
+            in_force: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         }
     }
@@ -91,15 +89,23 @@ impl Backlog {
 
     /// Room in each kind's streams (entries that may be added now): the
     /// bound in force minus their backlog, at most `cap` (`cap` when
-    /// unbounded). The bound in force is as many entries as the workers
-    /// hold (about their concurrency while they are busy), at least
-    /// [`MIN_BACKLOG`], at most the configured bound.
+    /// unbounded).
     ///
-    /// The relay fills any room at once (every [`WAITING_POLL`] while rows
-    /// wait). Waiting for half the bound to be free made each round bigger
-    /// but left the workers short (2,591 jobs/s for a 100,000-job backlog,
-    /// against 4,203 with rounds on any room: BENCHMARKS.md, "Fairness"),
-    /// and made a newly arrived user's job wait for that half to drain.
+    /// The bound in force is about the smallest backlog that keeps the
+    /// workers busy between two looks of the relay, found while rows wait:
+    /// a stream found empty (the workers took everything since the last
+    /// look) doubles it, one found more than half full (they took less
+    /// than half) lowers it by an eighth; between [`MIN_BACKLOG`] and the
+    /// configured bound. It settles between one and two looks' worth of
+    /// work. The relay fills any room at once (every [`WAITING_POLL`] while
+    /// rows wait), so a newly arrived user's job waits behind about what
+    /// the workers take in that time.
+    ///
+    /// Tried before (BENCHMARKS.md, "Fairness"): filling only once half the
+    /// bound was free made the newcomer wait for that half to drain; a bound
+    /// following the workers' pending messages fell to its minimum when the
+    /// workers ran short and stayed there (2,400-2,600 jobs/s for a
+    /// 100,000-job backlog instead of 4,500-5,500).
     pub(crate) async fn rooms(
         &self,
         kinds: &[&str],
@@ -117,14 +123,31 @@ impl Backlog {
                     invocation.key(self.config.jobs_band_stream(kind, band));
                 }
                 invocation.arg(CONSUMER_GROUP);
-                let (backlog, held): (i64, i64) = invocation.invoke_async(&mut *conn).await?;
-                let bound = held.max(MIN_BACKLOG).min(self.bound);
+                let backlog: i64 = invocation.invoke_async(&mut *conn).await?;
+                let bound = self.adjust_bound(kind, backlog);
                 rooms.insert(kind.to_string(), (bound - backlog).clamp(0, cap));
             }
             Ok::<_, ApiError>(rooms)
         })
         .await;
         read.unwrap_or_else(|_| Err(ApiError::Unavailable("redis timed out".into())))
+    }
+
+    /// The bound in force for `kind` after a look that found `backlog`
+    /// entries undelivered (see [`Backlog::rooms`]).
+    fn adjust_bound(&self, kind: &str, backlog: i64) -> i64 {
+        let floor = MIN_BACKLOG.min(self.bound);
+        let waiting = self.is_waiting(kind);
+        let mut in_force = self.in_force.lock().expect("bounds in force");
+        let bound = in_force.entry(kind.to_string()).or_insert(floor);
+        if waiting {
+            if backlog == 0 {
+                *bound = (*bound * 2).min(self.bound);
+            } else if backlog * 2 > *bound {
+                *bound = (*bound - (*bound / 8).max(1)).max(floor);
+            }
+        }
+        *bound
     }
 
     /// Splits `batch` into what fits in the streams now (in order) and what

@@ -100,14 +100,25 @@ impl Browser {
             .expect("text")
     }
 
+    /// Clicks `css` and waits for the page it leads to (every button here
+    /// submits a form): chromedriver may answer the click before the next
+    /// page replaced this one, and a check made then reads the old page.
     async fn click(&self, css: &str) {
-        self.client
+        let element = self
+            .client
             .find(Locator::Css(css))
             .await
-            .unwrap_or_else(|e| panic!("{css}: {e}"))
-            .click()
-            .await
-            .expect("click");
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        element.click().await.expect("click");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        // The clicked element goes stale once the next page has loaded.
+        while element.tag_name().await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{css}: no new page 10 s after the click"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn path(&self) -> String {

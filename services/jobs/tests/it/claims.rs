@@ -391,22 +391,7 @@ async fn a_claim_takes_turns_between_users_with_queued_jobs() {
     let (_, b_token) = svc.other_user().await;
     let mut b_ids = Vec::new();
     for _ in 0..2 {
-        let job = svc
-            .jobs
-            .clone()
-            .create_job(keel_shared::testing::authed(
-                CreateJobRequest {
-                    kind: "echo".into(),
-                    ..Default::default()
-                },
-                &b_token,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .job
-            .unwrap();
-        b_ids.push(job.id);
+        b_ids.push(svc.create_kind_as("echo", &b_token).await.id);
     }
 
     // A claim of four takes two of each, each user's oldest first; without

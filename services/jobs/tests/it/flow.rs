@@ -377,21 +377,7 @@ async fn a_users_job_starts_before_another_users_backlog_is_half_done() {
 
     // ... when user B creates one job.
     let (_, b_token) = svc.other_user().await;
-    let b = svc
-        .jobs
-        .clone()
-        .create_job(testing::authed(
-            CreateJobRequest {
-                kind: "echo".into(),
-                ..Default::default()
-            },
-            &b_token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .job
-        .unwrap();
+    let b = svc.create_kind_as("echo", &b_token).await;
     let deadline = Instant::now() + WAIT;
     while !order.contains(&b.id) && Instant::now() < deadline {
         order.extend(work_echo(&svc, &mut conn, 10).await);

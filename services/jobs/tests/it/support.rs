@@ -119,6 +119,22 @@ impl Svc {
         .await
     }
 
+    /// A job of `kind` created by the user of `token` (see [`Svc::other_user`]).
+    pub(crate) async fn create_kind_as(&self, kind: &str, token: &str) -> Job {
+        let req = CreateJobRequest {
+            kind: kind.into(),
+            ..Default::default()
+        };
+        self.jobs
+            .clone()
+            .create_job(testing::authed(req, token))
+            .await
+            .expect("create job")
+            .into_inner()
+            .job
+            .unwrap()
+    }
+
     pub(crate) async fn get(&self, id: &str) -> Job {
         self.jobs
             .clone()

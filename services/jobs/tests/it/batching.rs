@@ -410,7 +410,10 @@ async fn create_one(svc: &Svc, token: &str, n: usize, key: &str) -> Result<Job, 
 
 #[tokio::test]
 async fn concurrent_creates_of_two_users_share_statements_and_each_gets_its_own_job() {
-    let svc = Svc::start().await;
+    // No worker reads the stream here: with the fairness bound (at least 32
+    // entries undelivered) only a race let all 64 in at once. Unbounded,
+    // every job is published as soon as it is committed.
+    let svc = Svc::start_with(|c| c.stream_backlog = 0).await;
     let (bob, bob_token) = svc.other_user().await;
     let calls = (0..64).map(|n| {
         let svc = &svc;

@@ -109,12 +109,15 @@ pub type BalancedChannel = MapErr<Channel, fn(tonic::transport::Error) -> tonic:
 /// answered. tonic calls a connection broken mid-call (a replica SIGKILLed
 /// while answering) UNKNOWN "transport error"; the gRPC spec says a client
 /// reports a broken connection as UNAVAILABLE, the retryable code, which is
-/// what callers of a replicated service must see. Other mapped codes
-/// (UNAVAILABLE for a refused connection, CANCELLED for a client-side
+/// what callers of a replicated service must see. So is a call the dying
+/// connection dropped before sending it (hyper's "operation was canceled",
+/// which tonic calls CANCELLED: the caller cancelled nothing). Other mapped
+/// codes (UNAVAILABLE for a refused connection, CANCELLED for a client-side
 /// timeout) stay as tonic has them.
 fn transport_failure_status(error: tonic::transport::Error) -> tonic::Status {
+    let dropped = dropped_unsent(&error);
     let status = tonic::Status::from_error(Box::new(error));
-    if status.code() == tonic::Code::Unknown {
+    if status.code() == tonic::Code::Unknown || dropped {
         tonic::Status::unavailable(format!(
             "connection to the server lost: {}",
             status.message()
@@ -122,6 +125,20 @@ fn transport_failure_status(error: tonic::transport::Error) -> tonic::Status {
     } else {
         status
     }
+}
+
+/// Whether hyper dropped the call unsent because its connection went away.
+fn dropped_unsent(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// A channel connected to one of `endpoints` (replicas of one service): the

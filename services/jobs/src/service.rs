@@ -10,7 +10,8 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
 use keel_shared::ApiError;
 use keel_shared::batch::{self, Batcher};
-use tokio::sync::Notify;
+use keel_shared::queue::Band;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -45,6 +46,8 @@ pub struct Jobs {
     completions: Batcher<CompleteCall, Option<JobRow>, JobsError>,
     /// Wakes waiting ClaimJobs calls when jobs become due here.
     jobs_due: Notify,
+    /// Permits for BatchCreateJobs inserts (see [`BULK_INSERTS`]).
+    bulk_inserts: Semaphore,
 }
 
 /// A CreateJob waiting for its batch.
@@ -52,6 +55,9 @@ pub struct CreateCall {
     user_id: Uuid,
     jobs: Vec<(Uuid, NewJob)>,
     traceparent: Option<String>,
+    /// Its jobs go to the relay at once, not through the immediate
+    /// publication (see [`Jobs::create`]).
+    to_relay: bool,
 }
 
 /// A StartJob waiting for its batch.
@@ -94,6 +100,14 @@ const TRANSITION_QUEUE: usize = 4096;
 /// A BatchCreateJobs of more jobs than this leaves them to the relay (when
 /// streams are bounded: see `crate::fairness`), not the immediate publication.
 const IMMEDIATE_MAX: usize = 64;
+/// BatchCreateJobs inserts under way at once; further calls wait for one to
+/// commit. A flood of bulk enqueues would otherwise hold every pooled
+/// connection, and the relay, the workers' transitions and other users'
+/// calls would queue behind it for the pool (measured: relay rounds waiting
+/// 0.5-0.8 s for a connection while 64 clients enqueued 500-job batches).
+/// With the transition batchers' 3 x [`TRANSITION_BATCHES`], 8 of the
+/// default 16 connections stay free for everything else.
+const BULK_INSERTS: usize = 2;
 
 impl Jobs {
     pub fn new(
@@ -112,6 +126,7 @@ impl Jobs {
             starts,
             completions,
             jobs_due: Notify::new(),
+            bulk_inserts: Semaphore::new(BULK_INSERTS),
         };
         let queues = TransitionQueues {
             creates: create_queue,
@@ -178,20 +193,27 @@ impl Jobs {
             .map(|(id, j)| (*id, j.idempotency_key.clone()))
             .collect();
         let traceparent = keel_shared::telemetry::current_traceparent();
+        // A large batch goes to the relay at once, which takes turns between
+        // users, rather than through the immediate publication; so do jobs
+        // of kinds whose rows already wait for room in their streams (the
+        // publication would only find the stream full and hand them over),
+        // except those of the high band, which skip the bound.
+        let to_relay = self.delivery.streams_bounded()
+            && (with_ids.len() > IMMEDIATE_MAX
+                || with_ids.iter().all(|(_, j)| {
+                    Band::of(j.priority) != Band::High && self.delivery.waits_for_room(&j.kind)
+                }));
         let call = CreateCall {
             user_id,
             jobs: with_ids,
             traceparent: traceparent.clone(),
+            to_relay,
         };
-        // A large batch goes to the relay at once, which takes turns between
-        // users, rather than through the immediate publication.
-        let to_relay = call.jobs.len() > IMMEDIATE_MAX && self.delivery.streams_bounded();
         let inserted = if call.jobs.len() == 1 {
             self.creates.call(call).await?
-        } else if to_relay {
-            self.insert_call(&call, Duration::ZERO).await?
         } else {
-            self.insert_call(&call, PUBLISH_GRACE).await?
+            let _permit = self.bulk_inserts.acquire().await.expect("never closed");
+            self.insert_call(&call).await?
         };
         for job in &inserted {
             keel_shared::metrics::job_transition("created", &job.kind);
@@ -250,16 +272,11 @@ impl Jobs {
 
     /// One create call in a statement of its own; its jobs due now are left
     /// to the relay after `publish_grace`.
-    async fn insert_call(
-        &self,
-        call: &CreateCall,
-        publish_grace: Duration,
-    ) -> Result<Vec<JobRow>, JobsError> {
+    async fn insert_call(&self, call: &CreateCall) -> Result<Vec<JobRow>, JobsError> {
         let client = self.pool.get().await?;
         store::insert_jobs(
             &client,
             &new_rows(std::slice::from_ref(call), self.settings.schedule_timeout),
-            publish_grace,
         )
         .await
     }
@@ -272,7 +289,7 @@ impl Jobs {
             let together = async {
                 let client = self.pool.get().await?;
                 let rows = new_rows(&calls, self.settings.schedule_timeout);
-                store::insert_jobs(&client, &rows, PUBLISH_GRACE).await
+                store::insert_jobs(&client, &rows).await
             }
             .await;
             if let Ok(inserted) = together {
@@ -291,7 +308,7 @@ impl Jobs {
         }
         let mut outcomes = Vec::with_capacity(calls.len());
         for call in &calls {
-            outcomes.push(self.insert_call(call, PUBLISH_GRACE).await);
+            outcomes.push(self.insert_call(call).await);
         }
         outcomes
     }
@@ -748,6 +765,11 @@ fn new_rows(calls: &[CreateCall], default_schedule_timeout: Duration) -> Vec<sto
                 job,
                 schedule_timeout: job.schedule_timeout.unwrap_or(default_schedule_timeout),
                 traceparent: c.traceparent.as_deref(),
+                publish_grace: if c.to_relay {
+                    Duration::ZERO
+                } else {
+                    PUBLISH_GRACE
+                },
             })
         })
         .collect()

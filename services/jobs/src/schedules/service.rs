@@ -278,10 +278,11 @@ impl Schedules {
                 job: &job,
                 schedule_timeout: self.settings.schedule_timeout,
                 traceparent: None,
+                // Published after the commit (fire_due); the relay leaves it
+                // alone for the grace, then delivers it if that did not happen.
+                publish_grace: PUBLISH_GRACE,
             };
-            // Published after the commit (fire_due); the relay leaves it
-            // alone for the grace, then delivers it if that did not happen.
-            insert_jobs(tx, &[row], PUBLISH_GRACE).await?;
+            insert_jobs(tx, &[row]).await?;
             store::mark_tick(tx, id, schedule.id, tick).await?;
             Some(id)
         };

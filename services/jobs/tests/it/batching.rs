@@ -512,3 +512,65 @@ async fn a_deleted_users_create_fails_alone() {
         .get(0);
     assert_eq!(jobs, 30);
 }
+
+/// Job inserts of this test's service waiting for a lock (the statement
+/// inserts into `job_events` after `jobs`; Postgres shows only the start of
+/// a long statement's text).
+async fn inserts_waiting_for_events(svc: &Svc) -> i64 {
+    let client = svc.db.pool.get().await.unwrap();
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%INSERT INTO jobs (id, user_id, kind%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_flood_of_batch_creates_leaves_pooled_connections_to_other_calls() {
+    // Four pooled connections. Before BatchCreateJobs inserts took turns,
+    // eight of them in flight held all four, and every other call (reads,
+    // the workers' transitions, the relay) queued behind them for the pool.
+    let svc = Svc::start_with(|c| c.database.db_pool_size = 4).await;
+    let earlier = svc.create_kind("echo").await;
+    // Every insert stalls behind this lock until it is released.
+    let mut holder = svc.db.pool.get().await.unwrap();
+    let lock = holder.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE job_events IN SHARE MODE")
+        .await
+        .unwrap();
+
+    let flood = join_all((0..8).map(|_| create_many(&svc, 100)));
+    let meanwhile = async {
+        keel_shared::testing::eventually(
+            crate::support::WAIT,
+            "two bulk inserts waiting for the lock",
+            || async { inserts_waiting_for_events(&svc).await == 2 },
+        )
+        .await;
+        // Another call still gets a connection while the flood waits.
+        let read = svc.get(&earlier.id).await;
+        assert_eq!(read.id, earlier.id);
+        assert_eq!(
+            inserts_waiting_for_events(&svc).await,
+            2,
+            "the other six calls wait for their turn, not holding connections"
+        );
+        lock.commit().await.unwrap();
+    };
+    let (created, ()) = tokio::join!(flood, meanwhile);
+
+    // Then every call of the flood went through.
+    assert!(created.iter().all(|ids| ids.len() == 100), "{created:?}");
+    let client = svc.db.pool.get().await.unwrap();
+    let jobs: i64 = client
+        .query_one("SELECT count(*) FROM jobs", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(jobs, 801);
+}

@@ -125,9 +125,9 @@ impl Baseline {
                     job: &job,
                     schedule_timeout: std::time::Duration::from_secs(3600),
                     traceparent: None,
-                    publish_grace: keel_jobs::delivery::PUBLISH_GRACE,
                 };
-                keel_jobs::store::insert_jobs(&client, &[row]).await?;
+                keel_jobs::store::insert_jobs(&client, &[row], keel_jobs::delivery::PUBLISH_GRACE)
+                    .await?;
                 Ok(())
             }
         })

@@ -121,12 +121,6 @@ impl Delivery {
         self.backlog.bounded()
     }
 
-    /// Whether rows of `kind` wait in the outbox for room in its streams: a
-    /// new job of that kind would wait behind them anyway.
-    pub fn waits_for_room(&self, kind: &str) -> bool {
-        self.backlog.is_waiting(kind)
-    }
-
     /// New jobs of `kinds` were committed due now for the relay (not for
     /// the immediate publication): it takes them at its next turn.
     pub fn hand_over<'a>(&self, kinds: impl IntoIterator<Item = &'a str>) {

@@ -212,7 +212,7 @@ impl Backlog {
         }
     }
 
-    pub(crate) fn is_waiting(&self, kind: &str) -> bool {
+    fn is_waiting(&self, kind: &str) -> bool {
         self.waiting.lock().expect("waiting kinds").contains(kind)
     }
 

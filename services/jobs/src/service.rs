@@ -10,7 +10,6 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::{GenericClient, Pool};
 use keel_shared::ApiError;
 use keel_shared::batch::{self, Batcher};
-use keel_shared::queue::Band;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -55,9 +54,6 @@ pub struct CreateCall {
     user_id: Uuid,
     jobs: Vec<(Uuid, NewJob)>,
     traceparent: Option<String>,
-    /// Its jobs go to the relay at once, not through the immediate
-    /// publication (see [`Jobs::create`]).
-    to_relay: bool,
 }
 
 /// A StartJob waiting for its batch.
@@ -193,27 +189,24 @@ impl Jobs {
             .map(|(id, j)| (*id, j.idempotency_key.clone()))
             .collect();
         let traceparent = keel_shared::telemetry::current_traceparent();
-        // A large batch goes to the relay at once, which takes turns between
-        // users, rather than through the immediate publication; so do jobs
-        // of kinds whose rows already wait for room in their streams (the
-        // publication would only find the stream full and hand them over),
-        // except those of the high band, which skip the bound.
-        let to_relay = self.delivery.streams_bounded()
-            && (with_ids.len() > IMMEDIATE_MAX
-                || with_ids.iter().all(|(_, j)| {
-                    Band::of(j.priority) != Band::High && self.delivery.waits_for_room(&j.kind)
-                }));
         let call = CreateCall {
             user_id,
             jobs: with_ids,
             traceparent: traceparent.clone(),
-            to_relay,
         };
+        // A large batch goes to the relay at once, which takes turns between
+        // users, rather than through the immediate publication.
+        let to_relay = call.jobs.len() > IMMEDIATE_MAX && self.delivery.streams_bounded();
         let inserted = if call.jobs.len() == 1 {
             self.creates.call(call).await?
         } else {
             let _permit = self.bulk_inserts.acquire().await.expect("never closed");
-            self.insert_call(&call).await?
+            let grace = if to_relay {
+                Duration::ZERO
+            } else {
+                PUBLISH_GRACE
+            };
+            self.insert_call(&call, grace).await?
         };
         for job in &inserted {
             keel_shared::metrics::job_transition("created", &job.kind);
@@ -272,11 +265,16 @@ impl Jobs {
 
     /// One create call in a statement of its own; its jobs due now are left
     /// to the relay after `publish_grace`.
-    async fn insert_call(&self, call: &CreateCall) -> Result<Vec<JobRow>, JobsError> {
+    async fn insert_call(
+        &self,
+        call: &CreateCall,
+        publish_grace: Duration,
+    ) -> Result<Vec<JobRow>, JobsError> {
         let client = self.pool.get().await?;
         store::insert_jobs(
             &client,
             &new_rows(std::slice::from_ref(call), self.settings.schedule_timeout),
+            publish_grace,
         )
         .await
     }
@@ -289,7 +287,7 @@ impl Jobs {
             let together = async {
                 let client = self.pool.get().await?;
                 let rows = new_rows(&calls, self.settings.schedule_timeout);
-                store::insert_jobs(&client, &rows).await
+                store::insert_jobs(&client, &rows, PUBLISH_GRACE).await
             }
             .await;
             if let Ok(inserted) = together {
@@ -308,7 +306,7 @@ impl Jobs {
         }
         let mut outcomes = Vec::with_capacity(calls.len());
         for call in &calls {
-            outcomes.push(self.insert_call(call).await);
+            outcomes.push(self.insert_call(call, PUBLISH_GRACE).await);
         }
         outcomes
     }
@@ -765,11 +763,6 @@ fn new_rows(calls: &[CreateCall], default_schedule_timeout: Duration) -> Vec<sto
                 job,
                 schedule_timeout: job.schedule_timeout.unwrap_or(default_schedule_timeout),
                 traceparent: c.traceparent.as_deref(),
-                publish_grace: if c.to_relay {
-                    Duration::ZERO
-                } else {
-                    PUBLISH_GRACE
-                },
             })
         })
         .collect()

@@ -117,20 +117,17 @@ pub struct NewRow<'a> {
     pub job: &'a NewJob,
     pub schedule_timeout: Duration,
     pub traceparent: Option<&'a str>,
-    /// How long the relay leaves the job (due now) to the caller's
-    /// immediate publication; zero: the relay's at once.
-    pub publish_grace: Duration,
 }
 
 /// Inserts `rows` in one statement: all or nothing. Returns the inserted jobs;
 /// rows whose idempotency key already exists for their user (or earlier in
 /// `rows`) are skipped (see [`jobs_by_keys`]). Each job gets an outbox row,
 /// due at its `run_at`; a job due now is left to the caller to publish at
-/// once, and to the relay only if it has not started after its row's
-/// `publish_grace`.
+/// once, and to the relay only if it has not started after `publish_grace`.
 pub async fn insert_jobs(
     client: &impl GenericClient,
     rows: &[NewRow<'_>],
+    publish_grace: Duration,
 ) -> Result<Vec<JobRow>, JobsError> {
     // Keyed rows go in (user, key) order, so two statements inserting the
     // same keys wait for each other instead of deadlocking.
@@ -139,10 +136,10 @@ pub async fn insert_jobs(
             SELECT *, make_interval(secs => timeout_secs) AS timeout,
                    greatest(coalesce(run_at, now()), now()) AS due_at
             FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::jsonb[], $5::int4[],
-                        $6::int4[], $7::timestamptz[], $8::text[], $9::text[], $10::float8[],
-                        $11::float8[], $12::float8[])
+                        $6::int4[], $7::timestamptz[], $8::text[], $9::text[], $11::float8[],
+                        $12::float8[])
                    WITH ORDINALITY AS t(id, user_id, kind, payload, priority, max_attempts, run_at,
-                                        idempotency_key, traceparent, grace_secs, timeout_secs,
+                                        idempotency_key, traceparent, timeout_secs,
                                         attempt_timeout_secs, ord)
          ), ins AS (
             INSERT INTO jobs (id, user_id, kind, payload, priority, max_attempts, run_at,
@@ -161,11 +158,10 @@ pub async fn insert_jobs(
             SELECT id, 'created', status, attempt FROM ins
          ), ob AS (
             INSERT INTO job_outbox (job_id, deliver_at, priority, kind, user_id)
-            SELECT ins.id, CASE WHEN ins.run_at <= now()
-                                THEN now() + make_interval(secs => input.grace_secs)
-                                ELSE ins.run_at END,
-                   ins.priority, ins.kind, ins.user_id
-            FROM ins JOIN input USING (id)
+            SELECT id, CASE WHEN run_at <= now() THEN now() + make_interval(secs => $10)
+                            ELSE run_at END,
+                   priority, kind, user_id
+            FROM ins
          )
          SELECT * FROM ins"
     );
@@ -181,7 +177,6 @@ pub async fn insert_jobs(
         .map(|r| r.job.idempotency_key.as_deref())
         .collect();
     let traceparents: Vec<Option<&str>> = rows.iter().map(|r| r.traceparent).collect();
-    let graces: Vec<f64> = rows.iter().map(|r| r.publish_grace.as_secs_f64()).collect();
     let timeouts: Vec<f64> = rows
         .iter()
         .map(|r| r.schedule_timeout.as_secs_f64())
@@ -204,7 +199,7 @@ pub async fn insert_jobs(
                 &run_ats,
                 &keys,
                 &traceparents,
-                &graces,
+                &publish_grace.as_secs_f64(),
                 &timeouts,
                 &attempt_timeouts,
             ],

@@ -278,11 +278,10 @@ impl Schedules {
                 job: &job,
                 schedule_timeout: self.settings.schedule_timeout,
                 traceparent: None,
-                // Published after the commit (fire_due); the relay leaves it
-                // alone for the grace, then delivers it if that did not happen.
-                publish_grace: PUBLISH_GRACE,
             };
-            insert_jobs(tx, &[row]).await?;
+            // Published after the commit (fire_due); the relay leaves it
+            // alone for the grace, then delivers it if that did not happen.
+            insert_jobs(tx, &[row], PUBLISH_GRACE).await?;
             store::mark_tick(tx, id, schedule.id, tick).await?;
             Some(id)
         };

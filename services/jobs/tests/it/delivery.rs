@@ -295,11 +295,10 @@ async fn committed_unpublished(svc: &Svc, n: usize) -> Vec<Uuid> {
             job: &job,
             schedule_timeout: Duration::from_secs(3600),
             traceparent: None,
-            publish_grace: PUBLISH_GRACE,
         })
         .collect();
     let client = svc.db.pool.get().await.unwrap();
-    insert_jobs(&client, &rows).await.unwrap();
+    insert_jobs(&client, &rows, PUBLISH_GRACE).await.unwrap();
     rows.iter().map(|r| r.id).collect()
 }
 

@@ -516,18 +516,13 @@ async fn a_deleted_users_create_fails_alone() {
 /// Job inserts of this test's service waiting for a lock (the statement
 /// inserts into `job_events` after `jobs`; Postgres shows only the start of
 /// a long statement's text).
-async fn inserts_waiting_for_events(svc: &Svc) -> i64 {
-    let client = svc.db.pool.get().await.unwrap();
-    client
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%INSERT INTO jobs (id, user_id, kind%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+async fn inserts_waiting_for_a_lock(svc: &Svc) -> i64 {
+    svc.count(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND wait_event_type = 'Lock'
+           AND query LIKE '%INSERT INTO jobs (id, user_id, kind%'",
+    )
+    .await
 }
 
 #[tokio::test]
@@ -549,14 +544,14 @@ async fn a_flood_of_batch_creates_leaves_pooled_connections_to_other_calls() {
         keel_shared::testing::eventually(
             crate::support::WAIT,
             "two bulk inserts waiting for the lock",
-            || async { inserts_waiting_for_events(&svc).await == 2 },
+            || async { inserts_waiting_for_a_lock(&svc).await == 2 },
         )
         .await;
         // Another call still gets a connection while the flood waits.
         let read = svc.get(&earlier.id).await;
         assert_eq!(read.id, earlier.id);
         assert_eq!(
-            inserts_waiting_for_events(&svc).await,
+            inserts_waiting_for_a_lock(&svc).await,
             2,
             "the other six calls wait for their turn, not holding connections"
         );
@@ -566,11 +561,5 @@ async fn a_flood_of_batch_creates_leaves_pooled_connections_to_other_calls() {
 
     // Then every call of the flood went through.
     assert!(created.iter().all(|ids| ids.len() == 100), "{created:?}");
-    let client = svc.db.pool.get().await.unwrap();
-    let jobs: i64 = client
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(jobs, 801);
+    assert_eq!(svc.count("SELECT count(*) FROM jobs").await, 801);
 }

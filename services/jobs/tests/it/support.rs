@@ -243,7 +243,8 @@ impl Svc {
             .await
     }
 
-    async fn count(&self, sql: &str) -> i64 {
+    /// The count a `SELECT count(*) ...` without parameters returns.
+    pub(crate) async fn count(&self, sql: &str) -> i64 {
         let client = self.db.pool.get().await.unwrap();
         client.query_one(sql, &[]).await.unwrap().get(0)
     }

@@ -45,8 +45,9 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
     // A warm-up backlog (not measured): the first run would otherwise pay
     // for cold caches and connection pools.
     let warm_up = uuid::Uuid::new_v4().simple().to_string();
+    let since = uuid::Uuid::now_v7();
     enqueue(cx, &warm_up, (n / 10).clamp(1, WARM_UP_MAX)).await?;
-    wait_finished(&db, a_user, cx.opts.quick).await?;
+    wait_finished(&db, a_user, since, cx.opts.quick).await?;
 
     // A alone, for comparison: once before and once after the run with B,
     // so that a drift between runs (tables growing, a neighbour's load)
@@ -56,8 +57,9 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
     let mut alone_run = async |cx: &mut Ctx| -> Result<()> {
         settle(&db).await?;
         let run = uuid::Uuid::new_v4().simple().to_string();
+        let since = uuid::Uuid::now_v7();
         errors += enqueue(cx, &run, n).await?;
-        wait_finished(&db, a_user, cx.opts.quick).await?;
+        wait_finished(&db, a_user, since, cx.opts.quick).await?;
         let (done, rate) = throughput(&db, &run).await?;
         errors += n - done.min(n);
         alone.push(rate);
@@ -85,6 +87,7 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
     settle(&db).await?;
     let a_run = uuid::Uuid::new_v4().simple().to_string();
     let b_run = uuid::Uuid::new_v4().simple().to_string();
+    let since = uuid::Uuid::now_v7();
     let errors_a = enqueue(cx, &a_run, n).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let b = tokio::spawn({
@@ -105,10 +108,10 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
             (created, errors)
         }
     });
-    wait_finished(&db, a_user, cx.opts.quick).await?;
+    wait_finished(&db, a_user, since, cx.opts.quick).await?;
     stop.store(true, Ordering::Relaxed);
     let (b_created, b_errors) = b.await?;
-    wait_finished(&db, b_user, cx.opts.quick).await?;
+    wait_finished(&db, b_user, since, cx.opts.quick).await?;
     let (a_done, a_rate) = throughput(&db, &a_run).await?;
     alone_run(cx).await?;
     let alone_rate = alone.iter().sum::<f64>() / alone.len() as f64;
@@ -229,18 +232,26 @@ async fn user_id(db: &tokio_postgres::Client, email: &str) -> Result<uuid::Uuid>
     Ok(row.get(0))
 }
 
-/// Waits until every job of `user` finished (or the patience ran out).
-/// Asked through the (user, status) index every 250 ms while the runs are
-/// measured: a scan of every job's payload for the run's marker cost a
-/// measurable share of the CPU, more in each run as `jobs` grew.
-async fn wait_finished(db: &tokio_postgres::Client, user: uuid::Uuid, quick: bool) -> Result<()> {
+/// Waits until every job of `user` created since `since` (a UUIDv7 taken
+/// before the run's first job: job ids are UUIDv7 too) finished, or the
+/// patience ran out. Asked through the (user, status, id) index every 250
+/// ms while the runs are measured: a scan of every job's payload for the
+/// run's marker cost a measurable share of the CPU, more in each run as
+/// `jobs` grew.
+async fn wait_finished(
+    db: &tokio_postgres::Client,
+    user: uuid::Uuid,
+    since: uuid::Uuid,
+    quick: bool,
+) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(if quick { 60 } else { 600 });
     while Instant::now() < deadline {
         let row = db
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM jobs
-                                WHERE user_id = $1 AND status IN ('queued', 'running'))",
-                &[&user],
+                                WHERE user_id = $1 AND status IN ('queued', 'running')
+                                  AND id >= $2)",
+                &[&user, &since],
             )
             .await?;
         if !row.get::<_, bool>(0) {

@@ -55,7 +55,7 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
     let mut alone = Vec::new();
     let mut errors = 0;
     let mut alone_run = async |cx: &mut Ctx| -> Result<()> {
-        settle(&cx.system.db_url).await?;
+        settle(&db).await?;
         let run = uuid::Uuid::new_v4().simple().to_string();
         let since = uuid::Uuid::now_v7();
         errors += enqueue(cx, &run, n).await?;
@@ -84,7 +84,7 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
         .context("tokens")?
         .access_token;
     let b_user = user_id(&db, &b_email).await?;
-    settle(&cx.system.db_url).await?;
+    settle(&db).await?;
     let a_run = uuid::Uuid::new_v4().simple().to_string();
     let b_run = uuid::Uuid::new_v4().simple().to_string();
     let since = uuid::Uuid::now_v7();
@@ -113,6 +113,8 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
     let (b_created, b_errors) = b.await?;
     wait_finished(&db, b_user, since, cx.opts.quick).await?;
     let (a_done, a_rate) = throughput(&db, &a_run).await?;
+    alone_run(cx).await?;
+    let alone_rate = alone.iter().sum::<f64>() / alone.len() as f64;
     // Where B's wait went: creation to the stream (the stream entry's id is
     // the time Redis added it, kept as the job's delivery id) and from the
     // stream to its start (the backlog ahead of it and the worker).
@@ -138,8 +140,6 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
         .iter()
         .map(|r| (r.get::<_, i64>(0) - r.get::<_, i64>(1)).max(0) as u64)
         .collect();
-    alone_run(cx).await?;
-    let alone_rate = alone.iter().sum::<f64>() / alone.len() as f64;
     let ms = |p| stats::percentile(&b_to_start, p) as f64 / 1000.0;
     let part = |us: &[u64]| {
         format!(
@@ -210,20 +210,11 @@ async fn enqueue(cx: &Ctx, marker: &str, n: usize) -> Result<usize> {
     Ok(created.errors)
 }
 
-/// Deletes the finished jobs of earlier runs (as retention would, with the
-/// service's own statement) and vacuums, so that each measured run starts
-/// from the same tables: without it each run found 100,000 more jobs and
-/// their history and ran slower than the one before (A alone 7,382 then
-/// 5,051 jobs/s in one invocation), a drift larger than B's cost.
-async fn settle(db_url: &str) -> Result<()> {
-    let mut cfg = keel_shared::config::DatabaseConfig::from_url(db_url);
-    cfg.db_pool_size = 1;
-    let db = keel_shared::db::connect(&cfg).await?.get().await?;
-    while keel_jobs::store::delete_finished_before(&db, chrono::Utc::now(), 10_000)
-        .await
-        .context("deleting the finished jobs between the fairness runs")?
-        > 0
-    {}
+/// Vacuums the tables a run leaves dead rows in, so that each measured run
+/// starts from tables as autovacuum would leave them between two bursts
+/// (the bench's server may run without it), and not the second run behind
+/// the first one's dead rows.
+async fn settle(db: &tokio_postgres::Client) -> Result<()> {
     db.batch_execute("VACUUM (ANALYZE) jobs, job_outbox, job_events")
         .await
         .context("VACUUM between the fairness runs")

@@ -505,12 +505,7 @@ async fn a_deleted_users_create_fails_alone() {
             created.expect("the other callers in its batch are not affected");
         }
     }
-    let jobs: i64 = client
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(jobs, 30);
+    assert_eq!(svc.count("SELECT count(*) FROM jobs").await, 30);
 }
 
 /// Job inserts of this test's service waiting for a lock (the statement

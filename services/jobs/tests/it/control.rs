@@ -622,11 +622,9 @@ async fn bad_timeouts_are_invalid_arguments_naming_the_field() {
         })
         .await;
     }
-    let client = svc.db.pool.get().await.unwrap();
-    let none: i64 = client
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(none, 2, "nothing of the refused calls was created");
+    assert_eq!(
+        svc.count("SELECT count(*) FROM jobs").await,
+        2,
+        "nothing of the refused calls was created"
+    );
 }

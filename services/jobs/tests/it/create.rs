@@ -16,12 +16,7 @@ fn req(kind: &str) -> CreateJobRequest {
 }
 
 async fn job_count(svc: &Svc) -> i64 {
-    let client = svc.db.pool.get().await.unwrap();
-    client
-        .query_one("SELECT count(*) FROM jobs", &[])
-        .await
-        .unwrap()
-        .get(0)
+    svc.count("SELECT count(*) FROM jobs").await
 }
 
 #[tokio::test]

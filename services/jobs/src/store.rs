@@ -2,6 +2,20 @@
 //! a conditional UPDATE on (id, status, attempt) plus, in the same statement,
 //! its history row and (when it re-queues) its outbox row. Starts and
 //! completions take a batch of jobs per statement.
+//!
+//! # Plans that hold while statistics are stale
+//!
+//! A burst of jobs changes `jobs` and `job_outbox` faster than autovacuum
+//! re-analyzes them (at most once a minute per database), and a pooled
+//! connection keeps the generic plan it made for a statement until then.
+//! Statistics taken while no job was queued make every partial index on
+//! `status = 'queued'` look empty, so a statement that names a job's id *and*
+//! its status was planned as a scan of that index filtered by id: one StartJob
+//! batch read every queued job (30 ms a batch with 35,000 queued, measured in
+//! BENCHMARKS.md). So the hot statements find rows by id alone, on the primary
+//! key, and check the state on the row they locked; and they take their ids
+//! as an array (`= ANY`), never as `IN (subquery)`, which was planned as a
+//! scan of the whole table sized by stale statistics.
 
 use std::time::Duration;
 
@@ -401,6 +415,9 @@ pub struct Start<'a> {
 /// one statement; their deliveries are done. Returns the jobs that started;
 /// the others are not queued or not due. Ids must be distinct. Rows are
 /// locked in id order, so concurrent batches cannot deadlock.
+///
+/// The rows are found by id alone, their state checked on the locked row
+/// (see "Plans that hold while statistics are stale" above).
 pub async fn start_jobs(
     client: &impl GenericClient,
     starts: &[Start<'_>],
@@ -411,8 +428,8 @@ pub async fn start_jobs(
             SELECT * FROM unnest($1::uuid[], $2::text[], $4::text[])
                    AS t(start_id, start_worker, start_delivery)
          ), locked AS MATERIALIZED (
-            SELECT id AS locked_id FROM jobs
-            WHERE id = ANY($1) AND status = 'queued' AND run_at <= now()
+            SELECT id AS locked_id, status AS locked_status, run_at AS locked_run_at FROM jobs
+            WHERE id = ANY($1)
             ORDER BY id
             FOR NO KEY UPDATE
          ), j AS (
@@ -422,7 +439,8 @@ pub async fn start_jobs(
                             attempt_deadline = now() + attempt_timeout,
                             progress = NULL, version = version + 1
             FROM locked, input
-            WHERE id = locked_id AND id = start_id AND status = 'queued' AND run_at <= now()
+            WHERE id = locked_id AND id = start_id
+              AND locked_status = 'queued' AND locked_run_at <= now()
             RETURNING ",
         job_cols!(),
         "
@@ -617,6 +635,7 @@ pub struct Completion<'a> {
 /// (the others are not running that attempt, or it ran past its deadline:
 /// it timed out, whether or not the reaper has recorded that yet). (id, attempt) pairs must be
 /// distinct. Rows are locked in id order, so concurrent batches cannot deadlock.
+/// Found by id alone, like [`start_jobs`].
 pub async fn complete_jobs(
     client: &impl GenericClient,
     completions: &[Completion<'_>],
@@ -626,8 +645,10 @@ pub async fn complete_jobs(
             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[], $4::bool[], $5::text[])
                    AS t(done_id, done_attempt, done_output, done_cancelled, done_worker)
          ), locked AS MATERIALIZED (
-            SELECT id AS locked_id FROM jobs
-            WHERE id = ANY($1) AND status = 'running'
+            SELECT id AS locked_id, status AS locked_status, attempt AS locked_attempt,
+                   attempt_deadline AS locked_deadline
+            FROM jobs
+            WHERE id = ANY($1)
             ORDER BY id
             FOR NO KEY UPDATE
          ), j AS (
@@ -635,8 +656,9 @@ pub async fn complete_jobs(
                             output = done_output, finished_at = now(), updated_at = now(),
                             lease_expires_at = NULL, version = version + 1
             FROM locked, input
-            WHERE id = locked_id AND id = done_id AND attempt = done_attempt AND status = 'running'
-              AND (attempt_deadline IS NULL OR attempt_deadline > now())
+            WHERE id = locked_id AND id = done_id
+              AND locked_attempt = done_attempt AND locked_status = 'running'
+              AND (locked_deadline IS NULL OR locked_deadline > now())
             RETURNING ",
         job_cols!(),
         ", done_worker
@@ -962,7 +984,7 @@ pub async fn fail_unscheduled(
                                            schedule_timeout, kind),
                             version = version + 1
             FROM expired
-            WHERE id = expired_id AND status = 'queued'
+            WHERE id = expired_id
             RETURNING ",
         job_cols!(),
         "
@@ -1056,9 +1078,11 @@ pub async fn mark_published(
     const SQL: &str = "UPDATE job_outbox
                        SET published_at = now(), publications = publications + 1,
                            deliver_at = now() + make_interval(secs => $3 * power(2, least(publications, 10)))
-                       WHERE job_id IN (SELECT job_id FROM job_outbox
-                                        WHERE (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))
-                                        FOR UPDATE SKIP LOCKED)";
+                       WHERE job_id = ANY (ARRAY(
+                           SELECT job_id FROM job_outbox
+                           WHERE job_id = ANY($1)
+                             AND (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))
+                           FOR UPDATE SKIP LOCKED))";
     let (ids, attempts) = ids_and_attempts(published);
     let stmt = client.prepare_cached(SQL).await?;
     client
@@ -1075,7 +1099,8 @@ pub async fn hand_to_relay(
     unpublished: &[Publication],
 ) -> Result<(), JobsError> {
     const SQL: &str = "UPDATE job_outbox SET deliver_at = now()
-                       WHERE (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))
+                       WHERE job_id = ANY($1)
+                         AND (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))
                          AND published_at IS NULL";
     let (ids, attempts) = ids_and_attempts(unpublished);
     let stmt = client.prepare_cached(SQL).await?;
@@ -1094,7 +1119,8 @@ pub async fn defer_unpublished(
     const SQL: &str = "UPDATE job_outbox
                        SET publications = publications + 1,
                            deliver_at = now() + make_interval(secs => $3 * power(2, least(publications, 10)))
-                       WHERE (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))";
+                       WHERE job_id = ANY($1)
+                         AND (job_id, attempt) IN (SELECT * FROM unnest($1::uuid[], $2::int4[]))";
     let (ids, attempts) = ids_and_attempts(unserved);
     let stmt = client.prepare_cached(SQL).await?;
     client

@@ -13,6 +13,7 @@ mod flow;
 mod hostile;
 mod lifecycle;
 mod listing;
+mod plans;
 mod redis_proxy;
 mod retention;
 mod schedules;

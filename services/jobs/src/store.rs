@@ -515,7 +515,9 @@ pub async fn claim_jobs(
     lease: Duration,
 ) -> Result<Vec<JobRow>, JobsError> {
     // The users are found by a loose scan of (kind, user_id, ...): one
-    // probe per user with due jobs, however long their backlogs are.
+    // probe per user with due jobs, however long their backlogs are. The
+    // update finds the picked rows by id alone: they are locked, and were
+    // queued when locked (see the module doc on stale statistics).
     const SQL: &str = concat!(
         "WITH RECURSIVE input AS (
             SELECT * FROM unnest($1::text[], $5::int8[]) AS k(claim_kind, claim_cap)
@@ -566,7 +568,7 @@ pub async fn claim_jobs(
                             attempt_deadline = now() + attempt_timeout,
                             version = version + 1
             FROM picked
-            WHERE id = claim_id AND status = 'queued'
+            WHERE id = claim_id
             RETURNING ",
         job_cols!(),
         "

@@ -12,12 +12,16 @@ use crate::error::JobsError;
 const START_LOCK_CLASS: i32 = 21;
 
 /// The kinds of those of `ids` that are queued and due (a start could apply).
+/// Found by id alone, their state checked after (see the store's module doc
+/// on stale statistics).
 pub async fn startable_kinds(
     client: &impl GenericClient,
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, String>, JobsError> {
-    const SQL: &str = "SELECT id, kind FROM jobs
-                       WHERE id = ANY($1) AND status = 'queued' AND run_at <= now()";
+    const SQL: &str = "WITH found AS MATERIALIZED (
+                           SELECT id, kind, status, run_at FROM jobs WHERE id = ANY($1)
+                       )
+                       SELECT id, kind FROM found WHERE status = 'queued' AND run_at <= now()";
     let stmt = client.prepare_cached(SQL).await?;
     client
         .query(&stmt, &[&ids])

@@ -4,22 +4,26 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::{Object, Transaction};
 use keel_jobs::store::{self, Start};
 use uuid::Uuid;
 
 use crate::support::Svc;
 
-/// Queued jobs behind the batch: what a burst leaves waiting.
+/// Queued jobs behind the statement: what a burst leaves waiting.
 const QUEUED: i64 = 20_000;
-/// Jobs the batch starts.
+/// Jobs the statement moves.
 const BATCH: usize = 10;
+/// Job rows a statement moving `BATCH` jobs may read: a few per job
+/// (locked, updated). A scan of the queued jobs reads all 20,000.
+const READ_AT_MOST: i64 = 20 * BATCH as i64;
+const LEASE: Duration = Duration::from_secs(30);
 
-#[tokio::test]
-async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued() {
-    let svc = Svc::start().await;
-    let mut client = svc.db.pool.get().await.unwrap();
-    // Statistics taken when every job had finished, as autovacuum leaves
-    // them between two bursts; then a burst queues 20,000 jobs.
+/// A service whose `jobs` statistics were taken when every job had
+/// finished (as autovacuum leaves them between two bursts), and which then
+/// got a burst of `QUEUED` due echo jobs. Returns `BATCH` of their ids.
+async fn burst_behind_stale_statistics(svc: &Svc) -> (Object, Vec<Uuid>) {
+    let client = svc.db.pool.get().await.unwrap();
     let insert = "INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, status,
                                     attempt, finished_at)
                   SELECT gen_random_uuid(), $1, 'echo', '{}', 1, now() - interval '1 second',
@@ -34,7 +38,7 @@ async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued(
         .execute(insert, &[&svc.user, &"queued", &QUEUED])
         .await
         .unwrap();
-    let ids: Vec<Uuid> = client
+    let ids = client
         .query(
             "SELECT id FROM jobs WHERE status = 'queued' LIMIT $1",
             &[&(BATCH as i64)],
@@ -44,6 +48,35 @@ async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    (client, ids)
+}
+
+/// A transaction on the generic plans a pooled connection uses after five
+/// executions of a statement.
+async fn generic_plans(client: &mut Object) -> Transaction<'_> {
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    tx
+}
+
+/// Job rows `tx` has read so far, by scans and through indexes.
+async fn job_rows_read(tx: &Transaction<'_>) -> i64 {
+    tx.query_one(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued() {
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc).await;
     let starts: Vec<Start<'_>> = ids
         .iter()
         .map(|&id| Start {
@@ -53,35 +86,55 @@ async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued(
         })
         .collect();
 
-    // The generic plan, as a pooled connection uses after five executions.
-    let tx = client.transaction().await.unwrap();
-    tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        .await
-        .unwrap();
-    let started = store::start_jobs(&tx, &starts, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let read: i64 = tx
-        .query_one(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
-             FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let tx = generic_plans(&mut client).await;
+    let started = store::start_jobs(&tx, &starts, LEASE).await.unwrap();
+    let read = job_rows_read(&tx).await;
     tx.commit().await.unwrap();
 
     assert_eq!(started.len(), BATCH, "every job of the batch starts");
-    // Each job is read a few times (locked, updated); a scan of the queued
-    // jobs reads all 20,000, for every batch.
     assert!(
-        read < 20 * BATCH as i64,
+        read < READ_AT_MOST,
         "starting {BATCH} jobs read {read} job rows of {QUEUED} queued"
     );
     assert_eq!(
         svc.count("SELECT count(*) FROM jobs WHERE status = 'running'")
             .await,
         BATCH as i64
+    );
+}
+
+#[tokio::test]
+async fn a_claim_reads_only_the_jobs_it_takes_while_statistics_say_none_are_queued() {
+    let svc = Svc::start().await;
+    let (mut client, _) = burst_behind_stale_statistics(&svc).await;
+
+    let tx = generic_plans(&mut client).await;
+    let claimed = store::claim_jobs(&tx, &["echo"], &[i64::MAX], "w1", BATCH as i64, LEASE)
+        .await
+        .unwrap();
+    let read = job_rows_read(&tx).await;
+    tx.commit().await.unwrap();
+
+    assert_eq!(claimed.len(), BATCH, "the claim takes as many as asked");
+    assert!(
+        read < READ_AT_MOST,
+        "claiming {BATCH} jobs read {read} job rows of {QUEUED} queued"
+    );
+}
+
+#[tokio::test]
+async fn a_cancel_reads_only_its_job_while_statistics_say_none_are_queued() {
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc).await;
+
+    let tx = generic_plans(&mut client).await;
+    let cancelled = store::cancel_queued(&tx, svc.user, ids[0]).await.unwrap();
+    let read = job_rows_read(&tx).await;
+    tx.commit().await.unwrap();
+
+    assert_eq!(cancelled.map(|j| j.id), Some(ids[0]));
+    assert!(
+        read < READ_AT_MOST,
+        "cancelling a job read {read} job rows of {QUEUED} queued"
     );
 }

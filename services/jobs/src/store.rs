@@ -41,6 +41,21 @@ macro_rules! job_cols {
     };
 }
 
+/// A CTE `locked`: job `$1` locked by its id alone, with the state a
+/// single-job transition checks (see "Plans that hold while statistics are
+/// stale" above). Empty when there is no such job.
+macro_rules! locked_by_id {
+    () => {
+        "locked AS MATERIALIZED (
+            SELECT id AS locked_id, status AS locked_status, attempt AS locked_attempt,
+                   attempt_deadline AS locked_deadline, worker_id AS locked_worker,
+                   delivery_id AS locked_delivery
+            FROM jobs WHERE id = $1
+            FOR NO KEY UPDATE
+         )"
+    };
+}
+
 /// A job as stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRow {
@@ -472,8 +487,13 @@ pub async fn resume_start(
     lease: Duration,
 ) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
-         WHERE id = $1 AND status = 'running' AND worker_id = $2 AND delivery_id = $3
+        "WITH ",
+        locked_by_id!(),
+        "
+         UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
+         FROM locked
+         WHERE id = locked_id AND locked_status = 'running' AND locked_worker = $2
+           AND locked_delivery = $3
          RETURNING ",
         job_cols!()
     );
@@ -604,12 +624,16 @@ pub async fn heartbeat(
     progress: Option<&serde_json::Value>,
 ) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3),
+        "WITH ",
+        locked_by_id!(),
+        "
+         UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3),
                          progress = coalesce($4, progress),
                          version = version + CASE WHEN $4 IS NULL THEN 0 ELSE 1 END,
                          updated_at = CASE WHEN $4 IS NULL THEN updated_at ELSE now() END
-         WHERE id = $1 AND status = 'running' AND attempt = $2
-           AND (attempt_deadline IS NULL OR attempt_deadline > now())
+         FROM locked
+         WHERE id = locked_id AND locked_status = 'running' AND locked_attempt = $2
+           AND (locked_deadline IS NULL OR locked_deadline > now())
          RETURNING ",
         job_cols!()
     );
@@ -696,7 +720,9 @@ pub async fn fail_job(
     worker_id: &str,
 ) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "WITH j AS (
+        "WITH ",
+        locked_by_id!(),
+        ", j AS (
             UPDATE jobs SET
                 status = CASE WHEN cancel_requested THEN 'cancelled'
                               WHEN $4 AND attempt < max_attempts THEN 'queued'
@@ -707,7 +733,8 @@ pub async fn fail_job(
                 finished_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
                                    THEN NULL ELSE now() END,
                 error = $3, updated_at = now(), lease_expires_at = NULL, version = version + 1
-            WHERE id = $1 AND status = 'running' AND attempt = $2
+            FROM locked
+            WHERE id = locked_id AND locked_status = 'running' AND locked_attempt = $2
             RETURNING ",
         job_cols!(),
         "

@@ -21,13 +21,19 @@ const LEASE: Duration = Duration::from_secs(30);
 
 /// A service whose `jobs` statistics were taken when every job had
 /// finished (as autovacuum leaves them between two bursts), and which then
-/// got a burst of `QUEUED` due echo jobs. Returns `BATCH` of their ids.
-async fn burst_behind_stale_statistics(svc: &Svc) -> (Object, Vec<Uuid>) {
+/// got a burst of `QUEUED` due echo jobs in `status` ('queued', or 'running'
+/// in their first attempt). Returns `BATCH` of their ids.
+async fn burst_behind_stale_statistics(svc: &Svc, status: &str) -> (Object, Vec<Uuid>) {
     let client = svc.db.pool.get().await.unwrap();
     let insert = "INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, status,
-                                    attempt, finished_at)
+                                    attempt, started_at, lease_expires_at, finished_at,
+                                    schedule_deadline)
                   SELECT gen_random_uuid(), $1, 'echo', '{}', 1, now() - interval '1 second',
-                         $2, 0, CASE WHEN $2 = 'queued' THEN NULL ELSE now() END
+                         $2, CASE WHEN $2 = 'queued' THEN 0 ELSE 1 END,
+                         CASE WHEN $2 = 'queued' THEN NULL ELSE now() END,
+                         CASE WHEN $2 = 'running' THEN now() + interval '1 hour' END,
+                         CASE WHEN $2 IN ('queued', 'running') THEN NULL ELSE now() END,
+                         CASE WHEN $2 = 'queued' THEN now() + interval '1 hour' END
                   FROM generate_series(1, $3::int8)";
     client
         .execute(insert, &[&svc.user, &"succeeded", &2_000i64])
@@ -35,13 +41,13 @@ async fn burst_behind_stale_statistics(svc: &Svc) -> (Object, Vec<Uuid>) {
         .unwrap();
     client.batch_execute("ANALYZE jobs").await.unwrap();
     client
-        .execute(insert, &[&svc.user, &"queued", &QUEUED])
+        .execute(insert, &[&svc.user, &status, &QUEUED])
         .await
         .unwrap();
     let ids = client
         .query(
-            "SELECT id FROM jobs WHERE status = 'queued' LIMIT $1",
-            &[&(BATCH as i64)],
+            "SELECT id FROM jobs WHERE status = $1 LIMIT $2",
+            &[&status, &(BATCH as i64)],
         )
         .await
         .unwrap()
@@ -76,7 +82,7 @@ async fn job_rows_read(tx: &Transaction<'_>) -> i64 {
 #[tokio::test]
 async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued() {
     let svc = Svc::start().await;
-    let (mut client, ids) = burst_behind_stale_statistics(&svc).await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "queued").await;
     let starts: Vec<Start<'_>> = ids
         .iter()
         .map(|&id| Start {
@@ -106,7 +112,7 @@ async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued(
 #[tokio::test]
 async fn a_claim_reads_only_the_jobs_it_takes_while_statistics_say_none_are_queued() {
     let svc = Svc::start().await;
-    let (mut client, _) = burst_behind_stale_statistics(&svc).await;
+    let (mut client, _) = burst_behind_stale_statistics(&svc, "queued").await;
 
     let tx = generic_plans(&mut client).await;
     let claimed = store::claim_jobs(&tx, &["echo"], &[i64::MAX], "w1", BATCH as i64, LEASE)
@@ -125,7 +131,7 @@ async fn a_claim_reads_only_the_jobs_it_takes_while_statistics_say_none_are_queu
 #[tokio::test]
 async fn a_cancel_reads_only_its_job_while_statistics_say_none_are_queued() {
     let svc = Svc::start().await;
-    let (mut client, ids) = burst_behind_stale_statistics(&svc).await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "queued").await;
 
     let tx = generic_plans(&mut client).await;
     let cancelled = store::cancel_queued(&tx, svc.user, ids[0]).await.unwrap();
@@ -136,5 +142,49 @@ async fn a_cancel_reads_only_its_job_while_statistics_say_none_are_queued() {
     assert!(
         read < READ_AT_MOST,
         "cancelling a job read {read} job rows of {QUEUED} queued"
+    );
+}
+
+#[tokio::test]
+async fn a_heartbeat_reads_only_its_job_while_statistics_say_none_are_running() {
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "running").await;
+
+    let tx = generic_plans(&mut client).await;
+    let renewed = store::heartbeat(&tx, ids[0], 1, LEASE, None).await.unwrap();
+    let read = job_rows_read(&tx).await;
+    tx.commit().await.unwrap();
+
+    assert_eq!(renewed.map(|j| j.id), Some(ids[0]));
+    assert!(
+        read < READ_AT_MOST,
+        "a heartbeat read {read} job rows of {QUEUED} running"
+    );
+}
+
+#[tokio::test]
+async fn a_completion_batch_reads_only_its_jobs_while_statistics_say_none_are_running() {
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "running").await;
+    let completions: Vec<store::Completion<'_>> = ids
+        .iter()
+        .map(|&id| store::Completion {
+            id,
+            attempt: 1,
+            output: None,
+            cancelled: false,
+            worker_id: "",
+        })
+        .collect();
+
+    let tx = generic_plans(&mut client).await;
+    let completed = store::complete_jobs(&tx, &completions).await.unwrap();
+    let read = job_rows_read(&tx).await;
+    tx.commit().await.unwrap();
+
+    assert_eq!(completed.len(), BATCH);
+    assert!(
+        read < READ_AT_MOST,
+        "completing {BATCH} jobs read {read} job rows of {QUEUED} running"
     );
 }

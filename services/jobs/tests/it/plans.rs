@@ -57,26 +57,29 @@ async fn burst_behind_stale_statistics(svc: &Svc, status: &str) -> (Object, Vec<
     (client, ids)
 }
 
-/// A transaction on the generic plans a pooled connection uses after five
-/// executions of a statement.
-async fn generic_plans(client: &mut Object) -> Transaction<'_> {
+/// Runs `statement` in a transaction on the generic plans a pooled
+/// connection uses after five executions of a statement, and commits;
+/// returns its result and the job rows it read, by scans and through indexes.
+async fn on_generic_plans<T>(
+    client: &mut Object,
+    statement: impl AsyncFnOnce(&Transaction<'_>) -> T,
+) -> (T, i64) {
     let tx = client.transaction().await.unwrap();
     tx.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
         .await
         .unwrap();
-    tx
-}
-
-/// Job rows `tx` has read so far, by scans and through indexes.
-async fn job_rows_read(tx: &Transaction<'_>) -> i64 {
-    tx.query_one(
-        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
-         FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    let result = statement(&tx).await;
+    let read = tx
+        .query_one(
+            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+             FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    (result, read)
 }
 
 #[tokio::test]
@@ -92,10 +95,10 @@ async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued(
         })
         .collect();
 
-    let tx = generic_plans(&mut client).await;
-    let started = store::start_jobs(&tx, &starts, LEASE).await.unwrap();
-    let read = job_rows_read(&tx).await;
-    tx.commit().await.unwrap();
+    let (started, read) = on_generic_plans(&mut client, async |tx| {
+        store::start_jobs(tx, &starts, LEASE).await.unwrap()
+    })
+    .await;
 
     assert_eq!(started.len(), BATCH, "every job of the batch starts");
     assert!(
@@ -114,12 +117,12 @@ async fn a_claim_reads_only_the_jobs_it_takes_while_statistics_say_none_are_queu
     let svc = Svc::start().await;
     let (mut client, _) = burst_behind_stale_statistics(&svc, "queued").await;
 
-    let tx = generic_plans(&mut client).await;
-    let claimed = store::claim_jobs(&tx, &["echo"], &[i64::MAX], "w1", BATCH as i64, LEASE)
-        .await
-        .unwrap();
-    let read = job_rows_read(&tx).await;
-    tx.commit().await.unwrap();
+    let (claimed, read) = on_generic_plans(&mut client, async |tx| {
+        store::claim_jobs(tx, &["echo"], &[i64::MAX], "w1", BATCH as i64, LEASE)
+            .await
+            .unwrap()
+    })
+    .await;
 
     assert_eq!(claimed.len(), BATCH, "the claim takes as many as asked");
     assert!(
@@ -133,10 +136,10 @@ async fn a_cancel_reads_only_its_job_while_statistics_say_none_are_queued() {
     let svc = Svc::start().await;
     let (mut client, ids) = burst_behind_stale_statistics(&svc, "queued").await;
 
-    let tx = generic_plans(&mut client).await;
-    let cancelled = store::cancel_queued(&tx, svc.user, ids[0]).await.unwrap();
-    let read = job_rows_read(&tx).await;
-    tx.commit().await.unwrap();
+    let (cancelled, read) = on_generic_plans(&mut client, async |tx| {
+        store::cancel_queued(tx, svc.user, ids[0]).await.unwrap()
+    })
+    .await;
 
     assert_eq!(cancelled.map(|j| j.id), Some(ids[0]));
     assert!(
@@ -150,10 +153,10 @@ async fn a_heartbeat_reads_only_its_job_while_statistics_say_none_are_running() 
     let svc = Svc::start().await;
     let (mut client, ids) = burst_behind_stale_statistics(&svc, "running").await;
 
-    let tx = generic_plans(&mut client).await;
-    let renewed = store::heartbeat(&tx, ids[0], 1, LEASE, None).await.unwrap();
-    let read = job_rows_read(&tx).await;
-    tx.commit().await.unwrap();
+    let (renewed, read) = on_generic_plans(&mut client, async |tx| {
+        store::heartbeat(tx, ids[0], 1, LEASE, None).await.unwrap()
+    })
+    .await;
 
     assert_eq!(renewed.map(|j| j.id), Some(ids[0]));
     assert!(
@@ -177,10 +180,10 @@ async fn a_completion_batch_reads_only_its_jobs_while_statistics_say_none_are_ru
         })
         .collect();
 
-    let tx = generic_plans(&mut client).await;
-    let completed = store::complete_jobs(&tx, &completions).await.unwrap();
-    let read = job_rows_read(&tx).await;
-    tx.commit().await.unwrap();
+    let (completed, read) = on_generic_plans(&mut client, async |tx| {
+        store::complete_jobs(tx, &completions).await.unwrap()
+    })
+    .await;
 
     assert_eq!(completed.len(), BATCH);
     assert!(

@@ -41,18 +41,24 @@ macro_rules! job_cols {
     };
 }
 
-/// A CTE `locked`: job `$1` locked by its id alone, with the state a
-/// single-job transition checks (see "Plans that hold while statistics are
-/// stale" above). Empty when there is no such job.
+/// A CTE `locked`: the jobs matching `$ids` (an id condition) locked by
+/// their id alone, with the state a transition checks on the locked row
+/// (see "Plans that hold while statistics are stale" above). Batches lock in
+/// id order (`locked_by_id!("id = ANY($1) ORDER BY id")`), so concurrent
+/// batches cannot deadlock.
 macro_rules! locked_by_id {
-    () => {
-        "locked AS MATERIALIZED (
+    ($ids:literal) => {
+        concat!(
+            "locked AS MATERIALIZED (
             SELECT id AS locked_id, status AS locked_status, attempt AS locked_attempt,
-                   attempt_deadline AS locked_deadline, worker_id AS locked_worker,
-                   delivery_id AS locked_delivery
-            FROM jobs WHERE id = $1
+                   run_at AS locked_run_at, attempt_deadline AS locked_deadline,
+                   worker_id AS locked_worker, delivery_id AS locked_delivery
+            FROM jobs WHERE ",
+            $ids,
+            "
             FOR NO KEY UPDATE
          )"
+        )
     };
 }
 
@@ -442,12 +448,9 @@ pub async fn start_jobs(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::text[], $4::text[])
                    AS t(start_id, start_worker, start_delivery)
-         ), locked AS MATERIALIZED (
-            SELECT id AS locked_id, status AS locked_status, run_at AS locked_run_at FROM jobs
-            WHERE id = ANY($1)
-            ORDER BY id
-            FOR NO KEY UPDATE
-         ), j AS (
+         ), ",
+        locked_by_id!("id = ANY($1) ORDER BY id"),
+        ", j AS (
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $3),
                             worker_id = start_worker, delivery_id = nullif(start_delivery, ''),
@@ -488,7 +491,7 @@ pub async fn resume_start(
 ) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!(
         "WITH ",
-        locked_by_id!(),
+        locked_by_id!("id = $1"),
         "
          UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $4)
          FROM locked
@@ -625,7 +628,7 @@ pub async fn heartbeat(
 ) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!(
         "WITH ",
-        locked_by_id!(),
+        locked_by_id!("id = $1"),
         "
          UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3),
                          progress = coalesce($4, progress),
@@ -670,14 +673,9 @@ pub async fn complete_jobs(
         "WITH input AS (
             SELECT * FROM unnest($1::uuid[], $2::int4[], $3::jsonb[], $4::bool[], $5::text[])
                    AS t(done_id, done_attempt, done_output, done_cancelled, done_worker)
-         ), locked AS MATERIALIZED (
-            SELECT id AS locked_id, status AS locked_status, attempt AS locked_attempt,
-                   attempt_deadline AS locked_deadline
-            FROM jobs
-            WHERE id = ANY($1)
-            ORDER BY id
-            FOR NO KEY UPDATE
-         ), j AS (
+         ), ",
+        locked_by_id!("id = ANY($1) ORDER BY id"),
+        ", j AS (
             UPDATE jobs SET status = CASE WHEN done_cancelled THEN 'cancelled' ELSE 'succeeded' END,
                             output = done_output, finished_at = now(), updated_at = now(),
                             lease_expires_at = NULL, version = version + 1
@@ -721,7 +719,7 @@ pub async fn fail_job(
 ) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!(
         "WITH ",
-        locked_by_id!(),
+        locked_by_id!("id = $1"),
         ", j AS (
             UPDATE jobs SET
                 status = CASE WHEN cancel_requested THEN 'cancelled'

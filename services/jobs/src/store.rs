@@ -16,6 +16,13 @@
 //! key, and check the state on the row they locked; and they take their ids
 //! as an array (`= ANY`), never as `IN (subquery)`, which was planned as a
 //! scan of the whole table sized by stale statistics.
+//!
+//! The reapers look for expired rows by a deadline alone, never by status:
+//! each deadline is set only while the job is in the state it bounds
+//! (`schedule_deadline` while queued; `lease_expires_at` and
+//! `attempt_deadline` while running), and is indexed `WHERE ... IS NOT
+//! NULL`, an index no other statement's status condition can stand in for.
+//! Every transition out of a state clears its deadlines.
 
 use std::time::Duration;
 
@@ -382,7 +389,7 @@ pub async fn cancel_queued(
     const SQL: &str = concat!(
         "WITH j AS (
             UPDATE jobs SET status = 'cancelled', cancel_requested = true, finished_at = now(),
-                            updated_at = now(), version = version + 1
+                            schedule_deadline = NULL, updated_at = now(), version = version + 1
             WHERE id = $1 AND user_id = $2 AND status = 'queued'
             RETURNING ",
         job_cols!(),
@@ -454,7 +461,7 @@ pub async fn start_jobs(
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $3),
                             worker_id = start_worker, delivery_id = nullif(start_delivery, ''),
-                            attempt_deadline = now() + attempt_timeout,
+                            attempt_deadline = now() + attempt_timeout, schedule_deadline = NULL,
                             progress = NULL, version = version + 1
             FROM locked, input
             WHERE id = locked_id AND id = start_id
@@ -588,7 +595,7 @@ pub async fn claim_jobs(
             UPDATE jobs SET status = 'running', attempt = attempt + 1, started_at = now(),
                             updated_at = now(), lease_expires_at = now() + make_interval(secs => $4),
                             worker_id = $2, delivery_id = NULL, progress = NULL,
-                            attempt_deadline = now() + attempt_timeout,
+                            attempt_deadline = now() + attempt_timeout, schedule_deadline = NULL,
                             version = version + 1
             FROM picked
             WHERE id = claim_id
@@ -678,7 +685,8 @@ pub async fn complete_jobs(
         ", j AS (
             UPDATE jobs SET status = CASE WHEN done_cancelled THEN 'cancelled' ELSE 'succeeded' END,
                             output = done_output, finished_at = now(), updated_at = now(),
-                            lease_expires_at = NULL, version = version + 1
+                            lease_expires_at = NULL, attempt_deadline = NULL,
+                            version = version + 1
             FROM locked, input
             WHERE id = locked_id AND id = done_id
               AND locked_attempt = done_attempt AND locked_status = 'running'
@@ -727,10 +735,13 @@ pub async fn fail_job(
                               ELSE 'failed' END,
                 run_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
                               THEN now() + make_interval(secs => $5) ELSE run_at END,
-                schedule_deadline = now() + make_interval(secs => $5) + schedule_timeout,
+                schedule_deadline = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
+                                         THEN now() + make_interval(secs => $5) + schedule_timeout
+                                    END,
                 finished_at = CASE WHEN NOT cancel_requested AND $4 AND attempt < max_attempts
                                    THEN NULL ELSE now() END,
-                error = $3, updated_at = now(), lease_expires_at = NULL, version = version + 1
+                error = $3, updated_at = now(), lease_expires_at = NULL, attempt_deadline = NULL,
+                version = version + 1
             FROM locked
             WHERE id = locked_id AND locked_status = 'running' AND locked_attempt = $2
             RETURNING ",
@@ -772,9 +783,9 @@ pub async fn reap_expired_leases(
     limit: i64,
 ) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "WITH expired AS (
-            SELECT id AS expired_id FROM jobs
-            WHERE status = 'running' AND lease_expires_at < now()
+        "WITH expired AS MATERIALIZED (
+            SELECT id AS expired_id, status AS expired_status FROM jobs
+            WHERE lease_expires_at < now()
             ORDER BY lease_expires_at
             LIMIT $1
             FOR UPDATE SKIP LOCKED
@@ -785,13 +796,15 @@ pub async fn reap_expired_leases(
                               ELSE 'failed' END,
                 run_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                               THEN now() ELSE run_at END,
-                schedule_deadline = now() + schedule_timeout,
+                schedule_deadline = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                                         THEN now() + schedule_timeout END,
                 finished_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                                    THEN NULL ELSE now() END,
                 error = 'lease expired: the worker stopped heartbeating',
-                updated_at = now(), lease_expires_at = NULL, version = version + 1
+                updated_at = now(), lease_expires_at = NULL, attempt_deadline = NULL,
+                version = version + 1
             FROM expired
-            WHERE id = expired_id AND status = 'running'
+            WHERE id = expired_id AND expired_status = 'running'
             RETURNING ",
         job_cols!(),
         "
@@ -822,12 +835,12 @@ pub async fn fail_timed_out(
     retry_max: Duration,
 ) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "WITH expired AS (
-            SELECT id AS expired_id,
+        "WITH expired AS MATERIALIZED (
+            SELECT id AS expired_id, status AS expired_status,
                    make_interval(secs => least($2 * power(2, least(greatest(attempt - 1, 0), 30)), $3)
                                          * (0.5 + random() / 2)) AS delay
             FROM jobs
-            WHERE status = 'running' AND attempt_deadline < now()
+            WHERE attempt_deadline < now()
             ORDER BY attempt_deadline
             LIMIT $1
             FOR UPDATE SKIP LOCKED
@@ -838,14 +851,16 @@ pub async fn fail_timed_out(
                               ELSE 'failed' END,
                 run_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                               THEN now() + delay ELSE run_at END,
-                schedule_deadline = now() + delay + schedule_timeout,
+                schedule_deadline = CASE WHEN NOT cancel_requested AND attempt < max_attempts
+                                         THEN now() + delay + schedule_timeout END,
                 finished_at = CASE WHEN NOT cancel_requested AND attempt < max_attempts
                                    THEN NULL ELSE now() END,
                 error = format('attempt %s timed out: it ran longer than the job''s timeout (%s s)',
                                attempt, extract(epoch FROM attempt_timeout)::float8),
-                updated_at = now(), lease_expires_at = NULL, version = version + 1
+                updated_at = now(), lease_expires_at = NULL, attempt_deadline = NULL,
+                version = version + 1
             FROM expired
-            WHERE id = expired_id AND status = 'running' AND attempt_deadline < now()
+            WHERE id = expired_id AND expired_status = 'running'
             RETURNING ",
         job_cols!(),
         "
@@ -998,9 +1013,9 @@ pub async fn fail_unscheduled(
     limit: i64,
 ) -> Result<Vec<JobRow>, JobsError> {
     const SQL: &str = concat!(
-        "WITH expired AS (
-            SELECT id AS expired_id FROM jobs
-            WHERE status = 'queued' AND schedule_deadline < now()
+        "WITH expired AS MATERIALIZED (
+            SELECT id AS expired_id, status AS expired_status FROM jobs
+            WHERE schedule_deadline < now()
             ORDER BY schedule_deadline
             LIMIT $1
             FOR UPDATE SKIP LOCKED
@@ -1009,9 +1024,9 @@ pub async fn fail_unscheduled(
                             error = format('no worker took the job within its schedule timeout '
                                            '(%s): is a worker for kind \"%s\" running?',
                                            schedule_timeout, kind),
-                            version = version + 1
+                            schedule_deadline = NULL, version = version + 1
             FROM expired
-            WHERE id = expired_id
+            WHERE id = expired_id AND expired_status = 'queued'
             RETURNING ",
         job_cols!(),
         "

@@ -82,6 +82,14 @@ async fn on_generic_plans<T>(
     (result, read)
 }
 
+/// Sets `deadline` of `ids` to a second ago inside the statement's own
+/// transaction, so the service's reapers cannot take the jobs first.
+async fn expire(tx: &Transaction<'_>, deadline: &str, ids: &[Uuid]) {
+    let sql =
+        format!("UPDATE jobs SET {deadline} = now() - interval '1 second' WHERE id = ANY($1)");
+    tx.execute(&sql, &[&ids]).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued() {
     let svc = Svc::start().await;
@@ -189,5 +197,66 @@ async fn a_completion_batch_reads_only_its_jobs_while_statistics_say_none_are_ru
     assert!(
         read < READ_AT_MOST,
         "completing {BATCH} jobs read {read} job rows of {QUEUED} running"
+    );
+}
+
+#[tokio::test]
+async fn the_schedule_deadline_reaper_reads_only_expired_jobs_while_statistics_say_none_are_queued()
+{
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "queued").await;
+
+    let (failed, read) = on_generic_plans(&mut client, async |tx| {
+        expire(tx, "schedule_deadline", &ids).await;
+        store::fail_unscheduled(tx, 100).await.unwrap()
+    })
+    .await;
+
+    assert_eq!(failed.len(), BATCH, "every expired job fails");
+    assert!(
+        read < READ_AT_MOST,
+        "failing {BATCH} expired jobs read {read} job rows of {QUEUED} queued"
+    );
+}
+
+#[tokio::test]
+async fn the_lease_reaper_reads_only_expired_jobs_while_statistics_say_none_are_running() {
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "running").await;
+
+    let (reaped, read) = on_generic_plans(&mut client, async |tx| {
+        expire(tx, "lease_expires_at", &ids).await;
+        store::reap_expired_leases(tx, 100).await.unwrap()
+    })
+    .await;
+
+    assert_eq!(reaped.len(), BATCH, "every expired lease is reaped");
+    assert!(
+        read < READ_AT_MOST,
+        "reaping {BATCH} expired leases read {read} job rows of {QUEUED} running"
+    );
+}
+
+#[tokio::test]
+async fn the_timeout_reaper_reads_only_expired_jobs_while_statistics_say_none_are_running() {
+    let svc = Svc::start().await;
+    let (mut client, ids) = burst_behind_stale_statistics(&svc, "running").await;
+
+    let (timed_out, read) = on_generic_plans(&mut client, async |tx| {
+        expire(tx, "attempt_deadline", &ids).await;
+        store::fail_timed_out(tx, 100, Duration::from_secs(1), Duration::from_secs(60))
+            .await
+            .unwrap()
+    })
+    .await;
+
+    assert_eq!(
+        timed_out.len(),
+        BATCH,
+        "every attempt past its deadline fails"
+    );
+    assert!(
+        read < READ_AT_MOST,
+        "failing {BATCH} timed-out attempts read {read} job rows of {QUEUED} running"
     );
 }

@@ -2,7 +2,7 @@
 
 use keel_shared::ApiError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MemoryError {
     #[error("{field}: {reason}")]
     Invalid { field: String, reason: String },
@@ -30,6 +30,14 @@ impl MemoryError {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+}
+
+impl From<keel_shared::batch::Stopped> for MemoryError {
+    fn from(_: keel_shared::batch::Stopped) -> Self {
+        Self::Api(ApiError::Unavailable(
+            "the memory service is stopping".into(),
+        ))
     }
 }
 

@@ -67,12 +67,11 @@ pub async fn run(
         ))
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
     );
+    let (memories, reads) = service::Memories::new(store.clone(), config.limits.clone());
+    service::Memories::spawn_reads(store, reads, shutdown.clone());
     let service = authenticator.users(
-        MemoryServiceServer::new(grpc::MemoryApi::new(service::Memories::new(
-            store,
-            config.limits.clone(),
-        )))
-        .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
+        MemoryServiceServer::new(grpc::MemoryApi::new(memories))
+            .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
     );
     let router = server::builder()
         .add_service(health_service)

@@ -1,19 +1,36 @@
 //! The memory service's orchestration between the validated requests of the
 //! gRPC layer and the store: page tokens, search pages, history bounds.
 
+use keel_shared::batch::{self, Batcher};
 use keel_shared::paging;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::Limits;
 use crate::domain::{self, NewMemory};
 use crate::error::MemoryError;
-use crate::store::{MemoryRow, Scope, SearchCursor, SearchHit, SearchQuery, Store, Workspace};
+use crate::store::{
+    Lookup, MemoryRow, Scope, SearchCursor, SearchHit, SearchQuery, Store, Workspace,
+};
 
 pub struct Memories {
     store: Store,
     limits: Limits,
+    /// GetMemory of current versions, read together while one read is under
+    /// way (see [`Memories::spawn_reads`]).
+    reads: Batcher<Lookup, Option<MemoryRow>, MemoryError>,
 }
+
+/// The GetMemory calls waiting for their read.
+pub type ReadQueue = batch::Queue<Lookup, Option<MemoryRow>, MemoryError>;
+
+/// Most GetMemory calls answered by one statement.
+const READ_BATCH: usize = 128;
+/// Reads under way at once: a call arriving while one runs starts the next.
+const READS_IN_FLIGHT: usize = 2;
+/// GetMemory calls waiting for their read; beyond this callers wait for room.
+const READ_QUEUE: usize = 4096;
 
 /// A validated ListMemories.
 pub struct ListRequest<'a> {
@@ -41,8 +58,37 @@ struct SearchToken {
 }
 
 impl Memories {
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    pub fn new(store: Store, limits: Limits) -> (Self, ReadQueue) {
+        let (reads, queue) = Batcher::new(READ_QUEUE);
+        let memories = Self {
+            store,
+            limits,
+            reads,
+        };
+        (memories, queue)
+    }
+
+    /// Spawns the reader: until `shutdown`, the GetMemory calls (current
+    /// versions) that queued up while a read was under way are answered by
+    /// one statement, as the jobs service commits transitions in groups.
+    /// Under load this saves a Postgres round trip per call; a lone call
+    /// does not wait.
+    pub fn spawn_reads(store: Store, queue: ReadQueue, shutdown: CancellationToken) {
+        tokio::spawn(batch::run(
+            queue,
+            READ_BATCH,
+            READS_IN_FLIGHT,
+            shutdown,
+            move |lookups| {
+                let store = store.clone();
+                async move {
+                    match store.get_current_many(&lookups).await {
+                        Ok(found) => found.into_iter().map(Ok).collect(),
+                        Err(e) => lookups.iter().map(|_| Err(e.clone())).collect(),
+                    }
+                }
+            },
+        ));
     }
 
     pub fn limits(&self) -> &Limits {
@@ -66,9 +112,18 @@ impl Memories {
         key: &str,
         version: i64,
     ) -> Result<MemoryRow, MemoryError> {
-        self.store
-            .get(user_id, namespace, key, version, self.limits.versions_kept)
-            .await
+        if version != 0 {
+            return self
+                .store
+                .get(user_id, namespace, key, version, self.limits.versions_kept)
+                .await;
+        }
+        let lookup = Lookup {
+            user_id,
+            namespace: namespace.to_string(),
+            key: key.to_string(),
+        };
+        self.reads.call(lookup).await?.ok_or(MemoryError::NotFound)
     }
 
     pub async fn versions(

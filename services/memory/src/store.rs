@@ -105,6 +105,19 @@ const GET: &str = concat!(
     live!()
 );
 
+/// The current versions of live memories, one lookup per row of the
+/// arrays (user ids $1, namespaces $2, keys $3), each by the primary key;
+/// `ord` says which lookup a row answers (absent: none).
+const GET_MANY: &str = concat!(
+    "SELECT q.ord, m.* FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY
+            AS q(q_user, q_namespace, q_key, ord),
+     LATERAL (SELECT ",
+    memory_cols!(),
+    " FROM memories WHERE user_id = q_user AND namespace = q_namespace AND key = q_key AND ",
+    live!(),
+    ") AS m"
+);
+
 /// One version ($4) of a live memory: the current one, or an earlier one
 /// still kept (at most $5 versions below the current).
 const GET_VERSION: &str = concat!(
@@ -404,6 +417,14 @@ pub struct Workspace {
     pub recent: Vec<MemoryRow>,
 }
 
+/// A memory to read by its key: its current version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub user_id: Uuid,
+    pub namespace: String,
+    pub key: String,
+}
+
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
@@ -502,6 +523,30 @@ impl Store {
                 .await?
         };
         MemoryRow::try_from(&row.ok_or(MemoryError::NotFound)?)
+    }
+
+    /// The current version of each memory of `lookups` (None: absent or
+    /// expired), in order, in one statement.
+    pub async fn get_current_many(
+        &self,
+        lookups: &[Lookup],
+    ) -> Result<Vec<Option<MemoryRow>>, MemoryError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(GET_MANY).await?;
+        let users: Vec<Uuid> = lookups.iter().map(|l| l.user_id).collect();
+        let namespaces: Vec<&str> = lookups.iter().map(|l| l.namespace.as_str()).collect();
+        let keys: Vec<&str> = lookups.iter().map(|l| l.key.as_str()).collect();
+        let rows = client.query(&stmt, &[&users, &namespaces, &keys]).await?;
+        let mut found = vec![None; lookups.len()];
+        for row in &rows {
+            let ord: i64 = row.try_get("ord")?;
+            let slot = usize::try_from(ord - 1)
+                .ok()
+                .and_then(|i| found.get_mut(i))
+                .ok_or_else(|| ApiError::Internal(format!("lookup {ord} out of range")))?;
+            *slot = Some(MemoryRow::try_from(row)?);
+        }
+        Ok(found)
     }
 
     /// The current version then the earlier ones kept, newest first; empty

@@ -149,3 +149,76 @@ async fn a_token_for_a_user_that_no_longer_exists_cannot_write() {
     assert_code(env.get(&ghost, "k").await, Code::NotFound);
     assert_eq!(env.workspace(&ghost).await.unwrap().memory_count, 0);
 }
+
+/// GetMemory calls that arrive together are read together (one statement
+/// for many lookups): each caller still gets exactly its own memory, by
+/// user, namespace and key, and NOT_FOUND for what it does not have.
+#[tokio::test]
+async fn concurrent_reads_of_many_users_each_get_their_own_memory() {
+    let env = Env::start().await;
+    let users = [
+        env.user("ann").await,
+        env.user("ben").await,
+        env.user("cho").await,
+    ];
+    const NAMESPACES: [&str; 2] = ["", "agent-7"];
+    const KEYS: usize = 8;
+    let content = |u: usize, ns: &str, k: usize| format!("user {u} namespace {ns:?} key {k}");
+    for (u, user) in users.iter().enumerate() {
+        for ns in NAMESPACES {
+            // Only the even keys exist, and key 0 is at version 2: the
+            // batch must read the current version.
+            for k in (0..KEYS).step_by(2) {
+                if k == 0 {
+                    let first = PutMemoryRequest {
+                        namespace: ns.into(),
+                        ..put_req("k0", "an older version", &[])
+                    };
+                    env.put(user, first).await.unwrap();
+                }
+                let put = PutMemoryRequest {
+                    namespace: ns.into(),
+                    ..put_req(&format!("k{k}"), &content(u, ns, k), &[])
+                };
+                env.put(user, put).await.unwrap();
+            }
+        }
+    }
+
+    let env = &env;
+    let reads = (0..4).flat_map(|_round| {
+        users.iter().enumerate().flat_map(|(u, user)| {
+            NAMESPACES.iter().flat_map(move |&ns| {
+                (0..KEYS).map(move |k| {
+                    let mut client = env.client();
+                    let token = user.token.clone();
+                    async move {
+                        let request = GetMemoryRequest {
+                            namespace: ns.into(),
+                            key: format!("k{k}"),
+                            ..Default::default()
+                        };
+                        let got = client
+                            .get_memory(testing::authed(request, &token))
+                            .await
+                            .map(|r| r.into_inner().memory.expect("memory"));
+                        (u, ns, k, got)
+                    }
+                })
+            })
+        })
+    });
+    let results = futures::future::join_all(reads).await;
+
+    assert_eq!(results.len(), 4 * users.len() * NAMESPACES.len() * KEYS);
+    for (u, ns, k, got) in results {
+        if k % 2 == 1 {
+            assert_code(got, Code::NotFound);
+            continue;
+        }
+        let memory = got.unwrap_or_else(|e| panic!("user {u} {ns:?} k{k}: {e}"));
+        assert_eq!(memory.content, content(u, ns, k), "user {u} {ns:?} k{k}");
+        assert_eq!(memory.namespace, ns);
+        assert_eq!(memory.version, if k == 0 { 2 } else { 1 });
+    }
+}

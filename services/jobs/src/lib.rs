@@ -148,7 +148,7 @@ pub async fn run(
         },
     ));
     let admin_pool = pool.clone();
-    let (jobs, transitions) = service::Jobs::new(
+    let (jobs, batch_queues) = service::Jobs::new(
         pool,
         delivery.clone(),
         service::Settings {
@@ -167,7 +167,7 @@ pub async fn run(
     // shutdown signal on), so calls still in flight during the grace period commit.
     let drained = CancellationToken::new();
     let _stop_transitions = drained.clone().drop_guard();
-    jobs.spawn_batchers(transitions, drained);
+    jobs.spawn_batchers(batch_queues, drained);
     // Background loops stop with the server (the child token is cancelled on return too).
     let background = shutdown.child_token();
     let _stop_background = background.clone().drop_guard();

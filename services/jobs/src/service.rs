@@ -43,6 +43,8 @@ pub struct Jobs {
     creates: Batcher<CreateCall, Vec<JobRow>, JobsError>,
     starts: Batcher<StartCall, Option<JobRow>, JobsError>,
     completions: Batcher<CompleteCall, Option<JobRow>, JobsError>,
+    /// GetJob (and WatchJob's) reads, answered together while one is under way.
+    reads: Batcher<ReadCall, Option<JobRow>, JobsError>,
     /// Wakes waiting ClaimJobs calls when jobs become due here.
     jobs_due: Notify,
     /// Permits for BatchCreateJobs inserts (see [`BULK_INSERTS`]).
@@ -72,26 +74,33 @@ pub struct CompleteCall {
     worker_id: String,
 }
 
+/// A GetJob waiting for its read.
+pub struct ReadCall {
+    user_id: Uuid,
+    id: Uuid,
+}
+
 /// Applied or not (then the caller reads why).
 type Applied = Result<Option<JobRow>, JobsError>;
 
-/// The queues of the transitions (creates, starts, completions) that the
-/// batchers of a [`Jobs`] drain.
-pub struct TransitionQueues {
+/// The queues that the batchers of a [`Jobs`] drain: the transitions
+/// (creates, starts, completions) and GetJob's reads.
+pub struct BatchQueues {
     pub creates: batch::Queue<CreateCall, Vec<JobRow>, JobsError>,
     pub starts: batch::Queue<StartCall, Option<JobRow>, JobsError>,
     pub completions: batch::Queue<CompleteCall, Option<JobRow>, JobsError>,
+    pub reads: batch::Queue<ReadCall, Option<JobRow>, JobsError>,
 }
 
 /// How often CancelJob re-reads a job that changed under it before giving up.
 const CANCEL_TRIES: usize = 5;
-/// Most transitions of one kind applied in one statement.
+/// Most calls of one kind (a transition, or GetJob) in one statement.
 const TRANSITION_BATCH: usize = 256;
 /// Batches of one kind under way at once: a call arriving while one commits
 /// starts the next instead of waiting for it (measured: the same throughput
 /// as one at a time, half the queueing under saturation).
 const TRANSITION_BATCHES: usize = 2;
-/// Transitions waiting for their batch; beyond this callers wait for room.
+/// Calls of one kind waiting for their batch; beyond this callers wait for room.
 const TRANSITION_QUEUE: usize = 4096;
 /// A BatchCreateJobs of more jobs than this leaves them to the relay (when
 /// streams are bounded: see `crate::fairness`), not the immediate publication.
@@ -106,14 +115,11 @@ const IMMEDIATE_MAX: usize = 64;
 const BULK_INSERTS: usize = 2;
 
 impl Jobs {
-    pub fn new(
-        pool: Pool,
-        delivery: Arc<Delivery>,
-        settings: Settings,
-    ) -> (Self, TransitionQueues) {
+    pub fn new(pool: Pool, delivery: Arc<Delivery>, settings: Settings) -> (Self, BatchQueues) {
         let (creates, create_queue) = Batcher::new(TRANSITION_QUEUE);
         let (starts, start_queue) = Batcher::new(TRANSITION_QUEUE);
         let (completions, complete_queue) = Batcher::new(TRANSITION_QUEUE);
+        let (reads, read_queue) = Batcher::new(TRANSITION_QUEUE);
         let jobs = Self {
             pool,
             delivery,
@@ -121,21 +127,24 @@ impl Jobs {
             creates,
             starts,
             completions,
+            reads,
             jobs_due: Notify::new(),
             bulk_inserts: Semaphore::new(BULK_INSERTS),
         };
-        let queues = TransitionQueues {
+        let queues = BatchQueues {
             creates: create_queue,
             starts: start_queue,
             completions: complete_queue,
+            reads: read_queue,
         };
         (jobs, queues)
     }
 
     /// Spawns the batchers: until `shutdown`, the CreateJob, StartJob and
     /// CompleteJob calls that queued up meanwhile are applied as one
-    /// statement (one commit) per kind.
-    pub fn spawn_batchers(self: &Arc<Self>, queues: TransitionQueues, shutdown: CancellationToken) {
+    /// statement (one commit) per kind, and the GetJob calls are read by one
+    /// statement.
+    pub fn spawn_batchers(self: &Arc<Self>, queues: BatchQueues, shutdown: CancellationToken) {
         let (max, in_flight) = (TRANSITION_BATCH, TRANSITION_BATCHES);
         let jobs = self.clone();
         tokio::spawn(batch::run(
@@ -164,10 +173,21 @@ impl Jobs {
             queues.completions,
             max,
             in_flight,
-            shutdown,
+            shutdown.clone(),
             move |calls| {
                 let jobs = jobs.clone();
                 async move { jobs.complete_batch(calls).await }
+            },
+        ));
+        let jobs = self.clone();
+        tokio::spawn(batch::run(
+            queues.reads,
+            max,
+            in_flight,
+            shutdown,
+            move |calls| {
+                let jobs = jobs.clone();
+                async move { jobs.read_batch(calls).await }
             },
         ));
     }
@@ -322,10 +342,34 @@ impl Jobs {
     }
 
     pub async fn get(&self, user_id: Uuid, id: Uuid) -> Result<JobRow, JobsError> {
-        let client = self.pool.get().await?;
-        store::user_job(&client, user_id, id)
+        self.reads
+            .call(ReadCall { user_id, id })
             .await?
             .ok_or(JobsError::NotFound)
+    }
+
+    /// Reads the jobs of `calls` in one statement; each call gets its job
+    /// only when it is the caller's.
+    async fn read_batch(&self, calls: Vec<ReadCall>) -> Vec<Result<Option<JobRow>, JobsError>> {
+        let ids: Vec<Uuid> = calls.iter().map(|c| c.id).collect();
+        let found = async {
+            let client = self.pool.get().await?;
+            store::jobs_by_id(&client, &ids).await
+        }
+        .await;
+        match found {
+            Ok(jobs) => {
+                let by_id: HashMap<Uuid, JobRow> = jobs.into_iter().map(|j| (j.id, j)).collect();
+                calls
+                    .iter()
+                    .map(|c| {
+                        let job = by_id.get(&c.id).filter(|j| j.user_id == c.user_id);
+                        Ok(job.cloned())
+                    })
+                    .collect()
+            }
+            Err(e) => calls.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     /// One page (`limit` + 1 rows are read to know whether another follows).

@@ -294,6 +294,16 @@ pub async fn user_job(
     opt_row(client.query_opt(&stmt, &[&id, &user_id]).await?)
 }
 
+/// The jobs of `ids` (any user's; absent ids have no row), by the primary key.
+pub async fn jobs_by_id(
+    client: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<JobRow>, JobsError> {
+    const SQL: &str = concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = ANY($1)");
+    let stmt = client.prepare_cached(SQL).await?;
+    rows(&client.query(&stmt, &[&ids]).await?)
+}
+
 /// Any user's job (worker calls, announcements).
 pub async fn job(client: &impl GenericClient, id: Uuid) -> Result<Option<JobRow>, JobsError> {
     const SQL: &str = concat!("SELECT ", job_cols!(), " FROM jobs WHERE id = $1");

@@ -155,3 +155,65 @@ async fn a_token_whose_user_no_longer_exists_cannot_create_jobs() {
         .await;
     assert_eq!(code(result), Code::Unauthenticated);
 }
+
+/// GetJob calls that arrive together are read together (one statement for
+/// many ids): each caller still gets its own job, and NOT_FOUND for another
+/// user's job or an id that does not exist, in the same burst.
+#[tokio::test]
+async fn concurrent_gets_of_several_users_each_get_only_their_own_jobs() {
+    let svc = Svc::start().await;
+    let mut users = vec![svc.token.clone()];
+    for _ in 0..2 {
+        users.push(svc.other_user().await.1);
+    }
+    let mut jobs_of = Vec::new();
+    for (u, token) in users.iter().enumerate() {
+        let mut mine = Vec::new();
+        for i in 0..5 {
+            let job = svc.create_kind_as(&format!("kind-{u}-{i}"), token).await;
+            mine.push(job);
+        }
+        jobs_of.push(mine);
+    }
+    let missing = uuid::Uuid::now_v7().to_string();
+
+    let (svc, users, jobs_of, missing) = (&svc, &users, &jobs_of, &missing);
+    let gets = (0..3).flat_map(|_round| {
+        (0..users.len()).flat_map(move |u| {
+            (0..users.len()).flat_map(move |owner| {
+                jobs_of[owner]
+                    .iter()
+                    .map(|j| j.id.clone())
+                    .chain([missing.clone()])
+                    .map(move |id| {
+                        let mut client = svc.jobs.clone();
+                        let token = users[u].clone();
+                        async move {
+                            let got = client
+                                .get_job(authed(GetJobRequest { id: id.clone() }, &token))
+                                .await
+                                .map(|r| r.into_inner().job.expect("job"));
+                            (u, owner, id, got)
+                        }
+                    })
+            })
+        })
+    });
+    let results = futures::future::join_all(gets).await;
+
+    assert_eq!(results.len(), 3 * 3 * 3 * 6);
+    for (u, owner, id, got) in results {
+        if id == *missing || u != owner {
+            assert_eq!(
+                code(got),
+                Code::NotFound,
+                "user {u} reading {id} of user {owner}"
+            );
+            continue;
+        }
+        let job = got.unwrap_or_else(|e| panic!("user {u} reading {id}: {e}"));
+        assert_eq!(job.id, id);
+        let expected = jobs_of[owner].iter().find(|j| j.id == id).unwrap();
+        assert_eq!(job.kind, expected.kind);
+    }
+}

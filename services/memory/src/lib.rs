@@ -68,7 +68,11 @@ pub async fn run(
         .max_decoding_message_size(server::MAX_MESSAGE_BYTES),
     );
     let (memories, reads) = service::Memories::new(store.clone(), config.limits.clone());
-    service::Memories::spawn_reads(store, reads, shutdown.clone());
+    // Reads are answered until the server has drained (not from the shutdown
+    // signal on), so calls still in flight during the grace period complete.
+    let drained = CancellationToken::new();
+    let _stop_reads = drained.clone().drop_guard();
+    service::Memories::spawn_reads(store, reads, drained);
     let service = authenticator.users(
         MemoryServiceServer::new(grpc::MemoryApi::new(memories))
             .max_decoding_message_size(server::MAX_MESSAGE_BYTES),

@@ -145,50 +145,40 @@ impl Jobs {
     /// statement (one commit) per kind, and the GetJob calls are read by one
     /// statement.
     pub fn spawn_batchers(self: &Arc<Self>, queues: BatchQueues, shutdown: CancellationToken) {
-        let (max, in_flight) = (TRANSITION_BATCH, TRANSITION_BATCHES);
+        self.spawn_batcher(queues.creates, &shutdown, |jobs, calls| async move {
+            jobs.create_batch(calls).await
+        });
+        self.spawn_batcher(queues.starts, &shutdown, |jobs, calls| async move {
+            jobs.start_batch(calls).await
+        });
+        self.spawn_batcher(queues.completions, &shutdown, |jobs, calls| async move {
+            jobs.complete_batch(calls).await
+        });
+        self.spawn_batcher(queues.reads, &shutdown, |jobs, calls| async move {
+            jobs.read_batch(calls).await
+        });
+    }
+
+    /// Runs `queue`'s calls through `run_batch` in batches of up to
+    /// [`TRANSITION_BATCH`], [`TRANSITION_BATCHES`] at a time, until `shutdown`.
+    fn spawn_batcher<I, O, F, Fut>(
+        self: &Arc<Self>,
+        queue: batch::Queue<I, O, JobsError>,
+        shutdown: &CancellationToken,
+        run_batch: F,
+    ) where
+        I: Send + 'static,
+        O: Send + 'static,
+        F: Fn(Arc<Self>, Vec<I>) -> Fut + Send + 'static,
+        Fut: Future<Output = Vec<Result<O, JobsError>>> + Send + 'static,
+    {
         let jobs = self.clone();
         tokio::spawn(batch::run(
-            queues.creates,
-            max,
-            in_flight,
+            queue,
+            TRANSITION_BATCH,
+            TRANSITION_BATCHES,
             shutdown.clone(),
-            move |calls| {
-                let jobs = jobs.clone();
-                async move { jobs.create_batch(calls).await }
-            },
-        ));
-        let jobs = self.clone();
-        tokio::spawn(batch::run(
-            queues.starts,
-            max,
-            in_flight,
-            shutdown.clone(),
-            move |calls| {
-                let jobs = jobs.clone();
-                async move { jobs.start_batch(calls).await }
-            },
-        ));
-        let jobs = self.clone();
-        tokio::spawn(batch::run(
-            queues.completions,
-            max,
-            in_flight,
-            shutdown.clone(),
-            move |calls| {
-                let jobs = jobs.clone();
-                async move { jobs.complete_batch(calls).await }
-            },
-        ));
-        let jobs = self.clone();
-        tokio::spawn(batch::run(
-            queues.reads,
-            max,
-            in_flight,
-            shutdown,
-            move |calls| {
-                let jobs = jobs.clone();
-                async move { jobs.read_batch(calls).await }
-            },
+            move |calls| run_batch(jobs.clone(), calls),
         ));
     }
 

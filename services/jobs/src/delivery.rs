@@ -214,8 +214,7 @@ impl Delivery {
     async fn mark_published(&self, published: &[Publication]) {
         let marked = async {
             let mut client = self.pool.get().await?;
-            let tx = client.transaction().await?;
-            store::relax_commit(&tx).await?;
+            let tx = store::begin_outbox_bookkeeping(&mut client).await?;
             store::mark_published(&tx, published, self.redeliver_after).await?;
             tx.commit().await?;
             Ok::<_, JobsError>(())
@@ -227,8 +226,11 @@ impl Delivery {
     }
 
     async fn hand_to_relay(&self, unpublished: &[Publication]) -> Result<(), JobsError> {
-        let client = self.pool.get().await?;
-        store::hand_to_relay(&client, unpublished).await
+        let mut client = self.pool.get().await?;
+        let tx = store::begin_outbox_bookkeeping(&mut client).await?;
+        store::hand_to_relay(&tx, unpublished).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// One relay round: publishes due outbox rows of served kinds, as many
@@ -265,8 +267,7 @@ impl Delivery {
             return Ok(round);
         }
         let mut client = self.pool.get().await?;
-        let tx = client.transaction().await?;
-        store::relax_commit(&tx).await?;
+        let tx = store::begin_outbox_bookkeeping(&mut client).await?;
         if !with_room.is_empty() {
             let names: Vec<&str> = with_room.iter().map(|(k, _)| *k).collect();
             let ours = store::fairness::lock_relay_kinds(&tx, &names).await?;

@@ -15,7 +15,10 @@
 //! BENCHMARKS.md). So the hot statements find rows by id alone, on the primary
 //! key, and check the state on the row they locked; and they take their ids
 //! as an array (`= ANY`), never as `IN (subquery)`, which was planned as a
-//! scan of the whole table sized by stale statistics.
+//! scan of the whole table sized by stale statistics. The outbox's
+//! bookkeeping (relay rounds, marks) goes further: its statements are
+//! planned afresh each time ([`begin_outbox_bookkeeping`]), since a plan
+//! made while the outbox was empty scans all of it once a burst arrives.
 //!
 //! The reapers look for expired rows by a deadline alone, never by status:
 //! each deadline is set only while the job is in the state it bounds
@@ -1101,14 +1104,27 @@ pub async fn claim_outbox(
         .collect()
 }
 
-/// Lets the current transaction's commit return before its WAL is flushed.
-/// Only for bookkeeping whose loss in a crash is harmless (marking outbox
-/// rows published: lost, they are published again).
-pub async fn relax_commit(client: &impl GenericClient) -> Result<(), JobsError> {
-    client
-        .batch_execute("SET LOCAL synchronous_commit = off")
-        .await?;
-    Ok(())
+/// Begins a transaction of outbox bookkeeping (a relay round, marking
+/// immediate publications, handing rows to the relay):
+/// - its commit returns before its WAL is flushed: losing it in a crash
+///   only publishes rows again, which workers tolerate;
+/// - each of its statements is planned for the outbox as it is now. The
+///   outbox goes from empty to a whole burst within seconds, and a pooled
+///   connection keeps the generic plan it made while the outbox was small:
+///   whatever the statement's shape, that plan scans the whole outbox (a
+///   relay round read 18,000 rows to publish 222, 100-500 ms a round,
+///   measured in BENCHMARKS.md). Planning each time costs well under a
+///   millisecond per statement, and these run a few times per batch of
+///   jobs, not per job.
+pub async fn begin_outbox_bookkeeping(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, JobsError> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(
+        "SET LOCAL synchronous_commit = off; SET LOCAL plan_cache_mode = force_custom_plan",
+    )
+    .await?;
+    Ok(tx)
 }
 
 /// Marks these publications' outbox rows published. Each stays until its

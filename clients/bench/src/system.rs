@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use redis::AsyncCommands;
 
 /// A process's (name, CPU seconds so far, peak RSS in MiB).
 pub(crate) type Usage = (String, f64, f64);
@@ -368,6 +369,7 @@ impl Drop for System {
             return;
         }
         let admin_url = self.admin_url.clone();
+        let redis_url = self.redis_url.clone();
         let db = self.db_name.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -375,6 +377,9 @@ impl Drop for System {
                 .build()
                 .ok()?;
             rt.block_on(async move {
+                if let Err(e) = drop_redis_prefix(&redis_url, &db).await {
+                    eprintln!("keel-bench: could not delete the Redis keys under {db}: {e}");
+                }
                 let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
                     .await
                     .ok()?;
@@ -387,6 +392,28 @@ impl Drop for System {
         })
         .join();
     }
+}
+
+/// Deletes every Redis key under `prefix` (the services' `KEEL_REDIS_PREFIX`):
+/// the job streams, their groups and the served kinds a run leaves behind.
+async fn drop_redis_prefix(url: &str, prefix: &str) -> Result<()> {
+    let client = redis::Client::open(url)?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = {
+        let mut iter: redis::AsyncIter<'_, String> = conn.scan_match(format!("{prefix}:*")).await?;
+        let mut keys = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            keys.push(key?);
+        }
+        keys
+    };
+    for chunk in keys.chunks(500) {
+        redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    Ok(())
 }
 
 /// Every `every`, runs ANALYZE on the tables of the database at `url` that

@@ -271,19 +271,7 @@ const OUTBOX_BURST: i64 = 20_000;
 /// rows it read.
 async fn relay_round(svc: &Svc, client: &mut Object, burst: i64) -> (usize, i64) {
     let tx = store::begin_outbox_bookkeeping(client).await.unwrap();
-    tx.execute(
-        "WITH j AS (
-            INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, schedule_deadline)
-            SELECT gen_random_uuid(), $1, 'echo', '{}', 1, now(), now() + interval '1 hour'
-            FROM generate_series(1, $2::int8)
-            RETURNING id, user_id, kind, priority
-         )
-         INSERT INTO job_outbox (job_id, deliver_at, priority, kind, user_id)
-         SELECT id, now() - interval '1 second', priority, kind, user_id FROM j",
-        &[&svc.user, &burst],
-    )
-    .await
-    .unwrap();
+    outbox_burst(svc, &tx, burst).await;
     let claimed = store::fairness::claim_fair(&tx, &["echo"], &[BATCH as i64])
         .await
         .unwrap();
@@ -303,15 +291,7 @@ async fn relay_round(svc: &Svc, client: &mut Object, burst: i64) -> (usize, i64)
         claimed.clone()
     };
     store::mark_published(&tx, &marked, LEASE).await.unwrap();
-    let read = tx
-        .query_one(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
-             FROM pg_stat_xact_user_tables WHERE relname = 'job_outbox'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let read = outbox_rows_read(&tx).await;
     tx.rollback().await.unwrap();
     (claimed.len(), read)
 }
@@ -337,5 +317,94 @@ async fn a_relay_round_reads_only_the_rows_it_publishes_after_a_burst_into_an_em
     assert!(
         read < READ_AT_MOST,
         "publishing {BATCH} rows read {read} outbox rows of {OUTBOX_BURST} due"
+    );
+}
+
+/// Adds `burst` due echo jobs with their outbox rows, as BatchCreateJobs
+/// leaves them; returns `BATCH` of their ids.
+async fn outbox_burst(svc: &Svc, tx: &Transaction<'_>, burst: i64) -> Vec<Uuid> {
+    tx.query(
+        "WITH j AS (
+            INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, schedule_deadline)
+            SELECT gen_random_uuid(), $1, 'echo', '{}', 1, now(), now() + interval '1 hour'
+            FROM generate_series(1, $2::int8)
+            RETURNING id, user_id, kind, priority
+         ), o AS (
+            INSERT INTO job_outbox (job_id, deliver_at, priority, kind, user_id)
+            SELECT id, now() - interval '1 second', priority, kind, user_id FROM j
+         )
+         SELECT id FROM j LIMIT $3",
+        &[&svc.user, &burst, &(BATCH as i64)],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// Outbox rows the current transaction has read, by scans and through indexes.
+async fn outbox_rows_read(tx: &Transaction<'_>) -> i64 {
+    tx.query_one(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_xact_user_tables WHERE relname = 'job_outbox'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Known defect, not fixed yet: the start batch's outbox delete
+/// (`job_id IN (SELECT id FROM j)`) keeps a generic plan made while the
+/// outbox was empty and then reads all 20,000 rows to start 10 (as the
+/// relay's statements did before `begin_outbox_bookkeeping`). Run with
+/// `--ignored` to see it fail.
+#[tokio::test]
+#[ignore = "known defect: the start batch scans an outbox that grew after its plan was made"]
+async fn a_start_batch_reads_only_its_outbox_rows_after_a_burst_into_an_empty_outbox() {
+    let svc = Svc::start().await;
+    let mut client = svc.db.pool.get().await.unwrap();
+    client.batch_execute("ANALYZE job_outbox").await.unwrap();
+    // Start batches while the outbox is empty (of jobs that are not there):
+    // after five, the connection keeps a generic plan made for it.
+    let absent: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
+    for _ in 0..6 {
+        let starts: Vec<Start<'_>> = absent
+            .iter()
+            .map(|&id| Start {
+                id,
+                worker_id: "w1",
+                delivery_id: "",
+            })
+            .collect();
+        let tx = client.transaction().await.unwrap();
+        assert!(
+            store::start_jobs(&tx, &starts, LEASE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        tx.rollback().await.unwrap();
+    }
+
+    let tx = client.transaction().await.unwrap();
+    let ids = outbox_burst(&svc, &tx, OUTBOX_BURST).await;
+    let starts: Vec<Start<'_>> = ids
+        .iter()
+        .map(|&id| Start {
+            id,
+            worker_id: "w1",
+            delivery_id: "",
+        })
+        .collect();
+    let started = store::start_jobs(&tx, &starts, LEASE).await.unwrap();
+    let read = outbox_rows_read(&tx).await;
+    tx.rollback().await.unwrap();
+
+    assert_eq!(started.len(), BATCH, "every job of the batch starts");
+    assert!(
+        read < READ_AT_MOST,
+        "starting {BATCH} jobs read {read} outbox rows of {OUTBOX_BURST}"
     );
 }

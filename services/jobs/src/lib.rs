@@ -14,6 +14,7 @@ mod retention;
 mod routing;
 mod schedules;
 pub mod service;
+mod statistics;
 pub mod store;
 mod subscriptions;
 mod watch;
@@ -135,6 +136,7 @@ pub async fn run(
     );
     let delivery = Arc::new(delivery);
     let retention_pool = pool.clone();
+    let statistics_pool = pool.clone();
     let schedules = Arc::new(schedules::Schedules::new(
         pool.clone(),
         delivery.clone(),
@@ -198,6 +200,11 @@ pub async fn run(
         flow.clone()
             .run_reloader(flow::RELOAD_EVERY, background.clone()),
     );
+    tokio::spawn(statistics::run(
+        statistics_pool,
+        statistics::CHECK_EVERY,
+        background.clone(),
+    ));
     tokio::spawn(retention::run(
         retention_pool,
         retention::Policy {

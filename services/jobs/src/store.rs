@@ -18,7 +18,10 @@
 //! scan of the whole table sized by stale statistics. The outbox's
 //! bookkeeping (relay rounds, marks) goes further: its statements are
 //! planned afresh each time ([`begin_outbox_bookkeeping`]), since a plan
-//! made while the outbox was empty scans all of it once a burst arrives.
+//! made while the outbox was empty scans all of it once a burst arrives;
+//! and the service analyzes the outbox as soon as it outgrows its
+//! statistics (`statistics.rs`), which re-plans the statements that delete
+//! outbox rows as jobs start.
 //!
 //! The reapers look for expired rows by a deadline alone, never by status:
 //! each deadline is set only while the job is in the state it bounds
@@ -1213,6 +1216,25 @@ pub async fn hand_kind_to_relay(client: &impl GenericClient, kind: &str) -> Resu
 
 fn ids_and_attempts(publications: &[Publication]) -> (Vec<Uuid>, Vec<i32>) {
     publications.iter().map(|p| (p.job_id, p.attempt)).unzip()
+}
+
+/// Whether the outbox holds far more rows than its statistics say: over
+/// 1,000 live rows and over four times the count its last ANALYZE found
+/// (the table's running counts, no scan).
+pub async fn outbox_outgrew_statistics(client: &impl GenericClient) -> Result<bool, JobsError> {
+    const SQL: &str = "SELECT coalesce(s.n_live_tup::float8
+                                       > greatest(1000, 4 * greatest(c.reltuples, 0)::float8), false)
+                       FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+                       WHERE c.oid = 'job_outbox'::regclass";
+    let stmt = client.prepare_cached(SQL).await?;
+    Ok(client.query_one(&stmt, &[]).await?.try_get(0)?)
+}
+
+/// Re-takes the outbox's statistics; every connection plans its statements
+/// on the outbox again.
+pub async fn analyze_outbox(client: &impl GenericClient) -> Result<(), JobsError> {
+    client.batch_execute("ANALYZE job_outbox").await?;
+    Ok(())
 }
 
 /// Outbox size for metrics: all rows, rows due for (re)publication, and how

@@ -69,17 +69,33 @@ async fn on_generic_plans<T>(
         .await
         .unwrap();
     let result = statement(&tx).await;
-    let read = tx
-        .query_one(
-            "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
-             FROM pg_stat_xact_user_tables WHERE relname = 'jobs'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let read = rows_read(&tx, "jobs").await;
     tx.commit().await.unwrap();
     (result, read)
+}
+
+/// Rows of `table` the current transaction has read, by scans and through
+/// indexes.
+async fn rows_read(tx: &Transaction<'_>, table: &str) -> i64 {
+    tx.query_one(
+        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
+         FROM pg_stat_xact_user_tables WHERE relname = $1",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// StartJob calls of worker `w1` for `ids`.
+fn starts(ids: &[Uuid]) -> Vec<Start<'static>> {
+    ids.iter()
+        .map(|&id| Start {
+            id,
+            worker_id: "w1",
+            delivery_id: "",
+        })
+        .collect()
 }
 
 /// Sets `deadline` of `ids` to a second ago inside the statement's own
@@ -94,14 +110,7 @@ async fn expire(tx: &Transaction<'_>, deadline: &str, ids: &[Uuid]) {
 async fn a_start_batch_reads_only_its_jobs_while_statistics_say_none_are_queued() {
     let svc = Svc::start().await;
     let (mut client, ids) = burst_behind_stale_statistics(&svc, "queued").await;
-    let starts: Vec<Start<'_>> = ids
-        .iter()
-        .map(|&id| Start {
-            id,
-            worker_id: "w1",
-            delivery_id: "",
-        })
-        .collect();
+    let starts = starts(&ids);
 
     let (started, read) = on_generic_plans(&mut client, async |tx| {
         store::start_jobs(tx, &starts, LEASE).await.unwrap()
@@ -291,7 +300,7 @@ async fn relay_round(svc: &Svc, client: &mut Object, burst: i64) -> (usize, i64)
         claimed.clone()
     };
     store::mark_published(&tx, &marked, LEASE).await.unwrap();
-    let read = outbox_rows_read(&tx).await;
+    let read = rows_read(&tx, "job_outbox").await;
     tx.rollback().await.unwrap();
     (claimed.len(), read)
 }
@@ -343,18 +352,6 @@ async fn outbox_burst(svc: &Svc, tx: &Transaction<'_>, burst: i64) -> Vec<Uuid> 
     .collect()
 }
 
-/// Outbox rows the current transaction has read, by scans and through indexes.
-async fn outbox_rows_read(tx: &Transaction<'_>) -> i64 {
-    tx.query_one(
-        "SELECT coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0)
-         FROM pg_stat_xact_user_tables WHERE relname = 'job_outbox'",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
-}
-
 #[tokio::test]
 async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_empty_outbox() {
     let svc = Svc::start().await;
@@ -368,18 +365,9 @@ async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_emp
     // Start batches while the outbox is empty (of jobs that are not there):
     // after five, the connection keeps a generic plan made for it.
     let absent: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
-    let starts_of = |ids: &[Uuid]| -> Vec<Start<'static>> {
-        ids.iter()
-            .map(|&id| Start {
-                id,
-                worker_id: "w1",
-                delivery_id: "",
-            })
-            .collect()
-    };
     for _ in 0..6 {
         let tx = client.transaction().await.unwrap();
-        let started = store::start_jobs(&tx, &starts_of(&absent), LEASE).await;
+        let started = store::start_jobs(&tx, &starts(&absent), LEASE).await;
         assert!(started.unwrap().is_empty());
         tx.rollback().await.unwrap();
     }
@@ -398,10 +386,8 @@ async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_emp
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let tx = client.transaction().await.unwrap();
-    let started = store::start_jobs(&tx, &starts_of(&ids), LEASE)
-        .await
-        .unwrap();
-    let read = outbox_rows_read(&tx).await;
+    let started = store::start_jobs(&tx, &starts(&ids), LEASE).await.unwrap();
+    let read = rows_read(&tx, "job_outbox").await;
     tx.rollback().await.unwrap();
 
     assert_eq!(started.len(), BATCH, "every job of the batch starts");

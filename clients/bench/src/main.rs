@@ -113,16 +113,34 @@ impl Opts {
     }
 }
 
+/// Exit status after SIGINT or SIGTERM (128 + SIGINT, as shells report it).
+const INTERRUPTED: i32 = 130;
+
 #[tokio::main]
 async fn main() {
     let opts = keel_shared::config::parse_config::<Opts>().quickened();
-    let done = if opts.list {
-        scenarios::print_list();
-        Ok(())
-    } else if opts.peers {
-        peers::run(opts).await
-    } else {
-        scenarios::run(opts).await.map(|outcome| outcome.print())
+    // On SIGINT or SIGTERM the run is dropped where it stands: the services
+    // and workers it started are killed, and its database and Redis keys are
+    // dropped (`System`'s Drop), instead of outliving the bench.
+    let interrupted = keel_shared::shutdown::on_signal();
+    let run = async {
+        if opts.list {
+            scenarios::print_list();
+            Ok(())
+        } else if opts.peers {
+            peers::run(opts).await
+        } else {
+            scenarios::run(opts).await.map(|outcome| outcome.print())
+        }
+    };
+    let finished = tokio::select! {
+        done = run => Some(done),
+        () = interrupted.cancelled() => None,
+    };
+    let Some(done) = finished else {
+        // The run was dropped with the `select!`, and with it the system.
+        eprintln!("keel-bench: interrupted: stopped the services and workers it started");
+        std::process::exit(INTERRUPTED);
     };
     if let Err(e) = done {
         eprintln!("keel-bench: {e:#}");

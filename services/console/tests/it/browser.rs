@@ -44,10 +44,13 @@ impl Browser {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        // Its own process group, which the chromium it starts joins: a test
+        // that panics kills the whole group on drop (see `Drop`).
         let driver = tokio::process::Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .expect("start chromedriver");
@@ -159,9 +162,24 @@ impl Browser {
         eprintln!("screenshot: {}", path.display());
     }
 
-    async fn close(mut self) {
+    /// Ends the session; dropping `self` then stops chromedriver and
+    /// whatever of chromium is left.
+    async fn close(self) {
         let _ = self.client.clone().close().await;
-        let _ = self.driver.kill().await;
+    }
+}
+
+/// A test that panics never reaches [`Browser::close`]: chromedriver dies
+/// with the handle, but the chromium it started would outlive the test, so
+/// the whole process group goes.
+impl Drop for Browser {
+    fn drop(&mut self) {
+        if let Some(group) = self.driver.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{group}")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
 

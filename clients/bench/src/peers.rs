@@ -19,7 +19,8 @@ use tokio::process::Command;
 
 use crate::Opts;
 use crate::scenarios::{self, Outcome};
-use crate::stats::{self, Stats};
+use crate::stats::{self, ServerCost, Stats};
+use crate::system::ServerWork;
 
 /// The Keel scenarios the peers are set against.
 const KEEL_SCENARIOS: [&str; 3] = ["e2e-jobs", "batch-e2e", "claim-e2e"];
@@ -172,11 +173,13 @@ const TARGETS: &[Target] = &[
 ];
 
 /// What one peer run gave: its end-to-end jobs/s, or why there is none;
-/// and the CPU its processes (node producer and workers) used per job.
+/// the CPU its processes (node producer and workers) used per job, and the
+/// servers' work per job.
 struct PeerResult {
     peer: &'static Peer,
     e2e: Result<f64, String>,
     cpu_us_per_job: Option<f64>,
+    servers_per_job: Option<ServerCost>,
 }
 
 /// A Keel scenario's figures for the table.
@@ -185,6 +188,7 @@ struct KeelRow {
     jobs_per_sec: f64,
     errors: usize,
     cpu_us_per_job: Vec<(String, f64)>,
+    servers_per_job: Option<ServerCost>,
 }
 
 impl KeelRow {
@@ -194,6 +198,7 @@ impl KeelRow {
             jobs_per_sec: s.ops_per_sec(),
             errors: s.errors,
             cpu_us_per_job: s.cpu_us_per_job.clone(),
+            servers_per_job: s.servers_per_job,
         }
     }
 }
@@ -257,8 +262,8 @@ pub(crate) async fn run(mut opts: Opts) -> Result<()> {
 /// The markdown table: Keel's rows, then each peer's with its ratios.
 fn table(keel: &[KeelRow], peers: &[PeerResult]) -> String {
     let mut out = String::from(
-        "| system | mode | jobs/s | Keel/peer | CPU us/job (client-side processes) |\n\
-         | --- | --- | ---: | --- | --- |\n",
+        "| system | mode | jobs/s | Keel/peer | CPU us/job (client-side processes) | servers per job |\n\
+         | --- | --- | ---: | --- | --- | --- |\n",
     );
     for k in keel {
         let how = match k.name.as_str() {
@@ -272,10 +277,11 @@ fn table(keel: &[KeelRow], peers: &[PeerResult]) -> String {
             e => format!(" ({e} errors)"),
         };
         out.push_str(&format!(
-            "| Keel (Postgres + Redis) | {}: {how} | {}{errors} | | {} |\n",
+            "| Keel (Postgres + Redis) | {}: {how} | {}{errors} | | {} | {} |\n",
             k.name,
             thousands(k.jobs_per_sec),
             stats::cpu_list(&k.cpu_us_per_job),
+            k.servers_per_job.map(|c| c.to_string()).unwrap_or_default(),
         ));
     }
     for p in peers {
@@ -300,11 +306,12 @@ fn table(keel: &[KeelRow], peers: &[PeerResult]) -> String {
             .map(|us| format!("node (producer + workers) {us:.0}"))
             .unwrap_or_default();
         out.push_str(&format!(
-            "| {}, {} | {}: {} | {rate} | {ratios} | {cpu} |\n",
+            "| {}, {} | {}: {} | {rate} | {ratios} | {cpu} | {} |\n",
             p.peer.system,
             p.peer.config,
             p.peer.mode.arg(),
             p.peer.how,
+            p.servers_per_job.map(|c| c.to_string()).unwrap_or_default(),
         ));
     }
     out
@@ -371,6 +378,8 @@ fn load_average() -> String {
 struct Harness {
     dir: PathBuf,
     env: Vec<(&'static str, String)>,
+    /// The Postgres server the peers use (for its WAL position).
+    db_url: String,
 }
 
 impl Harness {
@@ -412,6 +421,7 @@ impl Harness {
                 ),
             ],
             dir,
+            db_url: opts.database_url.clone(),
         };
         copy_files(source, &harness.dir)?;
         println!(
@@ -445,13 +455,19 @@ impl Harness {
 
     /// One `node <script> <mode> <procs> <n> 64 [extra]` run.
     async fn run(&self, peer: &'static Peer, n: usize, procs: usize) -> PeerResult {
+        let servers_before = ServerWork::read(&self.db_url).await;
         let cpu_before = crate::system::children_cpu();
         let outcome = self.node(peer, n, procs).await;
         // Every job was enqueued and run twice (the drain, then the end-to-end pass).
-        let cpu = (crate::system::children_cpu() - cpu_before) * 1e6 / (2 * n.max(1)) as f64;
+        let jobs = 2 * n.max(1);
+        let cpu = (crate::system::children_cpu() - cpu_before) * 1e6 / jobs as f64;
+        let servers = ServerWork::read(&self.db_url)
+            .await
+            .per_job(&servers_before, jobs);
         PeerResult {
             peer,
             cpu_us_per_job: outcome.is_ok().then_some(cpu),
+            servers_per_job: outcome.is_ok().then_some(servers),
             e2e: outcome.map_err(|e| format!("{e:#}")),
         }
     }
@@ -612,6 +628,11 @@ mod tests {
                 jobs_per_sec: rate,
                 errors: 0,
                 cpu_us_per_job: vec![("jobs".into(), 75.0), ("worker x2".into(), 52.4)],
+                servers_per_job: Some(ServerCost {
+                    postgres_us: Some(181.2),
+                    redis_us: Some(21.7),
+                    wal_bytes: Some(1904.0),
+                }),
             })
             .collect()
     }
@@ -644,28 +665,36 @@ mod tests {
                 peer: peer(BULLMQ, "default", Mode::Single),
                 e2e: Ok(6000.0),
                 cpu_us_per_job: Some(120.4),
+                // Redis on this machine, Postgres elsewhere.
+                servers_per_job: Some(ServerCost {
+                    postgres_us: None,
+                    redis_us: Some(88.0),
+                    wal_bytes: None,
+                }),
             },
             PeerResult {
                 peer: peer(GRAPHILE, "batching on", Mode::Bulk),
                 e2e: Err("no answer within 1200 s".into()),
                 cpu_us_per_job: None,
+                servers_per_job: None,
             },
         ];
         let table = table(&keel(), &peers);
         assert!(
             table.contains(
-                "| Keel (Postgres + Redis) | e2e-jobs: one CreateJob per job, stream workers | 3,000 | | jobs 75, worker x2 52 |"
+                "| Keel (Postgres + Redis) | e2e-jobs: one CreateJob per job, stream workers | 3,000 | | \
+                 jobs 75, worker x2 52 | Postgres 181 us, Redis 22 us, WAL 1904 B |"
             ),
             "{table}"
         );
         assert!(
             table.contains(
-                "| 6,000 | e2e-jobs 0.50, claim-e2e 0.58 | node (producer + workers) 120 |"
+                "| 6,000 | e2e-jobs 0.50, claim-e2e 0.58 | node (producer + workers) 120 | Redis 88 us |"
             ),
             "{table}"
         );
         assert!(
-            table.contains("| failed: no answer within 1200 s |  |  |"),
+            table.contains("| failed: no answer within 1200 s |  |  |  |"),
             "{table}"
         );
 
@@ -692,6 +721,7 @@ mod tests {
             peer: peer(GRAPHILE, "batching on", Mode::Bulk),
             e2e: Ok(8000.0),
             cpu_us_per_job: None,
+            servers_per_job: None,
         }];
         let table = table(&keel, &peers);
         assert!(table.contains("| 4,000 (19606 errors) |"), "{table}");
@@ -709,6 +739,7 @@ mod tests {
             peer: peer(GRAPHILE, "batching on", Mode::Bulk),
             e2e: Ok(8000.0),
             cpu_us_per_job: None,
+            servers_per_job: None,
         }];
         assert!(
             targets(&keel(), &peers).contains("batching-on bulk: 0.50 (4,000 / 8,000 jobs/s): met")

@@ -14,6 +14,36 @@ pub(crate) struct Stats {
     pub note: String,
     /// CPU microseconds per job of each process (end-to-end scenarios only).
     pub cpu_us_per_job: Vec<(String, f64)>,
+    /// The local Postgres and Redis servers' work per job (end-to-end
+    /// scenarios only).
+    pub servers_per_job: Option<ServerCost>,
+}
+
+/// What the Postgres and Redis servers spent per job (`None`: not seen,
+/// e.g. a server on another machine).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ServerCost {
+    /// CPU microseconds of the Postgres processes.
+    pub postgres_us: Option<f64>,
+    /// CPU microseconds of the Redis server.
+    pub redis_us: Option<f64>,
+    /// Bytes of write-ahead log.
+    pub wal_bytes: Option<f64>,
+}
+
+impl std::fmt::Display for ServerCost {
+    /// "Postgres 181 us, Redis 22 us, WAL 1904 B".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [
+            self.postgres_us.map(|us| format!("Postgres {us:.0} us")),
+            self.redis_us.map(|us| format!("Redis {us:.0} us")),
+            self.wal_bytes.map(|b| format!("WAL {b:.0} B")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        f.write_str(&parts.join(", "))
+    }
 }
 
 impl Stats {

@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use redis::AsyncCommands;
 
+use crate::stats::ServerCost;
+
 /// A process's (name, CPU seconds so far, peak RSS in MiB).
 pub(crate) type Usage = (String, f64, f64);
 
@@ -283,6 +285,72 @@ pub(crate) fn own_cpu() -> f64 {
 pub(crate) fn children_cpu() -> f64 {
     // cutime and cstime are the 16th and 17th fields.
     stat_seconds(std::process::id(), [13, 14])
+}
+
+/// What the Postgres and Redis servers did so far, read before and after a
+/// run to tell their share of the cost per job: the CPU of their processes
+/// on this machine (every process named `postgres` or `redis-server`, and
+/// the exited ones their parents waited for, such as a closed connection's
+/// backend; a server on another machine is not seen), and the position of
+/// Postgres's write-ahead log. Everything the servers did in between counts,
+/// other clients' work included: figures for a machine running only the
+/// bench.
+pub(crate) struct ServerWork {
+    /// CPU seconds of the `postgres` processes; `None`: none on this machine.
+    postgres_cpu: Option<f64>,
+    /// CPU seconds of the `redis-server` processes; `None`: none here.
+    redis_cpu: Option<f64>,
+    /// The WAL position in bytes; `None`: it could not be read.
+    wal_bytes: Option<f64>,
+}
+
+impl ServerWork {
+    /// The servers' CPU and WAL now; `db_url` is any database of the server.
+    pub(crate) async fn read(db_url: &str) -> Self {
+        let wal_bytes = async {
+            let (db, conn) = tokio_postgres::connect(db_url, tokio_postgres::NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(conn);
+            let row = db
+                .query_one("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::float8", &[])
+                .await
+                .ok()?;
+            row.get::<_, Option<f64>>(0)
+        }
+        .await;
+        let (mut postgres_cpu, mut redis_cpu) = (None, None);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse().ok()) else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            let server = match comm.trim_end() {
+                "postgres" => &mut postgres_cpu,
+                "redis-server" => &mut redis_cpu,
+                _ => continue,
+            };
+            // utime and stime, and the waited-for children's cutime and cstime.
+            let cpu = stat_seconds(pid, [11, 12]) + stat_seconds(pid, [13, 14]);
+            *server = Some(server.unwrap_or(0.0) + cpu);
+        }
+        Self {
+            postgres_cpu,
+            redis_cpu,
+            wal_bytes,
+        }
+    }
+
+    /// Per job since `before` (what either reading lacks is `None`).
+    pub(crate) fn per_job(&self, before: &Self, jobs: usize) -> ServerCost {
+        let jobs = jobs.max(1) as f64;
+        let per_job = |now: Option<f64>, was: Option<f64>| Some((now? - was?) / jobs);
+        ServerCost {
+            postgres_us: per_job(self.postgres_cpu, before.postgres_cpu).map(|s| s * 1e6),
+            redis_us: per_job(self.redis_cpu, before.redis_cpu).map(|s| s * 1e6),
+            wal_bytes: per_job(self.wal_bytes, before.wal_bytes),
+        }
+    }
 }
 
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc.

@@ -69,6 +69,7 @@ where
         baseline_ops_per_sec: None,
         note: errors.first().unwrap_or_default(),
         cpu_us_per_job: Vec::new(),
+        servers_per_job: None,
     }
 }
 

@@ -19,7 +19,7 @@ use super::Ctx;
 use super::drive::{Errors, Limit, authed, channel, drive};
 use crate::Opts;
 use crate::stats::{self, Stats};
-use crate::system::System;
+use crate::system::{ServerWork, System};
 
 pub(super) async fn e2e_jobs(cx: &mut Ctx) -> Result<Option<Stats>> {
     e2e(cx, E2e::OneEach).await.map(Some)
@@ -140,6 +140,7 @@ async fn e2e(cx: &Ctx, how: E2e) -> Result<Stats> {
         E2e::Claimed => Some(Claimers::start(opts, system).await?),
         _ => None,
     };
+    let servers_before = ServerWork::read(&system.db_url).await;
     let cpu_before = cpu_now(system);
     let started = Instant::now();
     let created = if how == E2e::Batched {
@@ -200,8 +201,12 @@ async fn e2e(cx: &Ctx, how: E2e) -> Result<Stats> {
     )
     .await?;
     stats.cpu_us_per_job = cpu_per_job(&cpu_before, &cpu_now(system), stats.ops);
+    let servers = ServerWork::read(&system.db_url)
+        .await
+        .per_job(&servers_before, stats.ops);
+    stats.servers_per_job = Some(servers);
     stats.note = format!(
-        "{} clients, {}; CPU us/job: {}",
+        "{} clients, {}; CPU us/job: {}; servers per job: {servers}",
         opts.e2e_clients,
         stats.note.trim_end(),
         stats::cpu_list(&stats.cpu_us_per_job)
@@ -398,6 +403,7 @@ async fn e2e_paced(cx: &Ctx, rate: f64) -> Result<Stats> {
         latencies_us: Vec::new(),
         baseline_ops_per_sec: None,
         cpu_us_per_job: Vec::new(),
+        servers_per_job: None,
         note: String::new(),
     };
     while let Some(result) = calls.join_next().await {
@@ -493,6 +499,7 @@ async fn settle(
         latencies_us: to_finish.clone(),
         baseline_ops_per_sec: None,
         cpu_us_per_job: Vec::new(),
+        servers_per_job: None,
         note: format!(
             "{ran_by}; create->start p50 {:.1} p99 {:.1} ms; create->finish p50 {:.1} p99 {:.1} ms (latency columns: create->finish); {finished}/{total} finished {}",
             ms(&to_start, 50.0),

@@ -157,6 +157,7 @@ pub(super) async fn fairness(cx: &mut Ctx) -> Result<Option<Stats>> {
         latencies_us: b_to_start.clone(),
         baseline_ops_per_sec: None,
         cpu_us_per_job: Vec::new(),
+        servers_per_job: None,
         note: format!(
             "A: {n} echo jobs via BatchCreateJobs ({PER_CALL}/call), {a_rate:.0} jobs/s while B ran vs \
              {alone_rate:.0} jobs/s alone ({:+.0}%; alone before and after: {:.0}, {:.0}); \

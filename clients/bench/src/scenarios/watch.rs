@@ -141,6 +141,7 @@ pub(super) async fn watch(cx: &mut Ctx) -> Result<Option<Stats>> {
         latencies_us,
         baseline_ops_per_sec: None,
         cpu_us_per_job: Vec::new(),
+        servers_per_job: None,
         note: format!(
             "{reached}/{watchers} watchers open at once on {job_count} jobs over {} HTTP/2 \
              connections (opened in {:.1}s); keel-jobs then held {redis_all} Redis connections, \

@@ -353,6 +353,42 @@ impl ServerWork {
     }
 }
 
+/// The whole machine's CPU time so far, from the first line of /proc/stat:
+/// read before and after a run, the share of the machine's CPU it kept busy
+/// (everything running counts, not only the bench and its servers).
+pub(crate) struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    pub(crate) fn read() -> Self {
+        let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal ...
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+        let total: u64 = ticks.iter().sum();
+        Self {
+            busy: total - idle,
+            total,
+        }
+    }
+
+    /// The share (0..=1) of the machine's CPU busy since `before`.
+    pub(crate) fn busy_since(&self, before: &Self) -> f64 {
+        let total = self.total.saturating_sub(before.total);
+        self.busy.saturating_sub(before.busy) as f64 / total.max(1) as f64
+    }
+}
+
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from /proc.
 fn proc_usage(pid: u32) -> (f64, f64) {
     // utime and stime are the 14th and 15th fields.

@@ -19,7 +19,7 @@ use super::Ctx;
 use super::drive::{Errors, Limit, authed, channel, drive};
 use crate::Opts;
 use crate::stats::{self, Stats};
-use crate::system::{ServerWork, System};
+use crate::system::{MachineCpu, ServerWork, System};
 
 pub(super) async fn e2e_jobs(cx: &mut Ctx) -> Result<Option<Stats>> {
     e2e(cx, E2e::OneEach).await.map(Some)
@@ -140,8 +140,7 @@ async fn e2e(cx: &Ctx, how: E2e) -> Result<Stats> {
         E2e::Claimed => Some(Claimers::start(opts, system).await?),
         _ => None,
     };
-    let servers_before = ServerWork::read(&system.db_url).await;
-    let cpu_before = cpu_now(system);
+    let spent = Spent::start(system).await;
     let started = Instant::now();
     let created = if how == E2e::Batched {
         let per_call = 500;
@@ -200,16 +199,11 @@ async fn e2e(cx: &Ctx, how: E2e) -> Result<Stats> {
         &created,
     )
     .await?;
-    stats.cpu_us_per_job = cpu_per_job(&cpu_before, &cpu_now(system), stats.ops);
-    let servers = ServerWork::read(&system.db_url)
-        .await
-        .per_job(&servers_before, stats.ops);
-    stats.servers_per_job = Some(servers);
+    let cost = spent.charge(system, &mut stats).await;
     stats.note = format!(
-        "{} clients, {}; CPU us/job: {}; servers per job: {servers}",
+        "{} clients, {}; {cost}",
         opts.e2e_clients,
-        stats.note.trim_end(),
-        stats::cpu_list(&stats.cpu_us_per_job)
+        stats.note.trim_end()
     );
     if let Some(claimers) = claimers {
         let errors = claimers.stop();
@@ -223,6 +217,40 @@ async fn e2e(cx: &Ctx, how: E2e) -> Result<Stats> {
 
 fn stream_workers(opts: &Opts) -> String {
     format!("{} workers x{}", opts.workers, opts.worker_concurrency)
+}
+
+/// What a scenario cost the machine: read when it starts, charged to its
+/// jobs when it ends.
+struct Spent {
+    cpu: Vec<(String, f64)>,
+    servers: ServerWork,
+    machine: MachineCpu,
+}
+
+impl Spent {
+    async fn start(system: &System) -> Self {
+        Self {
+            servers: ServerWork::read(&system.db_url).await,
+            cpu: cpu_now(system),
+            machine: MachineCpu::read(),
+        }
+    }
+
+    /// Sets the CPU per job of each process and the servers' share per job
+    /// in `stats`, and says so (with how busy the whole machine was) for its note.
+    async fn charge(self, system: &System, stats: &mut Stats) -> String {
+        let busy = MachineCpu::read().busy_since(&self.machine);
+        stats.cpu_us_per_job = cpu_per_job(&self.cpu, &cpu_now(system), stats.ops);
+        let servers = ServerWork::read(&system.db_url)
+            .await
+            .per_job(&self.servers, stats.ops);
+        stats.servers_per_job = Some(servers);
+        format!(
+            "CPU us/job: {}; servers per job: {servers}; machine CPU {:.0}% busy",
+            stats::cpu_list(&stats.cpu_us_per_job),
+            busy * 100.0
+        )
+    }
 }
 
 /// CPU seconds so far of each process of the system, the bench's own included.
@@ -372,6 +400,7 @@ async fn e2e_paced(cx: &Ctx, rate: f64) -> Result<Stats> {
     let (opts, system, jobs_client, token) = (&cx.opts, &cx.system, cx.jobs_client(), &cx.token);
     let n = ((rate * opts.seconds as f64) as usize).max(1);
     let marker = uuid::Uuid::new_v4().simple().to_string();
+    let spent = Spent::start(system).await;
     let started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1e-3)));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -389,9 +418,11 @@ async fn e2e_paced(cx: &Ctx, rate: f64) -> Result<Stats> {
         let (mut client, tk) = (jobs_client(i), token.clone());
         let request = run_job(E2e::OneEach.kind(), &marker, i);
         calls.spawn(async move {
+            let sent = Instant::now();
             client
                 .create_job(authed(&tk, request))
                 .await
+                .map(|_| sent.elapsed().as_micros() as u64)
                 .map_err(|s| format!("{s:?}"))
         });
     }
@@ -408,7 +439,10 @@ async fn e2e_paced(cx: &Ctx, rate: f64) -> Result<Stats> {
     };
     while let Some(result) = calls.join_next().await {
         match result? {
-            Ok(_) => created.ops += 1,
+            Ok(us) => {
+                created.ops += 1;
+                created.latencies_us.push(us);
+            }
             Err(e) => {
                 created.errors += 1;
                 if created.note.is_empty() {
@@ -428,13 +462,17 @@ async fn e2e_paced(cx: &Ctx, rate: f64) -> Result<Stats> {
         &created,
     )
     .await?;
+    let cost = spent.charge(system, &mut stats).await;
     let rss: Vec<String> = rss
         .iter()
         .map(|(name, mib)| format!("{name} {mib:.1}"))
         .collect();
+    let ms = |p| stats::percentile(&created.latencies_us, p) as f64 / 1000.0;
     stats.note = format!(
-        "offered {rate:.0} jobs/s for {}s; {}; RSS MiB while offered: {}",
+        "offered {rate:.0} jobs/s for {}s; CreateJob answered p50 {:.1} p99 {:.1} ms; {}; {cost}; RSS MiB while offered: {}",
         opts.seconds,
+        ms(50.0),
+        ms(99.0),
         stats.note.trim_end(),
         rss.join(", ")
     );

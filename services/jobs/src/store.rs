@@ -18,10 +18,11 @@
 //! scan of the whole table sized by stale statistics. The outbox's
 //! bookkeeping (relay rounds, marks) goes further: its statements are
 //! planned afresh each time ([`begin_outbox_bookkeeping`]), since a plan
-//! made while the outbox was empty scans all of it once a burst arrives;
-//! and the service analyzes the outbox as soon as it outgrows its
-//! statistics (`statistics.rs`), which re-plans the statements that delete
-//! outbox rows as jobs start.
+//! made while the outbox was empty scans all of it once a burst arrives.
+//! And the service analyzes `jobs` and the outbox as soon as either outgrows
+//! its statistics (`statistics.rs`), which re-plans the statements on it: a
+//! plan made while a table was nearly empty (a new database) scans it whole,
+//! whatever the statement names.
 //!
 //! The reapers look for expired rows by a deadline alone, never by status:
 //! each deadline is set only while the job is in the state it bounds
@@ -1218,22 +1219,49 @@ fn ids_and_attempts(publications: &[Publication]) -> (Vec<Uuid>, Vec<i32>) {
     publications.iter().map(|p| (p.job_id, p.attempt)).unzip()
 }
 
-/// Whether the outbox holds far more rows than its statistics say: over
-/// 1,000 live rows and over four times the count its last ANALYZE found
-/// (the table's running counts, no scan).
-pub async fn outbox_outgrew_statistics(client: &impl GenericClient) -> Result<bool, JobsError> {
+/// A table whose statistics the service keeps up with bursts
+/// (`statistics.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Analyzed {
+    Jobs,
+    Outbox,
+}
+
+impl Analyzed {
+    pub const ALL: [Analyzed; 2] = [Analyzed::Jobs, Analyzed::Outbox];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Analyzed::Jobs => "jobs",
+            Analyzed::Outbox => "job_outbox",
+        }
+    }
+}
+
+/// Whether `table` holds far more rows than its statistics say: over 1,000
+/// live rows and over four times the count its last ANALYZE found (none
+/// when never analyzed), from the table's running counts, no scan.
+pub async fn outgrew_statistics(
+    client: &impl GenericClient,
+    table: Analyzed,
+) -> Result<bool, JobsError> {
     const SQL: &str = "SELECT coalesce(s.n_live_tup::float8
                                        > greatest(1000, 4 * greatest(c.reltuples, 0)::float8), false)
                        FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-                       WHERE c.oid = 'job_outbox'::regclass";
+                       WHERE c.oid = $1::text::regclass";
     let stmt = client.prepare_cached(SQL).await?;
-    Ok(client.query_one(&stmt, &[]).await?.try_get(0)?)
+    Ok(client
+        .query_one(&stmt, &[&table.name()])
+        .await?
+        .try_get(0)?)
 }
 
-/// Re-takes the outbox's statistics; every connection plans its statements
-/// on the outbox again.
-pub async fn analyze_outbox(client: &impl GenericClient) -> Result<(), JobsError> {
-    client.batch_execute("ANALYZE job_outbox").await?;
+/// Re-takes `table`'s statistics; every connection plans its statements on
+/// it again.
+pub async fn analyze(client: &impl GenericClient, table: Analyzed) -> Result<(), JobsError> {
+    client
+        .batch_execute(&format!("ANALYZE {}", table.name()))
+        .await?;
     Ok(())
 }
 

@@ -25,6 +25,15 @@ const LEASE: Duration = Duration::from_secs(30);
 /// in their first attempt). Returns `BATCH` of their ids.
 async fn burst_behind_stale_statistics(svc: &Svc, status: &str) -> (Object, Vec<Uuid>) {
     let client = svc.db.pool.get().await.unwrap();
+    insert_jobs(svc, &client, "succeeded", 2_000).await;
+    client.batch_execute("ANALYZE jobs").await.unwrap();
+    let ids = insert_jobs(svc, &client, status, QUEUED).await;
+    (client, ids)
+}
+
+/// Inserts `n` due echo jobs in `status` ('queued', or 'running' in their
+/// first attempt, or finished); returns `BATCH` of their ids.
+async fn insert_jobs(svc: &Svc, client: &Object, status: &str, n: i64) -> Vec<Uuid> {
     let insert = "INSERT INTO jobs (id, user_id, kind, payload, max_attempts, run_at, status,
                                     attempt, started_at, lease_expires_at, finished_at,
                                     schedule_deadline)
@@ -34,27 +43,35 @@ async fn burst_behind_stale_statistics(svc: &Svc, status: &str) -> (Object, Vec<
                          CASE WHEN $2 = 'running' THEN now() + interval '1 hour' END,
                          CASE WHEN $2 IN ('queued', 'running') THEN NULL ELSE now() END,
                          CASE WHEN $2 = 'queued' THEN now() + interval '1 hour' END
-                  FROM generate_series(1, $3::int8)";
-    client
-        .execute(insert, &[&svc.user, &"succeeded", &2_000i64])
-        .await
-        .unwrap();
-    client.batch_execute("ANALYZE jobs").await.unwrap();
-    client
-        .execute(insert, &[&svc.user, &status, &QUEUED])
-        .await
-        .unwrap();
+                  FROM generate_series(1, $3::int8)
+                  RETURNING id";
     let ids = client
-        .query(
-            "SELECT id FROM jobs WHERE status = $1 LIMIT $2",
-            &[&status, &(BATCH as i64)],
-        )
+        .query(insert, &[&svc.user, &status, &n])
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    (client, ids)
+        .unwrap();
+    ids.iter().take(BATCH).map(|r| r.get(0)).collect()
+}
+
+/// How often Postgres has analyzed `table` (by anyone).
+async fn analyze_count(svc: &Svc, table: &str) -> i64 {
+    svc.count(&format!(
+        "SELECT analyze_count FROM pg_stat_user_tables WHERE relname = '{table}'"
+    ))
+    .await
+}
+
+/// Waits until `table` has been analyzed more than `before` times: the
+/// service noticed it outgrew its statistics (once the burst's row counts
+/// reach the statistics system: up to ~10 s).
+async fn until_analyzed(svc: &Svc, table: &str, before: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while analyze_count(svc, table).await == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service never analyzed {table} after a burst"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Runs `statement` in a transaction on the generic plans a pooled
@@ -357,11 +374,7 @@ async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_emp
     let svc = Svc::start().await;
     let mut client = svc.db.pool.get().await.unwrap();
     client.batch_execute("ANALYZE job_outbox").await.unwrap();
-    let analyzed = || async {
-        svc.count("SELECT analyze_count FROM pg_stat_user_tables WHERE relname = 'job_outbox'")
-            .await
-    };
-    let before = analyzed().await;
+    let before = analyze_count(&svc, "job_outbox").await;
     // Start batches while the outbox is empty (of jobs that are not there):
     // after five, the connection keeps a generic plan made for it.
     let absent: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
@@ -375,16 +388,7 @@ async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_emp
     let tx = client.transaction().await.unwrap();
     let ids = outbox_burst(&svc, &tx, OUTBOX_BURST).await;
     tx.commit().await.unwrap();
-    // The service notices the outbox outgrew its statistics (once the
-    // burst's row counts reach the statistics system: up to ~10 s).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while analyzed().await == before {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the service never analyzed the outbox after a burst of {OUTBOX_BURST} rows"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until_analyzed(&svc, "job_outbox", before).await;
     let tx = client.transaction().await.unwrap();
     let started = store::start_jobs(&tx, &starts(&ids), LEASE).await.unwrap();
     let read = rows_read(&tx, "job_outbox").await;
@@ -394,5 +398,35 @@ async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_emp
     assert!(
         read < READ_AT_MOST,
         "starting {BATCH} jobs read {read} outbox rows of {OUTBOX_BURST}"
+    );
+}
+
+#[tokio::test]
+async fn a_start_batch_reads_only_its_jobs_once_a_burst_has_filled_a_new_jobs_table() {
+    let svc = Svc::start().await;
+    let mut client = svc.db.pool.get().await.unwrap();
+    let before = analyze_count(&svc, "jobs").await;
+    // Start batches while `jobs` is empty and was never analyzed, as in a
+    // new database: after five, the connection keeps a generic plan made
+    // for an empty table.
+    let absent: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
+    for _ in 0..6 {
+        let tx = client.transaction().await.unwrap();
+        let started = store::start_jobs(&tx, &starts(&absent), LEASE).await;
+        assert!(started.unwrap().is_empty());
+        tx.rollback().await.unwrap();
+    }
+
+    let ids = insert_jobs(&svc, &client, "queued", QUEUED).await;
+    until_analyzed(&svc, "jobs", before).await;
+    let tx = client.transaction().await.unwrap();
+    let started = store::start_jobs(&tx, &starts(&ids), LEASE).await.unwrap();
+    let read = rows_read(&tx, "jobs").await;
+    tx.rollback().await.unwrap();
+
+    assert_eq!(started.len(), BATCH, "every job of the batch starts");
+    assert!(
+        read < READ_AT_MOST,
+        "starting {BATCH} jobs read {read} job rows of {QUEUED} queued"
     );
 }

@@ -369,14 +369,9 @@ async fn outbox_burst(svc: &Svc, tx: &Transaction<'_>, burst: i64) -> Vec<Uuid> 
     .collect()
 }
 
-#[tokio::test]
-async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_empty_outbox() {
-    let svc = Svc::start().await;
-    let mut client = svc.db.pool.get().await.unwrap();
-    client.batch_execute("ANALYZE job_outbox").await.unwrap();
-    let before = analyze_count(&svc, "job_outbox").await;
-    // Start batches while the outbox is empty (of jobs that are not there):
-    // after five, the connection keeps a generic plan made for it.
+/// Start batches of jobs that are not there, six of them, rolled back: after
+/// five, the connection keeps a generic plan made for the tables as they are.
+async fn start_absent_jobs_six_times(client: &mut Object) {
     let absent: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
     for _ in 0..6 {
         let tx = client.transaction().await.unwrap();
@@ -384,15 +379,36 @@ async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_emp
         assert!(started.unwrap().is_empty());
         tx.rollback().await.unwrap();
     }
+}
+
+/// Starts `ids` in a transaction that is rolled back; returns the jobs
+/// started and the rows of `table` read meanwhile.
+async fn start_and_count_reads(
+    client: &mut Object,
+    ids: &[Uuid],
+    table: &str,
+) -> (Vec<store::JobRow>, i64) {
+    let tx = client.transaction().await.unwrap();
+    let started = store::start_jobs(&tx, &starts(ids), LEASE).await.unwrap();
+    let read = rows_read(&tx, table).await;
+    tx.rollback().await.unwrap();
+    (started, read)
+}
+
+#[tokio::test]
+async fn a_start_batch_reads_only_its_outbox_rows_once_a_burst_has_filled_an_empty_outbox() {
+    let svc = Svc::start().await;
+    let mut client = svc.db.pool.get().await.unwrap();
+    client.batch_execute("ANALYZE job_outbox").await.unwrap();
+    let before = analyze_count(&svc, "job_outbox").await;
+    // Start batches while the outbox is empty.
+    start_absent_jobs_six_times(&mut client).await;
 
     let tx = client.transaction().await.unwrap();
     let ids = outbox_burst(&svc, &tx, OUTBOX_BURST).await;
     tx.commit().await.unwrap();
     until_analyzed(&svc, "job_outbox", before).await;
-    let tx = client.transaction().await.unwrap();
-    let started = store::start_jobs(&tx, &starts(&ids), LEASE).await.unwrap();
-    let read = rows_read(&tx, "job_outbox").await;
-    tx.rollback().await.unwrap();
+    let (started, read) = start_and_count_reads(&mut client, &ids, "job_outbox").await;
 
     assert_eq!(started.len(), BATCH, "every job of the batch starts");
     assert!(
@@ -407,22 +423,12 @@ async fn a_start_batch_reads_only_its_jobs_once_a_burst_has_filled_a_new_jobs_ta
     let mut client = svc.db.pool.get().await.unwrap();
     let before = analyze_count(&svc, "jobs").await;
     // Start batches while `jobs` is empty and was never analyzed, as in a
-    // new database: after five, the connection keeps a generic plan made
-    // for an empty table.
-    let absent: Vec<Uuid> = (0..BATCH).map(|_| Uuid::now_v7()).collect();
-    for _ in 0..6 {
-        let tx = client.transaction().await.unwrap();
-        let started = store::start_jobs(&tx, &starts(&absent), LEASE).await;
-        assert!(started.unwrap().is_empty());
-        tx.rollback().await.unwrap();
-    }
+    // new database.
+    start_absent_jobs_six_times(&mut client).await;
 
     let ids = insert_jobs(&svc, &client, "queued", QUEUED).await;
     until_analyzed(&svc, "jobs", before).await;
-    let tx = client.transaction().await.unwrap();
-    let started = store::start_jobs(&tx, &starts(&ids), LEASE).await.unwrap();
-    let read = rows_read(&tx, "jobs").await;
-    tx.rollback().await.unwrap();
+    let (started, read) = start_and_count_reads(&mut client, &ids, "jobs").await;
 
     assert_eq!(started.len(), BATCH, "every job of the batch starts");
     assert!(

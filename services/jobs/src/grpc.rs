@@ -12,7 +12,6 @@ use keel_proto::jobs::v1::*;
 use keel_shared::auth::{Caller, Worker};
 use keel_shared::paging;
 use keel_shared::time::{opt_timestamp, to_timestamp};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -178,7 +177,7 @@ impl JobsService for JobsApi {
     ) -> Result<Response<WatchStream>, Status> {
         let user_id = user(&req)?;
         let id = domain::parse_id(&req.get_ref().id)?;
-        let rx = crate::watch::watch(
+        let updates = crate::watch::watch(
             self.jobs.clone(),
             self.subscriptions.clone(),
             user_id,
@@ -186,7 +185,7 @@ impl JobsService for JobsApi {
             self.shutdown.clone(),
         )
         .await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(updates)))
     }
 
     /// Every transition of the caller's job, oldest first.

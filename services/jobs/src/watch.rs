@@ -6,9 +6,13 @@
 
 use std::sync::Arc;
 
+use futures::Stream;
+
 use keel_proto::jobs::v1::WatchJobResponse;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use uuid::Uuid;
@@ -19,7 +23,14 @@ use crate::service::Jobs;
 use crate::store::JobRow;
 use crate::subscriptions::{Membership, Subscriptions, Update};
 
-type Sink = mpsc::Sender<Result<WatchJobResponse, Status>>;
+/// What a watcher's channel carries: boxed, because the channel holds its
+/// slots from the start, 32 at a time whatever its capacity, and one
+/// response is 384 bytes; unboxed, they were 12 KiB of each open stream
+/// (10,000 watchers held keel-jobs at 210 MiB; BENCHMARKS.md, "WatchJob fan-out").
+type Item = Result<Box<WatchJobResponse>, Status>;
+const _: () = assert!(std::mem::size_of::<Item>() <= 16);
+
+type Sink = mpsc::Sender<Item>;
 
 pub(crate) async fn watch(
     jobs: Arc<Jobs>,
@@ -27,14 +38,14 @@ pub(crate) async fn watch(
     user_id: Uuid,
     id: Uuid,
     shutdown: CancellationToken,
-) -> Result<mpsc::Receiver<Result<WatchJobResponse, Status>>, JobsError> {
+) -> Result<impl Stream<Item = Result<WatchJobResponse, Status>> + Send + 'static, JobsError> {
     // Joining (subscribed) before the first read means no transition can
     // slip between them. It takes one of the process's watcher slots.
     let membership = subscriptions.join(id).await?;
     let current = jobs.get(user_id, id).await?;
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(forward(jobs, membership, user_id, current, tx, shutdown));
-    Ok(rx)
+    Ok(ReceiverStream::new(rx).map(|item| item.map(|response| *response)))
 }
 
 async fn forward(
@@ -97,7 +108,7 @@ async fn forward(
         last_version = version;
         let terminal = is_terminal(&job);
         if tx
-            .send(Ok(WatchJobResponse { job: Some(*job) }))
+            .send(Ok(Box::new(WatchJobResponse { job: Some(*job) })))
             .await
             .is_err()
             || terminal
@@ -134,9 +145,9 @@ async fn reread(jobs: &Jobs, user_id: Uuid, id: Uuid, tx: &Sink) -> Step {
 }
 
 async fn send(tx: &Sink, job: &JobRow) -> bool {
-    tx.send(Ok(WatchJobResponse {
+    tx.send(Ok(Box::new(WatchJobResponse {
         job: Some(job_to_proto(job)),
-    }))
+    })))
     .await
     .is_ok()
 }

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use futures::Stream;
-
 use keel_proto::jobs::v1::WatchJobResponse;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;

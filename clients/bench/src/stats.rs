@@ -51,7 +51,7 @@ impl Stats {
         self.ops as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 
-    fn percentile_ms(&self, p: f64) -> f64 {
+    pub(crate) fn percentile_ms(&self, p: f64) -> f64 {
         percentile(&self.latencies_us, p) as f64 / 1000.0
     }
 }

@@ -467,12 +467,11 @@ async fn e2e_paced(cx: &Ctx, rate: f64) -> Result<Stats> {
         .iter()
         .map(|(name, mib)| format!("{name} {mib:.1}"))
         .collect();
-    let ms = |p| stats::percentile(&created.latencies_us, p) as f64 / 1000.0;
     stats.note = format!(
         "offered {rate:.0} jobs/s for {}s; CreateJob answered p50 {:.1} p99 {:.1} ms; {}; {cost}; RSS MiB while offered: {}",
         opts.seconds,
-        ms(50.0),
-        ms(99.0),
+        created.percentile_ms(50.0),
+        created.percentile_ms(99.0),
         stats.note.trim_end(),
         rss.join(", ")
     );
